@@ -1,0 +1,348 @@
+package zimage
+
+import (
+	"strconv"
+	"strings"
+
+	"github.com/dustin/go-humanize"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("zimage_gateway", parseCaddyfile)
+	// it answers requests itself: order it first among the handlers that
+	// respond (before respond, so a catch-all respond or reverse_proxy on the
+	// same site does not hide the API), and a Caddyfile needs no `order` line
+	httpcaddyfile.RegisterDirectiveOrder("zimage_gateway", httpcaddyfile.Before, "respond")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	g := new(Gateway)
+	err := g.UnmarshalCaddyfile(h.Dispenser)
+	return g, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	zimage_gateway [<matcher>] {
+//	    api_key <key> [<key>...]
+//	    no_auth
+//	    stream_keepalive <duration>
+//	    max_body <size>
+//	    max_prompt_length <n>
+//	    image_hosts <host>...
+//	    upstream [<url>|demo] {
+//	        api_key <key>
+//	        timeout <duration>
+//	        max_concurrent <n>
+//	        queue_timeout <duration>
+//	        retries <n>
+//	    }
+//	    enhance [off] {
+//	        api_key <key>
+//	        base_url <url>
+//	        model <name>
+//	        timeout <duration>
+//	        system_prompt <text> | system_prompt_file <path>
+//	    }
+//	    model <name> {
+//	        alias <name>...
+//	        model_index <n>
+//	        steps <n>
+//	        cfg <float>
+//	        negative_prompt <text>
+//	    }
+//	}
+//
+// A key or URL written as {$VAR} that resolves to nothing counts as unset
+// (its default applies), so those sub-directives accept no argument.
+func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := map[string]bool{}
+	once := func(name string) error {
+		if seen[name] {
+			return d.Errf("zimage_gateway: %s already specified", name)
+		}
+		seen[name] = true
+		return nil
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		switch opt {
+		case "api_key":
+			g.APIKeys = append(g.APIKeys, d.RemainingArgs()...)
+		case "no_auth":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			g.NoAuth = true
+		case "stream_keepalive":
+			if err := once(opt); err != nil {
+				return err
+			}
+			dur, err := parseDuration(d)
+			if err != nil {
+				return err
+			}
+			g.StreamKeepalive = dur
+		case "max_body":
+			if err := once(opt); err != nil {
+				return err
+			}
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(d.Val())
+			if err != nil || n == 0 || n > 1<<30 {
+				return d.Errf("zimage_gateway: invalid max_body '%s': want a size such as 1MiB, up to 1GiB", d.Val())
+			}
+			g.MaxBody = int64(n)
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "max_prompt_length":
+			if err := once(opt); err != nil {
+				return err
+			}
+			n, err := parseInt(d, 1)
+			if err != nil {
+				return err
+			}
+			g.MaxPromptLength = n
+		case "image_hosts":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			g.ImageHosts = append(g.ImageHosts, args...)
+		case "upstream":
+			if err := once(opt); err != nil {
+				return err
+			}
+			u, err := unmarshalUpstream(d)
+			if err != nil {
+				return err
+			}
+			g.Upstream = u
+		case "enhance":
+			if err := once(opt); err != nil {
+				return err
+			}
+			e, err := unmarshalEnhance(d)
+			if err != nil {
+				return err
+			}
+			g.Enhance = e
+		case "model":
+			m, err := unmarshalModel(d)
+			if err != nil {
+				return err
+			}
+			for _, other := range g.Models {
+				if strings.EqualFold(other.Name, m.Name) {
+					return d.Errf("zimage_gateway: duplicate model name '%s'", m.Name)
+				}
+			}
+			g.Models = append(g.Models, m)
+		default:
+			return d.Errf("unrecognized zimage_gateway option '%s'", opt)
+		}
+	}
+	return nil
+}
+
+func unmarshalUpstream(d *caddyfile.Dispenser) (*UpstreamConfig, error) {
+	u := new(UpstreamConfig)
+	if d.NextArg() {
+		u.URL = d.Val()
+	}
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] {
+			return nil, d.Errf("zimage_gateway: upstream %s already specified", opt)
+		}
+		seen[opt] = true
+		var err error
+		switch opt {
+		case "api_key":
+			u.APIKey, err = optionalArg(d)
+		case "timeout":
+			u.Timeout, err = parseDuration(d)
+		case "queue_timeout":
+			u.QueueTimeout, err = parseDuration(d)
+		case "max_concurrent":
+			u.MaxConcurrent, err = parseInt(d, 0)
+		case "retries":
+			var n int
+			n, err = parseInt(d, 0)
+			u.Retries = &n
+		default:
+			return nil, d.Errf("unrecognized zimage_gateway upstream option '%s'", opt)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return u, nil
+}
+
+func unmarshalEnhance(d *caddyfile.Dispenser) (*EnhanceConfig, error) {
+	e := new(EnhanceConfig)
+	if d.NextArg() {
+		if d.Val() != "off" {
+			return nil, d.Errf("zimage_gateway: enhance takes 'off' or a block, not '%s'", d.Val())
+		}
+		e.Off = true
+	}
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] {
+			return nil, d.Errf("zimage_gateway: enhance %s already specified", opt)
+		}
+		seen[opt] = true
+		var err error
+		switch opt {
+		case "api_key":
+			e.APIKey, err = optionalArg(d)
+		case "base_url":
+			e.BaseURL, err = optionalArg(d)
+		case "model":
+			e.Model, err = optionalArg(d)
+		case "timeout":
+			e.Timeout, err = parseDuration(d)
+		case "system_prompt":
+			e.SystemPrompt, err = singleArg(d)
+		case "system_prompt_file":
+			e.SystemPromptFile, err = singleArg(d)
+		default:
+			return nil, d.Errf("unrecognized zimage_gateway enhance option '%s'", opt)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if e.SystemPrompt != "" && e.SystemPromptFile != "" {
+		return nil, d.Err("zimage_gateway: enhance: use either system_prompt or system_prompt_file, not both")
+	}
+	return e, nil
+}
+
+func unmarshalModel(d *caddyfile.Dispenser) (ModelConfig, error) {
+	var m ModelConfig
+	if !d.NextArg() {
+		return m, d.Err("zimage_gateway: model needs a name")
+	}
+	m.Name = d.Val()
+	if d.NextArg() {
+		return m, d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] && opt != "alias" {
+			return m, d.Errf("zimage_gateway: model %s: %s already specified", m.Name, opt)
+		}
+		seen[opt] = true
+		var err error
+		switch opt {
+		case "alias":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return m, d.ArgErr()
+			}
+			m.Aliases = append(m.Aliases, args...)
+		case "model_index":
+			var n int
+			n, err = parseInt(d, 0)
+			m.ModelIndex = &n
+		case "steps":
+			m.Steps, err = parseInt(d, 1)
+		case "cfg":
+			var s string
+			if s, err = singleArg(d); err == nil {
+				f, perr := strconv.ParseFloat(s, 64)
+				if perr != nil || f <= 0 || f > 30 {
+					return m, d.Errf("zimage_gateway: model %s: invalid cfg '%s': want a number in (0, 30]", m.Name, s)
+				}
+				m.CFG = &f
+			}
+		case "negative_prompt":
+			m.NegativePrompt, err = singleArg(d)
+		default:
+			return m, d.Errf("unrecognized zimage_gateway model option '%s'", opt)
+		}
+		if err != nil {
+			return m, err
+		}
+	}
+	return m, nil
+}
+
+// singleArg reads exactly one argument.
+func singleArg(d *caddyfile.Dispenser) (string, error) {
+	if !d.NextArg() {
+		return "", d.ArgErr()
+	}
+	v := d.Val()
+	if d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return v, nil
+}
+
+// optionalArg reads zero or one argument: `api_key {$UNSET}` leaves no
+// token behind, and SPEC §2 says an empty value means "use the default".
+func optionalArg(d *caddyfile.Dispenser) (string, error) {
+	var v string
+	if d.NextArg() {
+		v = d.Val()
+	}
+	if d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return v, nil
+}
+
+func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
+	name := d.Val()
+	s, err := singleArg(d)
+	if err != nil {
+		return 0, err
+	}
+	dur, err := caddy.ParseDuration(s)
+	if err != nil || dur <= 0 {
+		return 0, d.Errf("zimage_gateway: invalid %s '%s': want a positive duration such as 30s or 2m", name, s)
+	}
+	return caddy.Duration(dur), nil
+}
+
+func parseInt(d *caddyfile.Dispenser, min int) (int, error) {
+	name := d.Val()
+	s, err := singleArg(d)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < min {
+		return 0, d.Errf("zimage_gateway: invalid %s '%s': want a whole number of at least %d", name, s, min)
+	}
+	return n, nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Gateway)(nil)

@@ -1,0 +1,338 @@
+package zimage
+
+import (
+	"bytes"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+)
+
+// chatRequest is the part of an OpenAI chat completions body the gateway
+// reads; other fields (temperature, tools, …) are accepted and ignored.
+type chatRequest struct {
+	Model         string        `json:"model"`
+	Messages      []chatMessage `json:"messages"`
+	Prompt        *string       `json:"prompt"`
+	Stream        bool          `json:"stream"`
+	StreamOptions *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+	Width          *float64        `json:"width"`
+	Height         *float64        `json:"height"`
+	CFG            *float64        `json:"cfg"`
+	Seed           json.RawMessage `json:"seed"`
+	NegativePrompt *string         `json:"negative_prompt"`
+}
+
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+// decodeJSON unmarshals a request body, turning decoder errors into 400s
+// that name the offending field.
+func decodeJSON(body []byte, v any) *apiError {
+	if len(bytes.TrimSpace(body)) == 0 {
+		return invalidRequest("", "The request body is empty; send a JSON object")
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) {
+			return invalidRequest(te.Field, fmt.Sprintf("Invalid type for '%s': expected %s, got %s", te.Field, te.Type, te.Value))
+		}
+		return invalidRequest("", "The request body is not valid JSON: "+err.Error())
+	}
+	return nil
+}
+
+// decodeChat parses and checks a chat completions body.
+func decodeChat(body []byte, maxPrompt int) (*chatRequest, string, *apiError) {
+	var req chatRequest
+	if e := decodeJSON(body, &req); e != nil {
+		return nil, "", e
+	}
+	prompt, param, e := chatPrompt(&req)
+	if e != nil {
+		return nil, "", e
+	}
+	if utf8.RuneCountInString(prompt) > maxPrompt {
+		return nil, "", invalidRequest(param, fmt.Sprintf("The prompt is longer than %d characters", maxPrompt))
+	}
+	return &req, prompt, nil
+}
+
+// chatPrompt is the top-level prompt when present and non-blank, else the
+// last user message's text (SPEC §4).
+func chatPrompt(req *chatRequest) (string, string, *apiError) {
+	if req.Prompt != nil && strings.TrimSpace(*req.Prompt) != "" {
+		return strings.TrimSpace(*req.Prompt), "prompt", nil
+	}
+	for i := len(req.Messages) - 1; i >= 0; i-- {
+		if req.Messages[i].Role != "user" {
+			continue
+		}
+		text, err := contentText(req.Messages[i].Content)
+		if err != nil {
+			return "", "", invalidRequest(fmt.Sprintf("messages[%d].content", i), err.Error())
+		}
+		if text = strings.TrimSpace(text); text == "" {
+			break
+		}
+		return text, fmt.Sprintf("messages[%d].content", i), nil
+	}
+	return "", "", invalidRequest("messages", "No prompt: send a user message with text (or a top-level 'prompt')")
+}
+
+// contentText reads a message content: a string, or an array of parts whose
+// text parts are joined by a space (image parts are ignored).
+func contentText(raw json.RawMessage) (string, error) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || string(raw) == "null" {
+		return "", nil
+	}
+	switch raw[0] {
+	case '"':
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return "", errors.New("Invalid message content: " + err.Error())
+		}
+		return s, nil
+	case '[':
+		var parts []struct {
+			Type string `json:"type"`
+			Text string `json:"text"`
+		}
+		if err := json.Unmarshal(raw, &parts); err != nil {
+			return "", errors.New("Invalid message content: expected a string or an array of content parts")
+		}
+		texts := make([]string, 0, len(parts))
+		for _, p := range parts {
+			if p.Type == "text" && strings.TrimSpace(p.Text) != "" {
+				texts = append(texts, p.Text)
+			}
+		}
+		return strings.Join(texts, " "), nil
+	}
+	return "", errors.New("Invalid message content: expected a string or an array of content parts")
+}
+
+// parseSeed accepts an integer or an integer in a string; null or absent
+// means "random". Negative seeds also mean random, as in most SD front ends.
+func parseSeed(raw json.RawMessage) (*int64, *apiError) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, nil
+	}
+	s := string(raw)
+	if raw[0] == '"' {
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return nil, invalidRequest("seed", "Invalid seed: expected an integer")
+		}
+		s = strings.TrimSpace(s)
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return nil, invalidRequest("seed", "Invalid seed "+strconv.Quote(truncate(s, 40))+": expected an integer")
+	}
+	if n >= maxSeed {
+		return nil, invalidRequest("seed", fmt.Sprintf("Invalid seed %d: must be below %d", n, maxSeed))
+	}
+	return &n, nil
+}
+
+// checkNumbers rejects numbers no client means: NaN cannot come from JSON,
+// but absurd sizes or cfg values can.
+func checkParams(p *jobParams) *apiError {
+	if (p.width == nil) != (p.height == nil) {
+		// one without the other is ignored: the ratio rules decide
+		p.width, p.height = nil, nil
+	}
+	if p.width != nil && (*p.width <= 0 || *p.height <= 0) {
+		return invalidRequest("width", "width and height must be positive numbers")
+	}
+	if p.cfg != nil && (*p.cfg <= 0 || *p.cfg > 30) {
+		return invalidRequest("cfg", "cfg must be a number in (0, 30]")
+	}
+	return nil
+}
+
+// serveChat answers POST /v1/chat/completions.
+func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
+	body, e := g.readBody(w, r)
+	if e != nil {
+		g.fail(w, endpointChat, "", e)
+		return
+	}
+	req, prompt, e := decodeChat(body, g.MaxPromptLength)
+	if e != nil {
+		g.fail(w, endpointChat, "", e)
+		return
+	}
+	m := g.lookupModel(req.Model)
+	if m == nil {
+		g.fail(w, endpointChat, "", errModelNotFound(req.Model))
+		return
+	}
+	seed, e := parseSeed(req.Seed)
+	if e != nil {
+		g.fail(w, endpointChat, m.name, e)
+		return
+	}
+	p := jobParams{prompt: prompt, width: req.Width, height: req.Height, cfg: req.CFG, seed: seed, negative: req.NegativePrompt}
+	if e := checkParams(&p); e != nil {
+		g.fail(w, endpointChat, m.name, e)
+		return
+	}
+	j, e := g.newJob(r, endpointChat, m, req.Model, p)
+	if e != nil {
+		g.fail(w, endpointChat, m.name, e)
+		return
+	}
+
+	id := "chatcmpl-" + randomID()
+	if req.Stream {
+		includeUsage := req.StreamOptions != nil && req.StreamOptions.IncludeUsage
+		g.streamChat(w, r, j, id, includeUsage)
+		return
+	}
+
+	g.runEnhance(r.Context(), j)
+	if e := g.generate(r.Context(), j); e != nil {
+		g.fail(w, endpointChat, m.name, e)
+		return
+	}
+	writeJSON(w, http.StatusOK, chatCompletion{
+		ID:      id,
+		Object:  "chat.completion",
+		Created: time.Now().Unix(),
+		Model:   j.requested,
+		Choices: []chatChoice{{
+			Index:        0,
+			FinishReason: ptr("stop"),
+			Message:      &chatDelta{Role: "assistant", Content: ptr(g.markdown(j))},
+		}},
+		Usage: &usage{},
+	})
+	metricRequests.WithLabelValues(endpointChat, m.name, "200").Inc()
+}
+
+// chatCompletion is both the chat.completion answer and, with Delta
+// instead of Message, a chat.completion.chunk.
+type chatCompletion struct {
+	ID      string       `json:"id"`
+	Object  string       `json:"object"`
+	Created int64        `json:"created"`
+	Model   string       `json:"model"`
+	Choices []chatChoice `json:"choices"`
+	Usage   *usage       `json:"usage,omitempty"`
+}
+
+type chatChoice struct {
+	Index        int        `json:"index"`
+	Message      *chatDelta `json:"message,omitempty"`
+	Delta        *chatDelta `json:"delta,omitempty"`
+	FinishReason *string    `json:"finish_reason"`
+}
+
+type chatDelta struct {
+	Role    string  `json:"role,omitempty"`
+	Content *string `json:"content,omitempty"`
+}
+
+type usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// randomID is 24 hex digits for completion ids.
+func randomID() string {
+	var b [12]byte
+	for i := 0; i < len(b); i += 4 {
+		v := rand.Uint32()
+		b[i], b[i+1], b[i+2], b[i+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
+	}
+	return hex.EncodeToString(b[:])
+}
+
+func truncate(s string, n int) string {
+	if r := []rune(s); len(r) > n {
+		return string(r[:n]) + "…"
+	}
+	return s
+}
+
+// markdown renders the answer content of SPEC §4 step 7, byte for byte.
+func (g *Gateway) markdown(j *job) string {
+	var b strings.Builder
+	b.Grow(256 + len(j.imageURL) + 2*len(j.prompt) + len(j.original))
+	b.WriteString("![")
+	b.WriteString(altText(j.prompt))
+	b.WriteString("](")
+	b.WriteString(markdownURL(j.imageURL))
+	b.WriteString(")\n\n---\n")
+	switch j.enhance {
+	case enhanceOK:
+		b.WriteString("**✨ Enhanced Prompt:**\n")
+		b.WriteString(j.prompt)
+		b.WriteString("\n\n**📝 Original Input:**\n")
+		b.WriteString(j.original)
+		b.WriteString("\n\n")
+	case enhanceFailed:
+		b.WriteString("**⚠️ Enhancement failed, using original prompt**\n\n**📝 Prompt:**\n")
+		b.WriteString(j.original)
+		b.WriteString("\n\n")
+	default:
+		b.WriteString("**📝 Prompt:**\n")
+		b.WriteString(j.original)
+		b.WriteString("\n\n")
+	}
+	b.WriteString("**🎨 Aspect Ratio:** ")
+	b.WriteString(j.ratio)
+	b.WriteString("\n**📐 Resolution:** ")
+	b.WriteString(strconv.Itoa(j.width))
+	b.WriteString("×")
+	b.WriteString(strconv.Itoa(j.height))
+	if _, demo := g.upstream.(demoGenerator); demo {
+		b.WriteString("\n\n_🧪 Demo upstream: this is a local placeholder image; no image service was called._")
+	}
+	return b.String()
+}
+
+// markdownURL percent-encodes the characters that would end or break a
+// markdown link destination (spaces, parentheses, brackets, angle brackets,
+// quotes, backslashes, control characters), so the link is the one intended.
+func markdownURL(u string) string {
+	const unsafe = " ()[]<>\"'\\`"
+	if !strings.ContainsAny(u, unsafe) && !hasControl(u) {
+		return u
+	}
+	var b strings.Builder
+	for i := 0; i < len(u); i++ {
+		c := u[i]
+		if c < 0x20 || c == 0x7f || strings.IndexByte(unsafe, c) >= 0 {
+			fmt.Fprintf(&b, "%%%02X", c)
+			continue
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
+}
+
+func hasControl(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] == 0x7f {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,130 @@
+package zimage
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"image"
+	"image/color"
+	"image/png"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// demoGenerator is the `upstream demo` of SPEC §7: instead of calling the
+// image service it points at a placeholder PNG of the requested size that
+// the module serves itself under demoPath, so every endpoint and client can
+// be tried offline and without an account.
+type demoGenerator struct{}
+
+func (demoGenerator) generate(ctx context.Context, req upstreamRequest, origin string) (string, error) {
+	if err := ctx.Err(); err != nil {
+		return "", &upstreamError{kind: kindCanceled, message: "client went away"}
+	}
+	return fmt.Sprintf("%s%s%dx%d.png?seed=%d", origin, demoPath, req.Width, req.Height, req.Seed), nil
+}
+
+// serveDemoImage answers GET /v1/zimage-demo/<W>x<H>.png?seed=N without
+// auth: browsers load images without the API key.
+func serveDemoImage(w http.ResponseWriter, r *http.Request, name string) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		writeError(w, errMethod(r.Method, "GET"))
+		return
+	}
+	seed, _ := strconv.ParseInt(r.URL.Query().Get("seed"), 10, 64)
+	b, ok := demoImage(name, seed)
+	if !ok {
+		writeError(w, errNotFound(r.URL.Path))
+		return
+	}
+	w.Header().Set("Content-Type", "image/png")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.Header().Set("Cache-Control", "public, max-age=86400")
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodGet {
+		_, _ = w.Write(b)
+	}
+}
+
+// demoImageForURL renders the placeholder a demo URL names, for b64_json.
+func demoImageForURL(s string) ([]byte, bool) {
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, false
+	}
+	name, ok := strings.CutPrefix(u.Path, demoPath)
+	if !ok {
+		return nil, false
+	}
+	seed, _ := strconv.ParseInt(u.Query().Get("seed"), 10, 64)
+	return demoImage(name, seed)
+}
+
+// demoPalettes give each seed one of a few looks, so that distinct seeds
+// visibly give distinct images.
+var demoPalettes = [][2]color.RGBA{
+	{{0x2b, 0x5d, 0x9e, 0xff}, {0x8e, 0xc5, 0xfc, 0xff}},
+	{{0x9e, 0x2b, 0x5d, 0xff}, {0xfc, 0x8e, 0xc5, 0xff}},
+	{{0x2b, 0x9e, 0x5d, 0xff}, {0x8e, 0xfc, 0xc5, 0xff}},
+	{{0x6d, 0x4c, 0x1f, 0xff}, {0xf5, 0xd0, 0x8a, 0xff}},
+}
+
+var (
+	demoCacheMu sync.Mutex
+	demoCache   = map[string][]byte{}
+)
+
+const demoCacheMax = 32
+
+// demoImage renders (and caches) a striped PNG of the size named "WxH.png".
+func demoImage(name string, seed int64) ([]byte, bool) {
+	dims, ok := strings.CutSuffix(name, ".png")
+	if !ok {
+		return nil, false
+	}
+	ws, hs, ok := strings.Cut(dims, "x")
+	if !ok {
+		return nil, false
+	}
+	w, err1 := strconv.Atoi(ws)
+	h, err2 := strconv.Atoi(hs)
+	if err1 != nil || err2 != nil || w < minSide || h < minSide || w > maxSide || h > maxSide {
+		return nil, false
+	}
+	pal := int(uint64(seed) % uint64(len(demoPalettes)))
+	key := fmt.Sprintf("%dx%d/%d", w, h, pal)
+	demoCacheMu.Lock()
+	b, hit := demoCache[key]
+	demoCacheMu.Unlock()
+	if hit {
+		return b, true
+	}
+
+	colors := demoPalettes[pal]
+	img := image.NewPaletted(image.Rect(0, 0, w, h), color.Palette{colors[0], colors[1]})
+	stripe := max(w, h) / 16
+	for y := range h {
+		row := img.Pix[y*img.Stride : y*img.Stride+w]
+		for x := range row {
+			if ((x+y)/stripe)%2 == 1 {
+				row[x] = 1
+			}
+		}
+	}
+	var buf bytes.Buffer
+	enc := png.Encoder{CompressionLevel: png.BestSpeed}
+	if err := enc.Encode(&buf, img); err != nil {
+		return nil, false
+	}
+	b = buf.Bytes()
+	demoCacheMu.Lock()
+	if len(demoCache) >= demoCacheMax {
+		clear(demoCache) // placeholders are cheap to redraw
+	}
+	demoCache[key] = b
+	demoCacheMu.Unlock()
+	return b, true
+}

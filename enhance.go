@@ -1,0 +1,204 @@
+package zimage
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+)
+
+// defaultSystemPrompt asks the LLM for a JSON object with an English Stable
+// Diffusion prompt and an aspect ratio (SPEC §4 step 3).
+const defaultSystemPrompt = `You are an expert prompt writer for Stable Diffusion image models.
+Turn the user's short idea, in any language, into one rich English image prompt of 30 to 100 words: subject, setting, composition, lighting, colours, mood and style, as comma-separated descriptive phrases.
+Text that should appear in the image (on signs, shirts, banners, screens; usually written in quotes) must be kept verbatim in its original language and quoted in your prompt; never translate it.
+Choose the aspect ratio that suits the content best, one of: 1:1, 1:2, 3:2, 3:4, 16:9, 9:16.
+Answer with a single JSON object and nothing else:
+{"prompt": "<30-100 word English Stable Diffusion prompt>", "aspect_ratio": "<one of the six ratios>"}`
+
+// Outcomes of the enhancement step, as shown in metrics and logs.
+const (
+	enhanceOK       = "ok"
+	enhanceFailed   = "failed"
+	enhanceSkipped  = "skipped"
+	enhanceDisabled = "disabled"
+)
+
+// maxLLMBody bounds how much of the LLM's answer is read.
+const maxLLMBody = 1 << 20
+
+// enhancer calls an OpenAI-compatible chat completions endpoint.
+type enhancer struct {
+	url     string
+	key     string
+	model   string
+	system  string
+	timeout time.Duration
+	client  *http.Client
+}
+
+func newEnhancer(baseURL, key, model, system string, timeout time.Duration) *enhancer {
+	return &enhancer{
+		url:     strings.TrimRight(baseURL, "/") + "/chat/completions",
+		key:     key,
+		model:   model,
+		system:  system,
+		timeout: timeout,
+		client: &http.Client{
+			Transport: newTransport(),
+			// the Authorization header carries the LLM key: never follow a
+			// redirect anywhere, not even to the same host over plain HTTP
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return errors.New("redirects are not followed")
+			},
+		},
+	}
+}
+
+// enhanced is what the LLM proposed.
+type enhanced struct {
+	prompt string
+	ratio  string // one of ratioSizes, or empty
+}
+
+type llmMessage struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+type llmRequest struct {
+	Model       string       `json:"model"`
+	Messages    []llmMessage `json:"messages"`
+	Temperature float64      `json:"temperature"`
+}
+
+type llmResponse struct {
+	Choices []struct {
+		Message struct {
+			Content string `json:"content"`
+		} `json:"message"`
+	} `json:"choices"`
+}
+
+// enhance asks the LLM once. lockedRatio is the ratio the user wrote, if
+// any; the LLM is told not to change it. Every error means "use the user's
+// own prompt": the caller degrades silently.
+func (e *enhancer) enhance(ctx context.Context, prompt, lockedRatio string) (enhanced, error) {
+	ctx, cancel := context.WithTimeout(ctx, e.timeout)
+	defer cancel()
+
+	system := e.system
+	if lockedRatio != "" {
+		system += "\nThe user has locked the aspect ratio to " + lockedRatio +
+			`: set "aspect_ratio" to "` + lockedRatio + `" and do not suggest another.`
+	}
+	body, err := json.Marshal(llmRequest{
+		Model: e.model,
+		Messages: []llmMessage{
+			{Role: "system", Content: system},
+			{Role: "user", Content: prompt},
+		},
+		Temperature: 0.7,
+	})
+	if err != nil {
+		return enhanced{}, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, e.url, bytes.NewReader(body))
+	if err != nil {
+		return enhanced{}, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+e.key)
+	resp, err := e.client.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return enhanced{}, fmt.Errorf("enhance: no answer within %s", e.timeout)
+		}
+		return enhanced{}, fmt.Errorf("enhance: %w", err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxLLMBody+1))
+	if err != nil {
+		return enhanced{}, fmt.Errorf("enhance: reading answer: %w", err)
+	}
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return enhanced{}, fmt.Errorf("enhance: LLM answered status %d", resp.StatusCode)
+	}
+	if len(raw) > maxLLMBody {
+		return enhanced{}, fmt.Errorf("enhance: answer larger than %d bytes", maxLLMBody)
+	}
+	var lr llmResponse
+	if err := json.Unmarshal(raw, &lr); err != nil {
+		return enhanced{}, fmt.Errorf("enhance: decoding answer: %w", err)
+	}
+	if len(lr.Choices) == 0 {
+		return enhanced{}, errors.New("enhance: answer has no choices")
+	}
+	out, err := parseEnhanced(lr.Choices[0].Message.Content)
+	if err != nil {
+		return enhanced{}, err
+	}
+	if lockedRatio != "" {
+		out.ratio = lockedRatio
+	}
+	return out, nil
+}
+
+// parseEnhanced digs the JSON object out of what a chat model wrote:
+// reasoning in <think> blocks, markdown code fences and prose around the
+// object are all common, so the first object that decodes with a non-empty
+// prompt wins. A ratio outside the supported six is dropped.
+func parseEnhanced(content string) (enhanced, error) {
+	content = stripThink(content)
+	// a bounded number of tries keeps a hostile answer full of braces linear
+	for i, tries := 0, 0; i < len(content) && tries < 64; i, tries = i+1, tries+1 {
+		j := strings.IndexByte(content[i:], '{')
+		if j < 0 {
+			break
+		}
+		i += j
+		var obj struct {
+			Prompt      string `json:"prompt"`
+			AspectRatio any    `json:"aspect_ratio"`
+		}
+		dec := json.NewDecoder(strings.NewReader(content[i:]))
+		if err := dec.Decode(&obj); err != nil {
+			continue
+		}
+		p := strings.TrimSpace(obj.Prompt)
+		if p == "" {
+			continue
+		}
+		out := enhanced{prompt: p}
+		if r, ok := obj.AspectRatio.(string); ok {
+			r = strings.ReplaceAll(strings.TrimSpace(r), "：", ":")
+			if _, listed := ratioSizes[r]; listed {
+				out.ratio = r
+			}
+		}
+		return out, nil
+	}
+	return enhanced{}, errors.New("enhance: no JSON object with a prompt in the model's answer")
+}
+
+// stripThink removes <think>…</think> blocks (and an unclosed trailing one)
+// that reasoning models put before their answer.
+func stripThink(s string) string {
+	for {
+		lower := strings.ToLower(s)
+		i := strings.Index(lower, "<think>")
+		if i < 0 {
+			return s
+		}
+		j := strings.Index(lower[i:], "</think>")
+		if j < 0 {
+			return s[:i]
+		}
+		s = s[:i] + s[i+j+len("</think>"):]
+	}
+}

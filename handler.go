@@ -1,0 +1,211 @@
+package zimage
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// route is what a request path asks for.
+type route int
+
+const (
+	routeNone route = iota // not ours: the next handler's
+	routeUnknown
+	routeModels
+	routeModel
+	routeChat
+	routeImages
+	routeDemoImage
+)
+
+// demoPath is where the demo upstream serves its placeholder PNGs.
+const demoPath = "/v1/zimage-demo/"
+
+// parseRoute maps a path to a route. Every endpoint answers with and
+// without the /v1 prefix (clients are configured both ways); other paths
+// under /v1/ are unknown API paths, and the rest belong to the site.
+func parseRoute(path string) (route, string) {
+	if strings.HasPrefix(path, demoPath) {
+		return routeDemoImage, path[len(demoPath):]
+	}
+	rest, v1 := strings.CutPrefix(path, "/v1")
+	if v1 && rest != "" && rest[0] != '/' { // "/v1beta" is not ours
+		return routeNone, ""
+	}
+	rest = strings.TrimSuffix(rest, "/")
+	switch rest {
+	case "/models":
+		return routeModels, ""
+	case "/chat/completions":
+		return routeChat, ""
+	case "/images/generations":
+		return routeImages, ""
+	}
+	if id, ok := strings.CutPrefix(rest, "/models/"); ok && id != "" {
+		return routeModel, id
+	}
+	if v1 {
+		return routeUnknown, ""
+	}
+	return routeNone, ""
+}
+
+// ServeHTTP answers the gateway's endpoints and passes other paths on.
+func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	rt, id := parseRoute(r.URL.Path)
+	switch rt {
+	case routeNone:
+		return next.ServeHTTP(w, r)
+	case routeDemoImage:
+		if _, demo := g.upstream.(demoGenerator); demo {
+			serveDemoImage(w, r, id)
+			return nil
+		}
+		rt = routeUnknown
+	}
+
+	// CORS preflight: no auth; the headers come from the site's config
+	if r.Method == http.MethodOptions {
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	}
+	if !g.authorized(r) {
+		g.fail(w, endpointFor(rt), "", errUnauthorized())
+		return nil
+	}
+
+	switch rt {
+	case routeModels:
+		if r.Method != http.MethodGet {
+			g.fail(w, endpointModels, "", errMethod(r.Method, "GET"))
+			return nil
+		}
+		g.serveModels(w)
+	case routeModel:
+		if r.Method != http.MethodGet {
+			g.fail(w, endpointModels, "", errMethod(r.Method, "GET"))
+			return nil
+		}
+		g.serveModel(w, id)
+	case routeChat:
+		if r.Method != http.MethodPost {
+			g.fail(w, endpointChat, "", errMethod(r.Method, "POST"))
+			return nil
+		}
+		g.serveChat(w, r)
+	case routeImages:
+		if r.Method != http.MethodPost {
+			g.fail(w, endpointImages, "", errMethod(r.Method, "POST"))
+			return nil
+		}
+		g.serveImages(w, r)
+	default:
+		g.fail(w, "unknown", "", errNotFound(r.URL.Path))
+	}
+	return nil
+}
+
+func endpointFor(rt route) string {
+	switch rt {
+	case routeModels, routeModel:
+		return endpointModels
+	case routeChat:
+		return endpointChat
+	case routeImages:
+		return endpointImages
+	}
+	return "unknown"
+}
+
+// authorized checks the bearer token against every client key in constant
+// time. Comparing SHA-256 digests keeps the time independent of the keys'
+// lengths too.
+func (g *Gateway) authorized(r *http.Request) bool {
+	if g.NoAuth {
+		return true
+	}
+	h := r.Header.Get("Authorization")
+	const prefix = "bearer "
+	if len(h) < len(prefix) || !strings.EqualFold(h[:len(prefix)], prefix) {
+		return false
+	}
+	got := sha256.Sum256([]byte(strings.TrimSpace(h[len(prefix):])))
+	match := 0
+	for _, want := range g.keyDigests {
+		match |= subtle.ConstantTimeCompare(got[:], want[:])
+	}
+	return match == 1
+}
+
+// modelObject is one entry of /v1/models.
+type modelObject struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"`
+}
+
+type modelList struct {
+	Object string        `json:"object"`
+	Data   []modelObject `json:"data"`
+}
+
+func (m *model) object() modelObject {
+	return modelObject{ID: m.name, Object: "model", Created: m.created, OwnedBy: "sd-exacg-gateway"}
+}
+
+func (g *Gateway) serveModels(w http.ResponseWriter) {
+	writeJSON(w, http.StatusOK, json.RawMessage(g.modelsJSON))
+	metricRequests.WithLabelValues(endpointModels, "", "200").Inc()
+}
+
+func (g *Gateway) serveModel(w http.ResponseWriter, id string) {
+	// aliases resolve too, but the object names the model as listed
+	m := g.lookupModel(id)
+	if m == nil || strings.TrimSpace(id) == "" {
+		g.fail(w, endpointModels, "", errModelNotFound(id))
+		return
+	}
+	writeJSON(w, http.StatusOK, m.object())
+	metricRequests.WithLabelValues(endpointModels, m.name, "200").Inc()
+}
+
+// readBody reads the request body within the configured limit.
+func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.MaxBody))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, errTooLarge(g.MaxBody)
+		}
+		return nil, invalidRequest("", "Could not read the request body: "+err.Error())
+	}
+	return body, nil
+}
+
+// fail writes an error and counts it.
+func (g *Gateway) fail(w http.ResponseWriter, endpoint, modelName string, e *apiError) {
+	writeError(w, e)
+	metricRequests.WithLabelValues(endpoint, modelName, strconv.Itoa(e.status)).Inc()
+}
+
+// writeJSON answers v as JSON.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		writeError(w, &apiError{status: http.StatusInternalServerError, typ: "server_error", code: "internal_error", message: "encoding the response failed"})
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}

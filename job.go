@@ -1,0 +1,235 @@
+package zimage
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// Endpoint names, as logged and used as the metrics label.
+const (
+	endpointModels = "models"
+	endpointChat   = "chat_completions"
+	endpointImages = "images_generations"
+)
+
+// maxSeed bounds random seeds to what the upstream accepts: [0, 2^31-1).
+const maxSeed = 2147483647
+
+// job carries what the pipeline decides for one generation, so that the
+// renderers (chat JSON, SSE, images JSON), the logs and the metrics all read
+// the same facts (STYLE.md, "the data path").
+type job struct {
+	endpoint  string
+	model     *model
+	requested string // the model name as the client sent it, echoed back
+
+	original string // the user's prompt without the skip word
+	cleaned  string // original without the ratio trigger: the un-enhanced prompt
+	prompt   string // what is sent upstream
+	skip     bool   // no-enhance was given
+	enhance  string // enhanceOK, enhanceFailed, enhanceSkipped, enhanceDisabled
+
+	userRatio     string
+	bodyW, bodyH  *float64 // explicit size from the body
+	ratio, source string
+	width, height int
+
+	seed     int64
+	cfg      float64
+	negative string
+	origin   string // scheme://host of the request, for the demo
+
+	imageURL  string
+	queueWait time.Duration
+	latency   time.Duration
+}
+
+// jobParams are the per-request inputs common to chat and images.
+type jobParams struct {
+	prompt        string
+	width, height *float64
+	cfg           *float64
+	seed          *int64
+	negative      *string
+}
+
+// newJob runs the cheap, deterministic steps of the pipeline (SPEC §4 steps
+// 1, 2, 5): skip word, user ratio, explicit size, seed, cfg and negative
+// prompt. Enhancement and generation come later, after a stream has begun.
+func (g *Gateway) newJob(r *http.Request, endpoint string, m *model, requested string, p jobParams) (*job, *apiError) {
+	j := &job{endpoint: endpoint, model: m, requested: requested, bodyW: p.width, bodyH: p.height}
+	if requested == "" {
+		j.requested = m.name
+	}
+	j.original, j.skip = stripSkipWord(p.prompt)
+	var ok bool
+	if j.userRatio, j.cleaned, ok = detectRatio(j.original); !ok {
+		j.cleaned = j.original
+	}
+	if j.cleaned == "" {
+		return nil, invalidRequest("prompt", "The prompt is empty once the ratio and no-enhance are removed; describe the image to generate")
+	}
+	j.prompt = j.cleaned
+
+	j.cfg = m.cfg
+	if p.cfg != nil {
+		j.cfg = *p.cfg
+	}
+	if p.seed != nil && *p.seed >= 0 {
+		j.seed = *p.seed
+	} else {
+		j.seed = randomSeed()
+	}
+	j.negative = m.negativePrompt
+	if p.negative != nil {
+		j.negative = *p.negative
+	}
+	j.origin = requestOrigin(r)
+	j.decideSize("")
+	return j, nil
+}
+
+// decideSize applies the size priority of SPEC §4 step 4: explicit body
+// width and height, then the user's ratio, then the LLM's, then 1:1.
+func (j *job) decideSize(llmRatio string) {
+	switch {
+	case j.bodyW != nil && j.bodyH != nil:
+		j.width, j.height = clampSide(*j.bodyW), clampSide(*j.bodyH)
+		j.ratio, j.source = customRatio, sourceBody
+		return
+	case j.userRatio != "":
+		j.ratio, j.source = j.userRatio, sourceUser
+	case llmRatio != "":
+		j.ratio, j.source = llmRatio, sourceLLM
+	default:
+		j.ratio, j.source = defaultRatio, sourceDefault
+	}
+	s := ratioSizes[j.ratio]
+	j.width, j.height = s.w, s.h
+}
+
+// runEnhance is step 3: one LLM call unless skipped or not configured; any
+// failure keeps the user's prompt. It then settles the size.
+func (g *Gateway) runEnhance(ctx context.Context, j *job) {
+	switch {
+	case g.enhancer == nil:
+		j.enhance = enhanceDisabled
+	case j.skip:
+		j.enhance = enhanceSkipped
+	default:
+		out, err := g.enhancer.enhance(ctx, j.cleaned, j.userRatio)
+		if err != nil {
+			j.enhance = enhanceFailed
+			if ctx.Err() == nil { // a client that left is not an LLM failure
+				g.logger.Warn("prompt enhancement failed; using the original prompt",
+					zap.String("endpoint", j.endpoint), zap.String("error", g.scrub.Replace(err.Error())))
+			}
+		} else {
+			j.enhance = enhanceOK
+			j.prompt = out.prompt
+			j.decideSize(out.ratio) // a body size or the user's ratio still wins
+		}
+	}
+	metricEnhance.WithLabelValues(j.enhance).Inc()
+}
+
+// generate is step 6: wait for a slot, call the image service, record the
+// outcome. It is safe to call concurrently on distinct jobs.
+func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
+	if g.limiter != nil {
+		start := time.Now()
+		err := g.limiter.acquire(ctx, g.queueTimeout)
+		j.queueWait = time.Since(start)
+		metricQueueWait.Observe(j.queueWait.Seconds())
+		if err != nil {
+			var ae *apiError
+			if errors.As(err, &ae) {
+				g.logGeneration(j, ae.status, "queue_timeout")
+				return ae
+			}
+			return (&upstreamError{kind: kindCanceled}).apiError(g.scrub)
+		}
+		defer g.limiter.release()
+	}
+
+	metricInFlight.Inc()
+	start := time.Now()
+	url, err := g.upstream.generate(ctx, upstreamRequest{
+		Prompt:         j.prompt,
+		Width:          j.width,
+		Height:         j.height,
+		Steps:          j.model.steps,
+		CFG:            j.cfg,
+		ModelIndex:     j.model.modelIndex,
+		Seed:           j.seed,
+		NegativePrompt: j.negative,
+	}, j.origin)
+	j.latency = time.Since(start)
+	metricInFlight.Dec()
+
+	if err != nil {
+		var ue *upstreamError
+		if !errors.As(err, &ue) {
+			ue = &upstreamError{kind: kindBadResponse, message: err.Error()}
+		}
+		ae := ue.apiError(g.scrub)
+		if ue.kind != kindCanceled {
+			metricUpstreamErrors.WithLabelValues(ue.kind).Inc()
+			g.logger.Warn("image service call failed",
+				zap.String("endpoint", j.endpoint), zap.String("model", j.model.name),
+				zap.String("kind", ue.kind), zap.String("error", ae.message),
+				zap.Duration("upstream_latency", j.latency))
+		}
+		g.logGeneration(j, ae.status, ue.kind)
+		return ae
+	}
+	metricGeneration.WithLabelValues(j.model.name).Observe(j.latency.Seconds())
+	j.imageURL = url
+	g.logGeneration(j, http.StatusOK, "")
+	return nil
+}
+
+// logGeneration writes the one info line per generation (SPEC §6); the
+// prompt itself only at debug level.
+func (g *Gateway) logGeneration(j *job, status int, failure string) {
+	if ce := g.logger.Check(zapcore.InfoLevel, "generation"); ce != nil {
+		fields := []zap.Field{
+			zap.String("endpoint", j.endpoint),
+			zap.String("model", j.model.name),
+			zap.String("size", strconv.Itoa(j.width)+"x"+strconv.Itoa(j.height)),
+			zap.String("ratio", j.ratio),
+			zap.String("ratio_source", j.source),
+			zap.Int64("seed", j.seed),
+			zap.String("enhance", j.enhance),
+			zap.Duration("queue_wait", j.queueWait),
+			zap.Duration("upstream_latency", j.latency),
+			zap.Int("status", status),
+		}
+		if failure != "" {
+			fields = append(fields, zap.String("failure", failure))
+		}
+		ce.Write(fields...)
+	}
+	if ce := g.logger.Check(zapcore.DebugLevel, "generation prompt"); ce != nil {
+		ce.Write(zap.String("original", j.original), zap.String("prompt", j.prompt))
+	}
+}
+
+// randomSeed is a fresh seed in [0, 2147483647).
+func randomSeed() int64 { return rand.Int64N(maxSeed) }
+
+// requestOrigin is the scheme://host the client used.
+func requestOrigin(r *http.Request) string {
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	return scheme + "://" + r.Host
+}

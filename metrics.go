@@ -1,0 +1,68 @@
+package zimage
+
+import (
+	"errors"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// The collectors are package-level and built once: Caddy provisions the
+// module for every site and makes a new registry on every reload, and a
+// counter that restarted at zero on each reload would confuse rate().
+// Each provisioning registers the same collectors with the registry at
+// hand; AlreadyRegisteredError means a sibling handler did it first.
+var (
+	metricRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "requests_total",
+		Help: "Requests answered by the zimage gateway, by endpoint, model and status code.",
+	}, []string{"endpoint", "model", "code"})
+
+	metricGeneration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "generation_duration_seconds",
+		Help:    "Time the image service took per generation, retries included.",
+		Buckets: []float64{0.5, 1, 2, 5, 10, 20, 30, 60, 120, 180},
+	}, []string{"model"})
+
+	metricEnhance = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "enhance_total",
+		Help: "Prompt enhancement outcomes: ok, failed, skipped (no-enhance), disabled (no LLM configured).",
+	}, []string{"outcome"})
+
+	metricUpstreamErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "upstream_errors_total",
+		Help: "Failed calls to the image service, by kind: timeout, refused, status_5xx, status_429, bad_response.",
+	}, []string{"kind"})
+
+	metricInFlight = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "generations_in_flight",
+		Help: "Generations currently running against the image service.",
+	})
+
+	metricQueueWait = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "queue_wait_seconds",
+		Help:    "Time requests waited for a concurrency slot (max_concurrent).",
+		Buckets: []float64{0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60},
+	})
+
+	collectors = []prometheus.Collector{
+		metricRequests, metricGeneration, metricEnhance,
+		metricUpstreamErrors, metricInFlight, metricQueueWait,
+	}
+)
+
+// registerMetrics adds the collectors to Caddy's registry; a nil registry
+// (metrics unavailable) is not an error.
+func registerMetrics(reg prometheus.Registerer) error {
+	if reg == nil {
+		return nil
+	}
+	for _, c := range collectors {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if !errors.As(err, &are) {
+				return err
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,294 @@
+package zimage
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// maxUpstreamBody bounds how much of the image service's answer is read: a
+// success is a few hundred bytes, so anything near this is a broken server.
+const maxUpstreamBody = 1 << 20
+
+// generator produces one image and returns its URL. origin is the
+// scheme://host of the client's request, for generators that serve the
+// image themselves (the demo).
+type generator interface {
+	generate(ctx context.Context, req upstreamRequest, origin string) (string, error)
+}
+
+// upstreamRequest is the image service's request body (SPEC §4 step 6).
+type upstreamRequest struct {
+	Prompt         string  `json:"prompt"`
+	Width          int     `json:"width"`
+	Height         int     `json:"height"`
+	Steps          int     `json:"steps"`
+	CFG            float64 `json:"cfg"`
+	ModelIndex     int     `json:"model_index"`
+	Seed           int64   `json:"seed"`
+	NegativePrompt string  `json:"negative_prompt,omitempty"`
+}
+
+// Kinds of upstream failure, as counted in caddy_zimage_upstream_errors_total.
+const (
+	kindTimeout     = "timeout"
+	kindRefused     = "refused"
+	kind5xx         = "status_5xx"
+	kind429         = "status_429"
+	kindBadResponse = "bad_response"
+	kindCanceled    = "canceled" // the client left; not counted as an upstream error
+)
+
+// upstreamError is a failed generation, classified for the status it maps
+// to (429, 504, 502) and for metrics.
+type upstreamError struct {
+	kind       string
+	message    string // safe to show: scrubbed of secrets by the handler
+	retryAfter string
+	retryable  bool
+}
+
+func (e *upstreamError) Error() string { return "upstream " + e.kind + ": " + e.message }
+
+// apiError maps the failure to the client's answer.
+func (e *upstreamError) apiError(scrub *strings.Replacer) *apiError {
+	msg := scrub.Replace(e.message)
+	switch e.kind {
+	case kind429:
+		ra := e.retryAfter
+		if ra == "" {
+			ra = "10"
+		}
+		return &apiError{status: http.StatusTooManyRequests, typ: "rate_limit_error", code: "rate_limit_exceeded", retryAfter: ra,
+			message: "The image service is rate limiting requests: " + msg}
+	case kindTimeout:
+		return &apiError{status: http.StatusGatewayTimeout, typ: "upstream_error", code: "upstream_timeout",
+			message: "The image service did not answer in time: " + msg}
+	case kindCanceled:
+		return &apiError{status: 499, typ: "invalid_request_error", code: "client_closed_request", message: "The client closed the request"}
+	}
+	return &apiError{status: http.StatusBadGateway, typ: "upstream_error", code: "upstream_error",
+		message: "The image service failed: " + msg}
+}
+
+// imageClient calls the 梦羽 generate_image endpoint.
+type imageClient struct {
+	url     string
+	key     string
+	timeout time.Duration
+	retries int
+	client  *http.Client
+}
+
+func newImageClient(u, key string, timeout time.Duration, retries int) *imageClient {
+	return &imageClient{
+		url:     u,
+		key:     key,
+		timeout: timeout,
+		retries: retries,
+		client: &http.Client{
+			Transport: newTransport(),
+			// the Authorization header carries the SD key: no redirects
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return errors.New("redirects are not followed")
+			},
+		},
+	}
+}
+
+// newTransport is the transport for the image service and the LLM: keeps
+// connections warm for many concurrent generations and bounds connecting;
+// the whole call is bounded by the caller's context.
+func newTransport() *http.Transport {
+	return &http.Transport{
+		Proxy: http.ProxyFromEnvironment,
+		DialContext: (&net.Dialer{
+			Timeout:   10 * time.Second,
+			KeepAlive: 30 * time.Second,
+		}).DialContext,
+		ForceAttemptHTTP2:   true,
+		MaxIdleConns:        1024,
+		MaxIdleConnsPerHost: 256,
+		IdleConnTimeout:     90 * time.Second,
+		TLSHandshakeTimeout: 10 * time.Second,
+	}
+}
+
+// generate calls the service, retrying connection errors and 502/503/504
+// with jittered backoff, all within the configured timeout.
+func (c *imageClient) generate(ctx context.Context, req upstreamRequest, _ string) (string, error) {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return "", &upstreamError{kind: kindBadResponse, message: "encoding request: " + err.Error()}
+	}
+	parent := ctx
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+
+	for attempt := 0; ; attempt++ {
+		imageURL, uerr := c.try(ctx, parent, body)
+		if uerr == nil {
+			return imageURL, nil
+		}
+		if !uerr.retryable || attempt >= c.retries {
+			return "", uerr
+		}
+		// 250ms, 500ms, 1s… each with ±50% jitter, so retries of many
+		// requests after one outage do not arrive together
+		backoff := time.Duration(float64(250*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
+		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < backoff {
+			return "", uerr
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return "", classifyCtx(parent, c.timeout)
+		case <-t.C:
+		}
+	}
+}
+
+// classifyCtx tells a client that left from a call that ran out of time.
+func classifyCtx(parent context.Context, timeout time.Duration) *upstreamError {
+	if parent.Err() != nil {
+		return &upstreamError{kind: kindCanceled, message: "client went away"}
+	}
+	return &upstreamError{kind: kindTimeout, message: "no answer within " + timeout.String()}
+}
+
+// upstreamAnswer is the service's reply; error texts come in several shapes.
+type upstreamAnswer struct {
+	Success *bool `json:"success"`
+	Data    struct {
+		ImageURL string `json:"image_url"`
+	} `json:"data"`
+	Error   json.RawMessage `json:"error"`
+	Message string          `json:"message"`
+}
+
+// try makes one attempt.
+func (c *imageClient) try(ctx, parent context.Context, body []byte) (string, *upstreamError) {
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url, bytes.NewReader(body))
+	if err != nil {
+		return "", &upstreamError{kind: kindBadResponse, message: err.Error()}
+	}
+	hreq.Header.Set("Content-Type", "application/json")
+	hreq.Header.Set("Accept", "application/json")
+	hreq.Header.Set("Authorization", "Bearer "+c.key)
+	resp, err := c.client.Do(hreq)
+	if err != nil {
+		if ctx.Err() != nil {
+			return "", classifyCtx(parent, c.timeout)
+		}
+		return "", &upstreamError{kind: kindRefused, message: "cannot reach the image service: " + describeNetErr(err), retryable: true}
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxUpstreamBody+1))
+	if err != nil {
+		if ctx.Err() != nil {
+			return "", classifyCtx(parent, c.timeout)
+		}
+		return "", &upstreamError{kind: kindRefused, message: "reading the answer: " + describeNetErr(err), retryable: true}
+	}
+	if len(raw) > maxUpstreamBody {
+		return "", &upstreamError{kind: kindBadResponse, message: fmt.Sprintf("answer larger than %d bytes", maxUpstreamBody)}
+	}
+
+	var ans upstreamAnswer
+	jsonErr := json.Unmarshal(raw, &ans)
+	switch {
+	case resp.StatusCode == http.StatusTooManyRequests:
+		return "", &upstreamError{kind: kind429, message: upstreamMessage(ans, resp.Status),
+			retryAfter: cleanRetryAfter(resp.Header.Get("Retry-After"))}
+	case resp.StatusCode >= 500:
+		switch resp.StatusCode {
+		case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+			return "", &upstreamError{kind: kind5xx, message: upstreamMessage(ans, resp.Status), retryable: true}
+		}
+		return "", &upstreamError{kind: kind5xx, message: upstreamMessage(ans, resp.Status)}
+	case resp.StatusCode < 200 || resp.StatusCode > 299:
+		return "", &upstreamError{kind: kindBadResponse, message: upstreamMessage(ans, resp.Status)}
+	case jsonErr != nil:
+		return "", &upstreamError{kind: kindBadResponse, message: "answer is not valid JSON"}
+	case ans.Success == nil || !*ans.Success:
+		return "", &upstreamError{kind: kindBadResponse, message: upstreamMessage(ans, "generation was not successful")}
+	case strings.TrimSpace(ans.Data.ImageURL) == "":
+		return "", &upstreamError{kind: kindBadResponse, message: "answer has no image_url"}
+	}
+	return strings.TrimSpace(ans.Data.ImageURL), nil
+}
+
+// upstreamMessage picks the service's own error text (error, error.message
+// or message), shortened; fallback when it gave none.
+func upstreamMessage(ans upstreamAnswer, fallback string) string {
+	msg := ans.Message
+	if len(ans.Error) > 0 {
+		var s string
+		var obj struct {
+			Message string `json:"message"`
+		}
+		if json.Unmarshal(ans.Error, &s) == nil && s != "" {
+			msg = s
+		} else if json.Unmarshal(ans.Error, &obj) == nil && obj.Message != "" {
+			msg = obj.Message
+		}
+	}
+	msg = strings.TrimSpace(msg)
+	if msg == "" {
+		return fallback
+	}
+	if r := []rune(msg); len(r) > 300 {
+		msg = string(r[:300]) + "…"
+	}
+	return msg
+}
+
+// cleanRetryAfter passes on a Retry-After in seconds or HTTP-date form, and
+// drops anything else rather than echo arbitrary upstream bytes.
+func cleanRetryAfter(v string) string {
+	v = strings.TrimSpace(v)
+	if n, err := strconv.Atoi(v); err == nil && n >= 0 {
+		return strconv.Itoa(n)
+	}
+	if _, err := http.ParseTime(v); err == nil {
+		return v
+	}
+	return ""
+}
+
+// describeNetErr names a network failure without the request URL, which
+// url.Error would repeat (harmless, but noisy).
+func describeNetErr(err error) string {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
+	}
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Op == "dial" {
+		return "connection refused or unreachable"
+	}
+	return err.Error()
+}
+
+// checkHTTPURL accepts absolute http and https URLs only.
+func checkHTTPURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("invalid URL %q: %v", s, err)
+	}
+	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("invalid URL %q: want an absolute http:// or https:// URL", s)
+	}
+	return nil
+}
