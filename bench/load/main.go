@@ -57,6 +57,7 @@ type config struct {
 	dur         time.Duration
 	timeout     time.Duration
 	stream      bool
+	client      string
 }
 
 // result is the JSON line printed at the end. Latencies are milliseconds.
@@ -81,6 +82,7 @@ type result struct {
 	TTFBP99      *float64 `json:"ttfb_p99_ms,omitempty"`
 	MaxGap       *float64 `json:"max_gap_ms,omitempty"`
 
+	Client      string `json:"client"`
 	ErrorSample string `json:"error_sample,omitempty"`
 }
 
@@ -94,6 +96,7 @@ type worker struct {
 	bad, completed  int64
 	sample          string
 	buf             bytes.Buffer
+	raw             *rawConn // -client raw; nil with net/http
 }
 
 func main() {
@@ -111,6 +114,7 @@ func main() {
 	flag.IntVar(&cfg.burst, "burst", 0, "fire this many requests at once, one each, and wait for all")
 	flag.DurationVar(&cfg.timeout, "timeout", 60*time.Second, "grace after -d (or the whole -burst) before in-flight requests are errors")
 	flag.BoolVar(&cfg.stream, "stream", false, "read SSE answers to the end, counting keep-alive comments")
+	flag.StringVar(&cfg.client, "client", "raw", "closed-loop HTTP client: raw (minimal HTTP/1.1, cheap) or go (net/http); -burst and -stream always use go")
 	flag.Parse()
 	if cfg.url == "" {
 		fatalf("-url is required")
@@ -136,6 +140,12 @@ func main() {
 	}
 	if cfg.conc < 1 {
 		fatalf("-c must be at least 1")
+	}
+	if cfg.burst > 0 || cfg.stream {
+		cfg.client = "go"
+	}
+	if cfg.client != "raw" && cfg.client != "go" {
+		fatalf("-client must be raw or go")
 	}
 
 	// the generator shares its core with the fake upstream; fewer GC cycles
@@ -197,6 +207,12 @@ func run(cfg config) (*result, error) {
 	var wg sync.WaitGroup
 	for i := range workers {
 		w := &worker{}
+		if cfg.client == "raw" {
+			if w.raw, err = newRawConn(cfg); err != nil {
+				return nil, err
+			}
+			defer w.raw.close()
+		}
 		workers[i] = w
 		wg.Add(1)
 		go func() {
@@ -217,7 +233,11 @@ func run(cfg config) (*result, error) {
 						return
 					}
 				}
-				w.do(cfg, tr, tmpl)
+				if w.raw != nil {
+					w.doRaw(cfg)
+				} else {
+					w.do(cfg, tr, tmpl)
+				}
 			}
 		}()
 	}
@@ -278,6 +298,32 @@ func (w *worker) do(cfg config, tr *http.Transport, tmpl *http.Request) {
 		w.ok++
 	} else {
 		w.bad++
+	}
+}
+
+// doRaw is do with the minimal client of raw.go.
+func (w *worker) doRaw(cfg config) {
+	t0 := time.Now()
+	status, err := w.raw.roundTrip(true)
+	if err != nil {
+		w.fail(err.Error())
+		return
+	}
+	if status < 200 || status > 299 {
+		w.non2x++
+		if w.sample == "" {
+			w.sample = fmt.Sprintf("HTTP %d: %s", status, truncate(string(w.raw.body), 300))
+		}
+		return
+	}
+	w.lat = append(w.lat, time.Since(t0))
+	if bytes.Contains(w.raw.body, cfg.expect) {
+		w.ok++
+		return
+	}
+	w.bad++
+	if w.sample == "" {
+		w.sample = "missing -expect in: " + truncate(string(w.raw.body), 300)
 	}
 }
 
@@ -354,7 +400,7 @@ func (w *worker) fail(msg string) {
 
 // merge adds up the workers' tallies into one result.
 func merge(cfg config, workers []*worker, wall time.Duration) *result {
-	res := &result{Wall: wall.Seconds()}
+	res := &result{Wall: wall.Seconds(), Client: cfg.client}
 	var lat, ttfb []time.Duration
 	var kas []int64
 	var completed int64

@@ -1,0 +1,386 @@
+package zimage
+
+// The integration harness: one in-process Caddy (caddytest starts it on the
+// first InitServer and every test loads its own Caddyfile into it), fake
+// image and LLM services made with httptest that record what they receive,
+// and a check after the whole run that no configured secret ever reached a
+// response or a log line.
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddytest"
+)
+
+// The secrets every integration test configures. None may appear in a
+// response body, a response header or a log line (TestMain checks).
+const (
+	testClientKey = "sk-client-7f3a9c1e5b"
+	testSDKey     = "sd-upstream-secret-4d8e2b6a"
+	testLLMKey    = "llm-enhance-secret-9c0f1e7d"
+)
+
+var testSecrets = []string{testClientKey, testSDKey, testLLMKey}
+
+// Ports: overridable so that two test runs on one machine do not collide.
+var (
+	adminPort = envInt("ZIMAGE_TEST_ADMIN_PORT", 2999)
+	httpPort  = envInt("ZIMAGE_TEST_HTTP_PORT", 9080)
+	httpsPort = envInt("ZIMAGE_TEST_HTTPS_PORT", 9443)
+	baseURL   = fmt.Sprintf("http://localhost:%d", httpPort)
+)
+
+func envInt(name string, def int) int {
+	var n int
+	if _, err := fmt.Sscan(os.Getenv(name), &n); err == nil && n > 0 {
+		return n
+	}
+	return def
+}
+
+// logPath is the file every test config sends Caddy's logs to, at debug
+// level, so tests can read log lines and TestMain can scan them all.
+var logPath string
+
+// seen collects every response body and header the harness's clients read,
+// for the secret scan.
+var seen struct {
+	sync.Mutex
+	bytes.Buffer
+}
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "zimage-test-")
+	if err != nil {
+		panic(err)
+	}
+	logPath = filepath.Join(dir, "caddy.log")
+	caddytest.Default.AdminPort = adminPort
+	code := m.Run()
+	if code == 0 {
+		code = scanForSecrets()
+	}
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// scanForSecrets is the suite-wide test that no secret leaked.
+func scanForSecrets() int {
+	logs, _ := os.ReadFile(logPath)
+	seen.Lock()
+	responses := seen.String()
+	seen.Unlock()
+	code := 0
+	for _, s := range testSecrets {
+		if strings.Contains(string(logs), s) {
+			fmt.Fprintf(os.Stderr, "FAIL: secret %q appears in Caddy's log\n", s[:6]+"…")
+			code = 1
+		}
+		if strings.Contains(responses, s) {
+			fmt.Fprintf(os.Stderr, "FAIL: secret %q appears in a response\n", s[:6]+"…")
+			code = 1
+		}
+	}
+	if code == 0 && len(responses) > 0 {
+		fmt.Printf("secret scan: %d bytes of responses and %d bytes of logs are free of the %d test secrets\n",
+			len(responses), len(logs), len(testSecrets))
+	}
+	return code
+}
+
+// recordingTransport copies every response (headers and body) into seen.
+type recordingTransport struct{ base http.RoundTripper }
+
+func (rt recordingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := rt.base.RoundTrip(req)
+	if err != nil {
+		return resp, err
+	}
+	seen.Lock()
+	_ = resp.Header.Write(&seen.Buffer)
+	seen.Unlock()
+	resp.Body = &teeBody{rc: resp.Body}
+	return resp, nil
+}
+
+type teeBody struct{ rc io.ReadCloser }
+
+func (t *teeBody) Read(p []byte) (int, error) {
+	n, err := t.rc.Read(p)
+	if n > 0 {
+		seen.Lock()
+		seen.Write(p[:n])
+		seen.Unlock()
+	}
+	return n, err
+}
+
+func (t *teeBody) Close() error { return t.rc.Close() }
+
+// testClient is an HTTP client whose responses are scanned for secrets.
+func testClient(timeout time.Duration) *http.Client {
+	return &http.Client{Timeout: timeout, Transport: recordingTransport{base: &http.Transport{}}}
+}
+
+// startCaddy loads a Caddyfile made of the test globals and one site on
+// the test HTTP port whose body is site. It returns the tester.
+func startCaddy(t *testing.T, site string) *caddytest.Tester {
+	t.Helper()
+	return startCaddyRaw(t, fmt.Sprintf("%s\n:%d {\n%s\n}\n", globals(), httpPort, site))
+}
+
+// globals is the global options block every test config uses.
+func globals() string {
+	return fmt.Sprintf(`{
+	skip_install_trust
+	admin localhost:%d
+	http_port %d
+	https_port %d
+	grace_period 1ns
+	log {
+		output file %s
+		format json
+		level DEBUG
+	}
+}`, adminPort, httpPort, httpsPort, logPath)
+}
+
+// startCaddyRaw loads a whole Caddyfile (which must start with globals()).
+func startCaddyRaw(t *testing.T, caddyfile string) *caddytest.Tester {
+	t.Helper()
+	tester := caddytest.NewTester(t)
+	tester.Client = testClient(30 * time.Second)
+	tester.InitServer(caddyfile, "caddyfile")
+	return tester
+}
+
+// upstreamCall is one request the fake image service received.
+type upstreamCall struct {
+	Auth string
+	Body upstreamRequest
+	Raw  string
+}
+
+// fakeUpstream is an httptest image service. Its handler answers success
+// with an image URL unless the test sets another.
+type fakeUpstream struct {
+	*httptest.Server
+	mu      sync.Mutex
+	calls   []upstreamCall
+	handler http.HandlerFunc
+	active  atomic.Int32
+	peak    atomic.Int32
+}
+
+func newFakeUpstream(t *testing.T) *fakeUpstream {
+	f := &fakeUpstream{}
+	f.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := f.active.Add(1)
+		defer f.active.Add(-1)
+		for {
+			p := f.peak.Load()
+			if n <= p || f.peak.CompareAndSwap(p, n) {
+				break
+			}
+		}
+		raw, _ := io.ReadAll(r.Body)
+		var body upstreamRequest
+		_ = json.Unmarshal(raw, &body)
+		f.mu.Lock()
+		f.calls = append(f.calls, upstreamCall{Auth: r.Header.Get("Authorization"), Body: body, Raw: string(raw)})
+		h := f.handler
+		f.mu.Unlock()
+		if h != nil {
+			h(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"success":true,"data":{"image_url":"https://img.example.com/%d.png"}}`, body.Seed)
+	}))
+	t.Cleanup(f.Close)
+	return f
+}
+
+// URL of the generate endpoint.
+func (f *fakeUpstream) endpoint() string { return f.Server.URL + "/api/v1/generate_image" }
+
+func (f *fakeUpstream) setHandler(h http.HandlerFunc) {
+	f.mu.Lock()
+	f.handler = h
+	f.mu.Unlock()
+}
+
+func (f *fakeUpstream) Calls() []upstreamCall {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]upstreamCall(nil), f.calls...)
+}
+
+// llmCall is one request the fake LLM received.
+type llmCall struct {
+	Auth string
+	Body struct {
+		Model    string       `json:"model"`
+		Messages []llmMessage `json:"messages"`
+		Temp     float64      `json:"temperature"`
+	}
+}
+
+// fakeLLM is an httptest OpenAI-compatible chat completions endpoint that
+// answers content (the model's text) unless the test sets another handler.
+type fakeLLM struct {
+	*httptest.Server
+	mu      sync.Mutex
+	calls   []llmCall
+	content string
+	handler http.HandlerFunc
+}
+
+func newFakeLLM(t *testing.T, content string) *fakeLLM {
+	f := &fakeLLM{content: content}
+	f.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var c llmCall
+		c.Auth = r.Header.Get("Authorization")
+		_ = json.NewDecoder(r.Body).Decode(&c.Body)
+		f.mu.Lock()
+		f.calls = append(f.calls, c)
+		h, content := f.handler, f.content
+		f.mu.Unlock()
+		if r.URL.Path != "/v1/chat/completions" {
+			http.NotFound(w, r)
+			return
+		}
+		if h != nil {
+			h(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{
+			"id": "x", "object": "chat.completion",
+			"choices": []any{map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": content}}},
+		})
+	}))
+	t.Cleanup(f.Close)
+	return f
+}
+
+// baseURL is the LLM's base URL as the enhance block takes it.
+func (f *fakeLLM) baseURL() string { return f.Server.URL + "/v1" }
+
+func (f *fakeLLM) setHandler(h http.HandlerFunc) {
+	f.mu.Lock()
+	f.handler = h
+	f.mu.Unlock()
+}
+
+func (f *fakeLLM) Calls() []llmCall {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]llmCall(nil), f.calls...)
+}
+
+// gatewaySite is a site body with the gateway pointed at the fakes; extra
+// lines go inside the zimage_gateway block. llm may be nil (enhance off).
+func gatewaySite(up *fakeUpstream, llm *fakeLLM, extra string) string {
+	enh := "enhance off"
+	if llm != nil {
+		enh = fmt.Sprintf("enhance {\n\t\tapi_key %s\n\t\tbase_url %s\n\t\ttimeout 2s\n\t}", testLLMKey, llm.baseURL())
+	}
+	return fmt.Sprintf(`zimage_gateway {
+	api_key %s
+	upstream %s {
+		api_key %s
+		timeout 5s
+	}
+	%s
+	%s
+}`, testClientKey, up.endpoint(), testSDKey, enh, extra)
+}
+
+// do sends a request to the test site with the client key and returns the
+// status, headers and body.
+func do(t *testing.T, method, path, body string, hdr ...string) (int, http.Header, []byte) {
+	t.Helper()
+	req, err := http.NewRequest(method, baseURL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+testClientKey)
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		if hdr[i+1] == "" {
+			req.Header.Del(hdr[i])
+		} else {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+	}
+	resp, err := testClient(30 * time.Second).Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: reading body: %v", method, path, err)
+	}
+	return resp.StatusCode, resp.Header, b
+}
+
+// apiErr decodes an OpenAI error envelope, failing the test when the body
+// is not one.
+func apiErr(t *testing.T, body []byte) errorDetail {
+	t.Helper()
+	var eb errorBody
+	if err := json.Unmarshal(body, &eb); err != nil || eb.Error.Message == "" || eb.Error.Type == "" {
+		t.Fatalf("not an OpenAI error envelope: %s", body)
+	}
+	return eb.Error
+}
+
+// chatContent decodes a chat.completion and returns its message content.
+func chatContent(t *testing.T, body []byte) string {
+	t.Helper()
+	var cc struct {
+		Object  string `json:"object"`
+		Choices []struct {
+			Message struct {
+				Content string `json:"content"`
+			} `json:"message"`
+		} `json:"choices"`
+	}
+	if err := json.Unmarshal(body, &cc); err != nil || cc.Object != "chat.completion" || len(cc.Choices) != 1 {
+		t.Fatalf("not a chat.completion: %s", body)
+	}
+	return cc.Choices[0].Message.Content
+}
+
+// readLog returns the log lines written so far, decoded.
+func readLog(t *testing.T) []map[string]any {
+	t.Helper()
+	raw, err := os.ReadFile(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []map[string]any
+	for _, line := range bytes.Split(raw, []byte("\n")) {
+		var m map[string]any
+		if json.Unmarshal(line, &m) == nil {
+			out = append(out, m)
+		}
+	}
+	return out
+}
