@@ -226,7 +226,13 @@ func (c *imageClient) try(ctx, parent context.Context, body []byte) (string, *up
 	case strings.TrimSpace(ans.Data.ImageURL) == "":
 		return "", &upstreamError{kind: kindBadResponse, message: "answer has no image_url"}
 	}
-	return strings.TrimSpace(ans.Data.ImageURL), nil
+	imageURL := strings.TrimSpace(ans.Data.ImageURL)
+	// the URL goes into markdown and may be downloaded: only http(s) links
+	// (never javascript: or data:) are passed on
+	if checkHTTPURL(imageURL) != nil {
+		return "", &upstreamError{kind: kindBadResponse, message: "answer has an image_url that is not an http(s) URL"}
+	}
+	return imageURL, nil
 }
 
 // upstreamMessage picks the service's own error text (error, error.message

@@ -1,0 +1,128 @@
+package zimage
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"go.uber.org/zap"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// Benchmarks of the request path, piece by piece and whole. Run with
+//
+//	go test -run '^$' -bench . -benchmem .
+//
+// They report time and allocations per operation; bench/ compares the
+// whole gateway with Caddy's reverse_proxy under load.
+
+const benchChatBody = `{"model":"Z-Image","messages":[{"role":"system","content":"You draw."},{"role":"user","content":"一只猫在看书，比例 16:9 no-enhance"}],"stream":false}`
+
+func BenchmarkDecodeChat(b *testing.B) {
+	body := []byte(benchChatBody)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, e := decodeChat(body, defaultMaxPromptLength); e != nil {
+			b.Fatal(e)
+		}
+	}
+}
+
+func BenchmarkDetectRatio(b *testing.B) {
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, ok := detectRatio("一只猫在看书，比例 16:9"); !ok {
+			b.Fatal("no ratio")
+		}
+	}
+}
+
+func BenchmarkStripSkipWord(b *testing.B) {
+	b.ReportAllocs()
+	for b.Loop() {
+		stripSkipWord("a cat reading a book no-enhance")
+	}
+}
+
+func BenchmarkMarkdown(b *testing.B) {
+	g := &Gateway{upstream: (*imageClient)(nil)}
+	j := &job{
+		imageURL: "https://img.example.com/a.png", prompt: "A fluffy ginger cat reading an old book, warm light",
+		original: "一只猫在看书", enhance: enhanceOK, ratio: "16:9", width: 2048, height: 1152,
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		_ = g.markdown(j)
+	}
+}
+
+func BenchmarkSSEChunk(b *testing.B) {
+	w := httptest.NewRecorder()
+	s := startSSE(w, defaultKeepalive)
+	defer s.stop()
+	c := chatCompletion{ID: "chatcmpl-x", Object: "chat.completion.chunk", Created: 1, Model: "Z-Image",
+		Choices: []chatChoice{{Delta: &chatDelta{Content: ptr("![a](https://img.example.com/a.png)")}}}}
+	b.ReportAllocs()
+	for b.Loop() {
+		w.Body.Reset()
+		s.event(c)
+	}
+}
+
+// BenchmarkServeChat is the whole non-streaming chat path through
+// ServeHTTP against a loopback fake image service.
+func BenchmarkServeChat(b *testing.B) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"success":true,"data":{"image_url":"https://img.example.com/a.png"}}`)
+	}))
+	defer up.Close()
+	g := provisionForBench(b, up.URL)
+	next := caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil })
+	b.ReportAllocs()
+	for b.Loop() {
+		req := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(benchChatBody))
+		req.Header.Set("Authorization", "Bearer sk-bench")
+		w := httptest.NewRecorder()
+		if err := g.ServeHTTP(w, req, next); err != nil || w.Code != http.StatusOK {
+			b.Fatalf("status %d: %v %s", w.Code, err, w.Body)
+		}
+	}
+}
+
+// BenchmarkServeModels is GET /v1/models through ServeHTTP.
+func BenchmarkServeModels(b *testing.B) {
+	g := provisionForBench(b, "demo")
+	next := caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil })
+	req := httptest.NewRequest(http.MethodGet, "/v1/models", nil)
+	req.Header.Set("Authorization", "Bearer sk-bench")
+	b.ReportAllocs()
+	for b.Loop() {
+		w := httptest.NewRecorder()
+		if err := g.ServeHTTP(w, req, next); err != nil || w.Code != http.StatusOK {
+			b.Fatalf("status %d: %v", w.Code, err)
+		}
+	}
+}
+
+func provisionForBench(b *testing.B, upstreamURL string) *Gateway {
+	b.Helper()
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	b.Cleanup(cancel)
+	g := &Gateway{
+		APIKeys:  []string{"sk-bench"},
+		Upstream: &UpstreamConfig{URL: upstreamURL, APIKey: "sd-bench"},
+		Enhance:  &EnhanceConfig{Off: true},
+	}
+	if err := g.Provision(ctx); err != nil {
+		b.Fatal(err)
+	}
+	g.logger = zap.NewNop() // measure the handler, not the console
+	return g
+}
