@@ -17,9 +17,9 @@ import (
 const defaultSystemPrompt = `You are an expert prompt writer for Stable Diffusion image models.
 Turn the user's short idea, in any language, into one rich English image prompt of 30 to 100 words: subject, setting, composition, lighting, colours, mood and style, as comma-separated descriptive phrases.
 Text that should appear in the image (on signs, shirts, banners, screens; usually written in quotes) must be kept verbatim in its original language and quoted in your prompt; never translate it.
-Choose the aspect ratio that suits the content best, one of: 1:1, 1:2, 3:2, 3:4, 16:9, 9:16.
+Choose the aspect ratio that suits the content best, one of: 1:1, 1:2, 3:2, 3:4, 16:9, 9:16; use null when none fits better than another.
 Answer with a single JSON object and nothing else:
-{"prompt": "<30-100 word English Stable Diffusion prompt>", "aspect_ratio": "<one of the six ratios>"}`
+{"prompt": "<30-100 word English Stable Diffusion prompt>", "aspect_ratio": "<one of the six ratios>" or null}`
 
 // Outcomes of the enhancement step, as shown in metrics and logs.
 const (
@@ -190,7 +190,7 @@ func parseEnhanced(content string) (enhanced, error) {
 // that reasoning models put before their answer.
 func stripThink(s string) string {
 	for {
-		lower := strings.ToLower(s)
+		lower := asciiLower(s) // same byte offsets as s
 		i := strings.Index(lower, "<think>")
 		if i < 0 {
 			return s

@@ -83,21 +83,29 @@ func isLetter(c byte) bool { return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z'
 func isDigitOrDot(c byte) bool { return c >= '0' && c <= '9' || c == '.' }
 
 // removeSpan cuts prompt[start:end] together with one adjoining separator
-// (，,。) and tidies the spaces left behind.
+// (，,。) and tidies the spaces left behind. The separator after the span
+// goes first, so "a cat, ratio 16:9, on a roof" keeps its first comma.
 func removeSpan(prompt string, start, end int) string {
 	before := strings.TrimRight(prompt[:start], " \t")
 	after := strings.TrimLeft(prompt[end:], " \t")
-	if t, ok := trimSeparatorSuffix(before); ok {
-		before = t
-	} else if t, ok := trimSeparatorPrefix(after); ok {
+	if t, ok := trimSeparatorPrefix(after); ok {
 		after = t
+	} else if t, ok := trimSeparatorSuffix(before); ok {
+		before = t
 	}
 	before = strings.TrimRight(before, " \t")
 	after = strings.TrimLeft(after, " \t")
-	if before != "" && after != "" {
-		return before + " " + after
+	if before == "" || after == "" {
+		return strings.TrimSpace(before + after)
 	}
-	return strings.TrimSpace(before + after)
+	// CJK text has no spaces between words: join it without one
+	if last, _ := utf8.DecodeLastRuneInString(before); last >= utf8.RuneSelf {
+		return before + after
+	}
+	if first, _ := utf8.DecodeRuneInString(after); first >= utf8.RuneSelf {
+		return before + after
+	}
+	return before + " " + after
 }
 
 func trimSeparatorSuffix(s string) (string, bool) {
@@ -126,7 +134,7 @@ const skipWord = "no-enhance"
 // ("no-enhancement", "xno-enhance") does not count; CJK text around it
 // does not glue, since CJK prompts have no spaces.
 func stripSkipWord(prompt string) (string, bool) {
-	lower := strings.ToLower(prompt) // ASCII-only change of case keeps byte offsets
+	lower := asciiLower(prompt) // offsets in lower are offsets in prompt
 	if !strings.Contains(lower, skipWord) {
 		return prompt, false
 	}
@@ -154,6 +162,19 @@ func stripSkipWord(prompt string) (string, bool) {
 	return collapseSpaces(b.String()), true
 }
 
+// asciiLower lowers ASCII letters only. strings.ToLower would also change
+// the byte length of some runes (İ, invalid UTF-8), so offsets found in its
+// result would not be offsets in the original.
+func asciiLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if c >= 'A' && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
+}
+
 func isWordByte(c byte) bool {
 	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-'
 }
@@ -168,8 +189,11 @@ func collapseSpaces(s string) string {
 	var b strings.Builder
 	b.Grow(len(s))
 	space := false
-	for _, r := range s {
-		if r == ' ' || r == '\t' {
+	// bytes, not runes: spaces and tabs never occur inside a multi-byte
+	// rune, and bytes of invalid UTF-8 pass through untouched
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c == ' ' || c == '\t' {
 			if !space {
 				b.WriteByte(' ')
 			}
@@ -177,7 +201,7 @@ func collapseSpaces(s string) string {
 			continue
 		}
 		space = false
-		b.WriteRune(r)
+		b.WriteByte(c)
 	}
 	return b.String()
 }

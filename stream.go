@@ -34,7 +34,11 @@ func startSSE(w http.ResponseWriter, interval time.Duration) *sseWriter {
 	h.Set("X-Accel-Buffering", "no")
 	w.WriteHeader(http.StatusOK)
 	s := &sseWriter{w: w, rc: http.NewResponseController(w), interval: interval}
+	// under the lock: a short interval can fire before the assignment, and
+	// keepAlive reads s.timer
+	s.mu.Lock()
 	s.timer = time.AfterFunc(interval, s.keepAlive)
+	s.mu.Unlock()
 	return s
 }
 
@@ -45,7 +49,9 @@ func (s *sseWriter) keepAlive() {
 		return
 	}
 	s.writeLocked(keepAliveComment)
-	s.timer.Reset(s.interval)
+	if !s.failed { // a client that is gone gets no more keep-alives
+		s.timer.Reset(s.interval)
+	}
 }
 
 // writeLocked writes and flushes at once, so that each event reaches the

@@ -1,0 +1,458 @@
+package zimage
+
+import (
+	"encoding/json"
+	"os"
+	"reflect"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddytest"
+)
+
+// SPEC §2: every sub-directive lands in the field the JSON config uses.
+func TestUnitCaddyfileParse(t *testing.T) {
+	// an unset {$VAR} leaves the sub-directive without argument
+	t.Setenv("ZIMAGE_UNIT_SET", "from-env")
+	os.Unsetenv("ZIMAGE_UNIT_UNSET")
+	intp := func(n int) *int { return &n }
+	fp := func(f float64) *float64 { return &f }
+	for _, tc := range []struct {
+		name, src string
+		want      Gateway
+	}{
+		{"bare", `zimage_gateway`, Gateway{}},
+		{"empty block", "zimage_gateway {\n}", Gateway{}},
+		{"two keys", `zimage_gateway {
+			api_key k1 k2
+		}`, Gateway{APIKeys: []string{"k1", "k2"}}},
+		{"api_key repeated", `zimage_gateway {
+			api_key k1
+			api_key k2 k3
+		}`, Gateway{APIKeys: []string{"k1", "k2", "k3"}}},
+		{"empty api_key", `zimage_gateway {
+			api_key {$ZIMAGE_UNIT_UNSET}
+		}`, Gateway{}},
+		{"empty api_key beside a real one", `zimage_gateway {
+			api_key
+			api_key {$ZIMAGE_UNIT_SET}
+		}`, Gateway{APIKeys: []string{"from-env"}}},
+		{"placeholder kept for Provision", `zimage_gateway {
+			api_key {env.GATEWAY_API_KEY}
+		}`, Gateway{APIKeys: []string{"{env.GATEWAY_API_KEY}"}}},
+		{"no_auth", `zimage_gateway {
+			no_auth
+		}`, Gateway{NoAuth: true}},
+		{"upstream demo", `zimage_gateway {
+			upstream demo
+		}`, Gateway{Upstream: &UpstreamConfig{URL: "demo"}}},
+		{"upstream env default", `zimage_gateway {
+			upstream {$ZIMAGE_UNIT_UNSET:https://sd.example/gen} {
+				api_key {$ZIMAGE_UNIT_UNSET}
+			}
+		}`, Gateway{Upstream: &UpstreamConfig{URL: "https://sd.example/gen"}}},
+		{"upstream block without URL", `zimage_gateway {
+			upstream {
+				retries 0
+			}
+		}`, Gateway{Upstream: &UpstreamConfig{Retries: intp(0)}}},
+		{"enhance off", `zimage_gateway {
+			enhance off
+		}`, Gateway{Enhance: &EnhanceConfig{Off: true}}},
+		{"enhance block with empty values", `zimage_gateway {
+			enhance {
+				api_key {$ZIMAGE_UNIT_UNSET}
+				base_url {$ZIMAGE_UNIT_UNSET}
+				model
+			}
+		}`, Gateway{Enhance: &EnhanceConfig{}}},
+		{"enhance system_prompt_file", `zimage_gateway {
+			enhance {
+				system_prompt_file /etc/zimage/prompt.txt
+			}
+		}`, Gateway{Enhance: &EnhanceConfig{SystemPromptFile: "/etc/zimage/prompt.txt"}}},
+		{"sizes and durations", `zimage_gateway {
+			stream_keepalive 1d
+			max_body 1MB
+			max_prompt_length 1
+		}`, Gateway{StreamKeepalive: caddy.Duration(24 * time.Hour), MaxBody: 1000000, MaxPromptLength: 1}},
+		{"everything", `zimage_gateway {
+			api_key k1 k2
+			api_key {$ZIMAGE_UNIT_SET}
+			no_auth
+			stream_keepalive 15s
+			max_body 2MiB
+			max_prompt_length 4000
+			image_hosts img.example.com
+			image_hosts cdn.example.com cdn2.example.com
+			upstream https://sd.example/api/v1/generate_image {
+				api_key {env.SD_API_KEY}
+				timeout 2m
+				max_concurrent 4
+				queue_timeout 30s
+				retries 3
+			}
+			enhance {
+				api_key llm-key
+				base_url https://llm.example/v1
+				model qwen-plus
+				timeout 8s
+				system_prompt "Write prompts. Answer JSON."
+			}
+			model Z-Image {
+				alias dall-e-3 gpt-image-1
+				alias DALL-E-2
+				model_index 5
+				steps 8
+				cfg 7
+			}
+			model Anime {
+				model_index 0
+				steps 20
+				cfg 4.5
+				negative_prompt "lowres, blurry"
+			}
+			model Bare
+		}`, Gateway{
+			APIKeys:         []string{"k1", "k2", "from-env"},
+			NoAuth:          true,
+			StreamKeepalive: caddy.Duration(15 * time.Second),
+			MaxBody:         2 << 20,
+			MaxPromptLength: 4000,
+			ImageHosts:      []string{"img.example.com", "cdn.example.com", "cdn2.example.com"},
+			Upstream: &UpstreamConfig{
+				URL:           "https://sd.example/api/v1/generate_image",
+				APIKey:        "{env.SD_API_KEY}",
+				Timeout:       caddy.Duration(2 * time.Minute),
+				MaxConcurrent: 4,
+				QueueTimeout:  caddy.Duration(30 * time.Second),
+				Retries:       intp(3),
+			},
+			Enhance: &EnhanceConfig{
+				APIKey:       "llm-key",
+				BaseURL:      "https://llm.example/v1",
+				Model:        "qwen-plus",
+				Timeout:      caddy.Duration(8 * time.Second),
+				SystemPrompt: "Write prompts. Answer JSON.",
+			},
+			Models: []ModelConfig{
+				{Name: "Z-Image", Aliases: []string{"dall-e-3", "gpt-image-1", "DALL-E-2"}, ModelIndex: intp(5), Steps: 8, CFG: fp(7)},
+				{Name: "Anime", ModelIndex: intp(0), Steps: 20, CFG: fp(4.5), NegativePrompt: "lowres, blurry"},
+				{Name: "Bare"},
+			},
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got Gateway
+			if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.src)); err != nil {
+				t.Fatalf("UnmarshalCaddyfile: %v", err)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				gj, _ := json.Marshal(got)
+				wj, _ := json.Marshal(tc.want)
+				t.Fatalf("parsed\n %s\nwant\n %s", gj, wj)
+			}
+		})
+	}
+}
+
+// SPEC §2: config errors fail at load with a message naming the directive,
+// and carry the file and line.
+func TestUnitCaddyfileErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, src, want string
+	}{
+		{"unknown option", "zimage_gateway {\n\tapi_keys k\n}", "unrecognized zimage_gateway option 'api_keys'"},
+		{"unknown upstream option", "zimage_gateway {\n\tupstream {\n\t\tkey k\n\t}\n}", "unrecognized zimage_gateway upstream option 'key'"},
+		{"unknown enhance option", "zimage_gateway {\n\tenhance {\n\t\tbase https://x\n\t}\n}", "unrecognized zimage_gateway enhance option 'base'"},
+		{"unknown model option", "zimage_gateway {\n\tmodel A {\n\t\tsampler euler\n\t}\n}", "unrecognized zimage_gateway model option 'sampler'"},
+		{"upstream option at top level", "zimage_gateway {\n\ttimeout 5s\n}", "unrecognized zimage_gateway option 'timeout'"},
+
+		{"bad stream_keepalive", "zimage_gateway {\n\tstream_keepalive soon\n}", "invalid stream_keepalive 'soon'"},
+		{"zero stream_keepalive", "zimage_gateway {\n\tstream_keepalive 0s\n}", "invalid stream_keepalive '0s'"},
+		{"bad upstream timeout", "zimage_gateway {\n\tupstream {\n\t\ttimeout 5\n\t}\n}", "invalid timeout '5'"},
+		{"negative upstream timeout", "zimage_gateway {\n\tupstream {\n\t\ttimeout -5s\n\t}\n}", "invalid timeout '-5s'"},
+		{"bad queue_timeout", "zimage_gateway {\n\tupstream {\n\t\tqueue_timeout x\n\t}\n}", "invalid queue_timeout 'x'"},
+		{"bad enhance timeout", "zimage_gateway {\n\tenhance {\n\t\ttimeout 10 s\n\t}\n}", "wrong argument count"},
+		{"bad enhance timeout unit", "zimage_gateway {\n\tenhance {\n\t\ttimeout 10x\n\t}\n}", "invalid timeout '10x'"},
+		{"missing duration", "zimage_gateway {\n\tstream_keepalive\n}", "wrong argument count"},
+
+		{"bad max_concurrent", "zimage_gateway {\n\tupstream {\n\t\tmax_concurrent four\n\t}\n}", "invalid max_concurrent 'four'"},
+		{"negative max_concurrent", "zimage_gateway {\n\tupstream {\n\t\tmax_concurrent -1\n\t}\n}", "invalid max_concurrent '-1'"},
+		{"negative retries", "zimage_gateway {\n\tupstream {\n\t\tretries -1\n\t}\n}", "invalid retries '-1'"},
+		{"fractional retries", "zimage_gateway {\n\tupstream {\n\t\tretries 1.5\n\t}\n}", "invalid retries '1.5'"},
+		{"negative model_index", "zimage_gateway {\n\tmodel A {\n\t\tmodel_index -1\n\t}\n}", "invalid model_index '-1'"},
+		{"zero steps", "zimage_gateway {\n\tmodel A {\n\t\tsteps 0\n\t}\n}", "invalid steps '0'"},
+		{"bad cfg", "zimage_gateway {\n\tmodel A {\n\t\tcfg high\n\t}\n}", "invalid cfg 'high'"},
+		{"zero cfg", "zimage_gateway {\n\tmodel A {\n\t\tcfg 0\n\t}\n}", "invalid cfg '0'"},
+		{"cfg over 30", "zimage_gateway {\n\tmodel A {\n\t\tcfg 31\n\t}\n}", "invalid cfg '31'"},
+		{"bad max_body", "zimage_gateway {\n\tmax_body lots\n}", "invalid max_body 'lots'"},
+		{"zero max_body", "zimage_gateway {\n\tmax_body 0\n}", "invalid max_body '0'"},
+		{"huge max_body", "zimage_gateway {\n\tmax_body 2GiB\n}", "invalid max_body '2GiB'"},
+		{"zero max_prompt_length", "zimage_gateway {\n\tmax_prompt_length 0\n}", "invalid max_prompt_length '0'"},
+
+		{"duplicate model", "zimage_gateway {\n\tmodel Z-Image\n\tmodel Z-Image\n}", "duplicate model name 'Z-Image'"},
+		{"duplicate model other case", "zimage_gateway {\n\tmodel Z-Image\n\tmodel z-image\n}", "duplicate model name 'z-image'"},
+		{"model without name", "zimage_gateway {\n\tmodel {\n\t\tsteps 8\n\t}\n}", "model needs a name"},
+		{"model option twice", "zimage_gateway {\n\tmodel A {\n\t\tsteps 8\n\t\tsteps 9\n\t}\n}", "steps already specified"},
+		{"empty alias", "zimage_gateway {\n\tmodel A {\n\t\talias\n\t}\n}", "wrong argument count"},
+
+		{"stray argument", "zimage_gateway extra", "wrong argument count"},
+		{"stray argument before block", "zimage_gateway extra {\n}", "wrong argument count"},
+		{"no_auth argument", "zimage_gateway {\n\tno_auth yes\n}", "wrong argument count"},
+		{"upstream two URLs", "zimage_gateway {\n\tupstream https://a https://b\n}", "wrong argument count"},
+		{"upstream api_key two values", "zimage_gateway {\n\tupstream {\n\t\tapi_key a b\n\t}\n}", "wrong argument count"},
+		{"enhance off extra", "zimage_gateway {\n\tenhance off now\n}", "wrong argument count"},
+		{"model two names", "zimage_gateway {\n\tmodel A B\n}", "wrong argument count"},
+		{"max_body two values", "zimage_gateway {\n\tmax_body 1MiB 2MiB\n}", "wrong argument count"},
+		{"empty image_hosts", "zimage_gateway {\n\timage_hosts\n}", "wrong argument count"},
+		{"system_prompt two values", "zimage_gateway {\n\tenhance {\n\t\tsystem_prompt a b\n\t}\n}", "wrong argument count"},
+
+		{"enhance on", "zimage_gateway {\n\tenhance on\n}", "enhance takes 'off' or a block, not 'on'"},
+		{"upstream twice", "zimage_gateway {\n\tupstream demo\n\tupstream demo\n}", "upstream already specified"},
+		{"enhance twice", "zimage_gateway {\n\tenhance off\n\tenhance off\n}", "enhance already specified"},
+		{"stream_keepalive twice", "zimage_gateway {\n\tstream_keepalive 1s\n\tstream_keepalive 2s\n}", "stream_keepalive already specified"},
+		{"upstream timeout twice", "zimage_gateway {\n\tupstream {\n\t\ttimeout 1s\n\t\ttimeout 2s\n\t}\n}", "upstream timeout already specified"},
+		{"system prompt and file", "zimage_gateway {\n\tenhance {\n\t\tsystem_prompt hi\n\t\tsystem_prompt_file /x\n\t}\n}", "either system_prompt or system_prompt_file"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var g Gateway
+			err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.src))
+			if err == nil {
+				t.Fatalf("UnmarshalCaddyfile(%q) succeeded, want an error containing %q", tc.src, tc.want)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q, want it to contain %q", err, tc.want)
+			}
+			if !strings.Contains(err.Error(), "Testfile:") {
+				t.Errorf("error %q does not name the file and line", err)
+			}
+		})
+	}
+}
+
+// unitHandlerNames lists the "handler" values of an adapted JSON config in
+// document order, which is route order.
+var unitHandlerField = regexp.MustCompile(`"handler":"([a-z_]+)"`)
+
+func unitAdapt(t *testing.T, src string) []byte {
+	t.Helper()
+	out, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
+	if err != nil {
+		t.Fatalf("adapting:\n%s\nerror: %v", src, err)
+	}
+	for _, w := range warnings {
+		t.Errorf("adapt warning: %s:%d: %s", w.File, w.Line, w.Message)
+	}
+	return out
+}
+
+func unitHandlerNames(cfg []byte) []string {
+	var names []string
+	for _, m := range unitHandlerField.FindAllSubmatch(cfg, -1) {
+		names = append(names, string(m[1]))
+	}
+	return names
+}
+
+// SPEC §1: the directive orders itself, so a Caddyfile needs no global
+// `order` line, and it comes before handlers that answer everything.
+func TestUnitCaddyfileDirectiveOrder(t *testing.T) {
+	for _, tc := range []struct {
+		name, site string
+		want       []string
+	}{
+		{"before respond", `
+			respond "not an API path" 404
+			zimage_gateway {
+				api_key k
+			}`, []string{"zimage_gateway", "static_response"}},
+		{"before reverse_proxy", `
+			reverse_proxy 127.0.0.1:9
+			zimage_gateway {
+				upstream demo
+			}`, []string{"zimage_gateway", "reverse_proxy"}},
+		{"after header, before file_server", `
+			file_server
+			zimage_gateway
+			header X-Test yes`, []string{"headers", "zimage_gateway", "file_server"}},
+		{"with a path matcher", `
+			respond 404
+			zimage_gateway /v1/* {
+				no_auth
+			}`, []string{"zimage_gateway", "static_response"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// formatted, so that the only warnings would be about the gateway
+			src := caddyfile.Format([]byte("{\n\tadmin off\n}\n:8080 {" + tc.site + "\n}\n"))
+			cfg := unitAdapt(t, string(src))
+			if got := unitHandlerNames(cfg); !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("handlers in route order %v, want %v\nconfig: %s", got, tc.want, cfg)
+			}
+		})
+	}
+}
+
+// SPEC §2: the JSON config mirrors the Caddyfile field by field.
+func TestUnitCaddyfileAdaptJSON(t *testing.T) {
+	caddytest.AssertAdapt(t, `:8080 {
+	zimage_gateway {
+		api_key {env.GATEWAY_API_KEY}
+		stream_keepalive 10s
+		upstream https://sd.example/gen {
+			api_key {env.SD_API_KEY}
+			retries 0
+		}
+		enhance off
+		model Z-Image {
+			alias dall-e-3
+		}
+	}
+}`, "caddyfile", `{
+	"apps": {
+		"http": {
+			"servers": {
+				"srv0": {
+					"listen": [
+						":8080"
+					],
+					"routes": [
+						{
+							"handle": [
+								{
+									"api_keys": [
+										"{env.GATEWAY_API_KEY}"
+									],
+									"enhance": {
+										"off": true
+									},
+									"handler": "zimage_gateway",
+									"models": [
+										{
+											"aliases": [
+												"dall-e-3"
+											],
+											"name": "Z-Image"
+										}
+									],
+									"stream_keepalive": 10000000000,
+									"upstream": {
+										"api_key": "{env.SD_API_KEY}",
+										"retries": 0,
+										"url": "https://sd.example/gen"
+									}
+								}
+							]
+						}
+					]
+				}
+			}
+		}
+	}
+}`)
+}
+
+// Caddyfile.example adapts, and its gateway provisions, in the two modes
+// its header documents, so the example cannot rot.
+func TestUnitCaddyfileExample(t *testing.T) {
+	src, err := os.ReadFile("Caddyfile.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name     string
+		env      map[string]string
+		wantDemo bool
+	}{
+		{"demo", map[string]string{"SD_UPSTREAM": "demo", "GATEWAY_API_KEY": testClientKey, "SD_API_KEY": ""}, true},
+		{"real service", map[string]string{"SD_UPSTREAM": "", "GATEWAY_API_KEY": testClientKey, "SD_API_KEY": testSDKey}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, k := range []string{"ENHANCE_OPENAI_API_KEY", "ENHANCE_OPENAI_BASE_URL", "ENHANCE_OPENAI_MODEL"} {
+				t.Setenv(k, "")
+			}
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			cfg := unitAdapt(t, string(src))
+			names := unitHandlerNames(cfg)
+			gi := unitIndexOf(names, "zimage_gateway")
+			if gi < 0 || gi > unitIndexOf(names, "static_response") {
+				t.Fatalf("handlers %v: want zimage_gateway before the catch-all respond", names)
+			}
+			raw := unitFindHandler(t, cfg, "zimage_gateway")
+			var g Gateway
+			if err := json.Unmarshal(raw, &g); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+			defer cancel()
+			if err := g.Provision(ctx); err != nil {
+				t.Fatalf("provisioning the example's gateway: %v", err)
+			}
+			defer g.Cleanup()
+			_, demo := g.upstream.(demoGenerator)
+			if demo != tc.wantDemo {
+				t.Fatalf("demo upstream %v, want %v", demo, tc.wantDemo)
+			}
+			if g.lookupModel("dall-e-3") == nil || g.lookupModel("Z-Image") == nil || g.limiter == nil {
+				t.Fatalf("the example's model alias or max_concurrent did not take effect")
+			}
+			if !tc.wantDemo {
+				ic, ok := g.upstream.(*imageClient)
+				if !ok || ic.url != defaultUpstreamURL || ic.key != testSDKey {
+					t.Fatalf("upstream %+v, want the public service with SD_API_KEY", g.upstream)
+				}
+			}
+		})
+	}
+}
+
+func unitIndexOf(list []string, s string) int {
+	for i, v := range list {
+		if v == s {
+			return i
+		}
+	}
+	return -1
+}
+
+// unitFindHandler digs the JSON object of the first handler with that name out
+// of an adapted config.
+func unitFindHandler(t *testing.T, cfg []byte, name string) json.RawMessage {
+	t.Helper()
+	var found json.RawMessage
+	var walk func(v json.RawMessage)
+	walk = func(v json.RawMessage) {
+		if found != nil {
+			return
+		}
+		var obj map[string]json.RawMessage
+		if json.Unmarshal(v, &obj) == nil {
+			if h, ok := obj["handler"]; ok && string(h) == `"`+name+`"` {
+				found = v
+				return
+			}
+			for _, c := range obj {
+				walk(c)
+			}
+			return
+		}
+		var arr []json.RawMessage
+		if json.Unmarshal(v, &arr) == nil {
+			for _, c := range arr {
+				walk(c)
+			}
+		}
+	}
+	walk(cfg)
+	if found == nil {
+		t.Fatalf("no %s handler in %s", name, cfg)
+	}
+	return found
+}

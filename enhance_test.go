@@ -1,0 +1,358 @@
+package zimage
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// SPEC §4 step 3: parse robustly (fences, <think>, prose), ignore a ratio
+// outside the six, fail on an empty prompt or no JSON.
+func TestUnitParseEnhanced(t *testing.T) {
+	for _, tc := range []struct {
+		name, in string
+		prompt   string
+		ratio    string
+		wantErr  bool
+	}{
+		{"plain JSON", `{"prompt":"a cat on a roof","aspect_ratio":"16:9"}`, "a cat on a roof", "16:9", false},
+		{"each ratio 1:1", `{"prompt":"p","aspect_ratio":"1:1"}`, "p", "1:1", false},
+		{"each ratio 1:2", `{"prompt":"p","aspect_ratio":"1:2"}`, "p", "1:2", false},
+		{"each ratio 3:2", `{"prompt":"p","aspect_ratio":"3:2"}`, "p", "3:2", false},
+		{"each ratio 3:4", `{"prompt":"p","aspect_ratio":"3:4"}`, "p", "3:4", false},
+		{"each ratio 9:16", `{"prompt":"p","aspect_ratio":"9:16"}`, "p", "9:16", false},
+		{"prompt trimmed", `{"prompt":"  a cat \n","aspect_ratio":"1:1"}`, "a cat", "1:1", false},
+		{"ratio with spaces", `{"prompt":"p","aspect_ratio":" 9:16 "}`, "p", "9:16", false},
+		{"full-width colon ratio", `{"prompt":"p","aspect_ratio":"16：9"}`, "p", "16:9", false},
+		{"no ratio field", `{"prompt":"a cat"}`, "a cat", "", false},
+		{"extra fields", `{"reasoning":"x","prompt":"a cat","aspect_ratio":"3:4","style":{"a":1}}`, "a cat", "3:4", false},
+		{"json fence", "```json\n{\"prompt\":\"a cat\",\"aspect_ratio\":\"3:2\"}\n```", "a cat", "3:2", false},
+		{"bare fence", "```\n{\"prompt\":\"a cat\",\"aspect_ratio\":\"1:2\"}\n```", "a cat", "1:2", false},
+		{"think before", "<think>the user wants {a cat}; maybe {\"prompt\":\"wrong\"}</think>\n{\"prompt\":\"a cat\",\"aspect_ratio\":\"16:9\"}", "a cat", "16:9", false},
+		{"THINK upper case", "<THINK>{\"prompt\":\"wrong\"}</THINK>{\"prompt\":\"a cat\"}", "a cat", "", false},
+		{"two think blocks", "<think>a</think>{\"prompt\":\"a cat\"}<think>{\"prompt\":\"wrong\"}</think>", "a cat", "", false},
+		{"think then fence", "<think>hmm</think>\n```json\n{\"prompt\":\"a cat\",\"aspect_ratio\":\"9:16\"}\n```", "a cat", "9:16", false},
+		{"unclosed think after answer", "{\"prompt\":\"a cat\"}\n<think>{\"prompt\":\"wrong\"}", "a cat", "", false},
+		{"unclosed think hides everything", "<think>{\"prompt\":\"wrong\",\"aspect_ratio\":\"1:1\"}", "", "", true},
+		{"non-ASCII before think", "İİİİ<think>{\"prompt\":\"wrong\"}</think>{\"prompt\":\"a cat\"}", "a cat", "", false},
+		{"letters whose lower case is longer before think", "ȺȺȺȺ<think>{\"prompt\":\"wrong\"}</think>{\"prompt\":\"a cat\"}", "a cat", "", false},
+		{"invalid UTF-8 before think", "\xff\xfe<think>{\"prompt\":\"wrong\"}</think>{\"prompt\":\"a cat\"}", "a cat", "", false},
+		{"prose around", "Sure! Here is your prompt:\n{\"prompt\":\"a cat\",\"aspect_ratio\":\"1:1\"}\nEnjoy.", "a cat", "1:1", false},
+		{"nested braces in prose before", "I considered {a {nested} idea} and {\"x\": {\"y\": 1}} first. {\"prompt\":\"a cat\",\"aspect_ratio\":\"3:4\"}", "a cat", "3:4", false},
+		{"object without prompt before", "{\"note\":\"draft\"} {\"prompt\":\"a cat\"}", "a cat", "", false},
+		{"braces inside the prompt", `{"prompt":"a sign that says {hello}","aspect_ratio":"1:1"}`, "a sign that says {hello}", "1:1", false},
+		{"CJK kept", `{"prompt":"a shop sign reading \"欢迎光临\"","aspect_ratio":"16:9"}`, `a shop sign reading "欢迎光临"`, "16:9", false},
+		{"ratio 4:3 ignored", `{"prompt":"a cat","aspect_ratio":"4:3"}`, "a cat", "", false},
+		{"ratio 21:9 ignored", `{"prompt":"a cat","aspect_ratio":"21:9"}`, "a cat", "", false},
+		{"ratio number ignored", `{"prompt":"a cat","aspect_ratio":7}`, "a cat", "", false},
+		{"ratio null", `{"prompt":"a cat","aspect_ratio":null}`, "a cat", "", false},
+		{"ratio words ignored", `{"prompt":"a cat","aspect_ratio":"landscape"}`, "a cat", "", false},
+		{"empty prompt", `{"prompt":"","aspect_ratio":"1:1"}`, "", "", true},
+		{"blank prompt", `{"prompt":"   ","aspect_ratio":"1:1"}`, "", "", true},
+		{"prompt not a string", `{"prompt":42}`, "", "", true},
+		{"no JSON", "I cannot help with that.", "", "", true},
+		{"empty", "", "", "", true},
+		{"truncated JSON", `{"prompt":"a cat`, "", "", true},
+		{"array not object", `["a cat"]`, "", "", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parseEnhanced(tc.in)
+			if tc.wantErr {
+				if err == nil {
+					t.Fatalf("parseEnhanced(%q) = %+v, want an error", tc.in, got)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("parseEnhanced(%q): %v", tc.in, err)
+			}
+			if got.prompt != tc.prompt || got.ratio != tc.ratio {
+				t.Fatalf("parseEnhanced(%q) = {%q, %q}, want {%q, %q}", tc.in, got.prompt, got.ratio, tc.prompt, tc.ratio)
+			}
+		})
+	}
+}
+
+// The built-in system prompt asks for what SPEC §4 step 3 lists.
+func TestUnitDefaultSystemPrompt(t *testing.T) {
+	for _, want := range []string{
+		"JSON", `"prompt"`, `"aspect_ratio"`, "30", "100", "English", "Stable Diffusion",
+		"verbatim", "original language", "1:1", "1:2", "3:2", "3:4", "16:9", "9:16",
+	} {
+		if !strings.Contains(defaultSystemPrompt, want) {
+			t.Errorf("the default system prompt does not mention %q", want)
+		}
+	}
+}
+
+// unitLLMRecord is what a fake LLM saw of one request.
+type unitLLMRecord struct {
+	method, path, auth, contentType string
+	body                            map[string]any
+}
+
+// unitLLM is an httptest LLM that records requests and answers with
+// handler (which defaults to a chat completion whose content is content).
+func unitLLM(t *testing.T, content string, handler http.HandlerFunc) (*httptest.Server, func() []unitLLMRecord) {
+	t.Helper()
+	var mu sync.Mutex
+	var recs []unitLLMRecord
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		raw, _ := io.ReadAll(r.Body)
+		rec := unitLLMRecord{method: r.Method, path: r.URL.Path, auth: r.Header.Get("Authorization"), contentType: r.Header.Get("Content-Type")}
+		_ = json.Unmarshal(raw, &rec.body)
+		mu.Lock()
+		recs = append(recs, rec)
+		mu.Unlock()
+		if handler != nil {
+			handler(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{
+			"id": "chatcmpl-x", "object": "chat.completion",
+			"choices": []any{map[string]any{"index": 0, "finish_reason": "stop",
+				"message": map[string]any{"role": "assistant", "content": content}}},
+		})
+	}))
+	t.Cleanup(srv.Close)
+	return srv, func() []unitLLMRecord {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]unitLLMRecord(nil), recs...)
+	}
+}
+
+// SPEC §4 step 3: one POST {base_url}/chat/completions with the bearer key,
+// the model, a system and a user message and temperature 0.7.
+func TestUnitEnhanceRequest(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		base        string // appended to the server URL
+		locked      string
+		llmRatio    string
+		wantRatio   string
+		wantLockMsg bool
+	}{
+		{"free ratio", "/v1", "", "9:16", "9:16", false},
+		{"base with trailing slash", "/v1/", "", "3:2", "3:2", false},
+		{"locked ratio overrides the LLM", "/v1", "16:9", "9:16", "16:9", true},
+		{"locked ratio when the LLM gives none", "/v1", "3:4", "", "3:4", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			content := `{"prompt":"a fluffy cat on a sunny roof","aspect_ratio":null}`
+			if tc.llmRatio != "" {
+				content = fmt.Sprintf(`{"prompt":"a fluffy cat on a sunny roof","aspect_ratio":%q}`, tc.llmRatio)
+			}
+			srv, records := unitLLM(t, content, nil)
+			const system = "You write prompts."
+			e := newEnhancer(srv.URL+tc.base, testLLMKey, "test-model", system, 5*time.Second)
+			out, err := e.enhance(context.Background(), "一只猫", tc.locked)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if out.prompt != "a fluffy cat on a sunny roof" || out.ratio != tc.wantRatio {
+				t.Fatalf("enhance = %+v, want prompt from the LLM and ratio %q", out, tc.wantRatio)
+			}
+
+			recs := records()
+			if len(recs) != 1 {
+				t.Fatalf("the LLM got %d requests, want 1", len(recs))
+			}
+			r := recs[0]
+			if r.method != http.MethodPost || r.path != "/v1/chat/completions" {
+				t.Errorf("request %s %s, want POST /v1/chat/completions", r.method, r.path)
+			}
+			if r.auth != "Bearer "+testLLMKey {
+				t.Errorf("Authorization %q, want the bearer LLM key", r.auth)
+			}
+			if r.contentType != "application/json" {
+				t.Errorf("Content-Type %q, want application/json", r.contentType)
+			}
+			keys := make([]string, 0, len(r.body))
+			for k := range r.body {
+				keys = append(keys, k)
+			}
+			if len(keys) != 3 || r.body["model"] != "test-model" || r.body["temperature"] != 0.7 {
+				t.Errorf("body %v, want exactly model test-model, messages, temperature 0.7", r.body)
+			}
+			msgs, _ := r.body["messages"].([]any)
+			if len(msgs) != 2 {
+				t.Fatalf("messages %v, want system and user", r.body["messages"])
+			}
+			sys, _ := msgs[0].(map[string]any)
+			user, _ := msgs[1].(map[string]any)
+			if !reflect.DeepEqual(user, map[string]any{"role": "user", "content": "一只猫"}) {
+				t.Errorf("user message %v, want the prompt as content", user)
+			}
+			if sys["role"] != "system" || len(sys) != 2 {
+				t.Fatalf("system message %v", sys)
+			}
+			sysText, _ := sys["content"].(string)
+			if !strings.HasPrefix(sysText, system) {
+				t.Errorf("system message %q does not start with the configured prompt", sysText)
+			}
+			mentionsLock := strings.Contains(sysText, "locked") && strings.Contains(sysText, `"`+tc.locked+`"`)
+			if tc.wantLockMsg != mentionsLock {
+				t.Errorf("system message %q: mentions the lock %v, want %v", sysText, mentionsLock, tc.wantLockMsg)
+			}
+			if !tc.wantLockMsg && sysText != system {
+				t.Errorf("system message %q, want exactly the configured prompt", sysText)
+			}
+		})
+	}
+}
+
+// SPEC §4 step 3: every LLM failure is an error (the caller then degrades
+// silently), and no error message carries the key.
+func TestUnitEnhanceErrors(t *testing.T) {
+	answer := func(status int, body string) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(status)
+			_, _ = io.WriteString(w, body)
+		}
+	}
+	valid := `{"choices":[{"message":{"role":"assistant","content":"{\"prompt\":\"a cat\"}"}}]}`
+	for _, tc := range []struct {
+		name    string
+		handler http.HandlerFunc
+		wantMsg string
+	}{
+		{"500 with a valid body", answer(http.StatusInternalServerError, valid), "status 500"},
+		{"401", answer(http.StatusUnauthorized, `{"error":{"message":"bad key"}}`), "status 401"},
+		{"302 is not followed", func(w http.ResponseWriter, r *http.Request) {
+			http.Redirect(w, r, "/elsewhere", http.StatusFound)
+		}, "redirect"},
+		{"garbage JSON", answer(http.StatusOK, `<html>oops</html>`), "decoding"},
+		{"no choices", answer(http.StatusOK, `{"choices":[]}`), "no choices"},
+		{"content without JSON", answer(http.StatusOK, `{"choices":[{"message":{"content":"I refuse."}}]}`), "no JSON object"},
+		{"empty enhanced prompt", answer(http.StatusOK, `{"choices":[{"message":{"content":"{\"prompt\":\"\"}"}}]}`), "no JSON object"},
+		{"oversized body", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			// valid JSON, only too long: the limit alone must reject it
+			_, _ = io.WriteString(w, `{"choices":[{"message":{"content":"{\"prompt\":\"`)
+			_, _ = io.WriteString(w, strings.Repeat("a", maxLLMBody))
+			_, _ = io.WriteString(w, `\"}"}}]}`)
+		}, "larger than"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, records := unitLLM(t, "", tc.handler)
+			e := newEnhancer(srv.URL+"/v1", testLLMKey, "m", defaultSystemPrompt, 5*time.Second)
+			out, err := e.enhance(context.Background(), "a cat", "")
+			if err == nil {
+				t.Fatalf("enhance = %+v, want an error", out)
+			}
+			if !strings.Contains(err.Error(), tc.wantMsg) {
+				t.Errorf("error %q, want it to mention %q", err, tc.wantMsg)
+			}
+			if strings.Contains(err.Error(), testLLMKey) {
+				t.Errorf("error %q contains the LLM key", err)
+			}
+			if n := len(records()); n != 1 {
+				t.Errorf("the LLM got %d requests, want exactly 1 (no retries, no redirect)", n)
+			}
+		})
+	}
+}
+
+// SPEC §4 step 3: a slow LLM is cut off at the enhancer's timeout.
+func TestUnitEnhanceTimeout(t *testing.T) {
+	release := make(chan struct{})
+	srv, _ := unitLLM(t, "", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done(): // the enhancer gave up and closed the connection
+		case <-release:
+		}
+	})
+	t.Cleanup(func() { close(release) }) // runs before srv.Close
+	e := newEnhancer(srv.URL+"/v1", testLLMKey, "m", defaultSystemPrompt, 50*time.Millisecond)
+	_, err := e.enhance(context.Background(), "a cat", "")
+	if err == nil || !strings.Contains(err.Error(), "no answer within 50ms") {
+		t.Fatalf("enhance against a hanging LLM: %v, want a timeout error", err)
+	}
+}
+
+// A client that leaves cancels the LLM call.
+func TestUnitEnhanceCanceled(t *testing.T) {
+	arrived := make(chan struct{})
+	gone := make(chan struct{})
+	srv, _ := unitLLM(t, "", func(w http.ResponseWriter, r *http.Request) {
+		close(arrived)
+		<-r.Context().Done()
+		close(gone)
+	})
+	e := newEnhancer(srv.URL+"/v1", testLLMKey, "m", defaultSystemPrompt, time.Minute)
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() {
+		_, err := e.enhance(ctx, "a cat", "")
+		errc <- err
+	}()
+	<-arrived
+	cancel()
+	if err := <-errc; err == nil {
+		t.Fatal("enhance with a cancelled context succeeded")
+	}
+	<-gone // the LLM saw the request end
+}
+
+// The Authorization header carries the LLM key: a redirect from the LLM's
+// base URL must never carry it to another server (Go's client would keep
+// it for the same host on another port).
+func TestUnitEnhanceRedirectKeepsKey(t *testing.T) {
+	var mu sync.Mutex
+	var seenAuth []string
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seenAuth = append(seenAuth, r.Header.Get("Authorization"))
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"choices":[{"message":{"content":"{\"prompt\":\"stolen\"}"}}]}`)
+	}))
+	t.Cleanup(other.Close)
+	for _, status := range []int{http.StatusMovedPermanently, http.StatusFound, http.StatusTemporaryRedirect, http.StatusPermanentRedirect} {
+		t.Run(http.StatusText(status), func(t *testing.T) {
+			srv, _ := unitLLM(t, "", func(w http.ResponseWriter, r *http.Request) {
+				http.Redirect(w, r, other.URL+"/v1/chat/completions", status)
+			})
+			e := newEnhancer(srv.URL+"/v1", testLLMKey, "m", defaultSystemPrompt, 5*time.Second)
+			out, err := e.enhance(context.Background(), "a cat", "")
+			if err == nil {
+				t.Fatalf("enhance followed a redirect: %+v", out)
+			}
+		})
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, a := range seenAuth {
+		if strings.Contains(a, testLLMKey) {
+			t.Fatalf("the redirect target received the LLM key (Authorization %q)", a)
+		}
+	}
+	if len(seenAuth) != 0 {
+		t.Fatalf("the redirect target got %d requests, want none", len(seenAuth))
+	}
+}
+
+// A refused connection is an error that wraps the transport's, so the log
+// line says what went wrong.
+func TestUnitEnhanceRefused(t *testing.T) {
+	srv := httptest.NewServer(http.NotFoundHandler())
+	base := srv.URL + "/v1"
+	srv.Close() // nothing listens there any more
+	e := newEnhancer(base, testLLMKey, "m", defaultSystemPrompt, 5*time.Second)
+	_, err := e.enhance(context.Background(), "a cat", "")
+	if err == nil || !strings.HasPrefix(err.Error(), "enhance: ") || errors.Unwrap(err) == nil {
+		t.Fatalf("enhance against a closed port: %v, want a wrapped transport error", err)
+	}
+}

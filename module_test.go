@@ -1,0 +1,428 @@
+package zimage
+
+import (
+	"crypto/sha256"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// unitClearEnv unsets, for one test, every variable the worker read, so
+// the machine's environment cannot leak into a test.
+func unitClearEnv(t *testing.T) {
+	t.Helper()
+	for _, k := range []string{"GATEWAY_API_KEY", "SD_API_KEY", "ENHANCE_OPENAI_API_KEY", "ENHANCE_OPENAI_BASE_URL", "ENHANCE_OPENAI_MODEL"} {
+		t.Setenv(k, "")
+	}
+}
+
+// unitProvision fills a Gateway from a JSON handler config, as Caddy does,
+// and provisions it with a fresh context.
+func unitProvision(t *testing.T, cfg string) (*Gateway, error) {
+	t.Helper()
+	g := new(Gateway)
+	if err := json.Unmarshal([]byte(cfg), g); err != nil {
+		t.Fatalf("config %s: %v", cfg, err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+	t.Cleanup(cancel)
+	err := g.Provision(ctx)
+	if err == nil {
+		t.Cleanup(func() { _ = g.Cleanup() })
+	}
+	return g, err
+}
+
+func unitBearer(key string) *http.Request {
+	r := httptest.NewRequest(http.MethodGet, "/v1/models", nil)
+	if key != "" {
+		r.Header.Set("Authorization", "Bearer "+key)
+	}
+	return r
+}
+
+// SPEC §2: config errors fail at load with a message naming the directive,
+// and never echo a configured secret.
+func TestUnitProvisionErrors(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name, cfg string
+		env       map[string]string
+		want      []string
+	}{
+		{"no client key", `{"upstream":{"url":"demo"}}`, nil,
+			[]string{"zimage_gateway", "api_key", "GATEWAY_API_KEY", "no_auth"}},
+		{"client key resolves empty", `{"api_keys":["{env.ZIMAGE_UNIT_EMPTY}",""],"upstream":{"url":"demo"}}`, nil,
+			[]string{"api_key", "GATEWAY_API_KEY", "no_auth"}},
+		{"no upstream key", `{"api_keys":["` + testClientKey + `"]}`, nil,
+			[]string{"zimage_gateway", "upstream", "api_key", "SD_API_KEY", "upstream demo"}},
+		{"upstream key resolves empty", `{"api_keys":["` + testClientKey + `"],"upstream":{"api_key":"{env.ZIMAGE_UNIT_EMPTY}"}}`, nil,
+			[]string{"SD_API_KEY", "upstream demo"}},
+		{"duplicate model", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"Z-Image"},{"name":"z-image"}]}`, nil,
+			[]string{"zimage_gateway", "model", "duplicate", "z-image"}},
+		{"duplicate alias", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"A","aliases":["dall-e-3"]},{"name":"B","aliases":["DALL-E-3"]}]}`, nil,
+			[]string{"duplicate", "DALL-E-3"}},
+		{"alias equals another model", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"A"},{"name":"B","aliases":["a"]}]}`, nil,
+			[]string{"duplicate", `"a"`}},
+		{"model without name", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":" "}]}`, nil,
+			[]string{"model", "name"}},
+		{"model negative steps", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"A","steps":-1}]}`, nil,
+			[]string{"model A", "steps"}},
+		{"model negative index", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"A","model_index":-1}]}`, nil,
+			[]string{"model A", "model_index"}},
+		{"model cfg zero", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"A","cfg":0}]}`, nil,
+			[]string{"model A", "cfg"}},
+		{"bad upstream URL scheme", `{"api_keys":["` + testClientKey + `"],"upstream":{"url":"ftp://sd.example/gen","api_key":"` + testSDKey + `"}}`, nil,
+			[]string{"zimage_gateway", "upstream", "invalid URL"}},
+		{"upstream URL not absolute", `{"api_keys":["` + testClientKey + `"],"upstream":{"url":"sd.example/gen","api_key":"` + testSDKey + `"}}`, nil,
+			[]string{"upstream", "invalid URL"}},
+		{"upstream URL unparsable", `{"api_keys":["` + testClientKey + `"],"upstream":{"url":"http://[::1","api_key":"` + testSDKey + `"}}`, nil,
+			[]string{"upstream", "invalid URL"}},
+		{"upstream URL from env", `{"api_keys":["` + testClientKey + `"],"upstream":{"url":"{env.ZIMAGE_UNIT_URL}","api_key":"` + testSDKey + `"}}`,
+			map[string]string{"ZIMAGE_UNIT_URL": "localhost:8080"}, []string{"upstream", "invalid URL"}},
+		{"negative retries", `{"no_auth":true,"upstream":{"url":"demo","retries":-1}}`, nil,
+			[]string{"upstream", "retries"}},
+		{"too many retries", `{"no_auth":true,"upstream":{"url":"demo","retries":11}}`, nil,
+			[]string{"upstream", "retries"}},
+		{"negative max_concurrent", `{"no_auth":true,"upstream":{"url":"demo","max_concurrent":-1}}`, nil,
+			[]string{"upstream", "max_concurrent"}},
+		{"bad enhance base_url", `{"api_keys":["` + testClientKey + `"],"upstream":{"api_key":"` + testSDKey + `"},"enhance":{"api_key":"` + testLLMKey + `","base_url":"api.openai.com/v1"}}`, nil,
+			[]string{"zimage_gateway", "enhance", "base_url"}},
+		{"bad enhance base_url from env", `{"api_keys":["` + testClientKey + `"],"upstream":{"api_key":"` + testSDKey + `"}}`,
+			map[string]string{"ENHANCE_OPENAI_API_KEY": testLLMKey, "ENHANCE_OPENAI_BASE_URL": "file:///etc"}, []string{"enhance", "base_url"}},
+		{"both system prompts", `{"no_auth":true,"upstream":{"url":"demo"},"enhance":{"api_key":"` + testLLMKey + `","system_prompt":"x","system_prompt_file":"/x"}}`, nil,
+			[]string{"enhance", "system_prompt", "system_prompt_file"}},
+		{"missing system prompt file", `{"no_auth":true,"upstream":{"url":"demo"},"enhance":{"api_key":"` + testLLMKey + `","system_prompt_file":"` + filepath.Join(dir, "missing.txt") + `"}}`, nil,
+			[]string{"enhance", "system_prompt_file"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			unitClearEnv(t)
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			_, err := unitProvision(t, tc.cfg)
+			if err == nil {
+				t.Fatalf("Provision(%s) succeeded, want an error", tc.cfg)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+			for _, s := range testSecrets {
+				if strings.Contains(err.Error(), s) {
+					t.Errorf("error %q contains a configured secret", err)
+				}
+			}
+		})
+	}
+}
+
+// SPEC §2: with nothing but the worker's environment variables, a bare
+// zimage_gateway behaves like the worker.
+func TestUnitProvisionEnvDefaults(t *testing.T) {
+	unitClearEnv(t)
+	t.Setenv("GATEWAY_API_KEY", " "+testClientKey+" ")
+	t.Setenv("SD_API_KEY", testSDKey)
+	t.Setenv("ENHANCE_OPENAI_API_KEY", testLLMKey)
+	t.Setenv("ENHANCE_OPENAI_BASE_URL", "https://llm.example/compat/v1/")
+	t.Setenv("ENHANCE_OPENAI_MODEL", "qwen-plus")
+	g, err := unitProvision(t, `{}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	if !reflect.DeepEqual(g.keyDigests, [][32]byte{sha256.Sum256([]byte(testClientKey))}) {
+		t.Errorf("client keys: want exactly GATEWAY_API_KEY (trimmed)")
+	}
+	if !g.authorized(unitBearer(testClientKey)) || g.authorized(unitBearer("wrong")) || g.authorized(unitBearer("")) {
+		t.Errorf("auth does not accept exactly GATEWAY_API_KEY")
+	}
+
+	ic, ok := g.upstream.(*imageClient)
+	if !ok {
+		t.Fatalf("upstream %T, want the image service client", g.upstream)
+	}
+	if ic.url != defaultUpstreamURL || ic.key != testSDKey || ic.timeout != 180*time.Second || ic.retries != 1 {
+		t.Errorf("upstream url %q timeout %s retries %d (key from SD_API_KEY: %v)", ic.url, ic.timeout, ic.retries, ic.key == testSDKey)
+	}
+	if g.limiter != nil {
+		t.Errorf("a limiter without max_concurrent")
+	}
+
+	e := g.enhancer
+	if e == nil {
+		t.Fatal("enhancement off although ENHANCE_OPENAI_API_KEY is set")
+	}
+	if e.url != "https://llm.example/compat/v1/chat/completions" || e.model != "qwen-plus" || e.key != testLLMKey ||
+		e.timeout != 10*time.Second || e.system != defaultSystemPrompt {
+		t.Errorf("enhancer url %q model %q timeout %s default prompt %v (key from env: %v)",
+			e.url, e.model, e.timeout, e.system == defaultSystemPrompt, e.key == testLLMKey)
+	}
+
+	if g.StreamKeepalive != caddy.Duration(5*time.Second) || g.MaxBody != 1<<20 || g.MaxPromptLength != 20000 {
+		t.Errorf("defaults keepalive %s max_body %d max_prompt_length %d", time.Duration(g.StreamKeepalive), g.MaxBody, g.MaxPromptLength)
+	}
+	if len(g.models) != 1 {
+		t.Fatalf("%d models, want the one default", len(g.models))
+	}
+	m := g.models[0]
+	if m.name != "Z-Image" || m.modelIndex != 5 || m.steps != 8 || m.cfg != 7 || m.negativePrompt != "" {
+		t.Errorf("default model %+v", m)
+	}
+	var list struct {
+		Object string
+		Data   []modelObject
+	}
+	if err := json.Unmarshal(g.modelsJSON, &list); err != nil || list.Object != "list" || len(list.Data) != 1 ||
+		list.Data[0].ID != "Z-Image" || list.Data[0].Object != "model" || list.Data[0].OwnedBy != "sd-exacg-gateway" || list.Data[0].Created <= 0 {
+		t.Errorf("/v1/models answer %s", g.modelsJSON)
+	}
+
+	for _, s := range testSecrets {
+		if got := g.scrub.Replace("echo " + s); got != "echo [redacted]" {
+			t.Errorf("scrubber leaves %q", got)
+		}
+	}
+}
+
+// SPEC §2: the enhancer's own defaults apply when only its key is set.
+func TestUnitProvisionEnhanceDefaults(t *testing.T) {
+	for _, tc := range []struct {
+		name, cfg string // cfg: extra JSON fields
+		env       map[string]string
+		on        bool
+		url       string
+		model     string
+		timeout   time.Duration
+	}{
+		{"key from env only", ``, map[string]string{"ENHANCE_OPENAI_API_KEY": testLLMKey}, true,
+			"https://api.openai.com/v1/chat/completions", "gpt-4o-mini", 10 * time.Second},
+		{"no key: off", ``, map[string]string{"ENHANCE_OPENAI_BASE_URL": "https://llm.example/v1"}, false, "", "", 0},
+		{"enhance off despite key", `"enhance":{"off":true}`, map[string]string{"ENHANCE_OPENAI_API_KEY": testLLMKey}, false, "", "", 0},
+		{"configured wins over env", `"enhance":{"api_key":"` + testLLMKey + `","base_url":"http://127.0.0.1:1/v1","model":"m","timeout":3000000000}`,
+			map[string]string{"ENHANCE_OPENAI_BASE_URL": "https://env.example/v1", "ENHANCE_OPENAI_MODEL": "env-model"}, true,
+			"http://127.0.0.1:1/v1/chat/completions", "m", 3 * time.Second},
+		{"empty-resolving values fall back", `"enhance":{"api_key":"{env.ZIMAGE_UNIT_EMPTY}","base_url":"{env.ZIMAGE_UNIT_EMPTY}","model":"{env.ZIMAGE_UNIT_EMPTY}"}`,
+			map[string]string{"ENHANCE_OPENAI_API_KEY": testLLMKey, "ENHANCE_OPENAI_MODEL": "env-model"}, true,
+			"https://api.openai.com/v1/chat/completions", "env-model", 10 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			unitClearEnv(t)
+			t.Setenv("ZIMAGE_UNIT_EMPTY", "")
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			cfg := `{"no_auth":true,"upstream":{"url":"demo"}`
+			if tc.cfg != "" {
+				cfg += "," + tc.cfg
+			}
+			g, err := unitProvision(t, cfg+"}")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (g.enhancer != nil) != tc.on {
+				t.Fatalf("enhancer %v, want on %v", g.enhancer != nil, tc.on)
+			}
+			if !tc.on {
+				return
+			}
+			e := g.enhancer
+			if e.url != tc.url || e.model != tc.model || e.timeout != tc.timeout || e.key != testLLMKey {
+				t.Fatalf("enhancer url %q model %q timeout %s (key right: %v), want %q %q %s",
+					e.url, e.model, e.timeout, e.key == testLLMKey, tc.url, tc.model, tc.timeout)
+			}
+		})
+	}
+}
+
+// SPEC §2: {env.NAME} placeholders resolve at Provision, and a value that
+// resolves to nothing falls back to the default.
+func TestUnitProvisionPlaceholders(t *testing.T) {
+	unitClearEnv(t)
+	t.Setenv("ZIMAGE_UNIT_CLIENT", testClientKey)
+	t.Setenv("ZIMAGE_UNIT_SD", testSDKey)
+	t.Setenv("ZIMAGE_UNIT_URL", "http://127.0.0.1:1/api/v1/generate_image")
+	t.Setenv("ZIMAGE_UNIT_LLM", testLLMKey)
+	t.Setenv("ZIMAGE_UNIT_BASE", "http://127.0.0.1:2/v1")
+	t.Setenv("ZIMAGE_UNIT_MODEL", "deepseek-chat")
+	g, err := unitProvision(t, `{
+		"api_keys": ["{env.ZIMAGE_UNIT_CLIENT}", "second-{env.ZIMAGE_UNIT_MODEL}"],
+		"upstream": {"url": "{env.ZIMAGE_UNIT_URL}", "api_key": "{env.ZIMAGE_UNIT_SD}", "max_concurrent": 2},
+		"enhance": {"api_key": "{env.ZIMAGE_UNIT_LLM}", "base_url": "{env.ZIMAGE_UNIT_BASE}", "model": "{env.ZIMAGE_UNIT_MODEL}"}
+	}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !g.authorized(unitBearer(testClientKey)) || !g.authorized(unitBearer("second-deepseek-chat")) || g.authorized(unitBearer("{env.ZIMAGE_UNIT_CLIENT}")) {
+		t.Errorf("client keys not resolved from placeholders")
+	}
+	ic := g.upstream.(*imageClient)
+	if ic.url != "http://127.0.0.1:1/api/v1/generate_image" || ic.key != testSDKey {
+		t.Errorf("upstream url %q (key resolved: %v)", ic.url, ic.key == testSDKey)
+	}
+	if g.limiter == nil || cap(g.limiter.slots) != 2 || g.queueTimeout != 180*time.Second {
+		t.Errorf("limiter %v queue timeout %s, want 2 slots and the upstream timeout", g.limiter, g.queueTimeout)
+	}
+	e := g.enhancer
+	if e == nil || e.url != "http://127.0.0.1:2/v1/chat/completions" || e.model != "deepseek-chat" || e.key != testLLMKey {
+		t.Errorf("enhancer %+v not resolved from placeholders", e)
+	}
+	if g.fetcher == nil || g.fetcher.allowed(unitURL(t, "http://127.0.0.1:9/x.png")) != nil {
+		t.Errorf("image downloads not allowed from the resolved upstream host")
+	}
+}
+
+// SPEC §2: an empty-resolving value counts as unset, for every key and URL.
+func TestUnitProvisionEmptyFallsBack(t *testing.T) {
+	unitClearEnv(t)
+	t.Setenv("ZIMAGE_UNIT_EMPTY", "  ")
+	t.Setenv("GATEWAY_API_KEY", testClientKey)
+	t.Setenv("SD_API_KEY", testSDKey)
+	g, err := unitProvision(t, `{
+		"api_keys": ["{env.ZIMAGE_UNIT_EMPTY}", "{env.ZIMAGE_UNIT_NEVER_SET}"],
+		"upstream": {"url": "{env.ZIMAGE_UNIT_EMPTY}", "api_key": "{env.ZIMAGE_UNIT_EMPTY}"}
+	}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !g.authorized(unitBearer(testClientKey)) {
+		t.Errorf("empty api_key values did not fall back to GATEWAY_API_KEY")
+	}
+	ic := g.upstream.(*imageClient)
+	if ic.url != defaultUpstreamURL || ic.key != testSDKey {
+		t.Errorf("upstream url %q (key from SD_API_KEY: %v), want the defaults", ic.url, ic.key == testSDKey)
+	}
+}
+
+// Configured client keys replace GATEWAY_API_KEY rather than adding to it.
+func TestUnitProvisionConfiguredKeysOnly(t *testing.T) {
+	unitClearEnv(t)
+	t.Setenv("GATEWAY_API_KEY", "env-key")
+	g, err := unitProvision(t, `{"api_keys":["k1","k2"],"upstream":{"url":"demo"}}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for key, want := range map[string]bool{"k1": true, "k2": true, "env-key": false, "k1 k2": false, "": false} {
+		if got := g.authorized(unitBearer(key)); got != want {
+			t.Errorf("authorized(%q) = %v, want %v", key, got, want)
+		}
+	}
+}
+
+// SPEC §2 and §7: no_auth needs no key; `upstream demo` needs no SD key,
+// in any case, and serves placeholders.
+func TestUnitProvisionNoAuthDemo(t *testing.T) {
+	unitClearEnv(t)
+	g, err := unitProvision(t, `{"no_auth":true,"upstream":{"url":"Demo"}}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, demo := g.upstream.(demoGenerator); !demo {
+		t.Fatalf("upstream %T, want the demo", g.upstream)
+	}
+	if !g.authorized(unitBearer("")) || !g.authorized(unitBearer("anything")) {
+		t.Errorf("no_auth still checks keys")
+	}
+}
+
+// Model settings and aliases resolve case-insensitively; the first model
+// is the default.
+func TestUnitProvisionModels(t *testing.T) {
+	unitClearEnv(t)
+	g, err := unitProvision(t, `{"no_auth":true,"upstream":{"url":"demo"},"models":[
+		{"name":"Z-Image","aliases":["dall-e-3","gpt-image-1"]},
+		{"name":"Anime","model_index":0,"steps":20,"cfg":4.5,"negative_prompt":"lowres"}]}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, want string
+	}{
+		{"", "Z-Image"}, {"  ", "Z-Image"}, {"z-image", "Z-Image"}, {"DALL-E-3", "Z-Image"}, {" gpt-image-1 ", "Z-Image"},
+		{"anime", "Anime"}, {"dall-e-2", ""}, {"Z", ""},
+	} {
+		got := ""
+		if m := g.lookupModel(tc.name); m != nil {
+			got = m.name
+		}
+		if got != tc.want {
+			t.Errorf("lookupModel(%q) = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+	a := g.lookupModel("Anime")
+	if a.modelIndex != 0 || a.steps != 20 || a.cfg != 4.5 || a.negativePrompt != "lowres" {
+		t.Errorf("Anime %+v", a)
+	}
+	var list modelList
+	if err := json.Unmarshal(g.modelsJSON, &list); err != nil || len(list.Data) != 2 || list.Data[0].ID != "Z-Image" || list.Data[1].ID != "Anime" {
+		t.Errorf("/v1/models %s, want the two names and no aliases", g.modelsJSON)
+	}
+}
+
+// system_prompt_file is read at load.
+func TestUnitProvisionSystemPromptFile(t *testing.T) {
+	unitClearEnv(t)
+	path := filepath.Join(t.TempDir(), "prompt.txt")
+	if err := os.WriteFile(path, []byte("Only JSON, please."), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := json.Marshal(map[string]any{"no_auth": true, "upstream": map[string]any{"url": "demo"},
+		"enhance": map[string]any{"api_key": testLLMKey, "system_prompt_file": path}})
+	g, err := unitProvision(t, string(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.enhancer == nil || g.enhancer.system != "Only JSON, please." {
+		t.Fatalf("enhancer %+v, want the file's prompt", g.enhancer)
+	}
+}
+
+// Cleanup releases the shared limiter: a sibling with the same upstream
+// shares it while both live, and a new one gets a fresh limiter after.
+func TestUnitProvisionLimiterShared(t *testing.T) {
+	unitClearEnv(t)
+	const cfg = `{"no_auth":true,"upstream":{"url":"demo","max_concurrent":3,"queue_timeout":1000000000}}`
+	a, err := unitProvision(t, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := unitProvision(t, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.limiter == nil || a.limiter != b.limiter || a.queueTimeout != time.Second {
+		t.Fatalf("limiters %p %p (queue timeout %s), want one shared limiter", a.limiter, b.limiter, a.queueTimeout)
+	}
+	if err := a.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	c, err := unitProvision(t, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.limiter == a.limiter {
+		t.Fatal("the limiter survived the Cleanup of every handler that used it")
+	}
+}
+
+func unitURL(t *testing.T, s string) *url.URL {
+	t.Helper()
+	u, err := url.Parse(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
