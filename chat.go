@@ -283,17 +283,17 @@ func (g *Gateway) markdown(j *job) string {
 	switch j.enhance {
 	case enhanceOK:
 		b.WriteString("**✨ Enhanced Prompt:**\n")
-		b.WriteString(j.prompt)
+		writeEcho(&b, j.prompt)
 		b.WriteString("\n\n**📝 Original Input:**\n")
-		b.WriteString(j.original)
+		writeEcho(&b, j.original)
 		b.WriteString("\n\n")
 	case enhanceFailed:
 		b.WriteString("**⚠️ Enhancement failed, using original prompt**\n\n**📝 Prompt:**\n")
-		b.WriteString(j.original)
+		writeEcho(&b, j.original)
 		b.WriteString("\n\n")
 	default:
 		b.WriteString("**📝 Prompt:**\n")
-		b.WriteString(j.original)
+		writeEcho(&b, j.original)
 		b.WriteString("\n\n")
 	}
 	b.WriteString("**🎨 Aspect Ratio:** ")
@@ -306,6 +306,36 @@ func (g *Gateway) markdown(j *job) string {
 		b.WriteString("\n\n_🧪 Demo upstream: this is a local placeholder image; no image service was called._")
 	}
 	return b.String()
+}
+
+// echoEscapes are the characters that would let an echoed prompt start a
+// link, an image, raw HTML or code in the answer: a prompt is shown as the
+// text the user typed, never as markup (issue 5, markdown safety).
+const echoEscapes = "\\[]<>`"
+
+// writeEcho writes a prompt into its section of the markdown: line breaks
+// become spaces, so the prompt cannot start a section of its own, and
+// markup characters are backslash-escaped, which renders them literally.
+// Ordinary prompts pass through byte for byte.
+func writeEcho(b *strings.Builder, s string) {
+	if !strings.ContainsAny(s, echoEscapes+"\r\n") {
+		b.WriteString(s)
+		return
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '\r' && i+1 < len(s) && s[i+1] == '\n':
+			continue // \r\n is one line break
+		case c == '\r' || c == '\n':
+			b.WriteByte(' ')
+		case strings.IndexByte(echoEscapes, c) >= 0:
+			b.WriteByte('\\')
+			b.WriteByte(c)
+		default:
+			b.WriteByte(c)
+		}
+	}
 }
 
 // markdownURL percent-encodes the characters that would end or break a

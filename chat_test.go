@@ -355,6 +355,8 @@ func TestUnitMarkdown(t *testing.T) {
 	const url = "https://img.example.com/out/a b(1).png"
 	const mdURL = "https://img.example.com/out/a%20b%281%29.png"
 	const llmPrompt = "A fluffy [orange] cat\non a sunny roof"
+	// echoed prompts keep to one line and show markup characters literally
+	const llmEcho = `A fluffy \[orange\] cat on a sunny roof`
 	for _, tc := range []struct {
 		name    string
 		enh     *enhancer
@@ -367,7 +369,7 @@ func TestUnitMarkdown(t *testing.T) {
 		{
 			name: "enhanced, LLM ratio", enh: okEnh, p: jobParams{prompt: "一只猫"}, wantLLM: true,
 			want: "![A fluffy orange caton a sunny roof](" + mdURL + ")\n\n---\n" +
-				"**✨ Enhanced Prompt:**\n" + llmPrompt + "\n\n" +
+				"**✨ Enhanced Prompt:**\n" + llmEcho + "\n\n" +
 				"**📝 Original Input:**\n一只猫\n\n" +
 				"**🎨 Aspect Ratio:** 9:16\n**📐 Resolution:** 1152×2048",
 			sent: llmPrompt, w: 1152, h: 2048,
@@ -375,7 +377,7 @@ func TestUnitMarkdown(t *testing.T) {
 		{
 			name: "enhanced, user ratio locked", enh: okEnh, p: jobParams{prompt: "一只猫，比例 16:9"}, wantLLM: true,
 			want: "![A fluffy orange caton a sunny roof](" + mdURL + ")\n\n---\n" +
-				"**✨ Enhanced Prompt:**\n" + llmPrompt + "\n\n" +
+				"**✨ Enhanced Prompt:**\n" + llmEcho + "\n\n" +
 				"**📝 Original Input:**\n一只猫，比例 16:9\n\n" +
 				"**🎨 Aspect Ratio:** 16:9\n**📐 Resolution:** 2048×1152",
 			sent: llmPrompt, w: 2048, h: 1152,
@@ -383,7 +385,7 @@ func TestUnitMarkdown(t *testing.T) {
 		{
 			name: "enhanced, custom size", enh: okEnh, p: jobParams{prompt: "a cat", width: f(1000), height: f(500)}, wantLLM: true,
 			want: "![A fluffy orange caton a sunny roof](" + mdURL + ")\n\n---\n" +
-				"**✨ Enhanced Prompt:**\n" + llmPrompt + "\n\n" +
+				"**✨ Enhanced Prompt:**\n" + llmEcho + "\n\n" +
 				"**📝 Original Input:**\na cat\n\n" +
 				"**🎨 Aspect Ratio:** Custom\n**📐 Resolution:** 1000×504",
 			sent: llmPrompt, w: 1000, h: 504,
@@ -399,7 +401,7 @@ func TestUnitMarkdown(t *testing.T) {
 		{
 			name: "skipped", enh: okEnh, p: jobParams{prompt: "a [cat] no-enhance"},
 			want: "![a cat](" + mdURL + ")\n\n---\n" +
-				"**📝 Prompt:**\na [cat]\n\n" +
+				"**📝 Prompt:**\na \\[cat\\]\n\n" +
 				"**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048",
 			sent: "a [cat]", w: 2048, h: 2048,
 		},

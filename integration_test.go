@@ -966,9 +966,9 @@ func TestIntegMarkdown(t *testing.T) {
 		{"alt is 80 runes", long + " no-enhance", "", "https://img.example.com/d.png",
 			"![" + strings.Repeat("猫", 80) + "](https://img.example.com/d.png)\n\n---\n**📝 Prompt:**\n" + long + "\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048"},
 		{"alt of nothing but brackets", "[[ ]] no-enhance", "", "https://img.example.com/f.png",
-			"![Generated image](https://img.example.com/f.png)\n\n---\n**📝 Prompt:**\n[[ ]]\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048"},
-		{"alt without brackets and newlines", "a [red]\ncat no-enhance", "", "https://img.example.com/e.png",
-			"![a redcat](https://img.example.com/e.png)\n\n---\n**📝 Prompt:**\na [red]\ncat\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048"},
+			"![Generated image](https://img.example.com/f.png)\n\n---\n**📝 Prompt:**\n\\[\\[ \\]\\]\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048"},
+		{"alt without brackets and newlines; echo on one line, markup escaped", "a [red]\ncat no-enhance", "", "https://img.example.com/e.png",
+			"![a redcat](https://img.example.com/e.png)\n\n---\n**📝 Prompt:**\na \\[red\\] cat\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			llm.setHandler(itLLMReplies(tc.llmSays))

@@ -216,7 +216,7 @@ func clampSide(v float64) int {
 }
 
 // altText is the image's alt text: the first 80 runes of the prompt without
-// the characters that would end the markdown image early.
+// the characters that would end or break the markdown image.
 func altText(prompt string) string {
 	var b strings.Builder
 	n := 0
@@ -226,7 +226,10 @@ func altText(prompt string) string {
 		}
 		n++
 		switch r {
-		case '[', ']', '\n', '\r':
+		// brackets and line breaks end the alt text; a backslash would
+		// escape the closing bracket, a backtick open a code span over it,
+		// and angle brackets read as HTML in lax renderers
+		case '[', ']', '\n', '\r', '\\', '`', '<', '>':
 			continue
 		}
 		if r == utf8.RuneError {
