@@ -6,7 +6,9 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
+	"unicode"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -68,13 +70,13 @@ func (g *Gateway) newJob(r *http.Request, endpoint string, m *model, requested s
 	if requested == "" {
 		j.requested = m.name
 	}
-	j.original, j.skip = stripSkipWord(p.prompt)
+	j.original, j.skip = stripSkipWord(strings.TrimSpace(stripControl(p.prompt)))
 	var ok bool
 	if j.userRatio, j.cleaned, ok = detectRatio(j.original); !ok {
 		j.cleaned = j.original
 	}
 	if j.cleaned == "" {
-		return nil, invalidRequest("prompt", "The prompt is empty once the ratio and no-enhance are removed; describe the image to generate")
+		return nil, invalidRequest("prompt", "The prompt is empty once the ratio, no-enhance and control characters are removed; describe the image to generate")
 	}
 	j.prompt = j.cleaned
 
@@ -89,11 +91,28 @@ func (g *Gateway) newJob(r *http.Request, endpoint string, m *model, requested s
 	}
 	j.negative = m.negativePrompt
 	if p.negative != nil {
-		j.negative = *p.negative
+		j.negative = stripControl(*p.negative)
 	}
 	j.origin = requestOrigin(r)
 	j.decideSize("")
 	return j, nil
+}
+
+// stripControl drops the control characters (NUL, escape sequences, DEL,
+// C1) from a prompt, keeping tabs and line breaks: the prompts go to a
+// Stable Diffusion service, to which they are noise at best, and are echoed
+// into the chat answer (issue 5, hostile input).
+func stripControl(s string) string {
+	isControl := func(r rune) bool { return unicode.IsControl(r) && r != '\t' && r != '\n' && r != '\r' }
+	if strings.IndexFunc(s, isControl) < 0 {
+		return s
+	}
+	return strings.Map(func(r rune) rune {
+		if isControl(r) {
+			return -1
+		}
+		return r
+	}, s)
 }
 
 // decideSize applies the size priority of SPEC §4 step 4: explicit body
@@ -154,7 +173,10 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 				g.logGeneration(j, ae.status, "queue_timeout")
 				return ae
 			}
-			return (&upstreamError{kind: kindCanceled}).apiError(g.scrub)
+			// the client left while queued: its place is free already
+			ae = (&upstreamError{kind: kindCanceled}).apiError(g.scrub)
+			g.logGeneration(j, ae.status, kindCanceled)
+			return ae
 		}
 		defer g.limiter.release()
 	}
@@ -194,6 +216,15 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 	j.imageURL = url
 	g.logGeneration(j, http.StatusOK, "")
 	return nil
+}
+
+// upstreamRetried counts and logs a failed attempt that imageClient is
+// about to retry; the final outcome is logged by generate.
+func (g *Gateway) upstreamRetried(ue *upstreamError, attempt int) {
+	metricUpstreamErrors.WithLabelValues(ue.kind).Inc()
+	g.logger.Warn("image service call failed; retrying",
+		zap.String("kind", ue.kind), zap.Int("attempt", attempt),
+		zap.String("error", g.scrub.Replace(ue.message)))
 }
 
 // logGeneration writes the one info line per generation (SPEC §6); the

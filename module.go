@@ -375,7 +375,9 @@ func (g *Gateway) provisionUpstream(resolve func(v, env string) string) (Upstrea
 		if uc.APIKey == "" {
 			return uc, errors.New("zimage_gateway: upstream: no API key for the image service: set 'api_key' in the upstream block or the SD_API_KEY environment variable (or use 'upstream demo' to try the gateway without an account)")
 		}
-		g.upstream = newImageClient(uc.URL, uc.APIKey, time.Duration(uc.Timeout), retries)
+		ic := newImageClient(uc.URL, uc.APIKey, time.Duration(uc.Timeout), retries)
+		ic.retried = g.upstreamRetried
+		g.upstream = ic
 	}
 
 	if uc.MaxConcurrent > 0 {
@@ -435,11 +437,25 @@ func (g *Gateway) provisionEnhance(resolve func(v, env string) string) (*enhance
 	return newEnhancer(base, key, name, system, timeout), nil
 }
 
-// Cleanup releases the shared limiter; Caddy calls it once the config that
-// provisioned this handler is replaced and its requests have drained.
+// Cleanup releases what Provision made: its reference to the shared
+// limiter and the idle connections of its HTTP clients. Caddy calls it as
+// soon as a reload has replaced the config, while the old config's requests
+// may still be in flight (the grace period does not delay it), so it must
+// not disturb them: they keep their limiter and their busy connections.
 func (g *Gateway) Cleanup() error {
+	if ic, ok := g.upstream.(*imageClient); ok {
+		ic.closeIdle()
+	}
+	if g.enhancer != nil {
+		g.enhancer.client.CloseIdleConnections()
+	}
+	if g.fetcher != nil {
+		g.fetcher.client.CloseIdleConnections()
+	}
 	if g.limiterKey != "" {
-		_, err := limiters.Delete(g.limiterKey)
+		key := g.limiterKey
+		g.limiterKey = "" // a second Cleanup must not release a sibling's reference
+		_, err := limiters.Delete(key)
 		return err
 	}
 	return nil

@@ -88,6 +88,11 @@ type imageClient struct {
 	timeout time.Duration
 	retries int
 	client  *http.Client
+
+	// retried, when set, is told of each failed attempt that is about to
+	// be retried, so that transient failures show in the logs and in
+	// caddy_zimage_upstream_errors_total even when the retry succeeds
+	retried func(err *upstreamError, attempt int)
 }
 
 func newImageClient(u, key string, timeout time.Duration, retries int) *imageClient {
@@ -105,6 +110,10 @@ func newImageClient(u, key string, timeout time.Duration, retries int) *imageCli
 		},
 	}
 }
+
+// closeIdle closes the client's idle keep-alive connections (and with them
+// their goroutines); calls in flight are not affected.
+func (c *imageClient) closeIdle() { c.client.CloseIdleConnections() }
 
 // newTransport is the transport for the image service and the LLM: keeps
 // connections warm for many concurrent generations and bounds connecting;
@@ -148,6 +157,9 @@ func (c *imageClient) generate(ctx context.Context, req upstreamRequest, _ strin
 		backoff := time.Duration(float64(250*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
 		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < backoff {
 			return "", uerr
+		}
+		if c.retried != nil {
+			c.retried(uerr, attempt+1)
 		}
 		t := time.NewTimer(backoff)
 		select {

@@ -1,0 +1,151 @@
+package zimage
+
+// Lifecycle (SPEC §6): loading a new config through the admin API while
+// generations are in flight, as `caddy reload` does. Requests in flight
+// finish with the config they started with, new requests get the new one,
+// and what each config's Provision made is released by its Cleanup.
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+)
+
+// limiterRefs is how many provisioned handlers hold the shared limiter of
+// an upstream URL and limit (0 when none does).
+func limiterRefs(url string, n int) int {
+	refs, _ := limiters.References(fmt.Sprintf("%s|%d", url, n))
+	return refs
+}
+
+// TestOpsReloadUnderLoad: K generations are in flight when a changed
+// config (another upstream, another model) is loaded; each finishes with
+// the old config's upstream and model, while a new request already gets
+// the new config. Afterwards only the new config holds a limiter.
+func TestOpsReloadUnderLoad(t *testing.T) {
+	const k = 3
+	oldUp := newFakeUpstream(t)
+	g := newGate(t)
+	oldUp.setHandler(g.handler)
+	startCaddy(t, opsSite(oldUp.endpoint(), nil, "timeout 30s\n\t\tmax_concurrent 3\n\t\tqueue_timeout 30s", ""))
+
+	var inflight [k]<-chan result
+	for i := range inflight {
+		inflight[i] = sendAsync(http.MethodPost, "/v1/chat/completions", chatJSON(fmt.Sprintf("started before the reload %d", i), 100+i, ""))
+	}
+	waitFor(t, "all generations at the old upstream", func() bool { return oldUp.active.Load() == k })
+
+	newUp := newFakeUpstream(t)
+	startCaddy(t, opsSite(newUp.endpoint(), nil, "timeout 30s\n\t\tmax_concurrent 3", "model Z-Image-B {\n\t\tsteps 12\n\t}"))
+
+	status, _, body := do(t, http.MethodPost, "/v1/chat/completions", `{"model":"Z-Image-B","prompt":"after the reload","seed":200}`)
+	if status != http.StatusOK {
+		t.Fatalf("new request: status %d: %s", status, body)
+	}
+	if calls := newUp.Calls(); len(calls) != 1 || calls[0].Body.Seed != 200 || calls[0].Body.Steps != 12 {
+		t.Errorf("new upstream calls %+v, want the new request with the new model's 12 steps", calls)
+	}
+	if status, _, body := do(t, http.MethodPost, "/v1/chat/completions", `{"model":"Z-Image","prompt":"old model"}`); status != http.StatusNotFound {
+		t.Errorf("the old config's model after the reload: status %d, want 404: %s", status, body)
+	}
+
+	g.open()
+	for i, ch := range inflight {
+		r := await(t, ch)
+		if r.status != http.StatusOK {
+			t.Errorf("in-flight request %d: status %d: %s", i, r.status, r.body)
+			continue
+		}
+		if c := chatContent(t, r.body); !strings.Contains(c, "https://img.example.com/gated.png") || !strings.Contains(string(r.body), `"model":"Z-Image"`) {
+			t.Errorf("in-flight request %d did not finish with the old config: %s", i, r.body)
+		}
+	}
+	calls := oldUp.Calls()
+	if len(calls) != k {
+		t.Errorf("old upstream calls: %d, want %d", len(calls), k)
+	}
+	for _, c := range calls {
+		if c.Body.Steps != defaultSteps {
+			t.Errorf("an in-flight request used %d steps, want the old config's %d", c.Body.Steps, defaultSteps)
+		}
+	}
+	if n := len(newUp.Calls()); n != 1 {
+		t.Errorf("new upstream calls: %d, want 1 (the in-flight requests stay on the old one)", n)
+	}
+	if old, cur := limiterRefs(oldUp.endpoint(), 3), limiterRefs(newUp.endpoint(), 3); old != 0 || cur != 1 {
+		t.Errorf("limiter references: old config's %d (want 0), new config's %d (want 1)", old, cur)
+	}
+}
+
+// TestOpsReloadKeepsLimiterShared: a reload that keeps the upstream and
+// max_concurrent keeps the limiter, so the slot held by a request of the
+// old config still counts: the new config's request waits (and here times
+// out) instead of exceeding the limit, and gets the slot once it frees.
+func TestOpsReloadKeepsLimiterShared(t *testing.T) {
+	up := newFakeUpstream(t)
+	g := newGate(t)
+	up.setHandler(g.handler)
+	upstream := "timeout 30s\n\t\tmax_concurrent 1\n\t\tqueue_timeout 300ms"
+	startCaddy(t, opsSite(up.endpoint(), nil, upstream, "stream_keepalive 5s"))
+
+	held := sendAsync(http.MethodPost, "/v1/chat/completions", chatJSON("holds the slot", 301, ""))
+	waitFor(t, "the old config's generation at the upstream", func() bool { return up.active.Load() == 1 })
+	startCaddy(t, opsSite(up.endpoint(), nil, upstream, "stream_keepalive 6s"))
+
+	if status, hdr, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("waits", 302, "")); status != http.StatusTooManyRequests || hdr.Get("Retry-After") == "" {
+		t.Errorf("while the old config's request holds the slot: status %d, Retry-After %q: %s", status, hdr.Get("Retry-After"), body)
+	}
+	g.open()
+	if r := await(t, held); r.status != http.StatusOK {
+		t.Fatalf("old config's request: status %d: %s", r.status, r.body)
+	}
+	if status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("gets the slot", 303, "")); status != http.StatusOK {
+		t.Fatalf("after the slot frees: status %d: %s", status, body)
+	}
+	if got := seeds(up.Calls()); len(got) != 2 || got[0] != 301 || got[1] != 303 {
+		t.Errorf("upstream calls with seeds %v, want [301 303]", got)
+	}
+	if n := limiterRefs(up.endpoint(), 1); n != 1 {
+		t.Errorf("limiter references after the reload: %d, want 1", n)
+	}
+}
+
+// TestOpsReloadReleasesConnections: each reload's Cleanup closes the old
+// config's idle connections to the image service (and with them their
+// goroutines) and drops its limiter reference, so neither piles up over
+// reloads.
+func TestOpsReloadReleasesConnections(t *testing.T) {
+	var open atomic.Int32
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeImage(w, "https://img.example.com/conn.png")
+	}))
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		switch s {
+		case http.StateNew:
+			open.Add(1)
+		case http.StateClosed, http.StateHijacked:
+			open.Add(-1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	url := srv.URL + "/api/v1/generate_image"
+
+	const reloads = 4
+	for i := range reloads {
+		model := fmt.Sprintf("Z-%d", i)
+		startCaddy(t, opsSite(url, nil, "timeout 5s\n\t\tmax_concurrent 2", "model "+model))
+		if status, _, body := do(t, http.MethodPost, "/v1/chat/completions", `{"model":"`+model+`","prompt":"keep-alive"}`); status != http.StatusOK {
+			t.Fatalf("config %d: status %d: %s", i, status, body)
+		}
+	}
+	// every config made its own connection; all but the current one's go
+	waitFor(t, "the old configs' connections to close", func() bool { return open.Load() <= 1 })
+	if n := limiterRefs(url, 2); n != 1 {
+		t.Errorf("limiter references after %d loads: %d, want 1", reloads, n)
+	}
+}
