@@ -23,9 +23,13 @@ ROUNDS=${ROUNDS:-4}                 # throughput rounds (the targets want >= 4)
 DURATION=${DURATION:-5s}            # per measurement
 WARMUP=${WARMUP:-1s}                # per target, before round 1, not counted
 CONC=${CONC:-32}                    # closed-loop concurrency (connections)
+NOISE_MAX=${NOISE_MAX:-25}          # % of a core of other work that makes a measurement count as disturbed
+RETRY=${RETRY:-3}                   # how often a disturbed measurement is repeated
+QUIET_WAIT=${QUIET_WAIT:-30}        # seconds to wait for an idle machine before a repeat
 BURST=${BURST:-2000}
 BURST_DELAY=${BURST_DELAY:-2s}
 BURST_ROUNDS=${BURST_ROUNDS:-2}     # alternating; each run is a fresh Caddy
+PRECONNECT=${PRECONNECT:-1}         # burst/streams: open the connections before the clock starts (0: cold dials)
 STREAMS=${STREAMS:-10000}
 STREAM_DELAY=${STREAM_DELAY:-20s}
 STREAM_KEEPALIVE=${STREAM_KEEPALIVE:-5s}
@@ -54,6 +58,12 @@ MODELS_BODY='{"object":"list","data":[{"id":"Z-Image","object":"model","created"
 # both the gateway's markdown and the image service's JSON contain the image URL
 EXPECT_IMAGE=img.example/x.png
 EXPECT_MODELS='"Z-Image"'
+# the enhance path counts only when the enhancement succeeded (SPEC §4 step 7),
+# not when it silently degraded to the original prompt
+EXPECT_ENHANCED='Enhanced Prompt'
+
+PRE=()
+[ "$PRECONNECT" = 1 ] && PRE=(-preconnect)
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "run.sh: $*"; exit 1; }
@@ -245,29 +255,76 @@ target() {
 	px_chat | px_chat2) T_URL=http://127.0.0.1:$PX_PORT/v1/chat/completions T_EXPECT=$EXPECT_IMAGE T_BODY=$CHAT_BODY ;;
 	gw_models) T_URL=http://127.0.0.1:$GW_PORT/v1/models T_EXPECT=$EXPECT_MODELS T_BODY= ;;
 	px_respond) T_URL=http://127.0.0.1:$PX_PORT/v1/models T_EXPECT=$EXPECT_MODELS T_BODY= ;;
-	gw_enhance) T_URL=http://127.0.0.1:$EN_PORT/v1/chat/completions T_EXPECT=$EXPECT_IMAGE T_BODY=$ENHANCE_BODY ;;
+	gw_enhance) T_URL=http://127.0.0.1:$EN_PORT/v1/chat/completions T_EXPECT=$EXPECT_ENHANCED T_BODY=$ENHANCE_BODY ;;
 	*) die "unknown target $1" ;;
 	esac
 }
 
+# sys_ticks, from /proc/stat: process time (user, nice, system) plus steal of
+# the whole machine, its total ticks, and busy and total ticks of the load
+# core. Interrupt and softirq time is left out of the first: the kernel
+# accounts it to no process, and here it is mostly the benchmark's own
+# loopback traffic, not other work.
+sys_ticks() {
+	awk -v lc="cpu$LOAD_CPU" '$1 == "cpu" || $1 == lc {
+		t = $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9
+		if ($1 == "cpu") {ab = $2 + $3 + $4 + $9; at = t} else {lb = t - $5 - $6; lt = t} }
+		END {print ab, at, lb, lt}' /proc/stat
+}
+
 # measure ROUND NAME: one closed-loop run against a target, with Caddy's CPU
-# time read around it; appends a row to $RESULTS
+# time read around it; appends a row to $RESULTS. Two more columns keep the
+# comparison honest: how busy the load core was (near 100%: the generator,
+# not Caddy, set the pace, and a faster contender looks slower than it is),
+# and how much CPU went to anything but Caddy, the fake and the generator
+# (other processes, hypervisor steal).
+# A measurement disturbed by more than NOISE_MAX% of a core of such work is
+# repeated, up to RETRY times, so a build elsewhere on the box does not decide
+# a round.
+NOISY=0 # set once waiting for quiet failed: then stop repeating, the box stays busy
 measure() {
-	local round=$1 name=$2 t0 t1 json req rps cpu_us cpu_pct bad
+	local tries=0
+	while :; do
+		measure_once "$@"
+		if [ "$M_OTHER" -le "$NOISE_MAX" ] || [ "$tries" -ge "$RETRY" ] || [ "$NOISY" = 1 ]; then
+			break
+		fi
+		tries=$((tries + 1))
+		say "  $2: disturbed (other work ${M_OTHER}% of a core > NOISE_MAX $NOISE_MAX%), repeating ($tries/$RETRY)"
+		wait_quiet || { NOISY=1; say "  (the machine stays busy: no more repeats in this run)"; }
+	done
+	printf '%s\n' "$M_ROW" >>"$RESULTS"
+	printf '%s\n' "$M_LINE" >&2
+}
+
+measure_once() {
+	local round=$1 name=$2 t0 t1 f0 f1 s0 s1 json req rps cpu_us cpu_pct bad loadcore other
 	target "$name"
+	s0=$(sys_ticks)
 	t0=$(cpu_ticks "$CADDY_PID")
+	f0=$(cpu_ticks "$FAKE_PID")
 	json=$(load "$T_URL" "$T_EXPECT" "$T_BODY" -c "$CONC" -d "$DURATION")
 	t1=$(cpu_ticks "$CADDY_PID")
+	f1=$(cpu_ticks "$FAKE_PID")
+	s1=$(sys_ticks)
 	req=$(jget "$json" requests)
 	rps=$(jget "$json" rps)
 	bad=$(($(jget "$json" errors) + $(jget "$json" non2xx) + $(jget "$json" bad)))
 	cpu_us=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN {printf "%.1f", n ? d * 1e6 / hz / n : 0}')
 	cpu_pct=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v w="$(jget "$json" wall_s)" 'BEGIN {printf "%.0f", w ? d / hz / w * 100 : 0}')
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$(jget "$json" p50_ms)" \
-		"$(jget "$json" p99_ms)" "$cpu_us" "$cpu_pct" "$bad" >>"$RESULTS"
-	printf '  %-10s %9s req/s  p50 %7s ms  p99 %7s ms  caddy %7s µs/req (%s%% of its core)%s\n' \
-		"$name" "$rps" "$(jget "$json" p50_ms)" "$(jget "$json" p99_ms)" "$cpu_us" "$cpu_pct" \
-		"$([ "$bad" = 0 ] || echo "  FAILED: $bad  $json")" >&2
+	read -r loadcore other < <(awk -v a="$s0" -v b="$s1" -v c=$((t1 - t0)) -v f=$((f1 - f0)) \
+		-v l="$(jget "$json" cpu_s)" -v hz="$CLK_TCK" -v ncpu="$(nproc)" 'BEGIN {
+		split(a, x, " "); split(b, y, " ")
+		lc = (y[4] - x[4]) ? (y[3] - x[3]) * 100 / (y[4] - x[4]) : 0
+		core = (y[2] - x[2]) / ncpu   # ticks one core had in this interval
+		o = core ? ((y[1] - x[1]) - c - f - l * hz) * 100 / core : 0
+		printf "%.0f %.0f\n", lc, (o < 0 ? 0 : o) }')
+	M_OTHER=$other
+	M_ROW=$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$round" "$name" "$rps" "$(jget "$json" p50_ms)" \
+		"$(jget "$json" p99_ms)" "$cpu_us" "$cpu_pct" "$bad" "$loadcore" "$other")
+	M_LINE=$(printf '  %-10s %9s req/s  p50 %7s ms  p99 %7s ms  caddy %7s µs/req, %3s%% of its core; load core %3s%%; other %3s%%%s' \
+		"$name" "$rps" "$(jget "$json" p50_ms)" "$(jget "$json" p99_ms)" "$cpu_us" "$cpu_pct" "$loadcore" "$other" \
+		"$([ "$bad" = 0 ] || echo "  FAILED: $bad  $json")")
 }
 
 col() { # NAME COLUMN: median over rounds of a results column
@@ -309,9 +366,9 @@ throughput() {
 
 	local fails
 	fails=$(awk -F'\t' '{s += $8} END {print s + 0}' "$RESULTS")
-	say ""
-	say "medians of $ROUNDS rounds (Caddy pinned to CPU $CADDY_CPU, load+fake to CPU $LOAD_CPU; CPU = Caddy utime+stime):"
-	printf '%-34s %10s %9s %9s %12s %7s\n' "" "req/s" "p50 ms" "p99 ms" "CPU µs/req" "CPU %"
+	echo
+	echo "medians of $ROUNDS rounds (Caddy pinned to CPU $CADDY_CPU, load+fake to CPU $LOAD_CPU; CPU = Caddy utime+stime):"
+	printf '%-34s %10s %9s %9s %12s %7s %10s %7s\n' "" "req/s" "p50 ms" "p99 ms" "CPU µs/req" "CPU %" "load core" "other"
 	local name label
 	for name in gw_chat px_chat gw_models px_respond gw_enhance px_chat2; do
 		case $name in
@@ -322,8 +379,8 @@ throughput() {
 		gw_enhance) label="gateway chat (enhance: LLM+image)" ;;
 		px_chat2) label="reverse_proxy (enhance pair)" ;;
 		esac
-		printf '%-34s %10s %9s %9s %12s %7s\n' "$label" "$(col "$name" 3)" "$(col "$name" 4)" \
-			"$(col "$name" 5)" "$(col "$name" 6)" "$(col "$name" 7)"
+		printf '%-34s %10s %9s %9s %12s %7s %9s%% %6s%%\n' "$label" "$(col "$name" 3)" "$(col "$name" 4)" \
+			"$(col "$name" 5)" "$(col "$name" 6)" "$(col "$name" 7)" "$(col "$name" 9)" "$(col "$name" 10)"
 	done
 	echo
 	local a b x
@@ -336,6 +393,15 @@ throughput() {
 	a=$(col gw_enhance 3) b=$(col px_chat2 3) x=$(ratio "$a" "$b")
 	printf '%-46s %6sx  target >= 0.9x  %s\n' "enhance-path throughput / reverse_proxy" "$x" "$(verdict "$x" '>=' 0.9)"
 	[ "$fails" = 0 ] || echo "WARNING: $fails requests failed (errors, non-2xx or wrong body): see the round lines above"
+	for name in gw_chat px_chat gw_models px_respond gw_enhance px_chat2; do
+		if awk -v v="$(col "$name" 9)" 'BEGIN {exit !(v >= 95)}'; then
+			echo "NOTE: $name saturated the load core (median $(col "$name" 9)%): the generator, not Caddy, set its pace; its req/s is a lower bound"
+		fi
+	done
+	x=$(awk -F'\t' '$10 > m {m = $10} END {print m + 0}' "$RESULTS")
+	if awk -v v="$x" -v m="$NOISE_MAX" 'BEGIN {exit !(v > m)}'; then
+		echo "WARNING: up to ${x}% of a core went to other work during a kept measurement (NOISE_MAX $NOISE_MAX%): the machine was not quiet; rerun for clean numbers"
+	fi
 	say "(per-round rows: $RESULTS; Caddy log: $OUT/caddy-throughput.log)"
 }
 
@@ -345,11 +411,11 @@ throughput() {
 burst_one() {
 	local round=$1 name=$2 url=$3 base t0 t1 json hwm stats ok
 	start_caddy "burst-$name"
-	sleep 0.5 # let the fresh process settle before its baseline
+	wait_quiet || true # the fresh process settles; and a build elsewhere would decide the wall time
 	base=$(mem_kb "$CADDY_PID" VmRSS)
 	curl -fsS -X POST "http://127.0.0.1:$FAKE_PORT/stats/reset" >/dev/null 2>&1 || true
 	t0=$(cpu_ticks "$CADDY_PID")
-	json=$(load "$url" "$EXPECT_IMAGE" "$CHAT_BODY" -burst "$BURST" -timeout 60s)
+	json=$(load "$url" "$EXPECT_IMAGE" "$CHAT_BODY" -burst "$BURST" -timeout 60s "${PRE[@]}")
 	t1=$(cpu_ticks "$CADDY_PID")
 	hwm=$(mem_kb "$CADDY_PID" VmHWM)
 	stats=$(curl -fsS "http://127.0.0.1:$FAKE_PORT/stats" 2>/dev/null || echo '{}')
@@ -365,12 +431,18 @@ burst_one() {
 }
 
 burst() {
-	say "== burst: $BURST simultaneous chat requests, fake image takes $BURST_DELAY, $BURST_ROUNDS alternating rounds, fresh Caddy each"
+	say "== burst: $BURST simultaneous chat requests, fake image takes $BURST_DELAY, $BURST_ROUNDS alternating rounds, fresh Caddy each, $([ "$PRECONNECT" = 1 ] && echo "connections opened before the clock" || echo "cold connections")"
 	raise_nofile $((BURST * 2 + 512))
 	start_fake "$BURST_DELAY"
 	RESULTS=$OUT/burst.tsv
 	: >"$RESULTS"
-	local gw=http://127.0.0.1:$GW_PORT/v1/chat/completions px=http://127.0.0.1:$PX_PORT/v1/chat/completions r
+	local gw=http://127.0.0.1:$GW_PORT/v1/chat/completions px=http://127.0.0.1:$PX_PORT/v1/chat/completions r json
+	# the harness's own floor: the same burst straight at the fake, no Caddy.
+	# Whatever wall time this takes (dialing 2000 connections, on the core the
+	# fake shares with the generator) is in the numbers below too.
+	json=$(load "http://127.0.0.1:$FAKE_PORT/api/v1/generate_image" "$EXPECT_IMAGE" "$CHAT_BODY" -burst "$BURST" -timeout 60s "${PRE[@]}")
+	HARNESS_WALL=$(jget "$json" wall_s)
+	say "  harness floor (burst straight at the fake, no Caddy): ok $(jget "$json" ok)/$BURST, wall $HARNESS_WALL s"
 	for r in $(seq "$BURST_ROUNDS"); do
 		say "round $r"
 		if [ $((r % 2)) = 1 ]; then
@@ -382,13 +454,15 @@ burst() {
 		fi
 	done
 	echo
-	echo "burst of $BURST, medians of $BURST_ROUNDS fresh-process runs each:"
-	printf '%-15s %8s %8s %10s %14s %14s %10s\n' "" "ok" "wall s" "p99 ms" "peak RSS kB" "fresh RSS kB" "CPU ticks"
+	echo "burst of $BURST, medians of $BURST_ROUNDS fresh-process runs each ($([ "$PRECONNECT" = 1 ] && echo "connections opened before the clock" || echo "cold connections, dialed in the burst")):"
+	printf '%-15s %8s %8s %10s %14s %14s %12s\n' "" "ok" "wall s" "p99 ms" "peak RSS kB" "fresh RSS kB" "CPU µs/req"
 	local name
 	for name in gateway reverse_proxy; do
-		printf '%-15s %8s %8s %10s %14s %14s %10s\n' "$name" "$(col "$name" 4)" "$(col "$name" 3)" \
-			"$(col "$name" 7)" "$(col "$name" 5)" "$(col "$name" 6)" "$(col "$name" 8)"
+		printf '%-15s %8s %8s %10s %14s %14s %12s\n' "$name" "$(col "$name" 4)" "$(col "$name" 3)" \
+			"$(col "$name" 7)" "$(col "$name" 5)" "$(col "$name" 6)" \
+			"$(awk -v t="$(col "$name" 8)" -v hz="$CLK_TCK" -v n="$BURST" 'BEGIN {printf "%.0f", t * 1e6 / hz / n}')"
 	done
+	echo "(harness floor, the same burst straight at the fake: wall $HARNESS_WALL s, of which $BURST_DELAY is the fake's delay)"
 	echo
 	local ok wall x
 	ok=$(awk -F'\t' -v n="$BURST" '$2 == "gateway" && $4 != n {bad++} END {print bad ? "MISS" : "PASS"}' "$RESULTS")
@@ -423,10 +497,10 @@ streams() {
 		n=$(((NOFILE - 512) / 2))
 		say "WARNING: running $n streams instead of $STREAMS: Caddy needs 2 descriptors per stream and may open only $NOFILE (raise the hard limit: ulimit -Hn)"
 	fi
-	say "== streams: $n simultaneous streaming chat requests, fake image takes $STREAM_DELAY, stream_keepalive $STREAM_KEEPALIVE"
+	say "== streams: $n simultaneous streaming chat requests, fake image takes $STREAM_DELAY, stream_keepalive $STREAM_KEEPALIVE, $([ "$PRECONNECT" = 1 ] && echo "connections opened before the clock" || echo "cold connections")"
 	start_fake "$STREAM_DELAY"
 	start_caddy streams
-	sleep 0.5
+	wait_quiet || true
 	local base t0 t1 json hwm after stats peak
 	base=$(mem_kb "$CADDY_PID" VmRSS)
 	curl -fsS -X POST "http://127.0.0.1:$FAKE_PORT/stats/reset" >/dev/null 2>&1 || true
@@ -442,7 +516,7 @@ streams() {
 
 	t0=$(cpu_ticks "$CADDY_PID")
 	json=$(load "http://127.0.0.1:$GW_PORT/v1/chat/completions" "$EXPECT_IMAGE" "$STREAM_BODY" \
-		-stream -burst "$n" -timeout 120s)
+		-stream -burst "$n" -timeout 120s "${PRE[@]}")
 	t1=$(cpu_ticks "$CADDY_PID")
 	stop_pid "$SAMPLER_PID"
 	SAMPLER_PID=
@@ -490,6 +564,17 @@ machine() {
 	awk -v b="$busy" 'BEGIN {exit !(b > 10)}' &&
 		say "WARNING: the machine is not idle (${busy}% busy); throughput and CPU numbers will be noisy"
 	return 0
+}
+
+# wait_quiet: up to QUIET_WAIT seconds for the machine to go idle (under 10%
+# busy while our processes idle); fails when it does not
+wait_quiet() {
+	local end=$((SECONDS + QUIET_WAIT)) busy
+	while :; do
+		busy=$(idle_check)
+		[ "$busy" -le 10 ] && return 0
+		[ "$SECONDS" -ge "$end" ] && { say "  (still ${busy}% busy after ${QUIET_WAIT}s; measuring anyway)"; return 1; }
+	done
 }
 
 # idle_check: percent of CPU time not idle, over one second, from /proc/stat

@@ -10,7 +10,16 @@
 // how the burst and stream modes hold thousands of requests open at once.
 //
 // GET /stats reports how many calls it served and the peak number in flight,
-// so the driver can check that a burst really reached the upstream at once.
+// so the driver can check that a burst really reached the upstream at once;
+// POST /stats/reset starts the count again.
+//
+// -server raw (the default) answers with the minimal HTTP/1.1 server of
+// raw.go, -server go with net/http. Why: on the benchmark's two cores the
+// fake shares a core with the load generator, and a net/http server costs
+// about half of what Caddy's whole reverse_proxy does per request. At the
+// throughput the targets ask for, that core would saturate before Caddy's
+// and cap the gateway's numbers; the fake must be cheaper than what it
+// serves.
 package main
 
 import (
@@ -27,8 +36,8 @@ import (
 	"time"
 )
 
-// imageBody is the success answer of the image service (SPEC §4 step 6).
-const imageBody = `{"success":true,"data":{"image_url":"https://img.example/x.png"}}`
+// imageJSON is the success answer of the image service (SPEC §4 step 6).
+var imageJSON = []byte(`{"success":true,"data":{"image_url":"https://img.example/x.png"}}`)
 
 // llmContent is what the fake LLM "suggests": a prompt and a ratio, as the
 // enhancement system prompt asks for.
@@ -56,11 +65,14 @@ func (c *counters) leave() { c.inFlight.Add(-1) }
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:18400", "listen address (loopback)")
-	delay := flag.Duration("delay", 0, "how long the image call takes before answering")
-	llmDelay := flag.Duration("llm-delay", 0, "how long the LLM call takes before answering")
+	server := flag.String("server", "raw", "HTTP server: raw (minimal HTTP/1.1, cheap) or go (net/http)")
+	f := &fake{}
+	flag.DurationVar(&f.delay, "delay", 0, "how long the image call takes before answering")
+	flag.DurationVar(&f.llmDelay, "llm-delay", 0, "how long the LLM call takes before answering")
 	flag.Parse()
 
-	llmBody, err := json.Marshal(map[string]any{
+	var err error
+	f.llmBody, err = json.Marshal(map[string]any{
 		"id":      "chatcmpl-fake",
 		"object":  "chat.completion",
 		"created": 1700000000,
@@ -76,61 +88,76 @@ func main() {
 		log.Fatal(err)
 	}
 
-	var c counters
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /api/v1/generate_image", func(w http.ResponseWriter, r *http.Request) {
-		c.image.Add(1)
-		c.enter()
-		defer c.leave()
-		answer(w, r, *delay, []byte(imageBody))
-	})
-	mux.HandleFunc("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request) {
-		c.llm.Add(1)
-		answer(w, r, *llmDelay, llmBody)
-	})
-	mux.HandleFunc("GET /stats", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		fmt.Fprintf(w, `{"image":%d,"llm":%d,"other":%d,"in_flight":%d,"max_in_flight":%d}`+"\n",
-			c.image.Load(), c.llm.Load(), c.other.Load(), c.inFlight.Load(), c.maxInFlight.Load())
-	})
-	// POST /stats/reset zeroes the peak, so each burst measures its own
-	mux.HandleFunc("POST /stats/reset", func(w http.ResponseWriter, r *http.Request) {
-		c.image.Store(0)
-		c.llm.Store(0)
-		c.other.Store(0)
-		c.maxInFlight.Store(c.inFlight.Load())
-		w.WriteHeader(http.StatusNoContent)
-	})
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		// anything else is a benchmark misconfiguration; count it so it shows
-		c.other.Add(1)
-		http.Error(w, `{"success":false,"error":"fake: no such endpoint"}`, http.StatusNotFound)
-	})
-
 	ln, err := net.Listen("tcp", *addr)
 	if err != nil {
 		log.Fatal(err)
 	}
-	srv := &http.Server{
-		Handler:           mux,
-		ReadHeaderTimeout: 30 * time.Second,
-		// the burst and stream modes park thousands of idle keep-alive
-		// connections here between phases; let them stay
-		IdleTimeout: 5 * time.Minute,
-		ErrorLog:    log.New(io.Discard, "", 0),
+	fmt.Fprintf(os.Stderr, "fake: %s server on %s, image delay %s\n", *server, ln.Addr(), f.delay)
+	switch *server {
+	case "raw":
+		log.Fatal(serveRaw(ln, f))
+	case "go":
+		srv := &http.Server{
+			Handler:           f,
+			ReadHeaderTimeout: 30 * time.Second,
+			// the burst and stream modes park thousands of idle keep-alive
+			// connections here between phases; let them stay
+			IdleTimeout: 5 * time.Minute,
+			ErrorLog:    log.New(io.Discard, "", 0),
+		}
+		log.Fatal(srv.Serve(ln))
+	default:
+		log.Fatalf("-server must be raw or go")
 	}
-	fmt.Fprintf(os.Stderr, "fake: listening on %s, image delay %s\n", ln.Addr(), *delay)
-	log.Fatal(srv.Serve(ln))
 }
 
-// answer drains the request body (so the connection can be reused), waits
-// delay unless the caller leaves first, and writes body as JSON.
-func answer(w http.ResponseWriter, r *http.Request, delay time.Duration, body []byte) {
+// fake holds the answers and the counters; both servers route through call.
+type fake struct {
+	delay, llmDelay time.Duration
+	llmBody         []byte
+	c               counters
+}
+
+// call decides the answer to one request: its status and body, how long to
+// wait before sending it, and what to run once it is sent (may be nil).
+func (f *fake) call(method, path string) (status int, body []byte, wait time.Duration, done func()) {
+	switch {
+	case method == http.MethodPost && path == "/api/v1/generate_image":
+		f.c.image.Add(1)
+		f.c.enter()
+		return http.StatusOK, imageJSON, f.delay, f.c.leave
+	case method == http.MethodPost && path == "/v1/chat/completions":
+		f.c.llm.Add(1)
+		return http.StatusOK, f.llmBody, f.llmDelay, nil
+	case method == http.MethodGet && path == "/stats":
+		return http.StatusOK, fmt.Appendf(nil, `{"image":%d,"llm":%d,"other":%d,"in_flight":%d,"max_in_flight":%d}`+"\n",
+			f.c.image.Load(), f.c.llm.Load(), f.c.other.Load(), f.c.inFlight.Load(), f.c.maxInFlight.Load()), 0, nil
+	case method == http.MethodPost && path == "/stats/reset":
+		// zero the counts and the peak, so each burst measures its own
+		f.c.image.Store(0)
+		f.c.llm.Store(0)
+		f.c.other.Store(0)
+		f.c.maxInFlight.Store(f.c.inFlight.Load())
+		return http.StatusNoContent, nil, 0, nil
+	default:
+		// anything else is a benchmark misconfiguration; count it so it shows
+		f.c.other.Add(1)
+		return http.StatusNotFound, []byte(`{"success":false,"error":"fake: no such endpoint"}`), 0, nil
+	}
+}
+
+// ServeHTTP is the net/http server (-server go).
+func (f *fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// drain the body so the connection can be reused
 	if _, err := io.Copy(io.Discard, r.Body); err != nil {
 		return
 	}
-	if delay > 0 {
-		t := time.NewTimer(delay)
+	status, body, wait, done := f.call(r.Method, r.URL.Path)
+	if done != nil {
+		defer done()
+	}
+	if wait > 0 {
+		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
 		case <-r.Context().Done():
@@ -142,6 +169,6 @@ func answer(w http.ResponseWriter, r *http.Request, delay time.Duration, body []
 	h := w.Header()
 	h["Content-Type"] = jsonType
 	h["Content-Length"] = []string{strconv.Itoa(len(body))}
-	w.WriteHeader(http.StatusOK)
+	w.WriteHeader(status)
 	_, _ = w.Write(body)
 }

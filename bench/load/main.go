@@ -37,6 +37,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -58,6 +59,7 @@ type config struct {
 	timeout     time.Duration
 	stream      bool
 	client      string
+	preconnect  bool
 }
 
 // result is the JSON line printed at the end. Latencies are milliseconds.
@@ -73,6 +75,7 @@ type result struct {
 	Min      float64 `json:"min_ms"`
 	Max      float64 `json:"max_ms"`
 	Wall     float64 `json:"wall_s"`
+	CPU      float64 `json:"cpu_s"` // this generator's own user+system time, for run.sh's noise check
 
 	Completed    *int64   `json:"completed,omitempty"`
 	KeepAlives   *int64   `json:"keepalives,omitempty"`
@@ -112,6 +115,7 @@ func main() {
 	flag.DurationVar(&cfg.dur, "d", 5*time.Second, "how long to send requests")
 	flag.IntVar(&cfg.n, "n", 0, "total requests instead of -d (0: use -d)")
 	flag.IntVar(&cfg.burst, "burst", 0, "fire this many requests at once, one each, and wait for all")
+	flag.BoolVar(&cfg.preconnect, "preconnect", false, "with -burst: open all connections before the clock starts, so the burst is of requests, not of TCP handshakes")
 	flag.DurationVar(&cfg.timeout, "timeout", 60*time.Second, "grace after -d (or the whole -burst) before in-flight requests are errors")
 	flag.BoolVar(&cfg.stream, "stream", false, "read SSE answers to the end, counting keep-alive comments")
 	flag.StringVar(&cfg.client, "client", "raw", "closed-loop HTTP client: raw (minimal HTTP/1.1, cheap) or go (net/http); -burst and -stream always use go")
@@ -176,12 +180,32 @@ func run(cfg config) (*result, error) {
 		tmpl.Header.Set("Content-Type", "application/json")
 	}
 
+	dialer := &net.Dialer{
+		Timeout:   cfg.timeout,
+		KeepAlive: -1, // no TCP keep-alive probes: nothing idles long enough to need them
+	}
+	dial := dialer.DialContext
+	if cfg.preconnect && cfg.burst > 0 {
+		host := tmpl.URL.Host
+		if tmpl.URL.Port() == "" {
+			host = net.JoinHostPort(tmpl.URL.Hostname(), "80")
+		}
+		pool, err := preconnect(dialer, host, cfg.burst)
+		if err != nil {
+			return nil, err
+		}
+		dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			select {
+			case c := <-pool:
+				return c, nil
+			default:
+				return dialer.DialContext(ctx, network, addr)
+			}
+		}
+	}
 	tr := &http.Transport{
-		Proxy: nil, // loopback benchmark: never an HTTP_PROXY from the environment
-		DialContext: (&net.Dialer{
-			Timeout:   cfg.timeout,
-			KeepAlive: -1, // no TCP keep-alive probes: nothing idles long enough to need them
-		}).DialContext,
+		Proxy:               nil, // loopback benchmark: never an HTTP_PROXY from the environment
+		DialContext:         dial,
 		MaxIdleConns:        cfg.conc,
 		MaxIdleConnsPerHost: cfg.conc,
 		IdleConnTimeout:     time.Minute,
@@ -248,6 +272,44 @@ func run(cfg config) (*result, error) {
 	wall := time.Since(begin)
 
 	return merge(cfg, workers, wall), nil
+}
+
+// preconnect opens n connections to addr, 256 dials at a time so the
+// listener's backlog never overflows, and hands them out through a channel.
+// The server accepts each one now, so what the burst then measures is n
+// requests arriving at once on open connections.
+func preconnect(d *net.Dialer, addr string, n int) (chan net.Conn, error) {
+	pool := make(chan net.Conn, n)
+	sem := make(chan struct{}, 256)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var first error
+	for range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			c, err := d.Dial("tcp", addr)
+			if err != nil {
+				mu.Lock()
+				if first == nil {
+					first = err
+				}
+				mu.Unlock()
+				return
+			}
+			pool <- c
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		for len(pool) > 0 {
+			(<-pool).Close()
+		}
+		return nil, fmt.Errorf("preconnect: %w", first)
+	}
+	return pool, nil
 }
 
 // do sends one request and reads its answer to the end.
@@ -429,6 +491,10 @@ func merge(cfg config, workers []*worker, wall time.Duration) *result {
 		res.Min, res.Max = ms(lat[0]), ms(lat[len(lat)-1])
 	}
 	res.Wall = round(res.Wall, 3)
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) == nil {
+		res.CPU = round(time.Duration(ru.Utime.Nano()+ru.Stime.Nano()).Seconds(), 3)
+	}
 	if cfg.stream {
 		slices.Sort(ttfb)
 		slices.Sort(kas)
