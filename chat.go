@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
@@ -42,14 +43,50 @@ func decodeJSON(body []byte, v any) *apiError {
 	if len(bytes.TrimSpace(body)) == 0 {
 		return invalidRequest("", "The request body is empty; send a JSON object")
 	}
+	// JSON is UTF-8 (RFC 8259 §8.1); encoding/json would quietly turn other
+	// bytes (a GBK or Latin-1 body) into U+FFFD and generate from garbage
+	if !utf8.Valid(body) {
+		return invalidRequest("", "The request body is not valid UTF-8; send JSON encoded as UTF-8")
+	}
 	if err := json.Unmarshal(body, v); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
-			return invalidRequest(te.Field, fmt.Sprintf("Invalid type for '%s': expected %s, got %s", te.Field, te.Type, te.Value))
+			if te.Field == "" {
+				return invalidRequest("", fmt.Sprintf("The request body must be a JSON object, not %s", te.Value))
+			}
+			return invalidRequest(te.Field, fmt.Sprintf("Invalid type for '%s': expected %s, got %s", te.Field, jsonTypeName(te.Type), te.Value))
 		}
 		return invalidRequest("", "The request body is not valid JSON: "+err.Error())
 	}
 	return nil
+}
+
+// jsonTypeName names a Go type as the JSON type a client must send: the
+// decoder's own names ("float64", "struct { Role string … }") mean nothing
+// to an API client.
+func jsonTypeName(t reflect.Type) string {
+	if t == nil {
+		return "another type"
+	}
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "a boolean"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	}
+	return "another type"
 }
 
 // decodeChat parses and checks a chat completions body.
