@@ -207,7 +207,9 @@ type imageFetcher struct {
 }
 
 func newImageFetcher(upstreamURL string, extra []string) *imageFetcher {
-	f := &imageFetcher{hosts: map[string]bool{}, client: &http.Client{Transport: newTransport()}}
+	t := newTransport()
+	t.ReadBufferSize = 32 << 10 // images are large, unlike the API answers
+	f := &imageFetcher{hosts: map[string]bool{}, client: &http.Client{Transport: t}}
 	if u, err := url.Parse(upstreamURL); err == nil && u.Hostname() != "" {
 		f.hosts[strings.ToLower(u.Hostname())] = true
 	}

@@ -130,6 +130,11 @@ func newTransport() *http.Transport {
 		MaxIdleConnsPerHost: 256,
 		IdleConnTimeout:     90 * time.Second,
 		TLSHandshakeTimeout: 10 * time.Second,
+		// requests and answers are a few hundred bytes: the default 4 KiB
+		// buffers per connection are memory that thousands of concurrent
+		// slow generations hold for nothing
+		WriteBufferSize: 2 << 10,
+		ReadBufferSize:  2 << 10,
 	}
 }
 
