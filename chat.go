@@ -184,7 +184,7 @@ func parseSeed(raw json.RawMessage) (*int64, *apiError) {
 	return &n, nil
 }
 
-// checkNumbers rejects numbers no client means: NaN cannot come from JSON,
+// checkParams rejects numbers no client means: NaN cannot come from JSON,
 // but absurd sizes or cfg values can.
 func checkParams(p *jobParams) *apiError {
 	if (p.width == nil) != (p.height == nil) {
