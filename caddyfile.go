@@ -166,14 +166,7 @@ func unmarshalUpstream(d *caddyfile.Dispenser) (*UpstreamConfig, error) {
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}
-	seen := map[string]bool{}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		opt := d.Val()
-		if seen[opt] {
-			return nil, d.Errf("zimage_gateway: upstream %s already specified", opt)
-		}
-		seen[opt] = true
-		var err error
+	err := eachOption(d, "upstream", func(opt string) (err error) {
 		switch opt {
 		case "api_key":
 			u.APIKey, err = optionalArg(d)
@@ -188,11 +181,12 @@ func unmarshalUpstream(d *caddyfile.Dispenser) (*UpstreamConfig, error) {
 			n, err = parseInt(d, 0)
 			u.Retries = &n
 		default:
-			return nil, d.Errf("unrecognized zimage_gateway upstream option '%s'", opt)
+			return d.Errf("unrecognized zimage_gateway upstream option '%s'", opt)
 		}
-		if err != nil {
-			return nil, err
-		}
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 	return u, nil
 }
@@ -208,14 +202,7 @@ func unmarshalEnhance(d *caddyfile.Dispenser) (*EnhanceConfig, error) {
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}
-	seen := map[string]bool{}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		opt := d.Val()
-		if seen[opt] {
-			return nil, d.Errf("zimage_gateway: enhance %s already specified", opt)
-		}
-		seen[opt] = true
-		var err error
+	err := eachOption(d, "enhance", func(opt string) (err error) {
 		switch opt {
 		case "api_key":
 			e.APIKey, err = optionalArg(d)
@@ -230,11 +217,12 @@ func unmarshalEnhance(d *caddyfile.Dispenser) (*EnhanceConfig, error) {
 		case "system_prompt_file":
 			e.SystemPromptFile, err = singleArg(d)
 		default:
-			return nil, d.Errf("unrecognized zimage_gateway enhance option '%s'", opt)
+			return d.Errf("unrecognized zimage_gateway enhance option '%s'", opt)
 		}
-		if err != nil {
-			return nil, err
-		}
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 	if e.SystemPrompt != "" && e.SystemPromptFile != "" {
 		return nil, d.Err("zimage_gateway: enhance: use either system_prompt or system_prompt_file, not both")
@@ -291,6 +279,23 @@ func unmarshalModel(d *caddyfile.Dispenser) (ModelConfig, error) {
 		}
 	}
 	return m, nil
+}
+
+// eachOption walks the sub-directives of a block, refusing any given twice,
+// and hands each to handle.
+func eachOption(d *caddyfile.Dispenser, block string, handle func(opt string) error) error {
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] {
+			return d.Errf("zimage_gateway: %s %s already specified", block, opt)
+		}
+		seen[opt] = true
+		if err := handle(opt); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // singleArg reads exactly one argument.

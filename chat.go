@@ -217,17 +217,8 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointChat, "", errModelNotFound(req.Model))
 		return
 	}
-	seed, e := parseSeed(req.Seed)
-	if e != nil {
-		g.fail(w, endpointChat, m.name, e)
-		return
-	}
-	p := jobParams{prompt: prompt, width: req.Width, height: req.Height, cfg: req.CFG, seed: seed, negative: req.NegativePrompt}
-	if e := checkParams(&p); e != nil {
-		g.fail(w, endpointChat, m.name, e)
-		return
-	}
-	j, e := g.newJob(r, endpointChat, m, req.Model, p)
+	p := jobParams{prompt: prompt, width: req.Width, height: req.Height, cfg: req.CFG, negative: req.NegativePrompt}
+	j, e := g.checkedJob(r, endpointChat, m, req.Model, p, req.Seed)
 	if e != nil {
 		g.fail(w, endpointChat, m.name, e)
 		return

@@ -49,14 +49,7 @@ func newEnhancer(baseURL, key, model, system string, timeout time.Duration) *enh
 		model:   model,
 		system:  system,
 		timeout: timeout,
-		client: &http.Client{
-			Transport: newTransport(),
-			// the Authorization header carries the LLM key: never follow a
-			// redirect anywhere, not even to the same host over plain HTTP
-			CheckRedirect: func(*http.Request, []*http.Request) error {
-				return errors.New("redirects are not followed")
-			},
-		},
+		client:  newKeyedClient(),
 	}
 }
 

@@ -109,17 +109,8 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointImages, m.name, e)
 		return
 	}
-	seed, e := parseSeed(req.Seed)
-	if e != nil {
-		g.fail(w, endpointImages, m.name, e)
-		return
-	}
-	p := jobParams{prompt: prompt, width: width, height: height, cfg: req.CFG, seed: seed, negative: req.NegativePrompt}
-	if e := checkParams(&p); e != nil {
-		g.fail(w, endpointImages, m.name, e)
-		return
-	}
-	j, e := g.newJob(r, endpointImages, m, req.Model, p)
+	p := jobParams{prompt: prompt, width: width, height: height, cfg: req.CFG, negative: req.NegativePrompt}
+	j, e := g.checkedJob(r, endpointImages, m, req.Model, p, req.Seed)
 	if e != nil {
 		g.fail(w, endpointImages, m.name, e)
 		return
@@ -127,7 +118,7 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 
 	ctx := r.Context()
 	g.runEnhance(ctx, j)
-	data, e := g.generateN(ctx, j, n, seed != nil, format)
+	data, e := g.generateN(ctx, j, n, j.fixedSeed, format)
 	if e != nil {
 		g.fail(w, endpointImages, m.name, e)
 		return

@@ -2,6 +2,7 @@ package zimage
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"math/rand/v2"
 	"net/http"
@@ -43,10 +44,11 @@ type job struct {
 	ratio, source string
 	width, height int
 
-	seed     int64
-	cfg      float64
-	negative string
-	origin   string // scheme://host of the request, for the demo
+	seed      int64
+	fixedSeed bool // the client chose the seed
+	cfg       float64
+	negative  string
+	origin    string // scheme://host of the request, for the demo
 
 	imageURL  string
 	queueWait time.Duration
@@ -60,6 +62,19 @@ type jobParams struct {
 	cfg           *float64
 	seed          *int64
 	negative      *string
+}
+
+// checkedJob reads the seed, checks the numbers and makes the job: the
+// request checks chat and images share once their bodies are decoded.
+func (g *Gateway) checkedJob(r *http.Request, endpoint string, m *model, requested string, p jobParams, seed json.RawMessage) (*job, *apiError) {
+	var e *apiError
+	if p.seed, e = parseSeed(seed); e != nil {
+		return nil, e
+	}
+	if e := checkParams(&p); e != nil {
+		return nil, e
+	}
+	return g.newJob(r, endpoint, m, requested, p)
 }
 
 // newJob runs the cheap, deterministic steps of the pipeline (SPEC §4 steps
@@ -85,7 +100,7 @@ func (g *Gateway) newJob(r *http.Request, endpoint string, m *model, requested s
 		j.cfg = *p.cfg
 	}
 	if p.seed != nil && *p.seed >= 0 {
-		j.seed = *p.seed
+		j.seed, j.fixedSeed = *p.seed, true
 	} else {
 		j.seed = randomSeed()
 	}

@@ -101,12 +101,19 @@ func newImageClient(u, key string, timeout time.Duration, retries int) *imageCli
 		key:     key,
 		timeout: timeout,
 		retries: retries,
-		client: &http.Client{
-			Transport: newTransport(),
-			// the Authorization header carries the SD key: no redirects
-			CheckRedirect: func(*http.Request, []*http.Request) error {
-				return errors.New("redirects are not followed")
-			},
+		client:  newKeyedClient(),
+	}
+}
+
+// newKeyedClient is the HTTP client for calls that carry a key in their
+// Authorization header (the image service, the LLM): it follows no
+// redirect at all, not even to the same host over plain HTTP, so the key
+// goes only where it was configured to go.
+func newKeyedClient() *http.Client {
+	return &http.Client{
+		Transport: newTransport(),
+		CheckRedirect: func(*http.Request, []*http.Request) error {
+			return errors.New("redirects are not followed")
 		},
 	}
 }
