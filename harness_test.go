@@ -294,6 +294,13 @@ func (f *fakeLLM) Calls() []llmCall {
 // gatewaySite is a site body with the gateway pointed at the fakes; extra
 // lines go inside the zimage_gateway block. llm may be nil (enhance off).
 func gatewaySite(up *fakeUpstream, llm *fakeLLM, extra string) string {
+	return opsSite(up.endpoint(), llm, "timeout 5s", extra)
+}
+
+// opsSite is a site body with the gateway pointed at upURL; upstream lines
+// go in the upstream block and extra lines in the zimage_gateway block.
+// llm may be nil (enhance off).
+func opsSite(upURL string, llm *fakeLLM, upstream, extra string) string {
 	enh := "enhance off"
 	if llm != nil {
 		enh = fmt.Sprintf("enhance {\n\t\tapi_key %s\n\t\tbase_url %s\n\t\ttimeout 2s\n\t}", testLLMKey, llm.baseURL())
@@ -302,11 +309,11 @@ func gatewaySite(up *fakeUpstream, llm *fakeLLM, extra string) string {
 	api_key %s
 	upstream %s {
 		api_key %s
-		timeout 5s
+		%s
 	}
 	%s
 	%s
-}`, testClientKey, up.endpoint(), testSDKey, enh, extra)
+}`, testClientKey, upURL, testSDKey, upstream, enh, extra)
 }
 
 // do sends a request to the test site with the client key and returns the

@@ -18,25 +18,6 @@ import (
 	"time"
 )
 
-// opsSite is a site body with the gateway pointed at upURL; upstream lines
-// go in the upstream block and extra lines in the zimage_gateway block.
-// llm may be nil (enhance off).
-func opsSite(upURL string, llm *fakeLLM, upstream, extra string) string {
-	enh := "enhance off"
-	if llm != nil {
-		enh = fmt.Sprintf("enhance {\n\t\tapi_key %s\n\t\tbase_url %s\n\t\ttimeout 2s\n\t}", testLLMKey, llm.baseURL())
-	}
-	return fmt.Sprintf(`zimage_gateway {
-	api_key %s
-	upstream %s {
-		api_key %s
-		%s
-	}
-	%s
-	%s
-}`, testClientKey, upURL, testSDKey, upstream, enh, extra)
-}
-
 // gate holds the fake upstream's requests until the test lets them go, one
 // at a time (release) or all at once (open).
 type gate struct {
