@@ -33,6 +33,11 @@ const demoPath = "/v1/zimage-demo/"
 // without the /v1 prefix (clients are configured both ways); other paths
 // under /v1/ are unknown API paths, and the rest belong to the site.
 func parseRoute(path string) (route, string) {
+	// a base URL configured with a trailing slash ("…/v1/") makes some
+	// clients ask for "/v1//chat/completions"
+	for strings.Contains(path, "//") {
+		path = strings.ReplaceAll(path, "//", "/")
+	}
 	if strings.HasPrefix(path, demoPath) {
 		return routeDemoImage, path[len(demoPath):]
 	}
