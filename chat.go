@@ -292,13 +292,6 @@ func randomID() string {
 	return hex.EncodeToString(b[:])
 }
 
-func truncate(s string, n int) string {
-	if r := []rune(s); len(r) > n {
-		return string(r[:n]) + "…"
-	}
-	return s
-}
-
 // markdown renders the answer content of SPEC §4 step 7, byte for byte.
 func (g *Gateway) markdown(j *job) string {
 	var b strings.Builder

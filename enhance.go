@@ -8,8 +8,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strings"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // defaultSystemPrompt asks the LLM for a JSON object with an English Stable
@@ -194,4 +198,119 @@ func stripThink(s string) string {
 		}
 		s = s[:i] + s[i+j+len("</think>"):]
 	}
+}
+
+// EnhanceConfig configures the OpenAI-compatible LLM used for prompt
+// enhancement. Every failure of the LLM silently falls back to the user's
+// own prompt.
+type EnhanceConfig struct {
+	// Off disables enhancement even when a key is available.
+	Off bool `json:"off,omitempty"`
+
+	// APIKey is the LLM's bearer token. Placeholders are accepted.
+	// Default: the environment variable ENHANCE_OPENAI_API_KEY.
+	APIKey string `json:"api_key,omitempty"`
+
+	// BaseURL is the LLM API's base URL, to which /chat/completions is
+	// appended. Placeholders are accepted. Default: the environment variable
+	// ENHANCE_OPENAI_BASE_URL, else https://api.openai.com/v1.
+	BaseURL string `json:"base_url,omitempty"`
+
+	// Model is the LLM model name. Default: the environment variable
+	// ENHANCE_OPENAI_MODEL, else gpt-4o-mini.
+	Model string `json:"model,omitempty"`
+
+	// Timeout bounds the LLM call. Default: 10s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+
+	// SystemPrompt replaces the built-in system prompt.
+	SystemPrompt string `json:"system_prompt,omitempty"`
+
+	// SystemPromptFile reads the system prompt from a file at load time.
+	SystemPromptFile string `json:"system_prompt_file,omitempty"`
+}
+
+// provisionEnhance resolves the LLM settings; it returns nil when
+// enhancement is off or no key resolves.
+func (g *Gateway) provisionEnhance(resolve func(v, env string) string) (*enhancer, error) {
+	var ec EnhanceConfig
+	if g.Enhance != nil {
+		ec = *g.Enhance
+	}
+	if ec.Off {
+		return nil, nil
+	}
+	key := resolve(ec.APIKey, "ENHANCE_OPENAI_API_KEY")
+	if key == "" {
+		return nil, nil
+	}
+	base := resolve(ec.BaseURL, "ENHANCE_OPENAI_BASE_URL")
+	if base == "" {
+		base = defaultEnhanceBaseURL
+	}
+	if err := checkHTTPURL(base); err != nil {
+		return nil, fmt.Errorf("zimage_gateway: enhance: base_url: %v", err)
+	}
+	name := resolve(ec.Model, "ENHANCE_OPENAI_MODEL")
+	if name == "" {
+		name = defaultEnhanceModel
+	}
+	timeout := time.Duration(ec.Timeout)
+	if timeout <= 0 {
+		timeout = defaultEnhanceTimeout
+	}
+	system := ec.SystemPrompt
+	if ec.SystemPromptFile != "" {
+		if system != "" {
+			return nil, errors.New("zimage_gateway: enhance: use either system_prompt or system_prompt_file, not both")
+		}
+		b, err := os.ReadFile(ec.SystemPromptFile)
+		if err != nil {
+			return nil, fmt.Errorf("zimage_gateway: enhance: system_prompt_file: %v", err)
+		}
+		system = string(b)
+	}
+	if strings.TrimSpace(system) == "" {
+		system = defaultSystemPrompt
+	}
+	return newEnhancer(base, key, name, system, timeout), nil
+}
+
+func unmarshalEnhance(d *caddyfile.Dispenser) (*EnhanceConfig, error) {
+	e := new(EnhanceConfig)
+	if d.NextArg() {
+		if d.Val() != "off" {
+			return nil, d.Errf("zimage_gateway: enhance takes 'off' or a block, not '%s'", d.Val())
+		}
+		e.Off = true
+	}
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	err := eachOption(d, "enhance", func(opt string) (err error) {
+		switch opt {
+		case "api_key":
+			e.APIKey, err = optionalArg(d)
+		case "base_url":
+			e.BaseURL, err = optionalArg(d)
+		case "model":
+			e.Model, err = optionalArg(d)
+		case "timeout":
+			e.Timeout, err = parseDuration(d)
+		case "system_prompt":
+			e.SystemPrompt, err = singleArg(d)
+		case "system_prompt_file":
+			e.SystemPromptFile, err = singleArg(d)
+		default:
+			return d.Errf("unrecognized zimage_gateway enhance option '%s'", opt)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if e.SystemPrompt != "" && e.SystemPromptFile != "" {
+		return nil, d.Err("zimage_gateway: enhance: use either system_prompt or system_prompt_file, not both")
+	}
+	return e, nil
 }

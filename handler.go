@@ -150,40 +150,6 @@ func (g *Gateway) authorized(r *http.Request) bool {
 	return match == 1
 }
 
-// modelObject is one entry of /v1/models.
-type modelObject struct {
-	ID      string `json:"id"`
-	Object  string `json:"object"`
-	Created int64  `json:"created"`
-	OwnedBy string `json:"owned_by"`
-}
-
-type modelList struct {
-	Object string        `json:"object"`
-	Data   []modelObject `json:"data"`
-}
-
-func (m *model) object() modelObject {
-	return modelObject{ID: m.name, Object: "model", Created: m.created, OwnedBy: "sd-exacg-gateway"}
-}
-
-func (g *Gateway) serveModels(w http.ResponseWriter) {
-	// encoded once in Provision: writeJSON would re-validate it every time
-	writeJSONBytes(w, http.StatusOK, g.modelsJSON)
-	metricRequests.WithLabelValues(endpointModels, "", "200").Inc()
-}
-
-func (g *Gateway) serveModel(w http.ResponseWriter, id string) {
-	// aliases resolve too, but the object names the model as listed
-	m := g.lookupModel(id)
-	if m == nil || strings.TrimSpace(id) == "" {
-		g.fail(w, endpointModels, "", errModelNotFound(id))
-		return
-	}
-	writeJSON(w, http.StatusOK, m.object())
-	metricRequests.WithLabelValues(endpointModels, m.name, "200").Inc()
-}
-
 // readBody reads the request body within the configured limit.
 func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.MaxBody))

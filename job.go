@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-	"unicode"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -111,23 +110,6 @@ func (g *Gateway) newJob(r *http.Request, endpoint string, m *model, requested s
 	j.origin = requestOrigin(r)
 	j.decideSize("")
 	return j, nil
-}
-
-// stripControl drops the control characters (NUL, escape sequences, DEL,
-// C1) from a prompt, keeping tabs and line breaks: the prompts go to a
-// Stable Diffusion service, to which they are noise at best, and are echoed
-// into the chat answer (issue 5, hostile input).
-func stripControl(s string) string {
-	isControl := func(r rune) bool { return unicode.IsControl(r) && r != '\t' && r != '\n' && r != '\r' }
-	if strings.IndexFunc(s, isControl) < 0 {
-		return s
-	}
-	return strings.Map(func(r rune) rune {
-		if isControl(r) {
-			return -1
-		}
-		return r
-	}, s)
 }
 
 // decideSize applies the size priority of SPEC §4 step 4: explicit body

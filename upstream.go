@@ -14,6 +14,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // maxUpstreamBody bounds how much of the image service's answer is read: a
@@ -321,4 +324,123 @@ func checkHTTPURL(s string) error {
 		return fmt.Errorf("invalid URL %q: want an absolute http:// or https:// URL", s)
 	}
 	return nil
+}
+
+// UpstreamConfig configures the image service client.
+type UpstreamConfig struct {
+	// URL is the generate_image endpoint, or "demo" to render placeholder
+	// images locally without an account. Placeholders are accepted.
+	// Default: https://sd.exacg.cc/api/v1/generate_image.
+	URL string `json:"url,omitempty"`
+
+	// APIKey is sent to the image service as a bearer token. Placeholders
+	// are accepted. Default: the environment variable SD_API_KEY. Required
+	// unless URL is "demo".
+	APIKey string `json:"api_key,omitempty"`
+
+	// Timeout bounds one whole generation call, retries included.
+	// Default: 180s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+
+	// MaxConcurrent is the most generations in flight to this upstream at
+	// once, across all endpoints and sites that share it. 0 means unlimited.
+	MaxConcurrent int `json:"max_concurrent,omitempty"`
+
+	// QueueTimeout is how long a request may wait for a free slot before it
+	// is answered with 429. Default: the upstream timeout.
+	QueueTimeout caddy.Duration `json:"queue_timeout,omitempty"`
+
+	// Retries is how many times a call is retried after a connection error
+	// or an upstream 502/503/504; never after other statuses or a timeout.
+	// Default: 1.
+	Retries *int `json:"retries,omitempty"`
+}
+
+// provisionUpstream resolves the image service settings and builds its
+// client (or the demo renderer) and the shared concurrency limiter.
+func (g *Gateway) provisionUpstream(resolve func(v, env string) string) (UpstreamConfig, error) {
+	var uc UpstreamConfig
+	if g.Upstream != nil {
+		uc = *g.Upstream
+	}
+	uc.URL = resolve(uc.URL, "")
+	if uc.URL == "" {
+		uc.URL = defaultUpstreamURL
+	}
+	uc.APIKey = resolve(uc.APIKey, "SD_API_KEY")
+	if uc.Timeout <= 0 {
+		uc.Timeout = caddy.Duration(defaultUpstreamTimeout)
+	}
+	if uc.QueueTimeout <= 0 {
+		uc.QueueTimeout = uc.Timeout
+	}
+	retries := defaultRetries
+	if uc.Retries != nil {
+		retries = *uc.Retries
+	}
+	if retries < 0 || retries > 10 {
+		return uc, fmt.Errorf("zimage_gateway: upstream: retries must be between 0 and 10, got %d", retries)
+	}
+	if uc.MaxConcurrent < 0 {
+		return uc, fmt.Errorf("zimage_gateway: upstream: max_concurrent must be 0 (unlimited) or more, got %d", uc.MaxConcurrent)
+	}
+
+	if strings.EqualFold(uc.URL, demoUpstream) {
+		uc.URL = demoUpstream
+		g.upstream = demoGenerator{}
+		g.logger.Warn("zimage_gateway is using the demo upstream: images are local placeholders, the image service is never called")
+	} else {
+		if err := checkHTTPURL(uc.URL); err != nil {
+			return uc, fmt.Errorf("zimage_gateway: upstream: %v", err)
+		}
+		if uc.APIKey == "" {
+			return uc, errors.New("zimage_gateway: upstream: no API key for the image service: set 'api_key' in the upstream block or the SD_API_KEY environment variable (or use 'upstream demo' to try the gateway without an account)")
+		}
+		ic := newImageClient(uc.URL, uc.APIKey, time.Duration(uc.Timeout), retries)
+		ic.retried = g.upstreamRetried
+		g.upstream = ic
+	}
+
+	if uc.MaxConcurrent > 0 {
+		g.limiterKey = fmt.Sprintf("%s|%d", uc.URL, uc.MaxConcurrent)
+		val, _, _ := limiters.LoadOrNew(g.limiterKey, func() (caddy.Destructor, error) {
+			return newLimiter(uc.MaxConcurrent), nil
+		})
+		g.limiter = val.(*limiter)
+		g.queueTimeout = time.Duration(uc.QueueTimeout)
+	}
+	return uc, nil
+}
+
+func unmarshalUpstream(d *caddyfile.Dispenser) (*UpstreamConfig, error) {
+	u := new(UpstreamConfig)
+	if d.NextArg() {
+		u.URL = d.Val()
+	}
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	err := eachOption(d, "upstream", func(opt string) (err error) {
+		switch opt {
+		case "api_key":
+			u.APIKey, err = optionalArg(d)
+		case "timeout":
+			u.Timeout, err = parseDuration(d)
+		case "queue_timeout":
+			u.QueueTimeout, err = parseDuration(d)
+		case "max_concurrent":
+			u.MaxConcurrent, err = parseInt(d, 0)
+		case "retries":
+			var n int
+			n, err = parseInt(d, 0)
+			u.Retries = &n
+		default:
+			return d.Errf("unrecognized zimage_gateway upstream option '%s'", opt)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return u, nil
 }
