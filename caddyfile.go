@@ -35,6 +35,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    max_body <size>
 //	    max_prompt_length <n>
 //	    image_hosts <host>...
+//	    max_downloads <n>
 //	    upstream [<url>|demo] {
 //	        api_key <key>
 //	        timeout <duration>
@@ -116,6 +117,15 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.MaxPromptLength = n
+		case "max_downloads":
+			if err := once(opt); err != nil {
+				return err
+			}
+			n, err := parseInt(d, maxImagesN)
+			if err != nil {
+				return err
+			}
+			g.MaxDownloads = n
 		case "image_hosts":
 			args := d.RemainingArgs()
 			if len(args) == 0 {

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
-	"strings"
 )
 
 // apiError is an error answered in the OpenAI envelope:
@@ -85,18 +84,6 @@ func writeError(w http.ResponseWriter, e *apiError) {
 	w.WriteHeader(e.status)
 	b, _ := json.Marshal(e.body())
 	_, _ = w.Write(b)
-}
-
-// newScrubber replaces every configured secret with a marker, for messages
-// that come from outside (an upstream's error text may echo what it was sent).
-func newScrubber(secrets []string) *strings.Replacer {
-	var pairs []string
-	for _, s := range secrets {
-		if s != "" {
-			pairs = append(pairs, s, "[redacted]")
-		}
-	}
-	return strings.NewReplacer(pairs...)
 }
 
 func formatBytes(n int64) string {

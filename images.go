@@ -1,16 +1,12 @@
 package zimage
 
 import (
+	"bufio"
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
-	"mime"
-	"net"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -118,12 +114,28 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 
 	ctx := r.Context()
 	g.runEnhance(ctx, j)
-	data, e := g.generateN(ctx, j, n, j.fixedSeed, format)
+	jobs, e := g.generateN(ctx, j, n)
 	if e != nil {
 		g.fail(w, endpointImages, m.name, e)
 		return
 	}
-	writeJSON(w, http.StatusOK, imagesResponse{Created: time.Now().Unix(), Data: data})
+	if format == "b64_json" {
+		images, release, e := g.downloadAll(ctx, jobs)
+		if e != nil {
+			g.fail(w, endpointImages, m.name, e)
+			return
+		}
+		// the download slots are held until the images are written: they
+		// are what bounds the memory of b64_json answers (issue 8)
+		defer release()
+		writeB64Answer(w, jobs, images)
+	} else {
+		data := make([]imageData, len(jobs))
+		for i, j := range jobs {
+			data[i] = imageData{URL: j.imageURL, RevisedPrompt: j.prompt}
+		}
+		writeJSON(w, http.StatusOK, imagesResponse{Created: time.Now().Unix(), Data: data})
+	}
 	metricRequests.WithLabelValues(endpointImages, m.name, "200").Inc()
 }
 
@@ -131,155 +143,80 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 // for its own slot in the limiter), with seed, seed+1, … when the client
 // fixed the seed and fresh random seeds otherwise. The first failure
 // cancels the others and fails the request.
-func (g *Gateway) generateN(ctx context.Context, base *job, n int, fixedSeed bool, format string) ([]imageData, *apiError) {
+func (g *Gateway) generateN(ctx context.Context, base *job, n int) ([]*job, *apiError) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	data := make([]imageData, n)
+	jobs := make([]*job, n)
 	errs := make([]*apiError, n)
 	var wg sync.WaitGroup
 	for i := range n {
 		j := *base
 		switch {
 		case i == 0:
-		case fixedSeed:
+		case base.fixedSeed:
 			j.seed = (base.seed + int64(i)) % maxSeed
 		default:
 			j.seed = randomSeed()
 		}
+		jobs[i] = &j
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if e := g.generate(ctx, &j); e != nil {
-				errs[i] = e
+			if errs[i] = g.generate(ctx, jobs[i]); errs[i] != nil {
 				cancel()
-				return
 			}
-			d := imageData{RevisedPrompt: j.prompt}
-			if format == "b64_json" {
-				b, e := g.fetchImage(ctx, j.imageURL)
-				if e != nil {
-					errs[i] = e
-					cancel()
-					return
-				}
-				d.B64JSON = base64.StdEncoding.EncodeToString(b)
-			} else {
-				d.URL = j.imageURL
-			}
-			data[i] = d
 		}()
 	}
 	wg.Wait()
-	// report the root cause, not the cancellations it caused in siblings
+	if e := rootCause(errs); e != nil {
+		return nil, e
+	}
+	return jobs, nil
+}
+
+// rootCause is the first failure that is not a cancellation it caused in
+// a sibling.
+func rootCause(errs []*apiError) *apiError {
 	var first *apiError
 	for _, e := range errs {
 		if e != nil && (first == nil || first.status == 499) {
 			first = e
 		}
 	}
-	if first != nil {
-		return nil, first
-	}
-	return data, nil
+	return first
 }
 
-// Limits on downloads for b64_json.
-const (
-	maxImageBytes   = 32 << 20
-	downloadTimeout = 60 * time.Second
-)
-
-// imageFetcher downloads generated images for b64_json. It only fetches
-// http(s) URLs on the upstream's host or the configured image_hosts, so a
-// rogue image_url cannot make the gateway fetch internal addresses.
-type imageFetcher struct {
-	hosts  map[string]bool
-	client *http.Client
-}
-
-func newImageFetcher(upstreamURL string, extra []string) *imageFetcher {
-	t := newTransport()
-	t.ReadBufferSize = 32 << 10 // images are large, unlike the API answers
-	f := &imageFetcher{hosts: map[string]bool{}, client: &http.Client{Transport: t}}
-	if u, err := url.Parse(upstreamURL); err == nil && u.Hostname() != "" {
-		f.hosts[strings.ToLower(u.Hostname())] = true
-	}
-	for _, h := range extra {
-		if h = strings.ToLower(strings.TrimSpace(h)); h != "" {
-			f.hosts[h] = true
+// writeB64Answer writes the images answer with each image's base64 encoded
+// straight into the response, so an image is held once, as its bytes, and
+// never again as a base64 string and its JSON encoding (issue 8).
+func writeB64Answer(w http.ResponseWriter, jobs []*job, images [][]byte) {
+	head := []byte(`{"created":` + strconv.FormatInt(time.Now().Unix(), 10) + `,"data":[`)
+	tails := make([][]byte, len(jobs))
+	total := len(head) + len("]}")
+	for i, j := range jobs {
+		p, _ := json.Marshal(j.prompt)
+		tails[i] = append([]byte(`","revised_prompt":`), append(p, '}')...)
+		total += len(`{"b64_json":"`) + base64.StdEncoding.EncodedLen(len(images[i])) + len(tails[i])
+		if i > 0 {
+			total++
 		}
 	}
-	// redirects must stay on allowed hosts as well
-	f.client.CheckRedirect = func(req *http.Request, via []*http.Request) error {
-		if len(via) >= 5 {
-			return errors.New("too many redirects")
+	h := w.Header()
+	h["Content-Type"] = []string{"application/json"}
+	h["Content-Length"] = []string{strconv.Itoa(total)}
+	w.WriteHeader(http.StatusOK)
+	bw := bufio.NewWriterSize(w, 32<<10)
+	bw.Write(head)
+	for i := range jobs {
+		if i > 0 {
+			bw.WriteByte(',')
 		}
-		return f.allowed(req.URL)
+		bw.WriteString(`{"b64_json":"`)
+		enc := base64.NewEncoder(base64.StdEncoding, bw)
+		enc.Write(images[i])
+		enc.Close()
+		bw.Write(tails[i])
 	}
-	return f
-}
-
-func (f *imageFetcher) allowed(u *url.URL) error {
-	if u.Scheme != "http" && u.Scheme != "https" {
-		return fmt.Errorf("image URL scheme %q is not http(s)", u.Scheme)
-	}
-	host := strings.ToLower(u.Hostname())
-	if f.hosts[host] {
-		return nil
-	}
-	// subdomains of an allowed host (img.sd.exacg.cc for sd.exacg.cc)
-	for h := range f.hosts {
-		if net.ParseIP(h) == nil && strings.HasSuffix(host, "."+h) {
-			return nil
-		}
-	}
-	return fmt.Errorf("image host %q is not allowed: add it to image_hosts", host)
-}
-
-// fetchImage downloads one image for b64_json.
-func (g *Gateway) fetchImage(ctx context.Context, imageURL string) ([]byte, *apiError) {
-	if _, demo := g.upstream.(demoGenerator); demo {
-		if b, ok := demoImageForURL(imageURL); ok {
-			return b, nil
-		}
-	}
-	fail := func(msg string) *apiError {
-		return &apiError{status: http.StatusBadGateway, typ: "upstream_error", code: "image_download_failed",
-			message: "Downloading the generated image failed: " + g.scrub.Replace(msg)}
-	}
-	u, err := url.Parse(imageURL)
-	if err != nil {
-		return nil, fail("invalid image URL")
-	}
-	if err := g.fetcher.allowed(u); err != nil {
-		return nil, fail(err.Error())
-	}
-	ctx, cancel := context.WithTimeout(ctx, downloadTimeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
-	if err != nil {
-		return nil, fail(err.Error())
-	}
-	resp, err := g.fetcher.client.Do(req)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, fail("no answer within " + downloadTimeout.String())
-		}
-		return nil, fail(describeNetErr(err))
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fail("image host answered " + resp.Status)
-	}
-	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); !strings.HasPrefix(mt, "image/") {
-		return nil, fail(fmt.Sprintf("image host answered content type %q, not an image", truncate(mt, 60)))
-	}
-	b, err := io.ReadAll(io.LimitReader(resp.Body, maxImageBytes+1))
-	if err != nil {
-		return nil, fail("reading the image: " + describeNetErr(err))
-	}
-	if len(b) > maxImageBytes {
-		return nil, fail(fmt.Sprintf("image larger than %d MiB", maxImageBytes>>20))
-	}
-	return b, nil
+	bw.WriteString("]}")
+	_ = bw.Flush() // a client that left is not an error to report
 }

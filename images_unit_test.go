@@ -126,7 +126,7 @@ func TestUnitGenerateNSeeds(t *testing.T) {
 				t.Fatal(e)
 			}
 			g.runEnhance(context.Background(), j)
-			data, e := g.generateN(context.Background(), j, tc.n, tc.seed != nil, "url")
+			data, e := g.generateN(context.Background(), j, tc.n)
 			if e != nil {
 				t.Fatal(e)
 			}
@@ -134,7 +134,7 @@ func TestUnitGenerateNSeeds(t *testing.T) {
 				t.Fatalf("%d images, want %d", len(data), tc.n)
 			}
 			for _, d := range data {
-				if d.URL != "https://img.example.com/x.png" || d.RevisedPrompt != "a cat" || d.B64JSON != "" {
+				if d.imageURL != "https://img.example.com/x.png" || d.prompt != "a cat" {
 					t.Fatalf("image %+v", d)
 				}
 			}
@@ -174,7 +174,7 @@ func TestUnitGenerateNFailure(t *testing.T) {
 	if e != nil {
 		t.Fatal(e)
 	}
-	data, e := g.generateN(context.Background(), j, 3, false, "url")
+	data, e := g.generateN(context.Background(), j, 3)
 	if e == nil || data != nil {
 		t.Fatalf("generateN = %v, %v, want a failure", data, e)
 	}
@@ -192,7 +192,7 @@ func TestUnitGenerateNFailure(t *testing.T) {
 // Downloads for b64_json only go to the upstream's host, its subdomains and
 // image_hosts, over http(s).
 func TestUnitImageFetcherAllowed(t *testing.T) {
-	f := newImageFetcher("https://sd.exacg.cc/api/v1/generate_image", []string{"CDN.Example.com", " "})
+	f := newImageFetcher("https://sd.exacg.cc/api/v1/generate_image", []string{"CDN.Example.com", " "}, defaultMaxDownloads)
 	for _, tc := range []struct {
 		url string
 		ok  bool

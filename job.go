@@ -50,6 +50,7 @@ type job struct {
 	origin    string // scheme://host of the request, for the demo
 
 	imageURL  string
+	deadline  time.Time // when the generation's time, download included, runs out
 	queueWait time.Duration
 	latency   time.Duration
 }
@@ -84,7 +85,9 @@ func (g *Gateway) newJob(r *http.Request, endpoint string, m *model, requested s
 	if requested == "" {
 		j.requested = m.name
 	}
-	j.original, j.skip = stripSkipWord(strings.TrimSpace(stripControl(p.prompt)))
+	// a secret in the client's own text would go on to the LLM, the image
+	// service and back into the answer: it goes nowhere (issue 8)
+	j.original, j.skip = stripSkipWord(strings.TrimSpace(g.scrub.Replace(stripControl(p.prompt))))
 	var ok bool
 	if j.userRatio, j.cleaned, ok = detectRatio(j.original); !ok {
 		j.cleaned = j.original
@@ -105,7 +108,7 @@ func (g *Gateway) newJob(r *http.Request, endpoint string, m *model, requested s
 	}
 	j.negative = m.negativePrompt
 	if p.negative != nil {
-		j.negative = stripControl(*p.negative)
+		j.negative = g.scrub.Replace(stripControl(*p.negative))
 	}
 	j.origin = requestOrigin(r)
 	j.decideSize("")
@@ -149,7 +152,9 @@ func (g *Gateway) runEnhance(ctx context.Context, j *job) {
 			}
 		} else {
 			j.enhance = enhanceOK
-			j.prompt = out.prompt
+			// an LLM proxy may echo its Authorization header, or the
+			// keys it was shown: its text is scrubbed like any other
+			j.prompt = g.scrub.Replace(out.prompt)
 			j.decideSize(out.ratio) // a body size or the user's ratio still wins
 		}
 	}
@@ -180,6 +185,11 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 
 	metricInFlight.Inc()
 	start := time.Now()
+	// the upstream timeout bounds the whole generation, the image's
+	// download included (issue 8)
+	if g.timeout > 0 {
+		j.deadline = start.Add(g.timeout)
+	}
 	url, err := g.upstream.generate(ctx, upstreamRequest{
 		Prompt:         j.prompt,
 		Width:          j.width,
@@ -192,6 +202,11 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 	}, j.origin)
 	j.latency = time.Since(start)
 	metricInFlight.Dec()
+	if err == nil && g.scrub.contains(url) {
+		// a URL with a key in it (in its query, escaped, in any case) would
+		// hand the key to every reader of the answer (issue 8)
+		err = &upstreamError{kind: kindBadResponse, message: "the image service answered an image URL that carries a secret; it is not passed on"}
+	}
 
 	if err != nil {
 		var ue *upstreamError
@@ -204,6 +219,7 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 			g.logger.Warn("image service call failed",
 				zap.String("endpoint", j.endpoint), zap.String("model", j.model.name),
 				zap.String("kind", ue.kind), zap.String("error", ae.message),
+				zap.String("detail", g.scrub.Replace(ue.detail)),
 				zap.Duration("upstream_latency", j.latency))
 		}
 		g.logGeneration(j, ae.status, ue.kind)
@@ -221,7 +237,8 @@ func (g *Gateway) upstreamRetried(ue *upstreamError, attempt int) {
 	metricUpstreamErrors.WithLabelValues(ue.kind).Inc()
 	g.logger.Warn("image service call failed; retrying",
 		zap.String("kind", ue.kind), zap.Int("attempt", attempt),
-		zap.String("error", g.scrub.Replace(ue.message)))
+		zap.String("error", truncate(g.scrub.Replace(ue.message), maxMessageRunes)),
+		zap.String("detail", g.scrub.Replace(ue.detail)))
 }
 
 // logGeneration writes the one info line per generation (SPEC §6); the

@@ -85,6 +85,12 @@ type Gateway struct {
 	// from which images may be downloaded for response_format b64_json.
 	ImageHosts []string `json:"image_hosts,omitempty"`
 
+	// MaxDownloads is the most generated images downloaded, or held for a
+	// b64_json answer, at once. It bounds the memory those answers take;
+	// the images of one answer are taken together, so it is at least 4
+	// (the largest n). Default: 8.
+	MaxDownloads int `json:"max_downloads,omitempty"`
+
 	keyDigests   [][32]byte // SHA-256 of each client key
 	modelsJSON   []byte     // the /v1/models answer, built once
 	models       []*model
@@ -93,9 +99,10 @@ type Gateway struct {
 	limiter      *limiter
 	limiterKey   string
 	queueTimeout time.Duration
+	timeout      time.Duration // the upstream timeout: a generation's whole time, download included
 	fetcher      *imageFetcher
 	enhancer     *enhancer
-	scrub        *strings.Replacer
+	scrub        *scrubber
 	logger       *zap.Logger
 }
 
@@ -171,7 +178,13 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	g.enhancer = enh
 	g.scrub = newScrubber(secrets)
 
-	g.fetcher = newImageFetcher(up.URL, g.ImageHosts)
+	if g.MaxDownloads == 0 {
+		g.MaxDownloads = defaultMaxDownloads
+	}
+	if g.MaxDownloads < maxImagesN {
+		return fmt.Errorf("zimage_gateway: max_downloads must be at least %d (the images of one answer are downloaded together), got %d", maxImagesN, g.MaxDownloads)
+	}
+	g.fetcher = newImageFetcher(up.URL, g.ImageHosts, g.MaxDownloads)
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		if err := registerMetrics(reg); err != nil {
 			return fmt.Errorf("zimage_gateway: registering metrics: %v", err)

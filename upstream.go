@@ -3,6 +3,7 @@ package zimage
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -56,7 +58,8 @@ const (
 // to (429, 504, 502) and for metrics.
 type upstreamError struct {
 	kind       string
-	message    string // safe to show: scrubbed of secrets by the handler
+	message    string // for the client, scrubbed and shortened by apiError
+	detail     string // for the log only: the Go error chain, with addresses
 	retryAfter string
 	retryable  bool
 }
@@ -64,8 +67,10 @@ type upstreamError struct {
 func (e *upstreamError) Error() string { return "upstream " + e.kind + ": " + e.message }
 
 // apiError maps the failure to the client's answer.
-func (e *upstreamError) apiError(scrub *strings.Replacer) *apiError {
-	msg := scrub.Replace(e.message)
+func (e *upstreamError) apiError(scrub *scrubber) *apiError {
+	// scrub first, then shorten: a key that straddles the cut must not
+	// leave its first half behind (issue 8)
+	msg := truncate(scrub.Replace(e.message), maxMessageRunes)
 	switch e.kind {
 	case kind429:
 		ra := e.retryAfter
@@ -218,7 +223,7 @@ func (c *imageClient) try(ctx, parent context.Context, body []byte) (string, *up
 		if ctx.Err() != nil {
 			return "", classifyCtx(parent, c.timeout)
 		}
-		return "", &upstreamError{kind: kindRefused, message: "cannot reach the image service: " + describeNetErr(err), retryable: true}
+		return "", &upstreamError{kind: kindRefused, message: describeNetErr("the image service", err), detail: err.Error(), retryable: true}
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxUpstreamBody+1))
@@ -226,7 +231,7 @@ func (c *imageClient) try(ctx, parent context.Context, body []byte) (string, *up
 		if ctx.Err() != nil {
 			return "", classifyCtx(parent, c.timeout)
 		}
-		return "", &upstreamError{kind: kindRefused, message: "reading the answer: " + describeNetErr(err), retryable: true}
+		return "", &upstreamError{kind: kindRefused, message: describeNetErr("the image service", err) + " while answering", detail: err.Error(), retryable: true}
 	}
 	if len(raw) > maxUpstreamBody {
 		return "", &upstreamError{kind: kindBadResponse, message: fmt.Sprintf("answer larger than %d bytes", maxUpstreamBody)}
@@ -263,7 +268,8 @@ func (c *imageClient) try(ctx, parent context.Context, body []byte) (string, *up
 }
 
 // upstreamMessage picks the service's own error text (error, error.message
-// or message), shortened; fallback when it gave none.
+// or message); fallback when it gave none. It is shortened only after
+// scrubbing, in apiError.
 func upstreamMessage(ans upstreamAnswer, fallback string) string {
 	msg := ans.Message
 	if len(ans.Error) > 0 {
@@ -281,9 +287,6 @@ func upstreamMessage(ans upstreamAnswer, fallback string) string {
 	if msg == "" {
 		return fallback
 	}
-	if r := []rune(msg); len(r) > 300 {
-		msg = string(r[:300]) + "…"
-	}
 	return msg
 }
 
@@ -300,18 +303,34 @@ func cleanRetryAfter(v string) string {
 	return ""
 }
 
-// describeNetErr names a network failure without the request URL, which
-// url.Error would repeat (harmless, but noisy).
-func describeNetErr(err error) string {
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		err = ue.Err
-	}
+// maxMessageRunes is how much of a party's own error text reaches a client.
+const maxMessageRunes = 300
+
+// describeNetErr says in plain words what went wrong with a connection to
+// party. Clients get only this: the Go error chain names internal addresses
+// ("read tcp 127.0.0.1:42202->…"), which go to the log alone (issue 8).
+func describeNetErr(party string, err error) string {
+	var ne net.Error
+	var dnsErr *net.DNSError
 	var oe *net.OpError
-	if errors.As(err, &oe) && oe.Op == "dial" {
-		return "connection refused or unreachable"
+	var certErr *tls.CertificateVerificationError
+	var recErr tls.RecordHeaderError
+	switch {
+	case errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
+		return party + " did not answer in time"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return party + " refused the connection"
+	case errors.As(err, &dnsErr):
+		return "the host name of " + party + " could not be resolved"
+	case errors.As(err, &certErr), errors.As(err, &recErr):
+		return "the TLS connection to " + party + " failed"
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		return party + " closed the connection"
+	case errors.As(err, &oe) && oe.Op == "dial":
+		return party + " could not be reached"
 	}
-	return err.Error()
+	return "the connection to " + party + " failed"
 }
 
 // checkHTTPURL accepts absolute http and https URLs only.
@@ -374,6 +393,7 @@ func (g *Gateway) provisionUpstream(resolve func(v, env string) string) (Upstrea
 	if uc.QueueTimeout <= 0 {
 		uc.QueueTimeout = uc.Timeout
 	}
+	g.timeout = time.Duration(uc.Timeout)
 	retries := defaultRetries
 	if uc.Retries != nil {
 		retries = *uc.Retries

@@ -1,0 +1,236 @@
+package zimage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sync/semaphore"
+)
+
+// Downloads of generated images: for b64_json answers and for the store.
+// They are bounded three ways (issue 8): by host (only the image service's
+// own hosts), by size, and by number in flight, so the memory they take is
+// bounded by max_downloads images, never by the number of requests.
+const (
+	maxImageBytes       = 32 << 20
+	defaultMaxDownloads = 8
+)
+
+// imageFetcher downloads generated images. It only fetches http(s) URLs on
+// the upstream's host or the configured image_hosts, so a rogue image_url
+// cannot make the gateway fetch internal addresses.
+type imageFetcher struct {
+	hosts  map[string]bool
+	client *http.Client
+	slots  *semaphore.Weighted // images downloaded or held for an answer
+	size   int64
+}
+
+func newImageFetcher(upstreamURL string, extra []string, maxDownloads int) *imageFetcher {
+	t := newTransport()
+	t.ReadBufferSize = 32 << 10 // images are large, unlike the API answers
+	f := &imageFetcher{
+		hosts:  map[string]bool{},
+		client: &http.Client{Transport: t},
+		slots:  semaphore.NewWeighted(int64(maxDownloads)),
+		size:   int64(maxDownloads),
+	}
+	if u, err := url.Parse(upstreamURL); err == nil && u.Hostname() != "" {
+		f.hosts[strings.ToLower(u.Hostname())] = true
+	}
+	for _, h := range extra {
+		if h = strings.ToLower(strings.TrimSpace(h)); h != "" {
+			f.hosts[h] = true
+		}
+	}
+	// redirects must stay on allowed hosts as well
+	f.client.CheckRedirect = func(req *http.Request, via []*http.Request) error {
+		if len(via) >= 5 {
+			return errors.New("too many redirects")
+		}
+		return f.allowed(req.URL)
+	}
+	return f
+}
+
+func (f *imageFetcher) allowed(u *url.URL) error {
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return fmt.Errorf("image URL scheme %q is not http(s)", u.Scheme)
+	}
+	host := strings.ToLower(u.Hostname())
+	if f.hosts[host] {
+		return nil
+	}
+	// subdomains of an allowed host (img.sd.exacg.cc for sd.exacg.cc)
+	for h := range f.hosts {
+		if net.ParseIP(h) == nil && strings.HasSuffix(host, "."+h) {
+			return nil
+		}
+	}
+	return fmt.Errorf("image host %q is not allowed: add it to image_hosts", host)
+}
+
+// acquire takes n download slots at once, waiting until ctx's deadline:
+// all the images of one answer together, so that two requests holding
+// half of what they need can never wait for each other. The slots are
+// held until release is called, after the answer is written.
+func (f *imageFetcher) acquire(ctx context.Context, n int) (release func(), e *apiError) {
+	if err := f.slots.Acquire(ctx, int64(n)); err != nil {
+		return nil, downloadCtxError(ctx)
+	}
+	var once sync.Once
+	return func() { once.Do(func() { f.slots.Release(int64(n)) }) }, nil
+}
+
+// downloadAll downloads the images of jobs in parallel, within the
+// download slots and each job's remaining time. The first failure cancels
+// the others. On success the caller must call release once it no longer
+// holds the images.
+func (g *Gateway) downloadAll(ctx context.Context, jobs []*job) (images [][]byte, release func(), e *apiError) {
+	// waiting for slots counts against the earliest deadline of the jobs
+	wait := ctx
+	if dl, ok := earliestDeadline(jobs); ok {
+		var cancel context.CancelFunc
+		wait, cancel = context.WithDeadline(ctx, dl)
+		defer cancel()
+	}
+	release, e = g.fetcher.acquire(wait, len(jobs))
+	if e != nil {
+		return nil, nil, e
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	images = make([][]byte, len(jobs))
+	errs := make([]*apiError, len(jobs))
+	var wg sync.WaitGroup
+	for i, j := range jobs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if images[i], errs[i] = g.download(ctx, j); errs[i] != nil {
+				cancel()
+			}
+		}()
+	}
+	wg.Wait()
+	if e := rootCause(errs); e != nil {
+		release()
+		return nil, nil, e
+	}
+	return images, release, nil
+}
+
+func earliestDeadline(jobs []*job) (time.Time, bool) {
+	var dl time.Time
+	for _, j := range jobs {
+		if !j.deadline.IsZero() && (dl.IsZero() || j.deadline.Before(dl)) {
+			dl = j.deadline
+		}
+	}
+	return dl, !dl.IsZero()
+}
+
+// download fetches the image of one generated job, within the time its
+// generation has left (SPEC §5: the upstream timeout bounds the whole
+// call; issue 8: a stalled image host is a 504 like any other timeout).
+// The caller holds a download slot.
+func (g *Gateway) download(ctx context.Context, j *job) ([]byte, *apiError) {
+	if _, demo := g.upstream.(demoGenerator); demo {
+		if b, ok := demoImageForURL(j.imageURL); ok {
+			return b, nil
+		}
+	}
+	fail := func(msg string, err error) *apiError {
+		msg = g.scrub.Replace(msg)
+		if err != nil {
+			g.logger.Warn("image download failed", zap.String("endpoint", j.endpoint),
+				zap.String("error", msg), zap.String("detail", g.scrub.Replace(err.Error())))
+		}
+		return &apiError{status: http.StatusBadGateway, typ: "upstream_error", code: "image_download_failed",
+			message: "Downloading the generated image failed: " + msg}
+	}
+	u, err := url.Parse(j.imageURL)
+	if err != nil {
+		return nil, fail("invalid image URL", nil)
+	}
+	if err := g.fetcher.allowed(u); err != nil {
+		return nil, fail(err.Error(), nil)
+	}
+	if !j.deadline.IsZero() {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, j.deadline)
+		defer cancel()
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, fail("invalid image URL", nil)
+	}
+	resp, err := g.fetcher.client.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, downloadCtxError(ctx)
+		}
+		return nil, fail(describeNetErr("the image host", err), err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fail("image host answered "+resp.Status, nil)
+	}
+	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); !strings.HasPrefix(mt, "image/") {
+		return nil, fail(fmt.Sprintf("image host answered content type %q, not an image", truncate(mt, 60)), nil)
+	}
+	if resp.ContentLength > maxImageBytes {
+		return nil, fail(fmt.Sprintf("image larger than %d MiB", maxImageBytes>>20), nil)
+	}
+	b, err := readImage(resp.Body, resp.ContentLength)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, downloadCtxError(ctx)
+		}
+		if errors.Is(err, errImageTooLarge) {
+			return nil, fail(fmt.Sprintf("image larger than %d MiB", maxImageBytes>>20), nil)
+		}
+		return nil, fail(describeNetErr("the image host", err)+" while sending the image", err)
+	}
+	return b, nil
+}
+
+var errImageTooLarge = errors.New("image too large")
+
+// readImage reads a whole image of at most maxImageBytes into one buffer
+// of the right size when the length is known, so no image is copied while
+// the buffer grows.
+func readImage(r io.Reader, length int64) ([]byte, error) {
+	if length < 0 {
+		b, err := io.ReadAll(io.LimitReader(r, maxImageBytes+1))
+		if err == nil && len(b) > maxImageBytes {
+			return nil, errImageTooLarge
+		}
+		return b, err
+	}
+	b := make([]byte, length)
+	if _, err := io.ReadFull(r, b); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// downloadCtxError tells a client that left from a download that ran out
+// of the generation's time.
+func downloadCtxError(ctx context.Context) *apiError {
+	if errors.Is(context.Cause(ctx), context.Canceled) || errors.Is(ctx.Err(), context.Canceled) {
+		return (&upstreamError{kind: kindCanceled}).apiError(nil)
+	}
+	return &apiError{status: http.StatusGatewayTimeout, typ: "upstream_error", code: "upstream_timeout",
+		message: "The image host did not send the generated image in time"}
+}

@@ -1,0 +1,210 @@
+package zimage
+
+import (
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"net/url"
+	"sort"
+	"strings"
+)
+
+// redacted replaces a secret wherever one is found.
+const redacted = "[redacted]"
+
+// gramLen is the length of the windows the scrubber indexes: a secret's
+// piece must be at least this long to be found by the fast path.
+const gramLen = 8
+
+// scrubber removes every configured secret (client keys, the image service
+// key, the LLM key) from text that leaves the gateway: to a client, to the
+// image service, to the LLM or to a log line (issue 8). A secret can come
+// back from any party in any form, so it looks for
+//   - every encoding a party may have applied: as is, URL query and path
+//     escaping (also twice), JSON escaping, base64;
+//   - in any letter case (percent-escapes and keys alike);
+//   - cut: any piece of an encoded form at least half its length (and at
+//     least 8 characters, or the whole of a shorter one) counts, so a key
+//     that a party shortened still goes.
+//
+// It indexes every 8-byte window of every form, so scrubbing costs one
+// bitset probe per byte of text, whatever the number of secrets.
+type scrubber struct {
+	forms  []string // lower-cased forms of every secret
+	minLen []int    // the shortest piece of forms[i] that counts as a leak
+	short  []int    // forms shorter than gramLen, matched whole by strings.Index
+	grams  map[uint64][]gramRef
+	filter [1 << 10]uint64 // a bit per hashed gram: most text misses at once
+}
+
+// gramRef is where an indexed window occurs: in forms[form] at offset.
+type gramRef struct{ form, offset int }
+
+func newScrubber(secrets []string) *scrubber {
+	s := &scrubber{grams: map[uint64][]gramRef{}}
+	seen := map[string]bool{}
+	add := func(form string, minLen int) {
+		form = asciiLower(form)
+		if form == "" || seen[form] {
+			return
+		}
+		seen[form] = true
+		i := len(s.forms)
+		s.forms = append(s.forms, form)
+		s.minLen = append(s.minLen, minLen)
+		if len(form) < gramLen {
+			s.short = append(s.short, i)
+			return
+		}
+		for o := 0; o+gramLen <= len(form); o++ {
+			g := binary.LittleEndian.Uint64([]byte(form[o : o+gramLen]))
+			s.grams[g] = append(s.grams[g], gramRef{form: i, offset: o})
+			h := gramHash(g)
+			s.filter[h>>6] |= 1 << (h & 63)
+		}
+	}
+	for _, k := range secrets {
+		if k == "" {
+			continue
+		}
+		for _, f := range textForms(k) {
+			add(f, cutLen(len(f)))
+		}
+		// base64 of a cut key is not a piece of the key's base64: only
+		// the whole (padding aside) counts
+		for _, enc := range []*base64.Encoding{base64.RawStdEncoding, base64.RawURLEncoding} {
+			f := enc.EncodeToString([]byte(k))
+			add(f, max(len(f)-2, min(len(f), gramLen)))
+		}
+	}
+	return s
+}
+
+// textForms are the encodings of a secret in which a piece of it is still
+// a piece of the encoding.
+func textForms(k string) []string {
+	js, _ := json.Marshal(k) // escapes <, >, & as \u003c… as Go does
+	var plain strings.Builder
+	enc := json.NewEncoder(&plain)
+	enc.SetEscapeHTML(false)
+	_ = enc.Encode(k)
+	unquote := func(s string) string { return strings.TrimSuffix(strings.TrimPrefix(strings.TrimSpace(s), `"`), `"`) }
+	forms := []string{
+		k,
+		url.QueryEscape(k),
+		url.PathEscape(k),
+		url.QueryEscape(url.QueryEscape(k)),
+		unquote(string(js)),
+		unquote(plain.String()),
+		strings.ReplaceAll(unquote(plain.String()), "/", `\/`), // PHP and others escape slashes
+	}
+	return forms
+}
+
+// cutLen is the shortest piece of a form of n bytes that counts as a leak.
+func cutLen(n int) int {
+	return max((n+1)/2, min(n, gramLen))
+}
+
+func gramHash(g uint64) uint64 { return (g * 0x9E3779B97F4A7C15) >> 48 }
+
+// Replace returns text with every secret in it, in any of its forms,
+// replaced by [redacted]. Text without a secret is returned as is.
+func (s *scrubber) Replace(text string) string {
+	spans := s.find(text, false)
+	if len(spans) == 0 {
+		return text
+	}
+	var b strings.Builder
+	b.Grow(len(text))
+	last := 0
+	for _, sp := range spans {
+		b.WriteString(text[last:sp[0]])
+		b.WriteString(redacted)
+		last = sp[1]
+	}
+	b.WriteString(text[last:])
+	return b.String()
+}
+
+// contains reports whether text holds a secret in any form.
+func (s *scrubber) contains(text string) bool {
+	return len(s.find(text, true)) > 0
+}
+
+// find returns the sorted, merged byte spans of text that are secrets.
+// With first, it stops at the first one.
+func (s *scrubber) find(text string, first bool) [][2]int {
+	if s == nil || len(s.forms) == 0 || text == "" {
+		return nil
+	}
+	lt := []byte(text)
+	for i, c := range lt { // ASCII lower case keeps the byte offsets
+		if c >= 'A' && c <= 'Z' {
+			lt[i] = c + 'a' - 'A'
+		}
+	}
+	var spans [][2]int
+	for _, i := range s.short {
+		f := s.forms[i]
+		for off := 0; ; {
+			j := strings.Index(string(lt[off:]), f)
+			if j < 0 {
+				break
+			}
+			spans = append(spans, [2]int{off + j, off + j + len(f)})
+			if first {
+				return spans
+			}
+			off += j + len(f)
+		}
+	}
+	for i := 0; i+gramLen <= len(lt); i++ {
+		g := binary.LittleEndian.Uint64(lt[i : i+gramLen])
+		h := gramHash(g)
+		if s.filter[h>>6]&(1<<(h&63)) == 0 {
+			continue
+		}
+		end := i
+		for _, ref := range s.grams[g] {
+			f := s.forms[ref.form]
+			// grow the match both ways as far as text follows the form
+			start, fo := i, ref.offset
+			for start > 0 && fo > 0 && lt[start-1] == f[fo-1] {
+				start, fo = start-1, fo-1
+			}
+			stop, fe := i+gramLen, ref.offset+gramLen
+			for stop < len(lt) && fe < len(f) && lt[stop] == f[fe] {
+				stop, fe = stop+1, fe+1
+			}
+			if stop-start >= s.minLen[ref.form] {
+				spans = append(spans, [2]int{start, stop})
+				if first {
+					return spans
+				}
+				end = max(end, stop)
+			}
+		}
+		if end > i+gramLen {
+			i = end - gramLen // the windows inside the match are covered
+		}
+	}
+	return mergeSpans(spans)
+}
+
+// mergeSpans sorts spans and joins those that overlap or touch.
+func mergeSpans(spans [][2]int) [][2]int {
+	if len(spans) < 2 {
+		return spans
+	}
+	sort.Slice(spans, func(a, b int) bool { return spans[a][0] < spans[b][0] })
+	out := spans[:1]
+	for _, sp := range spans[1:] {
+		if last := &out[len(out)-1]; sp[0] <= last[1] {
+			last[1] = max(last[1], sp[1])
+			continue
+		}
+		out = append(out, sp)
+	}
+	return out
+}
