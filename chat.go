@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"reflect"
@@ -160,7 +161,8 @@ func contentText(raw json.RawMessage) (string, error) {
 	return "", errors.New("Invalid message content: expected a string or an array of content parts")
 }
 
-// parseSeed accepts an integer or an integer in a string; null or absent
+// parseSeed accepts an integer, an integral number or an integer in a
+// string; null or absent
 // means "random". Negative seeds also mean random, as in most SD front ends.
 func parseSeed(raw json.RawMessage) (*int64, *apiError) {
 	raw = bytes.TrimSpace(raw)
@@ -175,6 +177,13 @@ func parseSeed(raw json.RawMessage) (*int64, *apiError) {
 		s = strings.TrimSpace(s)
 	}
 	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil && raw[0] != '"' {
+		// SPEC §4.5: an integral JSON number (42.0, 4.2e1) is that integer;
+		// JavaScript clients send whole numbers that way
+		if f, ferr := strconv.ParseFloat(s, 64); ferr == nil && f == math.Trunc(f) && math.Abs(f) < 1<<53 {
+			n, err = int64(f), nil
+		}
+	}
 	if err != nil {
 		return nil, invalidRequest("seed", "Invalid seed "+strconv.Quote(truncate(s, 40))+": expected an integer")
 	}

@@ -31,6 +31,7 @@ const (
 	enhanceFailed   = "failed"
 	enhanceSkipped  = "skipped"
 	enhanceDisabled = "disabled"
+	enhanceCanceled = "canceled" // the client left while the LLM was asked
 )
 
 // maxLLMBody bounds how much of the LLM's answer is read.

@@ -56,9 +56,12 @@ func newImageFetcher(upstreamURL string, extra []string, maxDownloads int) *imag
 	// redirects must stay on allowed hosts as well
 	f.client.CheckRedirect = func(req *http.Request, via []*http.Request) error {
 		if len(via) >= 5 {
-			return errors.New("too many redirects")
+			return policyError{errors.New("too many redirects")}
 		}
-		return f.allowed(req.URL)
+		if err := f.allowed(req.URL); err != nil {
+			return policyError{err}
+		}
+		return nil
 	}
 	return f
 }
@@ -180,6 +183,10 @@ func (g *Gateway) download(ctx context.Context, j *job) ([]byte, *apiError) {
 		if ctx.Err() != nil {
 			return nil, downloadCtxError(ctx)
 		}
+		var pe policyError
+		if errors.As(err, &pe) {
+			return nil, fail(pe.Error(), nil)
+		}
 		return nil, fail(describeNetErr("the image host", err), err)
 	}
 	defer resp.Body.Close()
@@ -206,6 +213,12 @@ func (g *Gateway) download(ctx context.Context, j *job) ([]byte, *apiError) {
 }
 
 var errImageTooLarge = errors.New("image too large")
+
+// policyError is a download the gateway refused (a redirect to a host not
+// allowed): its text is the gateway's own and safe to show.
+type policyError struct{ err error }
+
+func (e policyError) Error() string { return e.err.Error() }
 
 // readImage reads a whole image of at most maxImageBytes into one buffer
 // of the right size when the length is known, so no image is copied while

@@ -9,8 +9,11 @@ package zimage
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"log"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -18,9 +21,11 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddytest"
 )
 
@@ -34,25 +39,40 @@ const (
 
 var testSecrets = []string{testClientKey, testSDKey, testLLMKey}
 
-// Ports: overridable so that two test runs on one machine do not collide.
+// Ports: free ones picked at start, so that another Caddy or another test
+// run on the machine never collides with the suite; the environment
+// variables can still fix them.
 var (
-	adminPort = envInt("ZIMAGE_TEST_ADMIN_PORT", 2999)
-	httpPort  = envInt("ZIMAGE_TEST_HTTP_PORT", 9080)
-	httpsPort = envInt("ZIMAGE_TEST_HTTPS_PORT", 9443)
+	adminPort = envInt("ZIMAGE_TEST_ADMIN_PORT", freePort)
+	httpPort  = envInt("ZIMAGE_TEST_HTTP_PORT", freePort)
+	httpsPort = envInt("ZIMAGE_TEST_HTTPS_PORT", freePort)
 	baseURL   = fmt.Sprintf("http://localhost:%d", httpPort)
 )
 
-func envInt(name string, def int) int {
+func envInt(name string, def func() int) int {
 	var n int
 	if _, err := fmt.Sscan(os.Getenv(name), &n); err == nil && n > 0 {
 		return n
 	}
-	return def
+	return def()
+}
+
+// freePort asks the kernel for a free loopback port.
+func freePort() int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }
 
 // logPath is the file every test config sends Caddy's logs to, at debug
 // level, so tests can read log lines and TestMain can scan them all.
 var logPath string
+
+// stderrPath is where the test binary's stderr goes (see TestMain).
+var stderrPath string
 
 // seen collects every response body and header the harness's clients read,
 // for the secret scan.
@@ -68,6 +88,24 @@ func TestMain(m *testing.M) {
 	}
 	logPath = filepath.Join(dir, "caddy.log")
 	caddytest.Default.AdminPort = adminPort
+	// start the in-process Caddy here, logging to the file from the first
+	// line on: caddytest would start it with its own config, whose logs
+	// (and the unit tests' provisioning warnings) drown a failure on stderr
+	boot := fmt.Sprintf(`{"admin":{"listen":"localhost:%d"},"logging":{"logs":{"default":{"writer":{"output":"file","filename":%q},"encoder":{"format":"json"},"level":"DEBUG"}}}}`, adminPort, logPath)
+	if err := caddy.Load([]byte(boot), true); err != nil {
+		panic(err)
+	}
+	// the unit tests' provisioning logs through zap development loggers,
+	// which open "stderr" when made, and caddytest reports through the
+	// standard logger: both go to a file, scanned for secrets like the rest
+	// (the runtime's own panics still reach file descriptor 2)
+	stderrPath = filepath.Join(dir, "stderr.log")
+	quiet, err := os.Create(stderrPath)
+	if err != nil {
+		panic(err)
+	}
+	os.Stderr = quiet
+	log.SetOutput(quiet)
 	code := m.Run()
 	if code == 0 {
 		code = scanForSecrets()
@@ -79,6 +117,8 @@ func TestMain(m *testing.M) {
 // scanForSecrets is the suite-wide test that no secret leaked.
 func scanForSecrets() int {
 	logs, _ := os.ReadFile(logPath)
+	dev, _ := os.ReadFile(stderrPath)
+	logs = append(logs, dev...)
 	seen.Lock()
 	responses := seen.String()
 	seen.Unlock()
@@ -130,8 +170,34 @@ func (t *teeBody) Read(p []byte) (int, error) {
 func (t *teeBody) Close() error { return t.rc.Close() }
 
 // testClient is an HTTP client whose responses are scanned for secrets.
+// Each has its own connections, and a request that meets a connection
+// closed before any answer (a server of the config a reload just replaced)
+// is sent once more on a new one.
 func testClient(timeout time.Duration) *http.Client {
-	return &http.Client{Timeout: timeout, Transport: recordingTransport{base: &http.Transport{}}}
+	return &http.Client{Timeout: timeout, Transport: recordingTransport{base: retryClosed{&http.Transport{}}}}
+}
+
+// retryClosed resends a request whose connection was closed before any
+// answer came: such a request never reached a handler.
+type retryClosed struct{ base *http.Transport }
+
+func (rt retryClosed) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := rt.base.RoundTrip(req)
+	if err == nil || !closedBeforeAnswer(err) || (req.Body != nil && req.GetBody == nil) || req.Context().Err() != nil {
+		return resp, err
+	}
+	retry := req.Clone(req.Context())
+	if req.GetBody != nil {
+		if retry.Body, err = req.GetBody(); err != nil {
+			return nil, err
+		}
+	}
+	rt.base.CloseIdleConnections()
+	return rt.base.RoundTrip(retry)
+}
+
+func closedBeforeAnswer(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
 // startCaddy loads a Caddyfile made of the test globals and one site on

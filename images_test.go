@@ -447,7 +447,7 @@ func TestImagesB64(t *testing.T) {
 				}
 			}
 		}, wantMsg: "image larger than 32 MiB"},
-		{name: "connection refused", imageURL: func(string) string { return closedURL }, wantMsg: "connection refused or unreachable"},
+		{name: "connection refused", imageURL: func(string) string { return closedURL }, wantMsg: "the image host refused the connection"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			up := newFakeUpstream(t)

@@ -144,13 +144,15 @@ func (g *Gateway) runEnhance(ctx context.Context, j *job) {
 		j.enhance = enhanceSkipped
 	default:
 		out, err := g.enhancer.enhance(ctx, j.cleaned, j.userRatio)
-		if err != nil {
+		switch {
+		case err != nil && ctx.Err() != nil:
+			// the client left: not an LLM failure (issue 8)
+			j.enhance = enhanceCanceled
+		case err != nil:
 			j.enhance = enhanceFailed
-			if ctx.Err() == nil { // a client that left is not an LLM failure
-				g.logger.Warn("prompt enhancement failed; using the original prompt",
-					zap.String("endpoint", j.endpoint), zap.String("error", g.scrub.Replace(err.Error())))
-			}
-		} else {
+			g.logger.Warn("prompt enhancement failed; using the original prompt",
+				zap.String("endpoint", j.endpoint), zap.String("error", g.scrub.Replace(err.Error())))
+		default:
 			j.enhance = enhanceOK
 			// an LLM proxy may echo its Authorization header, or the
 			// keys it was shown: its text is scrubbed like any other

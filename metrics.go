@@ -25,7 +25,7 @@ var (
 
 	metricEnhance = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "caddy", Subsystem: "zimage", Name: "enhance_total",
-		Help: "Prompt enhancement outcomes: ok, failed, skipped (no-enhance), disabled (no LLM configured).",
+		Help: "Prompt enhancement outcomes: ok, failed, skipped (no-enhance), disabled (no LLM configured), canceled (the client left while the LLM was asked).",
 	}, []string{"outcome"})
 
 	metricUpstreamErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
