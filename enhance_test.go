@@ -356,3 +356,41 @@ func TestUnitEnhanceRefused(t *testing.T) {
 		t.Fatalf("enhance against a closed port: %v, want a wrapped transport error", err)
 	}
 }
+
+// TestEnhanceClientLeftIsNotAFailure: a client that leaves while the LLM
+// is asked counts as canceled, not as an LLM failure (issue 8, item 8).
+func TestEnhanceClientLeftIsNotAFailure(t *testing.T) {
+	up := newFakeUpstream(t)
+	asked := make(chan struct{}, 1)
+	llm := newFakeLLM(t, "")
+	llm.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		asked <- struct{}{}
+		<-r.Context().Done() // the gateway cancels its call when the client leaves
+	})
+	startCaddy(t, opsSite(up.endpoint(), llm, "timeout 5s", "")+"\nmetrics /metrics")
+	before := scrape(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan result, 1)
+	go func() { done <- send(ctx, http.MethodPost, "/v1/chat/completions", `{"prompt":"a cat"}`) }()
+	streamWaitFor(t, asked, "the LLM call")
+	cancel()
+	<-done
+	// the counter moves when the handler returns: poll for it
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		after := scrape(t)
+		if after.delta(before, "caddy_zimage_enhance_total", "outcome", "canceled") == 1 {
+			if d := after.delta(before, "caddy_zimage_enhance_total", "outcome", "failed"); d != 0 {
+				t.Errorf("enhance_total{failed} +%v, want +0", d)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("enhance_total{outcome=canceled} did not count the client that left")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := len(up.Calls()); n != 0 {
+		t.Errorf("the image service got %d calls for a client that left", n)
+	}
+}

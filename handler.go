@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"mime"
 	"net/http"
 	"strconv"
 	"strings"
@@ -84,6 +85,10 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	if !g.authorized(r) {
 		g.fail(w, endpointFor(rt), "", errUnauthorized())
+		return nil
+	}
+	if e := g.checkCrossSite(r, rt); e != nil {
+		g.fail(w, endpointFor(rt), "", e)
 		return nil
 	}
 
@@ -188,4 +193,26 @@ func writeJSONBytes(w http.ResponseWriter, status int, b []byte) {
 	h["Content-Length"] = []string{strconv.Itoa(len(b))}
 	w.WriteHeader(status)
 	_, _ = w.Write(b)
+}
+
+// checkCrossSite refuses, with no_auth, a JSON endpoint's body of a type a
+// browser sends from any web page without a CORS preflight (issue 8): no
+// key stands between such a page and the operator's points. With keys, the
+// key is the protection and any type is accepted, as clients send them.
+func (g *Gateway) checkCrossSite(r *http.Request, rt route) *apiError {
+	if !g.NoAuth || r.Method != http.MethodPost || (rt != routeChat && rt != routeImages) {
+		return nil
+	}
+	ct := r.Header.Get("Content-Type")
+	mt, _, err := mime.ParseMediaType(ct)
+	switch {
+	case ct == "":
+		// fetch() with a Blob body of no type sends none, without a preflight
+	case err != nil:
+	case mt == "text/plain", mt == "application/x-www-form-urlencoded", mt == "multipart/form-data":
+	default:
+		return nil
+	}
+	return &apiError{status: http.StatusUnsupportedMediaType, typ: "invalid_request_error", code: "unsupported_media_type",
+		message: "Send the body as Content-Type: application/json. This gateway runs with no_auth, and a web page can make a browser send other types to it without asking"}
 }

@@ -3,6 +3,7 @@ package zimage
 import (
 	"encoding/base64"
 	"encoding/json"
+	"net/http"
 	"net/url"
 	"strings"
 	"testing"
@@ -108,4 +109,144 @@ func BenchmarkScrubber(b *testing.B) {
 	for b.Loop() {
 		_ = s.Replace(text)
 	}
+}
+
+// testOddKey is a client key with every character some encoding changes,
+// for the tests of encoded secrets; it is in the suite-wide scan too.
+const testOddKey = "sk-odd+/=&<>%key-93b1"
+
+// TestSecretsOnSuccessPaths: an LLM proxy that echoes its Authorization
+// header and the keys it saw, in several forms, and a client that pastes
+// keys into its prompt: no key reaches the image service, the answer or
+// the log (issue 8, items 1 and 3).
+func TestSecretsOnSuccessPaths(t *testing.T) {
+	up := newFakeUpstream(t)
+	llm := newFakeLLM(t, "")
+	llm.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		auth := r.Header.Get("Authorization")
+		prompt := "a cat, " + auth + ", " + strings.ToUpper(testLLMKey) + ", " + url.QueryEscape(testOddKey) +
+			", " + testSDKey[:len(testSDKey)-4] + ", https://x.example/?k=" + url.PathEscape(testOddKey)
+		b, _ := json.Marshal(map[string]string{"prompt": prompt})
+		writeLLMAnswer(w, string(b))
+	})
+	startCaddy(t, itSite(up, itConfig{llm: llm, gateway: "api_key " + testOddKey}))
+	sc := newScrubber(testSecrets)
+
+	check := func(where, text string) {
+		t.Helper()
+		if sc.contains(text) {
+			t.Errorf("%s carries a secret: %q", where, sc.Replace(text))
+		}
+		if !strings.Contains(text, "redacted") { // markdown escapes its brackets
+			t.Errorf("%s lost the redaction marker: %q", where, text)
+		}
+	}
+	content := itOK(t, itChatBody(t, "a cat "+strings.ToUpper(testClientKey)))
+	check("the chat answer", content)
+	status, _, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a dog `+testSDKey+`"}`)
+	if status != http.StatusOK {
+		t.Fatalf("images: %d %s", status, raw)
+	}
+	check("revised_prompt", parseImages(t, raw).Data[0].RevisedPrompt)
+	calls := up.Calls()
+	if len(calls) != 2 {
+		t.Fatalf("%d upstream calls, want 2", len(calls))
+	}
+	for _, c := range calls {
+		check("the prompt sent to the image service", c.Body.Prompt)
+	}
+	for _, c := range llm.Calls() {
+		for _, m := range c.Body.Messages {
+			if sc.contains(m.Content) {
+				t.Errorf("the LLM was sent a secret: %q", sc.Replace(m.Content))
+			}
+		}
+	}
+}
+
+// TestSecretsInImageURL: an image URL with a key in it, in any form, is
+// not passed on: it is a bad response (issue 8, item 1).
+func TestSecretsInImageURL(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, gatewaySite(up, nil, "api_key "+testOddKey))
+	for _, u := range []string{
+		"https://img.example.com/1.png?token=" + testSDKey,
+		"https://img.example.com/1.png?token=" + strings.ToUpper(testClientKey),
+		"https://img.example.com/1.png?k=" + url.QueryEscape(testOddKey),
+		"https://img.example.com/" + url.PathEscape(testOddKey) + "/1.png",
+		"https://img.example.com/1.png?t=" + testSDKey[3:],
+	} {
+		up.setHandler(func(w http.ResponseWriter, r *http.Request) { writeUpstreamOK(w, u) })
+		status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", itChatBody(t, "a cat"))
+		e := itWantErr(t, status, hdr, raw, http.StatusBadGateway, "upstream_error")
+		if !strings.Contains(e.Message, "carries a secret") {
+			t.Errorf("%s: message %q", u, e.Message)
+		}
+	}
+}
+
+// TestSecretsInUpstreamErrors: the service's error text is scrubbed before
+// it is shortened, in every encoding, and network errors reach the client
+// without internal addresses (issue 8, items 2, 3 and 4).
+func TestSecretsInUpstreamErrors(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, gatewaySite(up, nil, "api_key "+testOddKey))
+	jsonEsc, _ := json.Marshal(testOddKey)
+	for _, tc := range []struct {
+		name, message string
+	}{
+		// the key straddles the 300-character cut: scrub, then cut
+		{"straddling the cut", strings.Repeat("x", 290) + " " + testSDKey},
+		{"upper case", "bad key " + strings.ToUpper(testSDKey)},
+		{"query escaped", "bad key " + url.QueryEscape(testOddKey)},
+		{"path escaped", "bad key " + url.PathEscape(testOddKey)},
+		{"json escaped", "bad key " + strings.Trim(string(jsonEsc), `"`)},
+		{"cut by the service", "bad key " + testClientKey[:13] + "..."},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusBadRequest)
+				json.NewEncoder(w).Encode(map[string]any{"success": false, "error": tc.message})
+			})
+			status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", itChatBody(t, "a cat"))
+			e := itWantErr(t, status, hdr, raw, http.StatusBadGateway, "upstream_error")
+			if sc := newScrubber(append(testSecrets, testOddKey)); sc.contains(e.Message) || sc.contains(string(raw)) {
+				t.Errorf("message carries a secret: %q", e.Message)
+			}
+			// the prefix a cut would leave
+			if strings.Contains(string(raw), testSDKey[:8]) {
+				t.Errorf("message carries the key's first characters: %q", e.Message)
+			}
+		})
+	}
+
+	t.Run("connection closed", func(t *testing.T) {
+		up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+			conn, _, err := http.NewResponseController(w).Hijack()
+			if err == nil {
+				conn.Close()
+			}
+		})
+		status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", itChatBody(t, "a cat"))
+		e := itWantErr(t, status, hdr, raw, http.StatusBadGateway, "upstream_error")
+		if e.Message != "The image service failed: the image service closed the connection" {
+			t.Errorf("message %q", e.Message)
+		}
+		for _, internal := range []string{"127.0.0.1", "tcp", "->", "EOF"} {
+			if strings.Contains(string(raw), internal) {
+				t.Errorf("the answer names %q: %s", internal, raw)
+			}
+		}
+		// the log keeps the detail for the operator
+		found := false
+		for _, l := range readLog(t) {
+			if d, _ := l["detail"].(string); l["msg"] == "image service call failed" && strings.Contains(d, "EOF") {
+				found = true
+			}
+		}
+		if !found {
+			t.Error("no warn line with the error's detail")
+		}
+	})
 }

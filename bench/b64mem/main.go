@@ -1,0 +1,237 @@
+// Command b64mem measures how much a burst of b64_json requests raises the
+// gateway's memory (issue 8, item 5): CLIENTS simultaneous
+// /v1/images/generations requests with n=N and response_format b64_json,
+// against a fake image service whose images are SIZE bytes. It starts the
+// given Caddy binary with the gateway, samples the process's RSS while the
+// burst runs, and prints the baseline, the peak and the rise.
+//
+//	go build -o /tmp/caddy ./cmd/caddy
+//	go run ./bench/b64mem -caddy /tmp/caddy -max-concurrent 4
+package main
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+func main() {
+	caddyBin := flag.String("caddy", "", "Caddy binary with the zimage_gateway module (go build ./cmd/caddy)")
+	clients := flag.Int("clients", 30, "simultaneous requests")
+	n := flag.Int("n", 4, "images per request")
+	size := flag.Int("size", 8<<20, "bytes per image")
+	maxConc := flag.Int("max-concurrent", 4, "the upstream's max_concurrent")
+	delay := flag.Duration("delay", 200*time.Millisecond, "how long a generation takes")
+	flag.Parse()
+	if *caddyBin == "" {
+		fail("-caddy is required")
+	}
+
+	// one image, served for every URL: a PNG signature and random bytes
+	img := make([]byte, *size)
+	rand.Read(img)
+	copy(img, "\x89PNG\r\n\x1a\n")
+	var downloads atomic.Int64
+	fake := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet {
+			downloads.Add(1)
+			w.Header().Set("Content-Type", "image/png")
+			w.Header().Set("Content-Length", strconv.Itoa(len(img)))
+			w.Write(img)
+			return
+		}
+		io.Copy(io.Discard, r.Body)
+		time.Sleep(*delay)
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"success":true,"data":{"image_url":"http://%s/img.png"}}`, r.Host)
+	})}
+	fl, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err)
+	go fake.Serve(fl)
+
+	port := freePort()
+	dir, err := os.MkdirTemp("", "b64mem-")
+	check(err)
+	defer os.RemoveAll(dir)
+	cfg := fmt.Sprintf(`{
+	admin off
+	log {
+		level ERROR
+	}
+}
+http://127.0.0.1:%d {
+	zimage_gateway {
+		api_key sk-bench
+		upstream http://%s/api/v1/generate_image {
+			api_key sd-bench
+			max_concurrent %d
+			timeout 120s
+		}
+		enhance off
+	}
+}
+`, port, fl.Addr(), *maxConc)
+	cf := filepath.Join(dir, "Caddyfile")
+	check(os.WriteFile(cf, []byte(cfg), 0o600))
+	cmd := exec.Command(*caddyBin, "run", "--config", cf, "--adapter", "caddyfile")
+	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	check(cmd.Start())
+	defer cmd.Process.Kill()
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(base)
+
+	// warm up: one request of the same shape, so the baseline includes the
+	// code paths, pools and TLS-free connections a steady gateway has
+	body := fmt.Sprintf(`{"prompt":"a cat","n":%d,"response_format":"b64_json"}`, *n)
+	if err := post(base, body, *n, img); err != nil {
+		fail("warm-up: " + err.Error())
+	}
+	time.Sleep(500 * time.Millisecond)
+	baseline := rss(cmd.Process.Pid)
+
+	var peak atomic.Int64
+	stop := make(chan struct{})
+	var sampler sync.WaitGroup
+	sampler.Add(1)
+	go func() {
+		defer sampler.Done()
+		for {
+			if v := rss(cmd.Process.Pid); v > peak.Load() {
+				peak.Store(v)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+	start := time.Now()
+	var wg sync.WaitGroup
+	var ok, bad atomic.Int64
+	var firstErr atomic.Value
+	for range *clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := post(base, body, *n, img); err != nil {
+				bad.Add(1)
+				firstErr.CompareAndSwap(nil, err.Error())
+				return
+			}
+			ok.Add(1)
+		}()
+	}
+	wg.Wait()
+	wall := time.Since(start)
+	close(stop)
+	sampler.Wait()
+	rise := peak.Load() - baseline
+	fmt.Printf("clients=%d n=%d image=%.1fMiB max_concurrent=%d: %d/%d answered in full in %.1fs; downloads %d; RSS baseline %.1f MB, peak %.1f MB, rise %.1f MB\n",
+		*clients, *n, float64(*size)/(1<<20), *maxConc, ok.Load(), *clients, wall.Seconds(), downloads.Load()-int64(*n),
+		mb(baseline), mb(peak.Load()), mb(rise))
+	if v := firstErr.Load(); v != nil {
+		fmt.Println("first error:", v)
+	}
+	if bad.Load() > 0 {
+		os.Exit(1)
+	}
+}
+
+// post sends one request and checks that every image decodes to img.
+func post(base, body string, n int, img []byte) error {
+	req, _ := http.NewRequest(http.MethodPost, base+"/v1/images/generations", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer sk-bench")
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var ans struct {
+		Data []struct {
+			B64JSON string `json:"b64_json"`
+		} `json:"data"`
+	}
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 500))
+		return fmt.Errorf("status %d: %s", resp.StatusCode, b)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&ans); err != nil {
+		return err
+	}
+	if len(ans.Data) != n {
+		return fmt.Errorf("%d images, want %d", len(ans.Data), n)
+	}
+	for _, d := range ans.Data {
+		b, err := base64.StdEncoding.DecodeString(d.B64JSON)
+		if err != nil || !bytes.Equal(b, img) {
+			return fmt.Errorf("an image does not decode to the served bytes (%v)", err)
+		}
+	}
+	return nil
+}
+
+// rss is the process's resident set in bytes (VmRSS).
+func rss(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+func waitUp(base string) {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if resp, err := http.Get(base + "/v1/models"); err == nil {
+			resp.Body.Close()
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	fail("Caddy did not start")
+}
+
+func freePort() int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func mb(b int64) float64 { return float64(b) / 1e6 }
+
+func check(err error) {
+	if err != nil {
+		fail(err.Error())
+	}
+}
+
+func fail(msg string) {
+	fmt.Fprintln(os.Stderr, "b64mem:", msg)
+	os.Exit(1)
+}
