@@ -403,6 +403,36 @@ func TestUnitCaddyfileExample(t *testing.T) {
 			if g.lookupModel("dall-e-3") == nil || g.lookupModel("Z-Image") == nil || g.limiter == nil {
 				t.Fatalf("the example's model alias or max_concurrent did not take effect")
 			}
+			// the keys stay placeholders in the JSON that `caddy adapt` and
+			// the autosave write, and the site listens on loopback only
+			// (issue 8, item 12)
+			for _, k := range []string{testClientKey, testSDKey} {
+				if strings.Contains(string(cfg), k) {
+					t.Errorf("the adapted example carries the key %s…", k[:6])
+				}
+			}
+			var listen struct {
+				Apps struct {
+					HTTP struct {
+						Servers map[string]struct {
+							Listen []string `json:"listen"`
+						} `json:"servers"`
+					} `json:"http"`
+				} `json:"apps"`
+			}
+			if err := json.Unmarshal(cfg, &listen); err != nil {
+				t.Fatal(err)
+			}
+			for name, srv := range listen.Apps.HTTP.Servers {
+				if len(srv.Listen) == 0 {
+					t.Errorf("server %s listens on every interface", name)
+				}
+				for _, l := range srv.Listen {
+					if !strings.HasPrefix(l, "127.0.0.1:") && !strings.HasPrefix(l, "[::1]:") {
+						t.Errorf("server %s listens on %s, want loopback only", name, l)
+					}
+				}
+			}
 			if !tc.wantDemo {
 				ic, ok := g.upstream.(*imageClient)
 				if !ok || ic.url != defaultUpstreamURL || ic.key != testSDKey {

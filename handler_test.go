@@ -1,7 +1,9 @@
 package zimage
 
 import (
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -89,5 +91,63 @@ func TestHandlerNoAuthCrossSite(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestHandlerServerTimeouts: the server timeouts the README recommends
+// (here scaled down to 1s) cut a body sent a byte at a time, and do not
+// cut a generation that takes longer than they do, streamed or not: Go
+// lifts the read deadline once the body is read (issue 8, item 10).
+func TestHandlerServerTimeouts(t *testing.T) {
+	up := newFakeUpstream(t)
+	slow := make(chan struct{})
+	up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		select { // a generation that outlasts read_body
+		case <-time.After(1500 * time.Millisecond):
+		case <-slow:
+		}
+		writeUpstreamOK(w, "https://img.example.com/1.png")
+	})
+	timeouts := "grace_period 1ns\n\tservers {\n\t\ttimeouts {\n\t\t\tread_header 1s\n\t\t\tread_body 1s\n\t\t}\n\t}"
+	startCaddyRaw(t, fmt.Sprintf("%s\n:%d {\n%s\n}\n", strings.Replace(globals(), "grace_period 1ns", timeouts, 1), httpPort, gatewaySite(up, nil, "")))
+
+	for _, body := range []string{`{"prompt":"a cat"}`, `{"prompt":"a cat","stream":true}`} {
+		status, _, raw := do(t, http.MethodPost, "/v1/chat/completions", body)
+		if status != http.StatusOK || !strings.Contains(string(raw), "img.example.com/1.png") {
+			t.Fatalf("%s: status %d: %s", body, status, raw)
+		}
+	}
+	calls := len(up.Calls())
+
+	// a body of 100 bytes sent one byte every 100ms would take 10s
+	conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", httpPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	start := time.Now()
+	fmt.Fprintf(conn, "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n", testClientKey)
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		io.Copy(io.Discard, conn) // until the server answers and closes
+	}()
+	for i := 0; ; i++ {
+		select {
+		case <-closed:
+		case <-time.After(100 * time.Millisecond):
+			if i < 100 {
+				conn.Write([]byte{' '})
+				continue
+			}
+		}
+		break
+	}
+	if elapsed := time.Since(start); elapsed > 5*time.Second {
+		t.Errorf("a body trickling for 10s held the connection %v with read_body 1s", elapsed)
+	}
+	close(slow)
+	if n := len(up.Calls()); n != calls {
+		t.Errorf("the trickled request reached the image service")
 	}
 }

@@ -6,7 +6,9 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
@@ -54,4 +56,45 @@ func fenced(t *testing.T, s, opener string) string {
 		t.Fatalf("unterminated %q block", strings.TrimSpace(opener))
 	}
 	return block
+}
+
+// TestUnitReadmeProductionExample: the production Caddyfile adapts, sets
+// the server timeouts the README recommends, and keeps its keys as
+// placeholders (issue 8, items 10 and 12).
+func TestUnitReadmeProductionExample(t *testing.T) {
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(raw), "## Running it in production")
+	if !ok {
+		t.Fatal("README has no production section")
+	}
+	cfg := unitAdapt(t, fenced(t, section, "```caddy\n"))
+	var c struct {
+		Apps struct {
+			HTTP struct {
+				Servers map[string]struct {
+					ReadTimeout       caddy.Duration `json:"read_timeout"`
+					ReadHeaderTimeout caddy.Duration `json:"read_header_timeout"`
+					WriteTimeout      caddy.Duration `json:"write_timeout"`
+				} `json:"servers"`
+			} `json:"http"`
+		} `json:"apps"`
+	}
+	if err := json.Unmarshal(cfg, &c); err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Apps.HTTP.Servers) == 0 {
+		t.Fatalf("no servers in %s", cfg)
+	}
+	for name, srv := range c.Apps.HTTP.Servers {
+		if srv.ReadTimeout <= 0 || srv.ReadHeaderTimeout <= 0 || srv.WriteTimeout != 0 {
+			t.Errorf("server %s: read_body %v, read_header %v, write %v: want both read timeouts and no write timeout",
+				name, time.Duration(srv.ReadTimeout), time.Duration(srv.ReadHeaderTimeout), time.Duration(srv.WriteTimeout))
+		}
+	}
+	if !strings.Contains(string(cfg), `{env.GATEWAY_API_KEY}`) || !strings.Contains(string(cfg), `{env.SD_API_KEY}`) {
+		t.Errorf("the production example's keys are not {env.*} placeholders: %s", cfg)
+	}
 }

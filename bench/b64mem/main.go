@@ -37,6 +37,7 @@ func main() {
 	size := flag.Int("size", 8<<20, "bytes per image")
 	maxConc := flag.Int("max-concurrent", 4, "the upstream's max_concurrent")
 	delay := flag.Duration("delay", 200*time.Millisecond, "how long a generation takes")
+	proxy := flag.Bool("reverse-proxy", false, "measure Caddy's reverse_proxy passing the same images instead (n GETs per client)")
 	flag.Parse()
 	if *caddyBin == "" {
 		fail("-caddy is required")
@@ -68,6 +69,10 @@ func main() {
 	dir, err := os.MkdirTemp("", "b64mem-")
 	check(err)
 	defer os.RemoveAll(dir)
+	site := fmt.Sprintf(`reverse_proxy %s`, fl.Addr())
+	if !*proxy {
+		site = ""
+	}
 	cfg := fmt.Sprintf(`{
 	admin off
 	log {
@@ -75,6 +80,7 @@ func main() {
 	}
 }
 http://127.0.0.1:%d {
+	%s
 	zimage_gateway {
 		api_key sk-bench
 		upstream http://%s/api/v1/generate_image {
@@ -85,7 +91,7 @@ http://127.0.0.1:%d {
 		enhance off
 	}
 }
-`, port, fl.Addr(), *maxConc)
+`, port, site, fl.Addr(), *maxConc)
 	cf := filepath.Join(dir, "Caddyfile")
 	check(os.WriteFile(cf, []byte(cfg), 0o600))
 	cmd := exec.Command(*caddyBin, "run", "--config", cf, "--adapter", "caddyfile")
@@ -100,6 +106,9 @@ http://127.0.0.1:%d {
 	// warm up: one request of the same shape, so the baseline includes the
 	// code paths, pools and TLS-free connections a steady gateway has
 	body := fmt.Sprintf(`{"prompt":"a cat","n":%d,"response_format":"b64_json"}`, *n)
+	if *proxy {
+		post = func(base, _ string, n int, img []byte) error { return getN(base, n, img) }
+	}
 	if err := post(base, body, *n, img); err != nil {
 		fail("warm-up: " + err.Error())
 	}
@@ -156,7 +165,35 @@ http://127.0.0.1:%d {
 }
 
 // post sends one request and checks that every image decodes to img.
-func post(base, body string, n int, img []byte) error {
+var post = postB64
+
+// getN fetches the image n times in parallel through the proxy.
+func getN(base string, n int, img []byte) error {
+	errs := make(chan error, n)
+	for range n {
+		go func() {
+			resp, err := http.Get(base + "/img.png")
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			if err == nil && !bytes.Equal(b, img) {
+				err = fmt.Errorf("proxied image differs")
+			}
+			errs <- err
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func postB64(base, body string, n int, img []byte) error {
 	req, _ := http.NewRequest(http.MethodPost, base+"/v1/images/generations", strings.NewReader(body))
 	req.Header.Set("Authorization", "Bearer sk-bench")
 	req.Header.Set("Content-Type", "application/json")
