@@ -85,6 +85,11 @@ type Gateway struct {
 	// from which images may be downloaded for response_format b64_json.
 	ImageHosts []string `json:"image_hosts,omitempty"`
 
+	// Store keeps a copy of every generated image and serves it from this
+	// site, so the URLs in answers outlive the image service's own. Off
+	// unless set; an empty object turns it on with the defaults.
+	Store *StoreConfig `json:"store,omitempty"`
+
 	keyDigests   [][32]byte // SHA-256 of each client key
 	modelsJSON   []byte     // the /v1/models answer, built once
 	models       []*model
@@ -95,6 +100,7 @@ type Gateway struct {
 	queueTimeout time.Duration
 	fetcher      *imageFetcher
 	enhancer     *enhancer
+	store        *imageStore // nil when the store is off
 	scrub        *strings.Replacer
 	logger       *zap.Logger
 }
@@ -172,6 +178,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	g.scrub = newScrubber(secrets)
 
 	g.fetcher = newImageFetcher(up.URL, g.ImageHosts)
+	if err := g.provisionStore(ctx, resolve); err != nil {
+		return err
+	}
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		if err := registerMetrics(reg); err != nil {
 			return fmt.Errorf("zimage_gateway: registering metrics: %v", err)
@@ -186,6 +195,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 // may still be in flight (the grace period does not delay it), so it must
 // not disturb them: they keep their limiter and their busy connections.
 func (g *Gateway) Cleanup() error {
+	if g.store != nil {
+		g.store.stop() // the sweeper; stored images stay
+	}
 	if ic, ok := g.upstream.(*imageClient); ok {
 		ic.closeIdle()
 	}
