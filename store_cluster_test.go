@@ -9,6 +9,7 @@ package zimage
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -28,11 +29,12 @@ var clusterCaddy struct {
 	once sync.Once
 	bin  string
 	err  error
-	dir  string
 }
 
 // buildCaddy builds ./cmd/caddy once per run; a machine without a Go
-// toolchain on PATH skips the test, any other build failure fails it.
+// toolchain on PATH skips the test, any other build failure fails it. The
+// binary has one place per checkout in the temp directory, replaced by
+// each run (written aside and renamed), so runs do not pile up binaries.
 func buildCaddy(t *testing.T) string {
 	t.Helper()
 	clusterCaddy.once.Do(func() {
@@ -40,13 +42,24 @@ func buildCaddy(t *testing.T) string {
 			clusterCaddy.err = fmt.Errorf("skip: no go toolchain on PATH to build ./cmd/caddy: %v", err)
 			return
 		}
-		clusterCaddy.dir, clusterCaddy.err = os.MkdirTemp("", "zimage-caddy-")
-		if clusterCaddy.err != nil {
+		wd, err := os.Getwd()
+		if err != nil {
+			clusterCaddy.err = err
 			return
 		}
-		bin := filepath.Join(clusterCaddy.dir, "caddy")
-		out, err := exec.Command("go", "build", "-o", bin, "./cmd/caddy").CombinedOutput()
+		dir := filepath.Join(os.TempDir(), "zimage-test-caddy")
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			clusterCaddy.err = err
+			return
+		}
+		bin := filepath.Join(dir, fmt.Sprintf("caddy-%x", sha256.Sum256([]byte(wd)))[:len("caddy-")+12])
+		tmp := fmt.Sprintf("%s.%d", bin, os.Getpid())
+		out, err := exec.Command("go", "build", "-o", tmp, "./cmd/caddy").CombinedOutput()
+		if err == nil {
+			err = os.Rename(tmp, bin)
+		}
 		if err != nil {
+			os.Remove(tmp)
 			clusterCaddy.err = fmt.Errorf("go build ./cmd/caddy: %v\n%s", err, out)
 			return
 		}
