@@ -50,6 +50,13 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        timeout <duration>
 //	        system_prompt <text> | system_prompt_file <path>
 //	    }
+//	    store [off] {
+//	        storage <module> [<args>] { … }
+//	        prefix <key prefix>
+//	        max_age <duration>
+//	        max_image_size <size>
+//	        public_url <url>
+//	    }
 //	    model <name> {
 //	        alias <name>...
 //	        model_index <n>
@@ -150,6 +157,15 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.Enhance = e
+		case "store":
+			if err := once(opt); err != nil {
+				return err
+			}
+			s, err := unmarshalStore(d)
+			if err != nil {
+				return err
+			}
+			g.Store = s
 		case "model":
 			m, err := unmarshalModel(d)
 			if err != nil {

@@ -25,6 +25,7 @@ const (
 	routeChat
 	routeImages
 	routeDemoImage
+	routeStoreImage
 )
 
 // demoPath is where the demo upstream serves its placeholder PNGs.
@@ -41,6 +42,12 @@ func parseRoute(path string) (route, string) {
 	}
 	if strings.HasPrefix(path, demoPath) {
 		return routeDemoImage, path[len(demoPath):]
+	}
+	if name, ok := strings.CutPrefix(path, storeURLPath); ok {
+		return routeStoreImage, name
+	}
+	if name, ok := strings.CutPrefix(path, storePath); ok {
+		return routeStoreImage, name
 	}
 	rest, v1 := strings.CutPrefix(path, "/v1")
 	if v1 && rest != "" && rest[0] != '/' { // "/v1beta" is not ours
@@ -74,6 +81,17 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if _, demo := g.upstream.(demoGenerator); demo {
 			serveDemoImage(w, r, id)
 			return nil
+		}
+		rt = routeUnknown
+	case routeStoreImage:
+		// before auth: an <img> cannot send a key (SPEC §9.3)
+		if g.store != nil {
+			g.serveStored(w, r, id)
+			return nil
+		}
+		// with the store off: an unknown API path, or the site's own
+		if !strings.HasPrefix(strings.TrimLeft(r.URL.Path, "/"), "v1/") {
+			return next.ServeHTTP(w, r)
 		}
 		rt = routeUnknown
 	}

@@ -12,6 +12,8 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // Endpoint names, as logged and used as the metrics label.
@@ -272,11 +274,45 @@ func (g *Gateway) logGeneration(j *job, status int, failure string) {
 // randomSeed is a fresh seed in [0, 2147483647).
 func randomSeed() int64 { return rand.Int64N(maxSeed) }
 
-// requestOrigin is the scheme://host the client used.
+// requestOrigin is the scheme://host the client used (SPEC §9): behind a
+// proxy that terminates TLS, its X-Forwarded-Proto and X-Forwarded-Host,
+// but only when Caddy trusts the proxy (the server's trusted_proxies);
+// anyone else could send those headers to get URLs on a host of their
+// choosing. With several proxies the first value is the client-facing one.
 func requestOrigin(r *http.Request) string {
 	scheme := "http"
 	if r.TLS != nil {
 		scheme = "https"
 	}
-	return scheme + "://" + r.Host
+	host := r.Host
+	if trusted, _ := caddyhttp.GetVar(r.Context(), caddyhttp.TrustedProxyVarKey).(bool); trusted {
+		if p := strings.ToLower(firstForwarded(r.Header.Get("X-Forwarded-Proto"))); p == "http" || p == "https" {
+			scheme = p
+		}
+		if h := firstForwarded(r.Header.Get("X-Forwarded-Host")); validForwardedHost(h) {
+			host = h
+		}
+	}
+	return scheme + "://" + host
+}
+
+// firstForwarded is the first of a comma-separated forwarding header.
+func firstForwarded(v string) string {
+	v, _, _ = strings.Cut(v, ",")
+	return strings.TrimSpace(v)
+}
+
+// validForwardedHost accepts host[:port] made of the characters of DNS
+// names, IPv4 and bracketed IPv6 addresses: the value goes into URLs and
+// markdown.
+func validForwardedHost(h string) bool {
+	if h == "" || len(h) > 255 {
+		return false
+	}
+	for _, c := range h {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune(".-:[]_", c)) {
+			return false
+		}
+	}
+	return true
 }

@@ -44,9 +44,25 @@ var (
 		Buckets: []float64{0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60},
 	})
 
+	metricStoreImages = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "store_images_total",
+		Help: "Images copied into the store, by result: stored (new), duplicate (the same bytes were there), failed (the answer kept the upstream URL).",
+	}, []string{"result"})
+
+	metricStoreDeleted = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "store_deleted_total",
+		Help: "Stored images the retention sweep deleted (older than max_age).",
+	})
+
+	metricStoreServed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "store_served_total",
+		Help: "Requests for stored images, by status code.",
+	}, []string{"code"})
+
 	collectors = []prometheus.Collector{
 		metricRequests, metricGeneration, metricEnhance,
 		metricUpstreamErrors, metricInFlight, metricQueueWait,
+		metricStoreImages, metricStoreDeleted, metricStoreServed,
 	}
 )
 

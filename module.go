@@ -91,6 +91,11 @@ type Gateway struct {
 	// (the largest n). Default: 8.
 	MaxDownloads int `json:"max_downloads,omitempty"`
 
+	// Store keeps a copy of every generated image and serves it from this
+	// site, so the URLs in answers outlive the image service's own. Off
+	// unless set; an empty object turns it on with the defaults.
+	Store *StoreConfig `json:"store,omitempty"`
+
 	keyDigests   [][32]byte // SHA-256 of each client key
 	modelsJSON   []byte     // the /v1/models answer, built once
 	models       []*model
@@ -102,6 +107,7 @@ type Gateway struct {
 	timeout      time.Duration // the upstream timeout: a generation's whole time, download included
 	fetcher      *imageFetcher
 	enhancer     *enhancer
+	store        *imageStore // nil when the store is off
 	scrub        *scrubber
 	logger       *zap.Logger
 }
@@ -185,6 +191,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("zimage_gateway: max_downloads must be at least %d (the images of one answer are downloaded together), got %d", maxImagesN, g.MaxDownloads)
 	}
 	g.fetcher = newImageFetcher(up.URL, g.ImageHosts, g.MaxDownloads)
+	if err := g.provisionStore(ctx, resolve); err != nil {
+		return err
+	}
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		if err := registerMetrics(reg); err != nil {
 			return fmt.Errorf("zimage_gateway: registering metrics: %v", err)
@@ -199,6 +208,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 // may still be in flight (the grace period does not delay it), so it must
 // not disturb them: they keep their limiter and their busy connections.
 func (g *Gateway) Cleanup() error {
+	if g.store != nil {
+		g.store.stop() // the sweeper; stored images stay
+	}
 	if ic, ok := g.upstream.(*imageClient); ok {
 		ic.closeIdle()
 	}

@@ -1,0 +1,780 @@
+package zimage
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"github.com/dustin/go-humanize"
+	"go.uber.org/zap"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// The image store (SPEC §9): generated images are copied into a Caddy
+// storage and served from the gateway's own site, so the URLs in old chat
+// answers keep working after the image service's own URLs expire. Its
+// config, Caddyfile parsing, provisioning, serving and retention sweep live
+// here; the copy step of the generation pipeline calls put and storeURL.
+
+const (
+	defaultStorePrefix  = "zimage"
+	defaultStoreMaxAge  = 30 * 24 * time.Hour
+	defaultStoreMaxSize = 32 << 20
+	maxStoreMaxSize     = 1 << 30
+
+	// storeIDLen is the length of an image id in hex digits: 128 bits of
+	// the image's SHA-256, unguessable without the image itself (SPEC §9.1)
+	storeIDLen = 32
+
+	// storeURLPath is where stored images are served; storePath without
+	// the /v1 prefix answers too (SPEC §9.3)
+	storeURLPath = "/v1" + storePath
+	storePath    = "/zimage/images/"
+
+	// a year, and immutable: the URL names the bytes, they never change
+	storeCacheControl = "public, max-age=31536000, immutable"
+
+	// the first sweep waits a little after start, so that it does not
+	// compete with the config load; later sweeps come at most this often
+	defaultFirstSweep = time.Minute
+	defaultSweepEvery = time.Hour
+
+	// a duplicate older than this is written again, so that an answer
+	// naming it keeps its URL for max_age from now, not from the first copy
+	storeRefreshAfter = time.Hour
+)
+
+// Results of put, as counted in caddy_zimage_store_images_total.
+const (
+	storeStored    = "stored"
+	storeDuplicate = "duplicate"
+	storeFailed    = "failed" // counted by the copy step, whatever failed
+)
+
+// StoreConfig configures the image store. A bare `store` (an empty JSON
+// object) turns it on with the defaults; without it the store is off and
+// answers name the image service's own URLs.
+type StoreConfig struct {
+	// Off turns the store off while keeping its settings in the config.
+	Off bool `json:"off,omitempty"`
+
+	// StorageRaw is the Caddy storage module (namespace caddy.storage) that
+	// holds the images, written like Caddy's own global `storage` option,
+	// e.g. {"module": "file_system", "root": "/var/lib/zimage"}. Any storage
+	// module works; instances that share one storage serve each other's
+	// images. Default: the storage Caddy itself uses (the global `storage`
+	// option; file_system in Caddy's data directory unless set).
+	StorageRaw json.RawMessage `json:"storage,omitempty" caddy:"namespace=caddy.storage inline_key=module"`
+
+	// Prefix is the key prefix in the storage; images are kept under
+	// {prefix}/images/ and nothing else is read or written. Placeholders
+	// are accepted. Default: zimage.
+	Prefix string `json:"prefix,omitempty"`
+
+	// MaxAge is how long an image is kept: a background sweep deletes
+	// older ones. 0 keeps them forever. Default: 30d.
+	MaxAge *caddy.Duration `json:"max_age,omitempty"`
+
+	// MaxImageSize is the largest image, in bytes, that is copied into the
+	// store; a larger one keeps the image service's URL. Default: 32 MiB.
+	MaxImageSize int64 `json:"max_image_size,omitempty"`
+
+	// PublicURL is scheme://host[:port] at which clients (and the image
+	// service, for edits) reach this site; image URLs start with it.
+	// Placeholders are accepted. Default: the scheme and host of each
+	// request, X-Forwarded-Proto and X-Forwarded-Host included when the
+	// request came through a trusted proxy (the server's trusted_proxies).
+	PublicURL string `json:"public_url,omitempty"`
+}
+
+// imageStore is a provisioned store: where images go, how they are named
+// and served, and the retention sweeper.
+type imageStore struct {
+	storage   certmagic.Storage
+	files     *certmagic.FileStorage // set for file_system storage: served from the file
+	prefix    string                 // without a trailing slash
+	dir       string                 // prefix + "/images/"
+	maxAge    time.Duration          // 0: keep forever
+	maxSize   int64                  // the copy step bounds its download by this too
+	publicURL string                 // scheme://host[:port] or ""
+	logger    *zap.Logger
+
+	// the sweeper: unexported timings so that tests need no long waits
+	firstSweep, sweepEvery time.Duration
+	schedule               *sweepSchedule
+	scheduleKey            string
+	cancel                 context.CancelFunc
+	done                   chan struct{} // closed when the sweeper has stopped
+	wakes                  atomic.Int32  // wake-ups handled (swept or not), for tests
+}
+
+// provisionStore resolves the store's settings, loads its storage module
+// the way Caddy's tls app loads its own (so any storage module works) and
+// starts the retention sweeper. The store stays nil when it is off.
+func (g *Gateway) provisionStore(ctx caddy.Context, resolve func(v, env string) string) error {
+	g.store = nil
+	sc := g.Store
+	if sc == nil || sc.Off {
+		return nil
+	}
+	prefix, err := checkStorePrefix(resolve(sc.Prefix, ""))
+	if err != nil {
+		return fmt.Errorf("zimage_gateway: store: %v", err)
+	}
+	maxAge := defaultStoreMaxAge
+	if sc.MaxAge != nil {
+		if *sc.MaxAge < 0 {
+			return fmt.Errorf("zimage_gateway: store: max_age must be 0 (keep images forever) or a positive duration, got %s", time.Duration(*sc.MaxAge))
+		}
+		maxAge = time.Duration(*sc.MaxAge)
+	}
+	maxSize := sc.MaxImageSize
+	if maxSize == 0 {
+		maxSize = defaultStoreMaxSize
+	}
+	if maxSize < 0 || maxSize > maxStoreMaxSize {
+		return fmt.Errorf("zimage_gateway: store: max_image_size must be between 1 byte and 1GiB, got %d", maxSize)
+	}
+	public, err := checkPublicURL(resolve(sc.PublicURL, ""))
+	if err != nil {
+		return fmt.Errorf("zimage_gateway: store: %v", err)
+	}
+
+	var storage certmagic.Storage
+	var identity string
+	if sc.StorageRaw != nil {
+		identity = string(sc.StorageRaw) // LoadModule clears the field
+		val, err := ctx.LoadModule(sc, "StorageRaw")
+		if err != nil {
+			return fmt.Errorf("zimage_gateway: store: storage: loading the storage module: %v", err)
+		}
+		conv, ok := val.(caddy.StorageConverter)
+		if !ok {
+			return fmt.Errorf("zimage_gateway: store: storage: module %T is not a storage module", val)
+		}
+		if storage, err = conv.CertMagicStorage(); err != nil {
+			return fmt.Errorf("zimage_gateway: store: storage: %v", err)
+		}
+	} else {
+		storage = ctx.Storage()
+		identity = fmt.Sprintf("default %T", storage)
+		if s, ok := storage.(fmt.Stringer); ok {
+			identity = "default " + s.String()
+		}
+	}
+	if storage == nil {
+		return errors.New("zimage_gateway: store: no storage: set 'storage' in the store block")
+	}
+
+	st := newImageStore(storage, prefix, maxAge, maxSize, public, g.logger)
+	st.scheduleKey = prefix + "\x00" + identity
+	g.store = st
+	if maxAge > 0 {
+		st.start(ctx)
+	}
+	return nil
+}
+
+// newImageStore makes a store over storage with the default sweep timings;
+// the sweeper is not started.
+func newImageStore(storage certmagic.Storage, prefix string, maxAge time.Duration, maxSize int64, publicURL string, logger *zap.Logger) *imageStore {
+	st := &imageStore{
+		storage:    storage,
+		prefix:     prefix,
+		dir:        prefix + "/images/",
+		maxAge:     maxAge,
+		maxSize:    maxSize,
+		publicURL:  publicURL,
+		logger:     logger,
+		firstSweep: defaultFirstSweep,
+		sweepEvery: defaultSweepEvery,
+		schedule:   sweeps,
+	}
+	if fs, ok := storage.(*certmagic.FileStorage); ok {
+		st.files = fs
+	}
+	if st.logger == nil {
+		st.logger = zap.NewNop()
+	}
+	st.scheduleKey = prefix + "\x00" + fmt.Sprintf("%T %p", storage, storage)
+	return st
+}
+
+// checkStorePrefix accepts a key prefix of path segments made of letters,
+// digits, '-', '_' and '.', never "." or "..", so that the store's keys
+// cannot leave {prefix}/images/.
+func checkStorePrefix(p string) (string, error) {
+	p = strings.Trim(p, "/")
+	if p == "" {
+		return defaultStorePrefix, nil
+	}
+	for _, seg := range strings.Split(p, "/") {
+		ok := seg != "" && seg != "." && seg != ".."
+		for _, c := range seg {
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+				ok = false
+			}
+		}
+		if !ok {
+			return "", fmt.Errorf("invalid prefix '%s': want path segments of letters, digits, '-', '_' and '.', such as zimage or sites/a", p)
+		}
+	}
+	return p, nil
+}
+
+// checkPublicURL accepts "" or scheme://host[:port] with an http(s)
+// scheme and no path (a trailing slash is dropped), query or fragment.
+func checkPublicURL(s string) (string, error) {
+	if s == "" {
+		return "", nil
+	}
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil ||
+		(u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
+		return "", fmt.Errorf("invalid public_url '%s': want scheme://host[:port] with http or https and no path, such as https://img.example.com", s)
+	}
+	return u.Scheme + "://" + u.Host, nil
+}
+
+// unmarshalStore parses the store sub-directive:
+//
+//	store [off] {
+//	    storage <module> [<args>] { … }
+//	    prefix <key prefix>
+//	    max_age <duration>
+//	    max_image_size <size>
+//	    public_url <url>
+//	}
+//
+// The storage module parses its own tokens, exactly as in Caddy's global
+// `storage` option.
+func unmarshalStore(d *caddyfile.Dispenser) (*StoreConfig, error) {
+	s := new(StoreConfig)
+	if d.NextArg() {
+		if d.Val() != "off" {
+			return nil, d.Errf("zimage_gateway: store takes 'off' or a block, not '%s'", d.Val())
+		}
+		s.Off = true
+	}
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	err := eachOption(d, "store", func(opt string) (err error) {
+		switch opt {
+		case "storage":
+			s.StorageRaw, err = unmarshalStorage(d)
+		case "prefix":
+			if s.Prefix, err = singleArg(d); err == nil && !strings.Contains(s.Prefix, "{") {
+				if _, perr := checkStorePrefix(s.Prefix); perr != nil {
+					err = d.Errf("zimage_gateway: store: %v", perr)
+				}
+			}
+		case "max_age":
+			var v string
+			if v, err = singleArg(d); err != nil {
+				return err
+			}
+			dur, perr := caddy.ParseDuration(v)
+			if perr != nil || dur < 0 {
+				return d.Errf("zimage_gateway: store: invalid max_age '%s': want a duration such as 30d or 12h, or 0 to keep images forever", v)
+			}
+			age := caddy.Duration(dur)
+			s.MaxAge = &age
+		case "max_image_size":
+			var v string
+			if v, err = singleArg(d); err != nil {
+				return err
+			}
+			n, perr := humanize.ParseBytes(v)
+			if perr != nil || n == 0 || n > maxStoreMaxSize {
+				return d.Errf("zimage_gateway: store: invalid max_image_size '%s': want a size such as 32MiB, up to 1GiB", v)
+			}
+			s.MaxImageSize = int64(n)
+		case "public_url":
+			// optional: `public_url {$PUBLIC_URL}` unset means "the request's origin"
+			if s.PublicURL, err = optionalArg(d); err == nil && !strings.Contains(s.PublicURL, "{") {
+				if _, perr := checkPublicURL(s.PublicURL); perr != nil {
+					err = d.Errf("zimage_gateway: store: %v", perr)
+				}
+			}
+		default:
+			return d.Errf("unrecognized zimage_gateway store option '%s'", opt)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// unmarshalStorage reads `storage <module> [<args>] { … }` as Caddy's
+// parseOptStorage does, into the JSON module object StorageRaw holds.
+func unmarshalStorage(d *caddyfile.Dispenser) (json.RawMessage, error) {
+	if !d.NextArg() {
+		return nil, d.Errf("zimage_gateway: store: storage needs a storage module name, such as file_system")
+	}
+	name := d.Val()
+	unm, err := caddyfile.UnmarshalModule(d, "caddy.storage."+name)
+	if err != nil {
+		return nil, fmt.Errorf("zimage_gateway: store: storage %s: %w", name, err)
+	}
+	if _, ok := unm.(caddy.StorageConverter); !ok {
+		return nil, d.Errf("zimage_gateway: store: storage: module caddy.storage.%s is not a storage module", name)
+	}
+	var warnings []caddyconfig.Warning
+	raw := caddyconfig.JSONModuleObject(unm, "module", name, &warnings)
+	if len(warnings) > 0 {
+		return nil, d.Errf("zimage_gateway: store: storage %s: %s", name, warnings[0].Message)
+	}
+	return raw, nil
+}
+
+// --- naming ------------------------------------------------------------------
+
+// imageFormats are the formats the store accepts, by signature: the
+// Content-Type of a download proves nothing (SPEC §9.1).
+var imageFormats = []struct {
+	ext, contentType string
+	match            func(b []byte) bool
+}{
+	{"png", "image/png", func(b []byte) bool { return bytes.HasPrefix(b, []byte("\x89PNG\r\n\x1a\n")) }},
+	{"jpg", "image/jpeg", func(b []byte) bool { return bytes.HasPrefix(b, []byte("\xff\xd8\xff")) }},
+	{"webp", "image/webp", func(b []byte) bool {
+		return len(b) >= 12 && string(b[:4]) == "RIFF" && string(b[8:12]) == "WEBP"
+	}},
+	{"gif", "image/gif", func(b []byte) bool {
+		return bytes.HasPrefix(b, []byte("GIF87a")) || bytes.HasPrefix(b, []byte("GIF89a"))
+	}},
+}
+
+// sniffImage names the format of b by its signature: the extension the
+// store uses and its Content-Type.
+func sniffImage(b []byte) (ext, contentType string, ok bool) {
+	for _, f := range imageFormats {
+		if f.match(b) {
+			return f.ext, f.contentType, true
+		}
+	}
+	return "", "", false
+}
+
+// storeContentType is the Content-Type of a known extension.
+func storeContentType(ext string) (string, bool) {
+	for _, f := range imageFormats {
+		if f.ext == ext {
+			return f.contentType, true
+		}
+	}
+	return "", false
+}
+
+// parseStoreName checks a requested image name before anything is looked
+// up: exactly storeIDLen lowercase hex digits, a dot and a known
+// extension. Anything else (a path, "..", an encoded slash once decoded, a
+// NUL, upper case, a longer or shorter id) is no image of the store, so no
+// request can reach another storage key.
+func parseStoreName(name string) (contentType string, ok bool) {
+	if len(name) < storeIDLen+2 || len(name) > storeIDLen+5 || name[storeIDLen] != '.' {
+		return "", false
+	}
+	for i := range storeIDLen {
+		if c := name[i]; !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return "", false
+		}
+	}
+	return storeContentType(name[storeIDLen+1:])
+}
+
+// --- the copy ------------------------------------------------------------------
+
+// put stores one image and returns its name ({id}.{ext}, see storeURL).
+// The bytes must be a PNG, JPEG, WebP or GIF by signature and at most
+// max_image_size. The key is content-addressed, so the same bytes are
+// stored once: duplicate reports that they were there already. put counts
+// stored and duplicate in caddy_zimage_store_images_total; a failure is
+// counted by the caller as "failed" (metricStoreImages), once per failed
+// copy, whether the download or put failed.
+func (s *imageStore) put(ctx context.Context, data []byte) (name string, duplicate bool, err error) {
+	if int64(len(data)) > s.maxSize {
+		return "", false, fmt.Errorf("store: the image is %s, larger than max_image_size %s", formatBytes(int64(len(data))), formatBytes(s.maxSize))
+	}
+	ext, _, ok := sniffImage(data)
+	if !ok {
+		return "", false, errors.New("store: the bytes are not a PNG, JPEG, WebP or GIF image")
+	}
+	sum := sha256.Sum256(data)
+	name = hex.EncodeToString(sum[:storeIDLen/2]) + "." + ext
+	key := s.dir + name
+	if s.storage.Exists(ctx, key) {
+		// a sweep deletes by age since the last write: an old copy is
+		// written again, so the URL in this answer lasts max_age too
+		if s.maxAge > 0 {
+			info, err := s.storage.Stat(ctx, key)
+			if err != nil || time.Since(info.Modified) > min(storeRefreshAfter, s.maxAge/2) {
+				if err := s.storage.Store(ctx, key, data); err != nil {
+					return "", false, fmt.Errorf("store: writing %s: %w", name, err)
+				}
+			}
+		}
+		metricStoreImages.WithLabelValues(storeDuplicate).Inc()
+		return name, true, nil
+	}
+	if err := s.storage.Store(ctx, key, data); err != nil {
+		return "", false, fmt.Errorf("store: writing %s: %w", name, err)
+	}
+	metricStoreImages.WithLabelValues(storeStored).Inc()
+	return name, false, nil
+}
+
+// url is the public URL of a stored image for a request from origin
+// (scheme://host, see requestOrigin): public_url wins when set.
+func (s *imageStore) url(origin, name string) string {
+	base := s.publicURL
+	if base == "" {
+		base = origin
+	}
+	return base + storeURLPath + name
+}
+
+// storeURL is the URL a client is given for a stored image:
+// {public_url or request origin}/v1/zimage/images/{name}.
+func (g *Gateway) storeURL(r *http.Request, name string) string {
+	return g.store.url(requestOrigin(r), name)
+}
+
+// --- serving -------------------------------------------------------------------
+
+func errImageNotFound() *apiError {
+	return &apiError{status: http.StatusNotFound, typ: "invalid_request_error", code: "not_found",
+		message: "No such image in this gateway's store (it may have expired)"}
+}
+
+func errStoreUnavailable() *apiError {
+	return &apiError{status: http.StatusInternalServerError, typ: "server_error", code: "storage_error",
+		message: "The image store could not be read; retry later"}
+}
+
+// serveStored answers GET and HEAD /v1/zimage/images/{id}.{ext} (and
+// without /v1), without auth: an <img> cannot send a key, the id is the
+// secret. It counts every answer in caddy_zimage_store_served_total.
+func (g *Gateway) serveStored(w http.ResponseWriter, r *http.Request, name string) {
+	code := g.store.serve(w, r, name)
+	metricStoreServed.WithLabelValues(strconv.Itoa(code)).Inc()
+}
+
+// serve answers one request for a stored image and returns its status.
+func (s *imageStore) serve(w http.ResponseWriter, r *http.Request, name string) int {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead:
+	case http.MethodOptions: // CORS preflight; the headers come from the site's config
+		w.WriteHeader(http.StatusNoContent)
+		return http.StatusNoContent
+	default:
+		w.Header().Set("Allow", "GET, HEAD")
+		writeError(w, errMethod(r.Method, "GET or HEAD"))
+		return http.StatusMethodNotAllowed
+	}
+	contentType, ok := parseStoreName(name)
+	if !ok {
+		writeError(w, errImageNotFound())
+		return http.StatusNotFound
+	}
+	key := s.dir + name
+	etag := `"` + name[:storeIDLen] + `"` // the id names the bytes: a strong validator
+	ctx := r.Context()
+
+	// a revalidation needs only to know the image is still there; with a
+	// remote storage that saves loading the whole image for a 304
+	if inm := r.Header.Get("If-None-Match"); inm != "" && etagListMatches(inm, etag) {
+		var exists bool
+		if s.files != nil {
+			_, err := os.Stat(s.files.Filename(key))
+			exists = err == nil
+		} else {
+			exists = s.storage.Exists(ctx, key)
+		}
+		if !exists {
+			writeError(w, errImageNotFound())
+			return http.StatusNotFound
+		}
+		h := w.Header()
+		h["Etag"] = []string{etag}
+		h["Cache-Control"] = []string{storeCacheControl}
+		w.WriteHeader(http.StatusNotModified)
+		return http.StatusNotModified
+	}
+
+	var content io.ReadSeeker
+	if s.files != nil {
+		// a file on disk is served from the file (sendfile), never read whole
+		f, err := os.Open(s.files.Filename(key))
+		if err != nil {
+			return s.loadFailed(w, name, err, errors.Is(err, fs.ErrNotExist))
+		}
+		defer f.Close()
+		content = f
+	} else {
+		b, err := s.storage.Load(ctx, key)
+		if err != nil {
+			// some storages do not wrap fs.ErrNotExist: ask once more
+			return s.loadFailed(w, name, err, errors.Is(err, fs.ErrNotExist) || !s.storage.Exists(ctx, key))
+		}
+		content = bytes.NewReader(b)
+	}
+	h := w.Header()
+	h["Content-Type"] = []string{contentType}
+	h["Etag"] = []string{etag}
+	h["Cache-Control"] = []string{storeCacheControl}
+	h["X-Content-Type-Options"] = []string{"nosniff"}
+	sw := &storeWriter{ResponseWriter: w}
+	// Range, If-Range, If-Match and HEAD; no modification time: the ETag
+	// is the validator
+	http.ServeContent(sw, r, "", time.Time{}, content)
+	if sw.code == 0 {
+		sw.code = http.StatusOK
+	}
+	return sw.code
+}
+
+// loadFailed answers a storage read that failed: 404 when the image is not
+// there, else 500 and an error line.
+func (s *imageStore) loadFailed(w http.ResponseWriter, name string, err error, notFound bool) int {
+	if notFound {
+		writeError(w, errImageNotFound())
+		return http.StatusNotFound
+	}
+	s.logger.Error("reading a stored image failed", zap.String("image", name), zap.Error(err))
+	e := errStoreUnavailable()
+	writeError(w, e)
+	return e.status
+}
+
+// etagListMatches is the weak comparison of If-None-Match (RFC 9110
+// 13.1.2): any listed tag, W/ or not, or "*".
+func etagListMatches(header, etag string) bool {
+	for _, t := range strings.Split(header, ",") {
+		t = strings.TrimSpace(t)
+		if t == "*" || strings.TrimPrefix(t, "W/") == etag {
+			return true
+		}
+	}
+	return false
+}
+
+// storeWriter records the status http.ServeContent chose, for the metric,
+// and answers its plain-text errors (416 for a range beyond the image, 412
+// for a failed If-Match) in the OpenAI envelope like every other error. It
+// passes ReadFrom on, so a file still goes out by sendfile.
+type storeWriter struct {
+	http.ResponseWriter
+	code    int
+	swallow bool // the error body is ours: drop ServeContent's text
+}
+
+func (w *storeWriter) WriteHeader(code int) {
+	if w.code != 0 {
+		return
+	}
+	w.code = code
+	if code < 400 {
+		w.ResponseWriter.WriteHeader(code)
+		return
+	}
+	w.swallow = true
+	h := w.Header()
+	h.Del("Cache-Control") // an error is not immutable
+	h.Del("Etag")
+	msg := "The requested range is outside the image"
+	c := "range_not_satisfiable"
+	if code != http.StatusRequestedRangeNotSatisfiable {
+		msg, c = "A precondition of the request failed", "precondition_failed"
+	}
+	writeError(w.ResponseWriter, &apiError{status: code, typ: "invalid_request_error", code: c, message: msg})
+}
+
+func (w *storeWriter) Write(b []byte) (int, error) {
+	if w.code == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	if w.swallow {
+		return len(b), nil
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *storeWriter) ReadFrom(r io.Reader) (int64, error) {
+	if w.code == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	if w.swallow {
+		return io.Copy(io.Discard, r)
+	}
+	if rf, ok := w.ResponseWriter.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(w.ResponseWriter, r)
+}
+
+// Unwrap lets http.ResponseController reach the connection.
+func (w *storeWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// --- retention -----------------------------------------------------------------
+
+// sweepSchedule keeps, per store (prefix and storage), when its next sweep
+// is due. It outlives config reloads, so a reload (which provisions a new
+// store and cleans up the old one) does not make an extra sweep: at most
+// one per interval per process (SPEC §9.5), and one for all sites of a
+// config that share a storage.
+type sweepSchedule struct {
+	mu   sync.Mutex
+	next map[string]time.Time
+}
+
+var sweeps = &sweepSchedule{next: map[string]time.Time{}}
+
+// claim reports whether the sweep of key is due at now and, if so, books
+// the next one; otherwise it says when the next one is due.
+func (sc *sweepSchedule) claim(key string, now time.Time, every time.Duration) (bool, time.Time) {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if next, ok := sc.next[key]; ok && now.Before(next) {
+		return false, next
+	}
+	sc.next[key] = now.Add(every)
+	return true, time.Time{}
+}
+
+// start runs the sweeper in the background until stop (Cleanup) or until
+// parent, the config's context, is done.
+func (s *imageStore) start(parent context.Context) {
+	ctx, cancel := context.WithCancel(parent)
+	s.cancel = cancel
+	s.done = make(chan struct{})
+	go s.sweepLoop(ctx)
+}
+
+// stop ends the sweeper; a sweep in progress stops at its next key.
+func (s *imageStore) stop() {
+	if s.cancel != nil {
+		s.cancel()
+	}
+}
+
+func (s *imageStore) sweepLoop(ctx context.Context) {
+	defer close(s.done)
+	wait := s.firstSweep
+	for {
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		due, next := s.schedule.claim(s.scheduleKey, time.Now(), s.sweepEvery)
+		if !due {
+			wait = time.Until(next)
+			s.wakes.Add(1)
+			continue
+		}
+		n, err := s.sweep(ctx)
+		switch {
+		case errors.Is(err, errSweepBusy):
+			s.logger.Debug("image store sweep skipped: another instance holds the lock", zap.String("prefix", s.prefix))
+		case err != nil && ctx.Err() == nil:
+			s.logger.Warn("image store sweep failed", zap.String("prefix", s.prefix), zap.Int("deleted", n), zap.Error(err))
+		case n > 0:
+			s.logger.Info("image store sweep", zap.String("prefix", s.prefix), zap.Int("deleted", n),
+				zap.Duration("max_age", s.maxAge))
+		}
+		wait = s.sweepEvery
+		s.wakes.Add(1)
+	}
+}
+
+// errSweepBusy: another instance holds the sweep lock.
+var errSweepBusy = errors.New("store: another instance is sweeping")
+
+// sweep deletes the images last written more than max_age ago and returns
+// how many. It holds the storage lock {prefix}/sweep, so that one instance
+// of a cluster sweeps at a time; when the storage can tell that another
+// holds it, this instance skips its turn (errSweepBusy). Serving takes no
+// lock and is never delayed by a sweep.
+func (s *imageStore) sweep(ctx context.Context) (int, error) {
+	if s.maxAge <= 0 {
+		return 0, nil
+	}
+	lock := s.prefix + "/sweep"
+	if tl, ok := s.storage.(certmagic.TryLocker); ok {
+		got, err := tl.TryLock(ctx, lock)
+		if err != nil {
+			return 0, fmt.Errorf("store: taking the sweep lock: %w", err)
+		}
+		if !got {
+			return 0, errSweepBusy
+		}
+	} else if err := s.storage.Lock(ctx, lock); err != nil {
+		return 0, fmt.Errorf("store: taking the sweep lock: %w", err)
+	}
+	defer func() {
+		if err := s.storage.Unlock(context.WithoutCancel(ctx), lock); err != nil {
+			s.logger.Warn("image store: releasing the sweep lock failed", zap.Error(err))
+		}
+	}()
+
+	dir := strings.TrimSuffix(s.dir, "/")
+	keys, err := s.storage.List(ctx, dir, false)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return 0, nil // nothing stored yet
+		}
+		return 0, fmt.Errorf("store: listing %s: %w", dir, err)
+	}
+	cutoff := time.Now().Add(-s.maxAge)
+	deleted := 0
+	for _, key := range keys {
+		if err := ctx.Err(); err != nil {
+			return deleted, err
+		}
+		// only the store's own images, whatever else a storage lists
+		name, ok := strings.CutPrefix(key, s.dir)
+		if !ok {
+			continue
+		}
+		if _, ok := parseStoreName(name); !ok {
+			continue
+		}
+		info, err := s.storage.Stat(ctx, key)
+		if err != nil || !info.IsTerminal || !info.Modified.Before(cutoff) {
+			continue
+		}
+		if err := s.storage.Delete(ctx, key); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue // another instance was quicker
+			}
+			return deleted, fmt.Errorf("store: deleting %s: %w", name, err)
+		}
+		deleted++
+		metricStoreDeleted.Inc()
+	}
+	return deleted, nil
+}
