@@ -245,6 +245,7 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointChat, m.name, e)
 		return
 	}
+	g.keep(r.Context(), r, []*job{j}, false) // a failed copy keeps the upstream's URL
 	writeJSON(w, http.StatusOK, chatCompletion{
 		ID:      id,
 		Object:  "chat.completion",

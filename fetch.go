@@ -96,10 +96,11 @@ func (f *imageFetcher) acquire(ctx context.Context, n int) (release func(), e *a
 }
 
 // downloadAll downloads the images of jobs in parallel, within the
-// download slots and each job's remaining time. The first failure cancels
-// the others. On success the caller must call release once it no longer
-// holds the images.
-func (g *Gateway) downloadAll(ctx context.Context, jobs []*job) (images [][]byte, release func(), e *apiError) {
+// download slots and each job's remaining time. With failFast the first
+// failure cancels the others and fails the whole; without, each image that
+// could not be downloaded is nil and its error is in errs. The caller must
+// call release once it no longer holds the images.
+func (g *Gateway) downloadAll(ctx context.Context, jobs []*job, failFast bool) (images [][]byte, errs []*apiError, release func(), e *apiError) {
 	// waiting for slots counts against the earliest deadline of the jobs
 	wait := ctx
 	if dl, ok := earliestDeadline(jobs); ok {
@@ -109,28 +110,28 @@ func (g *Gateway) downloadAll(ctx context.Context, jobs []*job) (images [][]byte
 	}
 	release, e = g.fetcher.acquire(wait, len(jobs))
 	if e != nil {
-		return nil, nil, e
+		return nil, nil, nil, e
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	images = make([][]byte, len(jobs))
-	errs := make([]*apiError, len(jobs))
+	errs = make([]*apiError, len(jobs))
 	var wg sync.WaitGroup
 	for i, j := range jobs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if images[i], errs[i] = g.download(ctx, j); errs[i] != nil {
+			if images[i], errs[i] = g.download(ctx, j); errs[i] != nil && failFast {
 				cancel()
 			}
 		}()
 	}
 	wg.Wait()
-	if e := rootCause(errs); e != nil {
+	if e := rootCause(errs); e != nil && failFast {
 		release()
-		return nil, nil, e
+		return nil, nil, nil, e
 	}
-	return images, release, nil
+	return images, errs, release, nil
 }
 
 func earliestDeadline(jobs []*job) (time.Time, bool) {

@@ -119,15 +119,15 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointImages, m.name, e)
 		return
 	}
+	images, release, e := g.keep(ctx, r, jobs, format == "b64_json")
+	if e != nil {
+		g.fail(w, endpointImages, m.name, e)
+		return
+	}
+	// the download slots are held until the images are written: they are
+	// what bounds the memory of b64_json answers (issue 8)
+	defer release()
 	if format == "b64_json" {
-		images, release, e := g.downloadAll(ctx, jobs)
-		if e != nil {
-			g.fail(w, endpointImages, m.name, e)
-			return
-		}
-		// the download slots are held until the images are written: they
-		// are what bounds the memory of b64_json answers (issue 8)
-		defer release()
 		writeB64Answer(w, jobs, images)
 	} else {
 		data := make([]imageData, len(jobs))

@@ -52,6 +52,7 @@ type job struct {
 	origin    string // scheme://host of the request, for the demo
 
 	imageURL  string
+	stored    string // the store's name of the image ("<id>.<ext>"), when copied
 	deadline  time.Time // when the generation's time, download included, runs out
 	queueWait time.Duration
 	latency   time.Duration
@@ -231,7 +232,8 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 	}
 	metricGeneration.WithLabelValues(j.model.name).Observe(j.latency.Seconds())
 	j.imageURL = url
-	g.logGeneration(j, http.StatusOK, "")
+	// the success line is written once the image is kept (keep), so it
+	// can say where the answer's image lives
 	return nil
 }
 
@@ -263,6 +265,12 @@ func (g *Gateway) logGeneration(j *job, status int, failure string) {
 		}
 		if failure != "" {
 			fields = append(fields, zap.String("failure", failure))
+		}
+		if status == http.StatusOK {
+			fields = append(fields, zap.Bool("stored", j.stored != ""))
+			if id, _, ok := strings.Cut(j.stored, "."); ok {
+				fields = append(fields, zap.String("image_id", id))
+			}
 		}
 		ce.Write(fields...)
 	}

@@ -778,3 +778,66 @@ func (s *imageStore) sweep(ctx context.Context) (int, error) {
 	}
 	return deleted, nil
 }
+
+// keep is the pipeline's step after a successful generation (SPEC §9.1):
+// it downloads the images of jobs when the store or a b64_json answer
+// needs them, copies them into the store and points the jobs at their
+// store URLs, and writes each job's generation log line. A copy that fails
+// is never a new failure: the job keeps the upstream's URL, a warn line
+// names the cause and store_images_total{result="failed"} counts it (§9.2).
+// With needBytes (b64_json) the downloaded images are returned, one
+// download per image, and a failed download fails the request; release
+// must then be called once they are written.
+func (g *Gateway) keep(ctx context.Context, r *http.Request, jobs []*job, needBytes bool) (images [][]byte, release func(), e *apiError) {
+	release = func() {}
+	defer func() {
+		for _, j := range jobs {
+			if e != nil {
+				g.logGeneration(j, e.status, "download")
+			} else {
+				g.logGeneration(j, http.StatusOK, "")
+			}
+		}
+	}()
+	if g.store == nil && !needBytes {
+		return nil, release, nil
+	}
+	images, errs, release, e := g.downloadAll(ctx, jobs, needBytes)
+	if e != nil {
+		if needBytes {
+			return nil, func() {}, e
+		}
+		// no slot in time: every copy failed, the answer goes on
+		for _, j := range jobs {
+			g.copyFailed(j, e.message)
+		}
+		return nil, func() {}, nil
+	}
+	if g.store != nil {
+		for i, j := range jobs {
+			if errs[i] != nil {
+				g.copyFailed(j, errs[i].message)
+				continue
+			}
+			name, _, err := g.store.put(ctx, images[i])
+			if err != nil {
+				g.copyFailed(j, err.Error())
+				continue
+			}
+			j.stored = name
+			j.imageURL = g.storeURL(r, name)
+		}
+	}
+	if !needBytes {
+		release()
+		return nil, func() {}, nil
+	}
+	return images, release, nil
+}
+
+// copyFailed records a copy into the store that did not happen.
+func (g *Gateway) copyFailed(j *job, cause string) {
+	metricStoreImages.WithLabelValues(storeFailed).Inc()
+	g.logger.Warn("copying the image into the store failed; the answer keeps the image service's URL",
+		zap.String("endpoint", j.endpoint), zap.String("error", g.scrub.Replace(cause)))
+}

@@ -120,6 +120,7 @@ func (g *Gateway) streamChat(w http.ResponseWriter, r *http.Request, j *job, id 
 		metricRequests.WithLabelValues(endpointChat, j.model.name, strconv.Itoa(e.status)).Inc()
 		return
 	}
+	g.keep(ctx, r, []*job{j}, false) // keep-alives go on while the image is copied
 	s.stop()
 	s.event(chunk([]chatChoice{{Delta: &chatDelta{Content: ptr(g.markdown(j))}}}, nil))
 	s.event(chunk([]chatChoice{{Delta: &chatDelta{}, FinishReason: ptr("stop")}}, nil))
