@@ -85,6 +85,10 @@ type Gateway struct {
 	// from which images may be downloaded for response_format b64_json.
 	ImageHosts []string `json:"image_hosts,omitempty"`
 
+	// Playground serves a page that tries the gateway in a browser (SPEC
+	// §13). Off unless set; {} serves it at /playground.
+	Playground *PlaygroundConfig `json:"playground,omitempty"`
+
 	keyDigests   [][32]byte // SHA-256 of each client key
 	modelsJSON   []byte     // the /v1/models answer, built once
 	models       []*model
@@ -95,6 +99,7 @@ type Gateway struct {
 	queueTimeout time.Duration
 	fetcher      *imageFetcher
 	enhancer     *enhancer
+	playground   *playground // nil: off
 	scrub        *strings.Replacer
 	logger       *zap.Logger
 }
@@ -172,6 +177,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	g.scrub = newScrubber(secrets)
 
 	g.fetcher = newImageFetcher(up.URL, g.ImageHosts)
+	if g.playground, err = g.provisionPlayground(); err != nil {
+		return err
+	}
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		if err := registerMetrics(reg); err != nil {
 			return fmt.Errorf("zimage_gateway: registering metrics: %v", err)
