@@ -305,6 +305,14 @@
 		$("prompt").focus();
 	}
 
+	// showResults brings the results into view where they are below the
+	// forms (one column, a phone)
+	function showResults() {
+		if (!matchMedia("(max-width: 760px)").matches) return;
+		const still = matchMedia("(prefers-reduced-motion: reduce)").matches;
+		$("results-title").scrollIntoView({ behavior: still ? "auto" : "smooth", block: "start" });
+	}
+
 	// ---- the ratio radios
 
 	function currentRatio() {
@@ -384,6 +392,7 @@
 		const pending = pendingCards(n, ratio);
 		$("results").replaceChildren(...pending);
 		$("results-empty").hidden = true;
+		showResults();
 		const stop = timer($("elapsed"));
 		try {
 			const res = await api("/v1/images/generations", {
@@ -491,6 +500,7 @@
 			};
 			$("results").replaceChildren(card(item));
 			$("results-empty").hidden = true;
+			showResults();
 			addHistory([item]);
 			$("edit-status").textContent = "Done in " + stop().toFixed(1) + " s.";
 		} catch (err) {
