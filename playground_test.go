@@ -393,3 +393,37 @@ func TestUnitPlaygroundInExample(t *testing.T) {
 		t.Fatalf("Caddyfile.example does not turn the playground on at /playground")
 	}
 }
+
+// The README's first command says where the playground is, its picture is
+// in the repository, and its basic_auth example adapts with the page
+// behind the password and the API not.
+func TestUnitPlaygroundREADME(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, first, _ := strings.Cut(string(readme), "## First two commands")
+	if block := fenced(t, first, "```sh\n"); !strings.Contains(block, "open http://localhost:8080/playground") {
+		t.Errorf("the README's first command block does not say to open the playground:\n%s", block)
+	}
+	if !strings.Contains(string(readme), "](docs/playground.png)") {
+		t.Error("the README does not show docs/playground.png")
+	}
+	if b, err := os.ReadFile("docs/playground.png"); err != nil || !strings.HasPrefix(string(b), "\x89PNG") {
+		t.Errorf("docs/playground.png is not a PNG: %v", err)
+	}
+
+	_, public, ok := strings.Cut(string(readme), "### On a public site")
+	if !ok {
+		t.Fatal("README has no 'On a public site' section")
+	}
+	cfg := unitAdapt(t, fenced(t, public, "```caddy\n"))
+	names := unitHandlerNames(cfg)
+	auth, gw := unitIndexOf(names, "authentication"), unitIndexOf(names, "zimage_gateway")
+	if auth < 0 || gw < 0 || auth > gw {
+		t.Fatalf("handlers %v: want basic_auth (authentication) before zimage_gateway", names)
+	}
+	if !strings.Contains(string(cfg), `"path":["/playground*"]`) {
+		t.Errorf("basic_auth is not limited to the playground's path: %s", cfg)
+	}
+}
