@@ -64,6 +64,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        cfg <float>
 //	        negative_prompt <text>
 //	    }
+//	    playground [<path>]
 //	}
 //
 // A key or URL written as {$VAR} that resolves to nothing counts as unset
@@ -177,6 +178,15 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 			}
 			g.Models = append(g.Models, m)
+		case "playground":
+			if err := once(opt); err != nil {
+				return err
+			}
+			p, err := unmarshalPlayground(d)
+			if err != nil {
+				return err
+			}
+			g.Playground = p
 		default:
 			return d.Errf("unrecognized zimage_gateway option '%s'", opt)
 		}

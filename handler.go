@@ -73,6 +73,11 @@ func parseRoute(path string) (route, string) {
 
 // ServeHTTP answers the gateway's endpoints and passes other paths on.
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	// the playground's path is configured, so it is matched here rather
+	// than in parseRoute; before auth: the page holds no secret (SPEC §13)
+	if g.playground != nil && g.playground.serve(w, r) {
+		return nil
+	}
 	rt, id := parseRoute(r.URL.Path)
 	switch rt {
 	case routeNone:

@@ -45,6 +45,7 @@ type model struct {
 	cfg            float64
 	negativePrompt string
 	created        int64
+	edit           bool // an edit model (SPEC §10); set by the edits work, read by the playground
 }
 
 // provisionModels fills model defaults and builds the case-insensitive index

@@ -96,6 +96,10 @@ type Gateway struct {
 	// unless set; an empty object turns it on with the defaults.
 	Store *StoreConfig `json:"store,omitempty"`
 
+	// Playground serves a page that tries the gateway in a browser (SPEC
+	// §13). Off unless set; {} serves it at /playground.
+	Playground *PlaygroundConfig `json:"playground,omitempty"`
+
 	keyDigests   [][32]byte // SHA-256 of each client key
 	modelsJSON   []byte     // the /v1/models answer, built once
 	models       []*model
@@ -108,6 +112,7 @@ type Gateway struct {
 	fetcher      *imageFetcher
 	enhancer     *enhancer
 	store        *imageStore // nil when the store is off
+	playground   *playground // nil: off
 	scrub        *scrubber
 	logger       *zap.Logger
 }
@@ -192,6 +197,10 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	}
 	g.fetcher = newImageFetcher(up.URL, g.ImageHosts, g.MaxDownloads)
 	if err := g.provisionStore(ctx, resolve); err != nil {
+		return err
+	}
+	// after the store and the models: the page says what they offer
+	if g.playground, err = g.provisionPlayground(); err != nil {
 		return err
 	}
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
