@@ -36,6 +36,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    max_prompt_length <n>
 //	    image_hosts <host>...
 //	    max_downloads <n>
+//	    max_upload <size>
 //	    upstream [<url>|demo] {
 //	        api_key <key>
 //	        timeout <duration>
@@ -63,6 +64,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        steps <n>
 //	        cfg <float>
 //	        negative_prompt <text>
+//	        edit
 //	    }
 //	    playground [<path>]
 //	}
@@ -113,6 +115,21 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("zimage_gateway: invalid max_body '%s': want a size such as 1MiB, up to 1GiB", d.Val())
 			}
 			g.MaxBody = int64(n)
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "max_upload":
+			if err := once(opt); err != nil {
+				return err
+			}
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(d.Val())
+			if err != nil || n == 0 || n > 1<<30 {
+				return d.Errf("zimage_gateway: invalid max_upload '%s': want a size such as 20MiB, up to 1GiB", d.Val())
+			}
+			g.MaxUpload = int64(n)
 			if d.NextArg() {
 				return d.ArgErr()
 			}

@@ -211,7 +211,9 @@ func checkParams(p *jobParams) *apiError {
 
 // serveChat answers POST /v1/chat/completions.
 func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
-	body, e := g.readBody(w, r)
+	// a body with an image may be max_upload large, base64 and all
+	// (SPEC §10.2); one without is held to max_body below
+	body, e := g.readBody(w, r, max(g.MaxBody, g.MaxUpload/3*4+g.MaxBody))
 	if e != nil {
 		g.fail(w, endpointChat, "", e)
 		return
@@ -221,17 +223,39 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointChat, "", e)
 		return
 	}
-	m := g.lookupModel(req.Model)
-	if m == nil {
-		g.fail(w, endpointChat, "", errModelNotFound(req.Model))
-		return
+	src, e := g.chatImage(req)
+	if e == nil && src == nil && int64(len(body)) > g.MaxBody {
+		e = errTooLarge(g.MaxBody)
 	}
-	p := jobParams{prompt: prompt, width: req.Width, height: req.Height, cfg: req.CFG, negative: req.NegativePrompt}
-	j, e := g.checkedJob(r, endpointChat, m, req.Model, p, req.Seed)
 	if e != nil {
-		g.fail(w, endpointChat, m.name, e)
+		g.fail(w, endpointChat, "", e)
 		return
 	}
+	var j *job
+	if src != nil {
+		// an image in the latest user message: an edit of it (§10.2)
+		m, e := g.editModel(req.Model)
+		if e != nil {
+			g.fail(w, endpointChat, "", e)
+			return
+		}
+		if j, e = g.newEditJob(r, endpointChat, m, req.Model, prompt, src); e != nil {
+			g.fail(w, endpointChat, m.name, e)
+			return
+		}
+	} else {
+		m := g.lookupModel(req.Model)
+		if m == nil {
+			g.fail(w, endpointChat, "", errModelNotFound(req.Model))
+			return
+		}
+		p := jobParams{prompt: prompt, width: req.Width, height: req.Height, cfg: req.CFG, negative: req.NegativePrompt}
+		if j, e = g.checkedJob(r, endpointChat, m, req.Model, p, req.Seed); e != nil {
+			g.fail(w, endpointChat, m.name, e)
+			return
+		}
+	}
+	m := j.model
 
 	id := "chatcmpl-" + randomID()
 	if req.Stream {
@@ -304,6 +328,9 @@ func randomID() string {
 
 // markdown renders the answer content of SPEC §4 step 7, byte for byte.
 func (g *Gateway) markdown(j *job) string {
+	if j.edit {
+		return g.editMarkdown(j)
+	}
 	var b strings.Builder
 	b.Grow(256 + len(j.imageURL) + 2*len(j.prompt) + len(j.original))
 	b.WriteString("![")

@@ -24,6 +24,19 @@ func (demoGenerator) generate(ctx context.Context, req upstreamRequest, origin s
 	if err := ctx.Err(); err != nil {
 		return "", &upstreamError{kind: kindCanceled, message: "client went away"}
 	}
+	if req.ImageSource != "" {
+		// an edit keeps the source's size (SPEC §10.4), tinted so that it
+		// is told apart; a source of unknown size gets a square
+		w, h := req.Width, req.Height
+		if w <= 0 || h <= 0 {
+			w, h = 1024, 1024
+		}
+		if s := max(w, h); s > maxSide { // keep the shape within the drawable sides
+			w, h = max(minSide, w*maxSide/s), max(minSide, h*maxSide/s)
+		}
+		w, h = max(w, minSide), max(h, minSide)
+		return fmt.Sprintf("%s%s%dx%d.png?seed=%d&edit=1", origin, demoPath, w, h, req.Seed), nil
+	}
 	return fmt.Sprintf("%s%s%dx%d.png?seed=%d", origin, demoPath, req.Width, req.Height, req.Seed), nil
 }
 
@@ -35,7 +48,7 @@ func serveDemoImage(w http.ResponseWriter, r *http.Request, name string) {
 		return
 	}
 	seed, _ := strconv.ParseInt(r.URL.Query().Get("seed"), 10, 64)
-	b, ok := demoImage(name, seed)
+	b, ok := demoImage(name, seed, r.URL.Query().Get("edit") == "1")
 	if !ok {
 		writeError(w, errNotFound(r.URL.Path))
 		return
@@ -60,7 +73,7 @@ func demoImageForURL(s string) ([]byte, bool) {
 		return nil, false
 	}
 	seed, _ := strconv.ParseInt(u.Query().Get("seed"), 10, 64)
-	return demoImage(name, seed)
+	return demoImage(name, seed, u.Query().Get("edit") == "1")
 }
 
 // demoPalettes give each seed one of a few looks, so that distinct seeds
@@ -72,6 +85,9 @@ var demoPalettes = [][2]color.RGBA{
 	{{0x6d, 0x4c, 0x1f, 0xff}, {0xf5, 0xd0, 0x8a, 0xff}},
 }
 
+// demoEditPalette tints the placeholders of edits.
+var demoEditPalette = [2]color.RGBA{{0x5b, 0x2b, 0x9e, 0xff}, {0xd9, 0xb8, 0xfc, 0xff}}
+
 var (
 	demoCacheMu sync.Mutex
 	demoCache   = map[string][]byte{}
@@ -79,8 +95,9 @@ var (
 
 const demoCacheMax = 32
 
-// demoImage renders (and caches) a striped PNG of the size named "WxH.png".
-func demoImage(name string, seed int64) ([]byte, bool) {
+// demoImage renders (and caches) a striped PNG of the size named "WxH.png",
+// tinted for an edit.
+func demoImage(name string, seed int64, edit bool) ([]byte, bool) {
 	dims, ok := strings.CutSuffix(name, ".png")
 	if !ok {
 		return nil, false
@@ -95,6 +112,10 @@ func demoImage(name string, seed int64) ([]byte, bool) {
 		return nil, false
 	}
 	pal := int(uint64(seed) % uint64(len(demoPalettes)))
+	colors := demoPalettes[pal]
+	if edit {
+		pal, colors = -1, demoEditPalette
+	}
 	key := fmt.Sprintf("%dx%d/%d", w, h, pal)
 	demoCacheMu.Lock()
 	b, hit := demoCache[key]
@@ -103,7 +124,6 @@ func demoImage(name string, seed int64) ([]byte, bool) {
 		return b, true
 	}
 
-	colors := demoPalettes[pal]
 	img := image.NewPaletted(image.Rect(0, 0, w, h), color.Palette{colors[0], colors[1]})
 	stripe := max(w, h) / 16
 	for y := range h {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 
@@ -24,6 +25,7 @@ const (
 	routeModel
 	routeChat
 	routeImages
+	routeEdits
 	routeDemoImage
 	routeStoreImage
 )
@@ -61,6 +63,8 @@ func parseRoute(path string) (route, string) {
 		return routeChat, ""
 	case "/images/generations":
 		return routeImages, ""
+	case "/images/edits":
+		return routeEdits, ""
 	}
 	if id, ok := strings.CutPrefix(rest, "/models/"); ok && id != "" {
 		return routeModel, id
@@ -140,6 +144,12 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return nil
 		}
 		g.serveImages(w, r)
+	case routeEdits:
+		if r.Method != http.MethodPost {
+			g.fail(w, endpointEdits, "", errMethod(r.Method, "POST"))
+			return nil
+		}
+		g.serveEdits(w, r)
 	default:
 		g.fail(w, "unknown", "", errNotFound(r.URL.Path))
 	}
@@ -154,6 +164,8 @@ func endpointFor(rt route) string {
 		return endpointChat
 	case routeImages:
 		return endpointImages
+	case routeEdits:
+		return endpointEdits
 	}
 	return "unknown"
 }
@@ -178,13 +190,13 @@ func (g *Gateway) authorized(r *http.Request) bool {
 	return match == 1
 }
 
-// readBody reads the request body within the configured limit.
-func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.MaxBody))
+// readBody reads the request body within limit.
+func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, *apiError) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
-			return nil, errTooLarge(g.MaxBody)
+			return nil, errTooLarge(limit)
 		}
 		return nil, invalidRequest("", "Could not read the request body: "+err.Error())
 	}
@@ -223,7 +235,21 @@ func writeJSONBytes(w http.ResponseWriter, status int, b []byte) {
 // key stands between such a page and the operator's points. With keys, the
 // key is the protection and any type is accepted, as clients send them.
 func (g *Gateway) checkCrossSite(r *http.Request, rt route) *apiError {
-	if !g.NoAuth || r.Method != http.MethodPost || (rt != routeChat && rt != routeImages) {
+	if !g.NoAuth || r.Method != http.MethodPost {
+		return nil
+	}
+	if rt == routeEdits {
+		// edits are multipart by design, which any page may send: with
+		// no_auth only this site's own pages (the playground) may post one
+		if o := r.Header.Get("Origin"); o != "" {
+			if u, err := url.Parse(o); err != nil || !strings.EqualFold(u.Host, r.Host) {
+				return &apiError{status: http.StatusForbidden, typ: "invalid_request_error", code: "cross_origin",
+					message: "This gateway runs with no_auth: edits are accepted from its own site only"}
+			}
+		}
+		return nil
+	}
+	if rt != routeChat && rt != routeImages {
 		return nil
 	}
 	ct := r.Header.Get("Content-Type")

@@ -26,6 +26,7 @@ type imagesRequest struct {
 	Seed           json.RawMessage `json:"seed"`
 	CFG            *float64        `json:"cfg"`
 	NegativePrompt *string         `json:"negative_prompt"`
+	Stream         bool            `json:"stream"`
 }
 
 const maxImagesN = 4
@@ -39,6 +40,17 @@ type imageData struct {
 	URL           string `json:"url,omitempty"`
 	B64JSON       string `json:"b64_json,omitempty"`
 	RevisedPrompt string `json:"revised_prompt"`
+}
+
+// parseFormat reads response_format: url (the default) or b64_json.
+func parseFormat(s string) (string, *apiError) {
+	switch f := strings.ToLower(strings.TrimSpace(s)); f {
+	case "":
+		return "url", nil
+	case "url", "b64_json":
+		return f, nil
+	}
+	return "", invalidRequest("response_format", "response_format must be \"url\" or \"b64_json\"")
 }
 
 // parseSize reads "WxH"; "auto" or "" leave the size to the ratio rules.
@@ -59,7 +71,7 @@ func parseSize(s string) (w, h *float64, e *apiError) {
 
 // serveImages answers POST /v1/images/generations.
 func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
-	body, e := g.readBody(w, r)
+	body, e := g.readBody(w, r, g.MaxBody)
 	if e != nil {
 		g.fail(w, endpointImages, "", e)
 		return
@@ -91,13 +103,9 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointImages, m.name, invalidRequest("n", fmt.Sprintf("n must be between 1 and %d", maxImagesN)))
 		return
 	}
-	format := strings.ToLower(strings.TrimSpace(req.ResponseFormat))
-	switch format {
-	case "":
-		format = "url"
-	case "url", "b64_json":
-	default:
-		g.fail(w, endpointImages, m.name, invalidRequest("response_format", "response_format must be \"url\" or \"b64_json\""))
+	format, e := parseFormat(req.ResponseFormat)
+	if e != nil {
+		g.fail(w, endpointImages, m.name, e)
 		return
 	}
 	width, height, e := parseSize(req.Size)
@@ -112,16 +120,26 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	g.runEnhance(r.Context(), j)
+	if req.Stream {
+		g.streamImages(w, r, j, n)
+		return
+	}
+	g.answerImages(w, r, j, n, format)
+}
+
+// answerImages runs n generations (or edits) of j, keeps their images and
+// writes the Images API answer (SPEC §5, §10.1).
+func (g *Gateway) answerImages(w http.ResponseWriter, r *http.Request, j *job, n int, format string) {
 	ctx := r.Context()
-	g.runEnhance(ctx, j)
 	jobs, e := g.generateN(ctx, j, n)
 	if e != nil {
-		g.fail(w, endpointImages, m.name, e)
+		g.fail(w, j.endpoint, j.model.name, e)
 		return
 	}
 	images, release, e := g.keep(ctx, r, jobs, format == "b64_json")
 	if e != nil {
-		g.fail(w, endpointImages, m.name, e)
+		g.fail(w, j.endpoint, j.model.name, e)
 		return
 	}
 	// the download slots are held until the images are written: they are
@@ -136,7 +154,7 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		}
 		writeJSON(w, http.StatusOK, imagesResponse{Created: time.Now().Unix(), Data: data})
 	}
-	metricRequests.WithLabelValues(endpointImages, m.name, "200").Inc()
+	metricRequests.WithLabelValues(j.endpoint, j.model.name, "200").Inc()
 }
 
 // generateN runs n generations of one enhanced job in parallel (each waits

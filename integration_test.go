@@ -310,7 +310,7 @@ func TestIntegFallthrough(t *testing.T) {
 func TestIntegUnknownPath(t *testing.T) {
 	up := newFakeUpstream(t)
 	startCaddy(t, itSite(up, itConfig{after: `respond "next" 200`}))
-	for _, path := range []string{"/v1/foo", "/v1/", "/v1/chat", "/v1/images/edits", "/v1/zimage-demo/64x64.png"} {
+	for _, path := range []string{"/v1/foo", "/v1/", "/v1/chat", "/v1/images/variations", "/v1/zimage-demo/64x64.png"} {
 		t.Run(path, func(t *testing.T) {
 			status, hdr, body := do(t, http.MethodGet, path, "")
 			e := itWantErr(t, status, hdr, body, http.StatusNotFound, "not_found")
@@ -468,7 +468,9 @@ func TestIntegChatPrompt(t *testing.T) {
 		name, body, want string
 	}{
 		{"string content", `{"messages":[{"role":"system","content":"be nice"},{"role":"user","content":"a cat on a roof"}]}`, "a cat on a roof"},
-		{"content parts", `{"messages":[{"role":"user","content":[{"type":"text","text":"a red"},{"type":"image_url","image_url":{"url":"https://x.example/y.png"}},{"type":"text","text":"fox"}]}]}`, "a red fox"},
+		{"content parts", `{"messages":[{"role":"user","content":[{"type":"text","text":"a red"},{"type":"text","text":"fox"}]}]}`, "a red fox"},
+		// an image in an older message does not make the latest one an edit (SPEC §10.2)
+		{"image in an older message", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x.example/y.png"}}]},{"role":"assistant","content":"ok"},{"role":"user","content":"a red fox"}]}`, "a red fox"},
 		{"last user message", `{"messages":[{"role":"user","content":"first idea"},{"role":"assistant","content":"ok"},{"role":"user","content":"second idea"}]}`, "second idea"},
 		{"top-level prompt wins", `{"prompt":"a dog","messages":[{"role":"user","content":"a cat"}]}`, "a dog"},
 		{"blank top-level prompt", `{"prompt":"   ","messages":[{"role":"user","content":"a cat"}]}`, "a cat"},

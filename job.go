@@ -53,6 +53,11 @@ type job struct {
 
 	imageURL  string
 	stored    string // the store's name of the image ("<id>.<ext>"), when copied
+
+	// an edit (SPEC §10): the source's URL as given to the service, and
+	// width and height are the source's (0 when unknown)
+	edit      bool
+	sourceURL string
 	deadline  time.Time // when the generation's time, download included, runs out
 	queueWait time.Duration
 	latency   time.Duration
@@ -140,6 +145,9 @@ func (j *job) decideSize(llmRatio string) {
 // runEnhance is step 3: one LLM call unless skipped or not configured; any
 // failure keeps the user's prompt. It then settles the size.
 func (g *Gateway) runEnhance(ctx context.Context, j *job) {
+	if j.edit {
+		return // edits are not enhanced; newEditJob counted them skipped
+	}
 	switch {
 	case g.enhancer == nil:
 		j.enhance = enhanceDisabled
@@ -204,6 +212,7 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 		ModelIndex:     j.model.modelIndex,
 		Seed:           j.seed,
 		NegativePrompt: j.negative,
+		ImageSource:    j.sourceURL,
 	}, j.origin)
 	j.latency = time.Since(start)
 	metricInFlight.Dec()

@@ -35,6 +35,12 @@ type ModelConfig struct {
 
 	// NegativePrompt is the default negative prompt. Default: none.
 	NegativePrompt string `json:"negative_prompt,omitempty"`
+
+	// Edit marks an edit model (SPEC §10): it takes a source image and an
+	// instruction, as the service's Qwen Image Edit models (model_index 18
+	// and 19) do, and serves /v1/images/edits and chat messages with an
+	// image. Steps, cfg and negative_prompt do not apply to it.
+	Edit bool `json:"edit,omitempty"`
 }
 
 // model is a resolved ModelConfig.
@@ -45,7 +51,7 @@ type model struct {
 	cfg            float64
 	negativePrompt string
 	created        int64
-	edit           bool // an edit model (SPEC §10); set by the edits work, read by the playground
+	edit           bool // an edit model (SPEC §10)
 }
 
 // provisionModels fills model defaults and builds the case-insensitive index
@@ -69,6 +75,7 @@ func (g *Gateway) provisionModels() error {
 			steps:          defaultSteps,
 			cfg:            defaultCFG,
 			negativePrompt: mc.NegativePrompt,
+			edit:           mc.Edit,
 			created:        now,
 		}
 		if mc.ModelIndex != nil {
@@ -163,6 +170,11 @@ func unmarshalModel(d *caddyfile.Dispenser) (ModelConfig, error) {
 			}
 		case "negative_prompt":
 			m.NegativePrompt, err = singleArg(d)
+		case "edit":
+			if d.NextArg() {
+				return m, d.ArgErr()
+			}
+			m.Edit = true
 		default:
 			return m, d.Errf("unrecognized zimage_gateway model option '%s'", opt)
 		}

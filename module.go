@@ -64,6 +64,12 @@ type Gateway struct {
 	// are answered with 413. Default: 1 MiB.
 	MaxBody int64 `json:"max_body,omitempty"`
 
+	// MaxUpload is the largest image accepted for an edit, in bytes: an
+	// upload to /v1/images/edits or a data: URL in a chat message (whose
+	// body may then be this large, base64 and all); larger ones are
+	// answered with 413. Default: 20 MiB.
+	MaxUpload int64 `json:"max_upload,omitempty"`
+
 	// MaxPromptLength is the longest prompt accepted, in characters (runes);
 	// longer prompts are answered with 400. Default: 20000.
 	MaxPromptLength int `json:"max_prompt_length,omitempty"`
@@ -163,6 +169,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	}
 	if g.MaxBody <= 0 {
 		g.MaxBody = defaultMaxBody
+	}
+	if g.MaxUpload <= 0 {
+		g.MaxUpload = defaultMaxUpload
 	}
 	if g.MaxPromptLength <= 0 {
 		g.MaxPromptLength = defaultMaxPromptLength

@@ -1,6 +1,8 @@
 package zimage
 
 import (
+	"bufio"
+	"encoding/base64"
 	"encoding/json"
 	"net/http"
 	"strconv"
@@ -84,6 +86,31 @@ func (s *sseWriter) event(v any) {
 	s.mu.Unlock()
 }
 
+// eventWith writes one event, named unless name is empty, whose data the
+// callback writes: a large payload (an image's base64) is encoded straight
+// into the stream, never held whole.
+func (s *sseWriter) eventWith(name string, data func(w *bufio.Writer)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.failed {
+		return
+	}
+	bw := bufio.NewWriterSize(s.w, 32<<10)
+	if name != "" {
+		bw.WriteString("event: " + name + "\n")
+	}
+	bw.WriteString("data: ")
+	data(bw)
+	bw.WriteString("\n\n")
+	if err := bw.Flush(); err != nil {
+		s.failed = true
+		return
+	}
+	if err := s.rc.Flush(); err != nil {
+		s.failed = true
+	}
+}
+
 // done writes the terminating [DONE] event.
 func (s *sseWriter) done() {
 	s.mu.Lock()
@@ -129,4 +156,58 @@ func (g *Gateway) streamChat(w http.ResponseWriter, r *http.Request, j *job, id 
 	}
 	s.done()
 	metricRequests.WithLabelValues(endpointChat, j.model.name, "200").Inc()
+}
+
+// streamImages answers the Images API with "stream": true (SPEC §10.5), as
+// OpenAI's image streaming does: keep-alives while the images are made,
+// then one <kind>.completed event per image with its base64, and the
+// stream ends; a failure is an error event with the OpenAI error object.
+func (g *Gateway) streamImages(w http.ResponseWriter, r *http.Request, j *job, n int) {
+	kind := "image_generation"
+	if j.edit {
+		kind = "image_edit"
+	}
+	s := startSSE(w, time.Duration(g.StreamKeepalive))
+	defer s.stop()
+	ctx := r.Context()
+	jobs, e := g.generateN(ctx, j, n)
+	var images [][]byte
+	release := func() {}
+	if e == nil {
+		images, release, e = g.keep(ctx, r, jobs, true)
+	}
+	defer release()
+	s.stop()
+	if e != nil {
+		b, _ := json.Marshal(struct {
+			Type  string      `json:"type"`
+			Error errorDetail `json:"error"`
+		}{"error", e.body().Error})
+		s.eventWith("error", func(w *bufio.Writer) { w.Write(b) })
+		metricRequests.WithLabelValues(j.endpoint, j.model.name, strconv.Itoa(e.status)).Inc()
+		return
+	}
+	created := strconv.FormatInt(time.Now().Unix(), 10)
+	for i, img := range images {
+		ext, _, _ := sniffImage(img)
+		format := map[string]string{"jpg": "jpeg"}[ext]
+		if format == "" {
+			format = ext
+		}
+		width, height := imageSize(img, ext)
+		if width == 0 {
+			width, height = jobs[i].width, jobs[i].height
+		}
+		tail := `","created_at":` + created + `,"size":"` + strconv.Itoa(width) + "x" + strconv.Itoa(height) +
+			`","output_format":"` + format + `","usage":{"input_tokens":0,"output_tokens":0,"total_tokens":0,` +
+			`"input_tokens_details":{"image_tokens":0,"text_tokens":0}}}`
+		s.eventWith(kind+".completed", func(w *bufio.Writer) {
+			w.WriteString(`{"type":"` + kind + `.completed","b64_json":"`)
+			enc := base64.NewEncoder(base64.StdEncoding, w)
+			enc.Write(img)
+			enc.Close()
+			w.WriteString(tail)
+		})
+	}
+	metricRequests.WithLabelValues(j.endpoint, j.model.name, "200").Inc()
 }

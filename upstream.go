@@ -42,6 +42,11 @@ type upstreamRequest struct {
 	ModelIndex     int     `json:"model_index"`
 	Seed           int64   `json:"seed"`
 	NegativePrompt string  `json:"negative_prompt,omitempty"`
+
+	// ImageSource makes the request an edit (SPEC §10): the service
+	// downloads the source from this URL, and the body carries only the
+	// instruction and the model (see MarshalJSON in edits.go).
+	ImageSource string `json:"-"`
 }
 
 // Kinds of upstream failure, as counted in caddy_zimage_upstream_errors_total.
