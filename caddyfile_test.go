@@ -403,6 +403,9 @@ func TestUnitCaddyfileExample(t *testing.T) {
 			if g.lookupModel("dall-e-3") == nil || g.lookupModel("Z-Image") == nil || g.limiter == nil {
 				t.Fatalf("the example's model alias or max_concurrent did not take effect")
 			}
+			if g.store == nil || g.store.maxAge != 30*24*time.Hour || g.store.storage != caddy.DefaultStorage {
+				t.Fatalf("the example's store is not on with Caddy's own storage and max_age 30d: %+v", g.store)
+			}
 			if !tc.wantDemo {
 				ic, ok := g.upstream.(*imageClient)
 				if !ok || ic.url != defaultUpstreamURL || ic.key != testSDKey {
