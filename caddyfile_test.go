@@ -433,6 +433,9 @@ func TestUnitCaddyfileExample(t *testing.T) {
 					}
 				}
 			}
+			if g.store == nil || g.store.maxAge != 30*24*time.Hour || g.store.storage != caddy.DefaultStorage {
+				t.Fatalf("the example's store is not on with Caddy's own storage and max_age 30d: %+v", g.store)
+			}
 			if !tc.wantDemo {
 				ic, ok := g.upstream.(*imageClient)
 				if !ok || ic.url != defaultUpstreamURL || ic.key != testSDKey {

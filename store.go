@@ -174,7 +174,7 @@ func (g *Gateway) provisionStore(ctx caddy.Context, resolve func(v, env string) 
 			return fmt.Errorf("zimage_gateway: store: storage: %v", err)
 		}
 	} else {
-		storage = ctx.Storage()
+		storage = caddyStorage(ctx)
 		identity = fmt.Sprintf("default %T", storage)
 		if s, ok := storage.(fmt.Stringer); ok {
 			identity = "default " + s.String()
@@ -191,6 +191,22 @@ func (g *Gateway) provisionStore(ctx caddy.Context, resolve func(v, env string) 
 		st.start(ctx)
 	}
 	return nil
+}
+
+// caddyStorage is the storage Caddy itself uses (the global `storage`
+// option). A context made outside a config load, as unit tests make them,
+// has no config to ask and panics; Caddy's own default applies then, as it
+// does for a config without a storage.
+func caddyStorage(ctx caddy.Context) (s certmagic.Storage) {
+	defer func() {
+		if recover() != nil {
+			s = caddy.DefaultStorage
+		}
+	}()
+	if s = ctx.Storage(); s == nil {
+		s = caddy.DefaultStorage
+	}
+	return s
 }
 
 // newImageStore makes a store over storage with the default sweep timings;

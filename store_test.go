@@ -942,3 +942,27 @@ func (c *countingLister) List(ctx context.Context, prefix string, recursive bool
 	c.lists.Add(1)
 	return c.FileStorage.List(ctx, prefix, recursive)
 }
+
+// SPEC §9.3: the store's paths, with and without /v1; the name is passed on
+// as it came, for parseStoreName to judge.
+func TestUnitStoreRoute(t *testing.T) {
+	for _, tc := range []struct {
+		path string
+		want route
+		name string
+	}{
+		{"/v1/zimage/images/" + storeTestID + ".png", routeStoreImage, storeTestID + ".png"},
+		{"/zimage/images/" + storeTestID + ".png", routeStoreImage, storeTestID + ".png"},
+		{"//v1//zimage/images/x.png", routeStoreImage, "x.png"},
+		{"/v1/zimage/images/../../etc/passwd", routeStoreImage, "../../etc/passwd"},
+		{"/v1/zimage/images/", routeStoreImage, ""},
+		{"/v1/zimage/images", routeUnknown, ""},
+		{"/v1/zimage/imagesx/a.png", routeUnknown, ""},
+		{"/zimage/images", routeNone, ""},
+		{"/zimage/other/a.png", routeNone, ""},
+	} {
+		if got, name := parseRoute(tc.path); got != tc.want || name != tc.name {
+			t.Errorf("parseRoute(%q) = %d, %q; want %d, %q", tc.path, got, name, tc.want, tc.name)
+		}
+	}
+}

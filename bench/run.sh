@@ -3,7 +3,7 @@
 # reverse_proxy / respond, on the same Caddy binary, the same fake upstream and
 # the same machine, in one invocation (SPEC §8). See bench/README.md.
 #
-#   bench/run.sh [throughput|burst|streams|all]     (default: throughput)
+#   bench/run.sh [throughput|burst|streams|store|all]     (default: throughput)
 #
 # throughput  ROUNDS alternating rounds of: gateway chat (no-enhance) vs
 #             reverse_proxy, /v1/models vs respond, gateway chat with the
@@ -13,6 +13,9 @@
 #             peak RSS (VmHWM) is comparable.
 # streams     STREAMS simultaneous streaming chat requests, fake image taking
 #             STREAM_DELAY, gateway with stream_keepalive 5s.
+# store       ROUNDS alternating rounds of: a stored IMAGE_SIZE image served by
+#             the gateway's store vs Caddy's file_server on the same file, 200
+#             and 304 (If-None-Match). Medians and target ratios (SPEC §9.7).
 #
 # Caddy runs pinned to CPU $CADDY_CPU, the load generator and the fake upstream
 # to CPU $LOAD_CPU, so Caddy's core does nothing but Caddy.
@@ -33,7 +36,8 @@ PRECONNECT=${PRECONNECT:-1}         # burst/streams: open the connections before
 STREAMS=${STREAMS:-10000}
 STREAM_DELAY=${STREAM_DELAY:-20s}
 STREAM_KEEPALIVE=${STREAM_KEEPALIVE:-5s}
-BASE_PORT=${BASE_PORT:-18400}       # fake, gateway, enhance gateway, proxy: +0..+3
+IMAGE_SIZE=${IMAGE_SIZE:-2000000}   # store mode: bytes of the stored image
+BASE_PORT=${BASE_PORT:-18400}       # fake, gateway, enhance gateway, proxy, store, file_server: +0..+5
 CADDY_CPU=${CADDY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 CADDY_LOG_LEVEL=${CADDY_LOG_LEVEL:-INFO}  # Caddy's default; the gateway pays for its log line
@@ -48,6 +52,9 @@ FAKE_PORT=$BASE_PORT
 GW_PORT=$((BASE_PORT + 1))
 EN_PORT=$((BASE_PORT + 2))
 PX_PORT=$((BASE_PORT + 3))
+ST_PORT=$((BASE_PORT + 4))
+FS_PORT=$((BASE_PORT + 5))
+STORE_DIR=$OUT/store # the file_system storage of site (4), and file_server's root below it
 
 KEY=sk-bench
 CHAT_BODY='{"model":"Z-Image","messages":[{"role":"user","content":"a cat no-enhance"}]}'
@@ -197,6 +204,30 @@ http://:$PX_PORT {
 		}
 	}
 }
+
+# (4) the gateway's image store (file_system storage), and only that: the
+# fake image service is never called on this site
+http://:$ST_PORT {
+	bind 127.0.0.1
+	zimage_gateway {
+		api_key $KEY
+		upstream http://127.0.0.1:$FAKE_PORT/api/v1/generate_image {
+			api_key sd-bench
+		}
+		enhance off
+		store {
+			storage file_system $STORE_DIR
+			max_age 0
+		}
+	}
+}
+
+# (5) Caddy's own static file server on the store's image directory: the same file
+http://:$FS_PORT {
+	bind 127.0.0.1
+	root * $STORE_DIR/zimage/images
+	file_server
+}
 EOF
 	"$CADDY_BIN" validate --config "$OUT/Caddyfile" --adapter caddyfile >"$OUT/validate.log" 2>&1 ||
 		{ cat "$OUT/validate.log" >&2; die "the generated Caddyfile does not validate"; }
@@ -215,14 +246,14 @@ start_fake() { # delay
 start_caddy() { # log name
 	stop_pid "$CADDY_PID"
 	CADDY_PID=
-	for p in "$GW_PORT" "$EN_PORT" "$PX_PORT"; do
+	for p in "$GW_PORT" "$EN_PORT" "$PX_PORT" "$ST_PORT" "$FS_PORT"; do
 		port_open "$p" && die "port $p is in use (set BASE_PORT)"
 	done
 	# Caddy's storage and autosave stay under bench/.out
 	HOME=$OUT/home XDG_DATA_HOME=$OUT/home/data XDG_CONFIG_HOME=$OUT/home/config \
 		"${PIN_CADDY[@]}" "$CADDY_BIN" run --config "$OUT/Caddyfile" --adapter caddyfile >"$OUT/caddy-$1.log" 2>&1 &
 	CADDY_PID=$!
-	for p in "$GW_PORT" "$EN_PORT" "$PX_PORT"; do
+	for p in "$GW_PORT" "$EN_PORT" "$PX_PORT" "$ST_PORT" "$FS_PORT"; do
 		wait_port "$p" "$CADDY_PID" || { tail -20 "$OUT/caddy-$1.log" >&2; die "caddy did not start"; }
 	done
 }
@@ -248,14 +279,25 @@ median() { sort -g | awk '{a[NR] = $1} END {if (NR == 0) print "nan"; else if (N
 
 # --- throughput --------------------------------------------------------------
 
-# target NAME: url, expected string and body of a throughput target
+# target NAME: url, expected string, body and extra load flags of a target
 target() {
+	T_FLAGS=()
 	case $1 in
 	gw_chat) T_URL=http://127.0.0.1:$GW_PORT/v1/chat/completions T_EXPECT=$EXPECT_IMAGE T_BODY=$CHAT_BODY ;;
 	px_chat | px_chat2) T_URL=http://127.0.0.1:$PX_PORT/v1/chat/completions T_EXPECT=$EXPECT_IMAGE T_BODY=$CHAT_BODY ;;
 	gw_models) T_URL=http://127.0.0.1:$GW_PORT/v1/models T_EXPECT=$EXPECT_MODELS T_BODY= ;;
 	px_respond) T_URL=http://127.0.0.1:$PX_PORT/v1/models T_EXPECT=$EXPECT_MODELS T_BODY= ;;
 	gw_enhance) T_URL=http://127.0.0.1:$EN_PORT/v1/chat/completions T_EXPECT=$EXPECT_ENHANCED T_BODY=$ENHANCE_BODY ;;
+	st_image) T_URL=http://127.0.0.1:$ST_PORT/v1/zimage/images/$IMAGE_NAME T_EXPECT= T_BODY= ;;
+	fs_image) T_URL=http://127.0.0.1:$FS_PORT/$IMAGE_NAME T_EXPECT= T_BODY= ;;
+	st_304)
+		T_URL=http://127.0.0.1:$ST_PORT/v1/zimage/images/$IMAGE_NAME T_EXPECT= T_BODY=
+		T_FLAGS=(-header "If-None-Match: $ST_ETAG" -status 304)
+		;;
+	fs_304)
+		T_URL=http://127.0.0.1:$FS_PORT/$IMAGE_NAME T_EXPECT= T_BODY=
+		T_FLAGS=(-header "If-None-Match: $FS_ETAG" -status 304)
+		;;
 	*) die "unknown target $1" ;;
 	esac
 }
@@ -303,7 +345,7 @@ measure_once() {
 	s0=$(sys_ticks)
 	t0=$(cpu_ticks "$CADDY_PID")
 	f0=$(cpu_ticks "$FAKE_PID")
-	json=$(load "$T_URL" "$T_EXPECT" "$T_BODY" -c "$CONC" -d "$DURATION")
+	json=$(load "$T_URL" "$T_EXPECT" "$T_BODY" -c "$CONC" -d "$DURATION" "${T_FLAGS[@]}")
 	t1=$(cpu_ticks "$CADDY_PID")
 	f1=$(cpu_ticks "$FAKE_PID")
 	s1=$(sys_ticks)
@@ -403,6 +445,103 @@ throughput() {
 		echo "WARNING: up to ${x}% of a core went to other work during a kept measurement (NOISE_MAX $NOISE_MAX%): the machine was not quiet; rerun for clean numbers"
 	fi
 	say "(per-round rows: $RESULTS; Caddy log: $OUT/caddy-throughput.log)"
+}
+
+# --- store -------------------------------------------------------------------
+
+# store_image: an IMAGE_SIZE PNG (signature, then noise: the store checks the
+# signature only) written where the store keeps it, {prefix}/images/{id}.png
+# with id the first 128 bits of its SHA-256, exactly as put names it
+store_image() {
+	rm -rf "$STORE_DIR"
+	mkdir -p "$STORE_DIR/zimage/images"
+	local tmp=$OUT/image.png
+	{ printf '\211PNG\r\n\032\n'; head -c $((IMAGE_SIZE - 8)) /dev/urandom; } >"$tmp"
+	IMAGE_NAME=$(sha256sum "$tmp" | cut -c1-32).png
+	mv "$tmp" "$STORE_DIR/zimage/images/$IMAGE_NAME"
+}
+
+# etag_of URL: the ETag a server gives for URL
+etag_of() { curl -fsS -o /dev/null -D - "$1" | awk 'tolower($1) == "etag:" {sub(/\r$/, "", $2); print $2}'; }
+
+store_bench() {
+	say "== store: a stored $IMAGE_SIZE-byte image, gateway store vs file_server on the same file, $ROUNDS rounds, $DURATION per measurement, concurrency $CONC"
+	store_image
+	start_fake 0
+	start_caddy store
+	RESULTS=$OUT/store.tsv
+	: >"$RESULTS"
+
+	# both serve the same bytes, and both revalidate with their own ETag
+	local file=$STORE_DIR/zimage/images/$IMAGE_NAME st fs
+	st=http://127.0.0.1:$ST_PORT/v1/zimage/images/$IMAGE_NAME
+	fs=http://127.0.0.1:$FS_PORT/$IMAGE_NAME
+	curl -fsS "$st" | cmp -s - "$file" || die "$st does not serve the stored file"
+	curl -fsS "$fs" | cmp -s - "$file" || die "$fs does not serve the stored file"
+	ST_ETAG=$(etag_of "$st")
+	FS_ETAG=$(etag_of "$fs")
+	[ -n "$ST_ETAG" ] && [ -n "$FS_ETAG" ] || die "no ETag (store: '$ST_ETAG', file_server: '$FS_ETAG')"
+	[ "$(curl -sS -o /dev/null -w '%{http_code}' -H "If-None-Match: $ST_ETAG" "$st")" = 304 ] || die "$st does not answer 304 to its ETag"
+	[ "$(curl -sS -o /dev/null -w '%{http_code}' -H "If-None-Match: $FS_ETAG" "$fs")" = 304 ] || die "$fs does not answer 304 to its ETag"
+	say "image $IMAGE_NAME ($IMAGE_SIZE bytes); ETags: store $ST_ETAG, file_server $FS_ETAG"
+
+	say "warm-up ($WARMUP each, not counted)"
+	local name
+	for name in st_image fs_image st_304 fs_304; do
+		target "$name"
+		load "$T_URL" "$T_EXPECT" "$T_BODY" -c "$CONC" -d "$WARMUP" "${T_FLAGS[@]}" >/dev/null
+	done
+	local r order
+	for r in $(seq "$ROUNDS"); do
+		if [ $((r % 2)) = 1 ]; then
+			order="st_image fs_image st_304 fs_304"
+			say "round $r (gateway first)"
+		else
+			order="fs_image st_image fs_304 st_304"
+			say "round $r (file_server first)"
+		fi
+		for name in $order; do
+			measure "$r" "$name"
+		done
+	done
+
+	local fails
+	fails=$(awk -F'\t' '{s += $8} END {print s + 0}' "$RESULTS")
+	echo
+	echo "medians of $ROUNDS rounds, $IMAGE_SIZE-byte image (Caddy pinned to CPU $CADDY_CPU, load+fake to CPU $LOAD_CPU; CPU = Caddy utime+stime):"
+	printf '%-34s %10s %9s %9s %12s %7s %10s %7s\n' "" "req/s" "p50 ms" "p99 ms" "CPU µs/req" "CPU %" "load core" "other"
+	local label
+	for name in st_image fs_image st_304 fs_304; do
+		case $name in
+		st_image) label="gateway store, 200" ;;
+		fs_image) label="file_server, 200" ;;
+		st_304) label="gateway store, 304" ;;
+		fs_304) label="file_server, 304" ;;
+		esac
+		printf '%-34s %10s %9s %9s %12s %7s %9s%% %6s%%\n' "$label" "$(col "$name" 3)" "$(col "$name" 4)" \
+			"$(col "$name" 5)" "$(col "$name" 6)" "$(col "$name" 7)" "$(col "$name" 9)" "$(col "$name" 10)"
+	done
+	echo
+	local x
+	x=$(ratio "$(col st_image 3)" "$(col fs_image 3)")
+	printf '%-46s %6sx  target >= 0.9x  %s\n' "stored image throughput / file_server" "$x" "$(verdict "$x" '>=' 0.9)"
+	x=$(ratio "$(col st_304 3)" "$(col fs_304 3)")
+	printf '%-46s %6sx  target >= 1.0x  %s\n' "304 throughput / file_server" "$x" "$(verdict "$x" '>=' 1.0)"
+	x=$(ratio "$(col st_image 6)" "$(col fs_image 6)")
+	printf '%-46s %6sx  (informational)\n' "stored image CPU per request / file_server" "$x"
+	x=$(ratio "$(col st_304 6)" "$(col fs_304 6)")
+	printf '%-46s %6sx  (informational)\n' "304 CPU per request / file_server" "$x"
+	[ "$fails" = 0 ] || echo "WARNING: $fails requests failed (errors, wrong status or body): see the round lines above"
+	for name in st_image fs_image st_304 fs_304; do
+		if awk -v v="$(col "$name" 9)" 'BEGIN {exit !(v >= 95)}'; then
+			echo "NOTE: $name saturated the load core (median $(col "$name" 9)%): the generator, not Caddy, set its pace; its req/s is a lower bound"
+		fi
+	done
+	x=$(awk -F'\t' '$10 > m {m = $10} END {print m + 0}' "$RESULTS")
+	if awk -v v="$x" -v m="$NOISE_MAX" 'BEGIN {exit !(v > m)}'; then
+		echo "WARNING: up to ${x}% of a core went to other work during a kept measurement (NOISE_MAX $NOISE_MAX%): the machine was not quiet; rerun for clean numbers"
+	fi
+	say "(per-round rows: $RESULTS; Caddy log: $OUT/caddy-store.log)"
 }
 
 # --- burst -------------------------------------------------------------------
@@ -588,8 +727,8 @@ idle_check() {
 }
 
 case $MODE in
-throughput | burst | streams | all) ;;
-*) die "usage: bench/run.sh [throughput|burst|streams|all]" ;;
+throughput | burst | streams | store | all) ;;
+*) die "usage: bench/run.sh [throughput|burst|streams|store|all]" ;;
 esac
 build
 write_caddyfile
@@ -598,9 +737,11 @@ case $MODE in
 throughput) throughput ;;
 burst) burst ;;
 streams) streams ;;
+store) store_bench ;;
 all)
 	throughput
 	burst
 	streams
+	store_bench
 	;;
 esac

@@ -60,6 +60,16 @@ type config struct {
 	stream      bool
 	client      string
 	preconnect  bool
+	status      int // the status of a good answer; 0: any 2xx
+}
+
+// good reports whether status is what a good answer has: any 2xx, or
+// exactly -status (a 304 for a revalidation).
+func (cfg config) good(status int) bool {
+	if cfg.status != 0 {
+		return status == cfg.status
+	}
+	return status >= 200 && status <= 299
 }
 
 // result is the JSON line printed at the end. Latencies are milliseconds.
@@ -118,6 +128,7 @@ func main() {
 	flag.BoolVar(&cfg.preconnect, "preconnect", false, "with -burst: open all connections before the clock starts, so the burst is of requests, not of TCP handshakes")
 	flag.DurationVar(&cfg.timeout, "timeout", 60*time.Second, "grace after -d (or the whole -burst) before in-flight requests are errors")
 	flag.BoolVar(&cfg.stream, "stream", false, "read SSE answers to the end, counting keep-alive comments")
+	flag.IntVar(&cfg.status, "status", 0, "the status a good answer has, e.g. 304 with -header \"If-None-Match: …\" (default: any 2xx); others count as non2xx")
 	flag.StringVar(&cfg.client, "client", "raw", "closed-loop HTTP client: raw (minimal HTTP/1.1, cheap) or go (net/http); -burst and -stream always use go")
 	flag.Parse()
 	if cfg.url == "" {
@@ -327,7 +338,7 @@ func (w *worker) do(cfg config, tr *http.Transport, tmpl *http.Request) {
 	}
 	defer resp.Body.Close()
 
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+	if !cfg.good(resp.StatusCode) {
 		w.buf.Reset()
 		_, _ = w.buf.ReadFrom(io.LimitReader(resp.Body, 300))
 		_, _ = io.Copy(io.Discard, resp.Body)
@@ -366,12 +377,13 @@ func (w *worker) do(cfg config, tr *http.Transport, tmpl *http.Request) {
 // doRaw is do with the minimal client of raw.go.
 func (w *worker) doRaw(cfg config) {
 	t0 := time.Now()
-	status, err := w.raw.roundTrip(true)
+	// the body is looked at only for -expect: an image is discarded unread
+	status, err := w.raw.roundTrip(len(cfg.expect) > 0 || !cfg.good(200))
 	if err != nil {
 		w.fail(err.Error())
 		return
 	}
-	if status < 200 || status > 299 {
+	if !cfg.good(status) {
 		w.non2x++
 		if w.sample == "" {
 			w.sample = fmt.Sprintf("HTTP %d: %s", status, truncate(string(w.raw.body), 300))

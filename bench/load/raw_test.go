@@ -2,6 +2,8 @@ package main
 
 import (
 	"bufio"
+	"bytes"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -108,5 +110,31 @@ func TestRawConnDiscard(t *testing.T) {
 	}
 	if len(c.body) != 100000 {
 		t.Fatalf("kept body is %d bytes, want 100000", len(c.body))
+	}
+
+	// an image of megabytes with a Content-Length, discarded in big reads,
+	// leaves the connection at the next answer
+	img := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := 2 << 20
+		if r.URL.Query().Get("small") != "" {
+			n = 10
+		}
+		w.Header().Set("Content-Length", fmt.Sprint(n))
+		w.Write(bytes.Repeat([]byte("z"), n))
+	}))
+	defer img.Close()
+	big, err := newRawConn(config{url: img.URL, method: http.MethodGet, header: http.Header{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer big.close()
+	for i := range 3 {
+		if status, err := big.roundTrip(false); err != nil || status != 200 {
+			t.Fatalf("big round %d: status %d, err %v", i, status, err)
+		}
+	}
+	big.req = bytes.Replace(big.req, []byte("GET / "), []byte("GET /?small=1 "), 1)
+	if status, err := big.roundTrip(true); err != nil || status != 200 || string(big.body) != "zzzzzzzzzz" {
+		t.Fatalf("after the big bodies: status %d, err %v, body %q", status, err, big.body)
 	}
 }
