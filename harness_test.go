@@ -279,6 +279,7 @@ func newFakeUpstream(t *testing.T) *fakeUpstream {
 		h := f.handler
 		f.mu.Unlock()
 		if h != nil {
+			r.Body = io.NopCloser(bytes.NewReader(raw)) // the test's handler reads it too
 			h(w, r)
 			return
 		}

@@ -1,0 +1,404 @@
+package zimage
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"mime/multipart"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/openai/openai-go/v3"
+)
+
+// editFake is an image service with an edit model: it downloads the
+// image_source it is given, as the real one does, records what it got,
+// and answers with an edited image it serves itself.
+type editFake struct {
+	*fakeUpstream
+	mu      sync.Mutex
+	sources [][]byte // the bytes behind each image_source
+	bodies  []map[string]any
+	result  []byte
+}
+
+func newEditFake(t *testing.T) *editFake {
+	f := &editFake{fakeUpstream: newFakeUpstream(t), result: storeTestPNG(t, 12, 8)}
+	f.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet {
+			w.Header().Set("Content-Type", "image/png")
+			w.Write(f.result)
+			return
+		}
+		var body map[string]any
+		raw, _ := io.ReadAll(r.Body)
+		json.Unmarshal(raw, &body)
+		var src []byte
+		if u, _ := body["image_source"].(string); u != "" && strings.Contains(u, "/v1/zimage/images/") {
+			resp, err := http.Get(u)
+			if err == nil {
+				src, _ = io.ReadAll(resp.Body)
+				resp.Body.Close()
+			}
+		}
+		f.mu.Lock()
+		f.bodies = append(f.bodies, body)
+		f.sources = append(f.sources, src)
+		f.mu.Unlock()
+		writeUpstreamOK(w, f.URL+"/edited.png")
+	})
+	return f
+}
+
+func (f *editFake) got() ([]map[string]any, [][]byte) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]map[string]any(nil), f.bodies...), append([][]byte(nil), f.sources...)
+}
+
+// editSite is a gateway with a generation model and an edit model, and the
+// store on unless store is "".
+func editSite(t *testing.T, f *editFake, store string, extra string) {
+	if store == "on" {
+		store = fmt.Sprintf("store {\n\t\tstorage file_system %s\n\t}", t.TempDir())
+	}
+	startCaddy(t, gatewaySite(f.fakeUpstream, nil, "model Z-Image\n\tmodel Qwen-Image-Edit {\n\t\tmodel_index 19\n\t\tedit\n\t}\n\t"+store+"\n\t"+extra)+"\nmetrics /metrics")
+}
+
+// multipartBody builds an edits form: fields in order, then the files.
+func multipartBody(t *testing.T, fields [][2]string, files map[string][]byte) (string, *bytes.Buffer) {
+	t.Helper()
+	var b bytes.Buffer
+	mw := multipart.NewWriter(&b)
+	for _, f := range fields {
+		mw.WriteField(f[0], f[1])
+	}
+	for name, data := range files {
+		fw, err := mw.CreateFormFile(name, "source.png")
+		if err != nil {
+			t.Fatal(err)
+		}
+		fw.Write(data)
+	}
+	mw.Close()
+	return mw.FormDataContentType(), &b
+}
+
+func postEdit(t *testing.T, ct string, body io.Reader) (int, http.Header, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, baseURL+"/v1/images/edits", body)
+	req.Header.Set("Authorization", "Bearer "+testClientKey)
+	req.Header.Set("Content-Type", ct)
+	resp, err := testClient(0).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header, b
+}
+
+// The official SDK edits an uploaded PNG: the service downloads the very
+// bytes from the gateway's store, and the edit comes back as a store URL.
+func TestEditsSDK(t *testing.T) {
+	f := newEditFake(t)
+	editSite(t, f, "on", "")
+	src := storeTestPNG(t, 40, 30)
+	before := scrape(t)
+	client := sdkFor(baseURL+"/v1/", testClientKey)
+	res, err := client.Images.Edit(context.Background(), openai.ImageEditParams{
+		Image:  openai.ImageEditParamsImageUnion{OfFile: openai.File(bytes.NewReader(src), "cat.png", "image/png")},
+		Prompt: "make it night",
+		Model:  "dall-e-2", // a generation model or an unknown one: the first edit model
+		N:      openai.Int(2),
+		Size:   openai.ImageEditParamsSize1024x1024, // ignored: an edit keeps the source's size
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Data) != 2 || !storeURLPattern.MatchString(res.Data[0].URL) || res.Data[0].RevisedPrompt != "make it night" {
+		t.Fatalf("answer %+v", res.Data)
+	}
+	if status, b := getURL(t, res.Data[0].URL); status != 200 || !bytes.Equal(b, f.result) {
+		t.Errorf("the edit's store URL: %d, %d bytes", status, len(b))
+	}
+	bodies, sources := f.got()
+	if len(bodies) != 2 {
+		t.Fatalf("%d service calls, want 2", len(bodies))
+	}
+	for i, b := range bodies {
+		if !bytes.Equal(sources[i], src) {
+			t.Errorf("call %d: the service downloaded %d bytes, not the uploaded image", i, len(sources[i]))
+		}
+		// exactly the edit body of SPEC §10: no size, steps, cfg or seed
+		if len(b) != 3 || b["prompt"] != "make it night" || b["model_index"] != float64(19) {
+			t.Errorf("call %d body %v", i, b)
+		}
+	}
+	after := scrape(t)
+	if d := after.delta(before, "caddy_zimage_requests_total", "endpoint", "images_edits", "model", "Qwen-Image-Edit", "code", "200"); d != 1 {
+		t.Errorf("requests_total{images_edits,200} +%v, want +1", d)
+	}
+	if d := after.delta(before, "caddy_zimage_enhance_total", "outcome", "skipped"); d != 1 {
+		t.Errorf("enhance_total{skipped} +%v, want +1", d)
+	}
+}
+
+// A request shaped exactly like Open WebUI's image editing.
+func TestEditsOpenWebUIShape(t *testing.T) {
+	f := newEditFake(t)
+	editSite(t, f, "on", "")
+	src := storeTestPNG(t, 20, 20)
+	ct, body := multipartBody(t, [][2]string{{"model", "Qwen-Image-Edit"}, {"prompt", "add a hat"}, {"n", "1"}, {"size", "512x512"}, {"response_format", "b64_json"}},
+		map[string][]byte{"image": src})
+	status, _, raw := postEdit(t, ct, body)
+	if status != http.StatusOK {
+		t.Fatalf("%d %s", status, raw)
+	}
+	a := parseImages(t, raw)
+	if b, err := base64.StdEncoding.DecodeString(a.Data[0].B64JSON); err != nil || !bytes.Equal(b, f.result) || a.Data[0].RevisedPrompt != "add a hat" {
+		t.Fatalf("b64_json is not the edited image (%v)", err)
+	}
+	// and image[] with one file is the same (SPEC §10.1)
+	ct, body = multipartBody(t, [][2]string{{"prompt", "add a hat"}}, map[string][]byte{"image[]": src})
+	if status, _, raw := postEdit(t, ct, body); status != http.StatusOK {
+		t.Fatalf("image[]: %d %s", status, raw)
+	}
+}
+
+func TestEditsErrors(t *testing.T) {
+	f := newEditFake(t)
+	png := storeTestPNG(t, 8, 8)
+	for _, tc := range []struct {
+		name         string
+		store, extra string
+		fields       [][2]string
+		files        map[string][]byte
+		status       int
+		param, code  string
+	}{
+		{"mask", "on", "", [][2]string{{"prompt", "x"}, {"mask", "m"}}, map[string][]byte{"image": png}, 400, "mask", "invalid_request"},
+		{"mask file", "on", "", [][2]string{{"prompt", "x"}}, map[string][]byte{"image": png, "mask": png}, 400, "mask", "invalid_request"},
+		{"no image", "on", "", [][2]string{{"prompt", "x"}}, nil, 400, "image", "invalid_request"},
+		{"no prompt", "on", "", nil, map[string][]byte{"image": png}, 400, "prompt", "invalid_request"},
+		{"not an image", "on", "", [][2]string{{"prompt", "x"}}, map[string][]byte{"image": []byte("GIF89a not allowed")}, 400, "image", "invalid_request"},
+		{"html", "on", "", [][2]string{{"prompt", "x"}}, map[string][]byte{"image": []byte("<html>")}, 400, "image", "invalid_request"},
+		{"too large", "on", "max_upload 1KiB", [][2]string{{"prompt", "x"}}, map[string][]byte{"image": append(append([]byte{}, png...), make([]byte, 2048)...)}, 413, "image", "request_too_large"},
+		{"store off", "", "", [][2]string{{"prompt", "x"}}, map[string][]byte{"image": png}, 400, "image", "store_required"},
+		{"bad n", "on", "", [][2]string{{"prompt", "x"}, {"n", "5"}}, map[string][]byte{"image": png}, 400, "n", "invalid_request"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			editSite(t, f, tc.store, tc.extra)
+			ct, body := multipartBody(t, tc.fields, tc.files)
+			status, hdr, raw := postEdit(t, ct, body)
+			e := itWantErr(t, status, hdr, raw, tc.status, tc.code)
+			if e.Param == nil || *e.Param != tc.param {
+				t.Errorf("param %v, want %q: %s", e.Param, tc.param, e.Message)
+			}
+		})
+	}
+	t.Run("two images", func(t *testing.T) {
+		editSite(t, f, "on", "")
+		var b bytes.Buffer
+		mw := multipart.NewWriter(&b)
+		mw.WriteField("prompt", "x")
+		for range 2 {
+			fw, _ := mw.CreateFormFile("image[]", "a.png")
+			fw.Write(png)
+		}
+		mw.Close()
+		status, hdr, raw := postEdit(t, mw.FormDataContentType(), &b)
+		if e := itWantErr(t, status, hdr, raw, 400, "invalid_request"); e.Param == nil || *e.Param != "image" {
+			t.Errorf("param %v", e.Param)
+		}
+	})
+	t.Run("no edit model", func(t *testing.T) {
+		startCaddy(t, gatewaySite(f.fakeUpstream, nil, fmt.Sprintf("store {\n\t\tstorage file_system %s\n\t}", t.TempDir())))
+		ct, body := multipartBody(t, [][2]string{{"prompt", "x"}}, map[string][]byte{"image": png})
+		status, hdr, raw := postEdit(t, ct, body)
+		if e := itWantErr(t, status, hdr, raw, 400, "model_not_found"); !strings.Contains(e.Message, "add 'edit' to a model block") {
+			t.Errorf("message %q", e.Message)
+		}
+		// chat with an image: the same 400 (SPEC §10.2)
+		status, hdr, raw = do(t, http.MethodPost, "/v1/chat/completions", chatWithImage(t, "make it red", "https://example.com/a.png"))
+		itWantErr(t, status, hdr, raw, 400, "model_not_found")
+	})
+	t.Run("not multipart", func(t *testing.T) {
+		editSite(t, f, "on", "")
+		status, hdr, raw := postEdit(t, "application/json", strings.NewReader(`{"prompt":"x"}`))
+		itWantErr(t, status, hdr, raw, http.StatusUnsupportedMediaType, "unsupported_media_type")
+	})
+	if bodies, _ := f.got(); len(bodies) != 0 {
+		t.Errorf("the service was called %d times for requests that fail", len(bodies))
+	}
+}
+
+// chatWithImage is a chat body whose latest user message has text and an
+// image part.
+func chatWithImage(t *testing.T, text, imageURL string, extra ...string) string {
+	t.Helper()
+	msg := map[string]any{"role": "user", "content": []any{
+		map[string]any{"type": "text", "text": text},
+		map[string]any{"type": "image_url", "image_url": map[string]any{"url": imageURL}},
+	}}
+	body := map[string]any{"model": "Z-Image", "messages": []any{msg}}
+	for i := 0; i+1 < len(extra); i += 2 {
+		var v any
+		json.Unmarshal([]byte(extra[i+1]), &v)
+		body[extra[i]] = v
+	}
+	b, _ := json.Marshal(body)
+	return string(b)
+}
+
+// Images in chat (SPEC §10.2–4): a data: URL is stored and given to the
+// service by its public URL; an https URL is passed on unchanged and never
+// fetched; the markdown of an edit, byte for byte.
+func TestEditsInChat(t *testing.T) {
+	f := newEditFake(t)
+	editSite(t, f, "on", "")
+	src := storeTestPNG(t, 64, 48)
+	dataURL := "data:image/png;base64," + base64.StdEncoding.EncodeToString(src)
+
+	content := itOK(t, chatWithImage(t, "make it night", dataURL))
+	bodies, sources := f.got()
+	if len(bodies) != 1 || !bytes.Equal(sources[0], src) {
+		t.Fatalf("the service did not get the attached image: %v", bodies)
+	}
+	srcURL := bodies[0]["image_source"].(string)
+	if !storeURLPattern.MatchString(srcURL) {
+		t.Errorf("image_source %q is not on the gateway's origin", srcURL)
+	}
+	resultURL := storeURLPattern.FindString(strings.SplitN(content, "\n", 2)[0])
+	want := "![make it night](" + resultURL + ")\n\n---\n**✏️ Edit Instruction:**\nmake it night\n\n**🖼️ Source:** <" + srcURL + ">\n**📐 Resolution:** 64×48"
+	if content != want {
+		t.Errorf("markdown\n%q\nwant\n%q", content, want)
+	}
+
+	// streamed, the same content
+	status, _, raw := do(t, http.MethodPost, "/v1/chat/completions", chatWithImage(t, "make it night", dataURL, "stream", "true"))
+	if status != 200 || !strings.Contains(string(raw), `**✏️ Edit Instruction:**\nmake it night`) {
+		t.Errorf("stream: %d %s", status, raw)
+	}
+
+	// an https URL of the client's: passed on, never fetched
+	var hits atomic.Int32
+	theirs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { hits.Add(1) }))
+	defer theirs.Close()
+	content = itOK(t, chatWithImage(t, "make it red", theirs.URL+"/cat.png"))
+	bodies, _ = f.got()
+	if got := bodies[len(bodies)-1]["image_source"]; got != theirs.URL+"/cat.png" {
+		t.Errorf("image_source %v, want the client's URL unchanged", got)
+	}
+	if hits.Load() != 0 {
+		t.Errorf("the gateway fetched the client's image URL")
+	}
+	if !strings.HasSuffix(content, "**🖼️ Source:** <"+theirs.URL+"/cat.png>") {
+		t.Errorf("markdown without a known size ends %q", content[max(0, len(content)-80):])
+	}
+}
+
+func TestEditsChatHostile(t *testing.T) {
+	f := newEditFake(t)
+	editSite(t, f, "on", "")
+	huge := "data:image/png;base64," + strings.Repeat("A", 30<<20)
+	for _, tc := range []struct {
+		name, url string
+		status    int
+		code      string
+	}{
+		{"javascript URL", "javascript:alert(1)", 400, "invalid_request"},
+		{"file URL", "file:///etc/passwd", 400, "invalid_request"},
+		{"credentials in the URL", "https://user:pw@example.com/a.png", 400, "invalid_request"},
+		{"bad base64", "data:image/png;base64,!!!!", 400, "invalid_request"},
+		{"wrong mime", "data:text/html;base64," + base64.StdEncoding.EncodeToString([]byte("<b>x</b>")), 400, "invalid_request"},
+		{"declared png, bytes html", "data:image/png;base64," + base64.StdEncoding.EncodeToString([]byte("<html>")), 400, "invalid_request"},
+		{"not base64", "data:image/png,rawbytes", 400, "invalid_request"},
+		{"30 MB data URL", huge, 413, "request_too_large"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", chatWithImage(t, "edit", tc.url))
+			itWantErr(t, status, hdr, raw, tc.status, tc.code)
+		})
+	}
+	if bodies, _ := f.got(); len(bodies) != 0 {
+		t.Errorf("the service was called %d times for hostile requests", len(bodies))
+	}
+}
+
+// The demo upstream edits too: a placeholder of the source's size.
+func TestEditsDemo(t *testing.T) {
+	startCaddy(t, fmt.Sprintf("zimage_gateway {\n\tapi_key %s\n\tupstream demo\n\tenhance off\n\tmodel Z-Image\n\tmodel Edit {\n\t\tmodel_index 19\n\t\tedit\n\t}\n\tstore {\n\t\tstorage file_system %s\n\t}\n}", testClientKey, t.TempDir()))
+	ct, body := multipartBody(t, [][2]string{{"prompt", "tint it"}}, map[string][]byte{"image": storeTestPNG(t, 320, 200)})
+	status, _, raw := postEdit(t, ct, body)
+	if status != http.StatusOK {
+		t.Fatalf("%d %s", status, raw)
+	}
+	u := parseImages(t, raw).Data[0].URL
+	if status, b := getURL(t, u); status != 200 || imageSizeOf(b) != "320x200" {
+		t.Errorf("demo edit %s: %d, %s, want the source's 320x200", u, status, imageSizeOf(b))
+	}
+}
+
+// Streaming the Images API (SPEC §10.5) through the SDK's streaming
+// methods: one completed event per image, then the end; a failure is an
+// error event.
+func TestEditsStreamingImages(t *testing.T) {
+	f := newEditFake(t)
+	editSite(t, f, "on", "")
+	client := sdkFor(baseURL+"/v1/", testClientKey)
+	ctx := context.Background()
+
+	gen := client.Images.GenerateStreaming(ctx, openai.ImageGenerateParams{Prompt: "a cat", N: openai.Int(2)})
+	var got int
+	for gen.Next() {
+		ev := gen.Current()
+		if ev.Type != "image_generation.completed" {
+			t.Fatalf("event %q", ev.Type)
+		}
+		c := ev.AsImageGenerationCompleted()
+		if b, err := base64.StdEncoding.DecodeString(c.B64JSON); err != nil || !bytes.Equal(b, f.result) || c.Size != "12x8" || c.OutputFormat != "png" || c.CreatedAt == 0 {
+			t.Errorf("event %+v (%v)", c.Size, err)
+		}
+		got++
+	}
+	if err := gen.Err(); err != nil || got != 2 {
+		t.Fatalf("generate stream: %d events, %v", got, err)
+	}
+
+	edit := client.Images.EditStreaming(ctx, openai.ImageEditParams{
+		Image:  openai.ImageEditParamsImageUnion{OfFile: openai.File(bytes.NewReader(storeTestPNG(t, 10, 10)), "a.png", "image/png")},
+		Prompt: "make it night",
+	})
+	got = 0
+	for edit.Next() {
+		if ev := edit.Current(); ev.Type != "image_edit.completed" || ev.AsImageEditCompleted().B64JSON == "" {
+			t.Fatalf("event %+v", ev.Type)
+		}
+		got++
+	}
+	if err := edit.Err(); err != nil || got != 1 {
+		t.Fatalf("edit stream: %d events, %v", got, err)
+	}
+
+	// a failure after the stream began is an error event
+	f.setHandler(failWith(500, `{"error":"boom"}`))
+	gen = client.Images.GenerateStreaming(ctx, openai.ImageGenerateParams{Prompt: "a cat"})
+	for gen.Next() {
+		t.Fatalf("an event from a failed generation: %v", gen.Current().Type)
+	}
+	if err := gen.Err(); err == nil || !strings.Contains(err.Error(), "boom") {
+		t.Errorf("error %v, want the service's message", err)
+	}
+	status, hdr, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","stream":true}`)
+	if status != 200 || !strings.HasPrefix(hdr.Get("Content-Type"), "text/event-stream") || !strings.Contains(string(raw), "event: error\ndata: {\"type\":\"error\",\"error\":{") {
+		t.Errorf("raw error stream: %d %s", status, raw)
+	}
+}
