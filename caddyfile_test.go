@@ -27,6 +27,14 @@ func TestUnitCaddyfileParse(t *testing.T) {
 		want      Gateway
 	}{
 		{"bare", `zimage_gateway`, Gateway{}},
+		{"edit model, max_upload, max_downloads", `zimage_gateway {
+			max_upload 5MiB
+			max_downloads 12
+			model Qwen-Image-Edit {
+				model_index 19
+				edit
+			}
+		}`, Gateway{MaxUpload: 5 << 20, MaxDownloads: 12, Models: []ModelConfig{{Name: "Qwen-Image-Edit", ModelIndex: intp(19), Edit: true}}}},
 		{"empty block", "zimage_gateway {\n}", Gateway{}},
 		{"two keys", `zimage_gateway {
 			api_key k1 k2
@@ -195,6 +203,10 @@ func TestUnitCaddyfileErrors(t *testing.T) {
 		{"zero max_body", "zimage_gateway {\n\tmax_body 0\n}", "invalid max_body '0'"},
 		{"huge max_body", "zimage_gateway {\n\tmax_body 2GiB\n}", "invalid max_body '2GiB'"},
 		{"zero max_prompt_length", "zimage_gateway {\n\tmax_prompt_length 0\n}", "invalid max_prompt_length '0'"},
+		{"bad max_upload", "zimage_gateway {\n\tmax_upload big\n}", "invalid max_upload 'big'"},
+		{"max_upload twice", "zimage_gateway {\n\tmax_upload 1MiB\n\tmax_upload 2MiB\n}", "max_upload already specified"},
+		{"edit with an argument", "zimage_gateway {\n\tmodel A {\n\t\tedit yes\n\t}\n}", "wrong argument count"},
+		{"max_downloads below 4", "zimage_gateway {\n\tmax_downloads 3\n}", "invalid max_downloads '3'"},
 
 		{"duplicate model", "zimage_gateway {\n\tmodel Z-Image\n\tmodel Z-Image\n}", "duplicate model name 'Z-Image'"},
 		{"duplicate model other case", "zimage_gateway {\n\tmodel Z-Image\n\tmodel z-image\n}", "duplicate model name 'z-image'"},

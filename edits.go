@@ -211,11 +211,10 @@ func webpSize(b []byte) (int, int) {
 // decodeDataURL reads a data: URL of an image, within limit bytes
 // decoded; its declared type proves nothing, the bytes' signature decides.
 func decodeDataURL(s string, limit int64, param string) (*sourceImage, *apiError) {
-	rest, ok := strings.CutPrefix(s, "data:")
-	if !ok {
+	if len(s) < 5 || !strings.EqualFold(s[:5], "data:") {
 		return nil, invalidRequest(param, "The image URL must be an http(s) or data: URL")
 	}
-	meta, payload, ok := strings.Cut(rest, ",")
+	meta, payload, ok := strings.Cut(s[5:], ",")
 	if !ok || !strings.HasSuffix(strings.ToLower(meta), ";base64") {
 		return nil, invalidRequest(param, "The data: URL must be base64-encoded (data:image/png;base64,…)")
 	}

@@ -4,12 +4,15 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"mime/multipart"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -400,5 +403,197 @@ func TestEditsStreamingImages(t *testing.T) {
 	status, hdr, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","stream":true}`)
 	if status != 200 || !strings.HasPrefix(hdr.Get("Content-Type"), "text/event-stream") || !strings.Contains(string(raw), "event: error\ndata: {\"type\":\"error\",\"error\":{") {
 		t.Errorf("raw error stream: %d %s", status, raw)
+	}
+}
+
+// pngHeader is a PNG signature and an IHDR chunk claiming w×h, with no
+// pixels at all: a decompression bomb by dimension.
+func pngHeader(w, h uint32) []byte {
+	b := []byte("\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR")
+	b = binary.BigEndian.AppendUint32(b, w)
+	b = binary.BigEndian.AppendUint32(b, h)
+	b = append(b, 8, 6, 0, 0, 0)
+	return binary.BigEndian.AppendUint32(b, crc32.ChecksumIEEE(b[12:]))
+}
+
+func TestUnitEditsSourceSize(t *testing.T) {
+	webpLossless := []byte("RIFF\x00\x00\x00\x00WEBPVP8L\x00\x00\x00\x00\x2f")
+	v := uint32(640-1) | uint32(480-1)<<14
+	webpLossless = binary.LittleEndian.AppendUint32(webpLossless, v)
+	webpLossless = append(webpLossless, make([]byte, 10)...)
+	webpExt := []byte("RIFF\x00\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00\x00\x00\x00")
+	webpExt = append(webpExt, byte(1919&0xff), byte(1919>>8), 0, byte(1079&0xff), byte(1079>>8), 0)
+	webpExt = append(webpExt, make([]byte, 10)...)
+	webpLossy := []byte("RIFF\x00\x00\x00\x00WEBPVP8 \x00\x00\x00\x00\x00\x00\x00\x9d\x01\x2a")
+	webpLossy = binary.LittleEndian.AppendUint16(webpLossy, 300)
+	webpLossy = binary.LittleEndian.AppendUint16(webpLossy, 200)
+	webpLossy = append(webpLossy, make([]byte, 10)...)
+	for _, tc := range []struct {
+		name      string
+		b         []byte
+		ok        bool
+		ext       string
+		w, h      int
+		wantParam string
+	}{
+		{"png", storeTestPNG(t, 33, 17), true, "png", 33, 17, ""},
+		{"png header only, 100000×100000", pngHeader(100000, 100000), true, "png", 100000, 100000, ""},
+		{"webp lossless", webpLossless, true, "webp", 640, 480, ""},
+		{"webp extended", webpExt, true, "webp", 1920, 1080, ""},
+		{"webp lossy", webpLossy, true, "webp", 300, 200, ""},
+		{"webp truncated", []byte("RIFF\x00\x00\x00\x00WEBPVP8X"), true, "webp", 0, 0, ""},
+		{"gif is not an edit source", []byte("GIF89a\x01\x00\x01\x00"), false, "", 0, 0, "image"},
+		{"text", []byte("hello"), false, "", 0, 0, "image"},
+		{"empty", nil, false, "", 0, 0, "image"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			allocs := testing.AllocsPerRun(1, func() { checkSource(tc.b, "image") })
+			s, e := checkSource(tc.b, "image")
+			if !tc.ok {
+				if e == nil || e.param != tc.wantParam || e.status != 400 {
+					t.Fatalf("checkSource = %+v, %+v, want a 400", s, e)
+				}
+				return
+			}
+			if e != nil || s.ext != tc.ext || s.width != tc.w || s.height != tc.h {
+				t.Fatalf("checkSource = %+v, %+v, want %s %dx%d", s, e, tc.ext, tc.w, tc.h)
+			}
+			if allocs > 50 {
+				t.Errorf("%v allocations to read a header", allocs)
+			}
+		})
+	}
+	// the bomb is never decoded: reading its size costs no pixel memory
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for range 10 {
+		checkSource(pngHeader(100000, 100000), "image")
+	}
+	runtime.ReadMemStats(&after)
+	if grew := after.TotalAlloc - before.TotalAlloc; grew > 1<<20 {
+		t.Errorf("reading 10 bomb headers allocated %d bytes", grew)
+	}
+}
+
+func TestUnitEditsDataURL(t *testing.T) {
+	png := storeTestPNG(t, 4, 4)
+	b64 := base64.StdEncoding.EncodeToString(png)
+	for _, tc := range []struct {
+		name, url string
+		limit     int64
+		status    int
+	}{
+		{"png", "data:image/png;base64," + b64, 1 << 20, 0},
+		{"declared jpeg, bytes png: the bytes decide", "data:image/jpeg;base64," + b64, 1 << 20, 0},
+		{"unpadded", "data:image/png;base64," + strings.TrimRight(b64, "="), 1 << 20, 0},
+		{"upper-case scheme", "DATA:image/png;BASE64," + b64, 1 << 20, 0},
+		{"not an image type", "data:text/plain;base64," + b64, 1 << 20, 400},
+		{"not base64", "data:image/png," + b64, 1 << 20, 400},
+		{"bad base64", "data:image/png;base64,***", 1 << 20, 400},
+		{"over the limit, by the declared length", "data:image/png;base64," + strings.Repeat("A", 4000), 1000, 413},
+		{"no comma", "data:image/png;base64", 1 << 20, 400},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, e := decodeDataURL(tc.url, tc.limit, "p")
+			if tc.status == 0 {
+				if e != nil || !bytes.Equal(s.data, png) {
+					t.Fatalf("decodeDataURL = %v, %+v", s, e)
+				}
+				return
+			}
+			if e == nil || e.status != tc.status {
+				t.Fatalf("decodeDataURL = %v, %+v, want %d", s, e, tc.status)
+			}
+		})
+	}
+}
+
+func FuzzEditsDataURL(f *testing.F) {
+	f.Add("data:image/png;base64," + base64.StdEncoding.EncodeToString(pngHeader(100000, 100000)))
+	f.Add("data:image/webp;base64,UklGRgAAAABXRUJQVlA4WAoAAAAAAAAAAAAAAA==")
+	f.Add("data:;base64,")
+	f.Add("data:image/png;base64,====")
+	f.Fuzz(func(t *testing.T, u string) {
+		s, e := decodeDataURL(u, 1<<16, "p")
+		if (s == nil) == (e == nil) {
+			t.Fatalf("decodeDataURL(%q) = %v, %v", u, s, e)
+		}
+		if s != nil && (len(s.data) > 1<<16 || s.width < 0 || s.height < 0) {
+			t.Fatalf("decodeDataURL(%q) = %d bytes, %dx%d", u, len(s.data), s.width, s.height)
+		}
+	})
+}
+
+// FuzzEditsForm feeds the multipart parser arbitrary bodies: it answers a
+// form or an OpenAI error, never panics, and never holds more than the
+// limit of an image.
+func FuzzEditsForm(f *testing.F) {
+	seed := func(fields [][2]string, files map[string][]byte) {
+		var b bytes.Buffer
+		mw := multipart.NewWriter(&b)
+		mw.SetBoundary("fuzzboundary")
+		for _, fl := range fields {
+			mw.WriteField(fl[0], fl[1])
+		}
+		for name, data := range files {
+			fw, _ := mw.CreateFormFile(name, "x.png")
+			fw.Write(data)
+		}
+		mw.Close()
+		f.Add(b.Bytes())
+	}
+	seed([][2]string{{"prompt", "a"}, {"n", "2"}}, map[string][]byte{"image": pngHeader(8, 8)})
+	seed([][2]string{{"prompt", "a"}}, map[string][]byte{"image[]": pngHeader(100000, 1), "mask": {1}})
+	seed(nil, map[string][]byte{"image": make([]byte, 5000)})
+	f.Add([]byte("--fuzzboundary\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n\x89PNG"))
+	g := &Gateway{MaxUpload: 4096}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		r := httptest.NewRequest(http.MethodPost, "/v1/images/edits", bytes.NewReader(body))
+		r.Header.Set("Content-Type", "multipart/form-data; boundary=fuzzboundary")
+		form, e := g.parseEditForm(httptest.NewRecorder(), r)
+		if (form == nil) == (e == nil) {
+			t.Fatalf("parseEditForm = %v, %v", form, e)
+		}
+		if e != nil && (e.status < 400 || e.status > 415 || e.message == "") {
+			t.Fatalf("error %+v", e)
+		}
+		if form != nil && (form.source == nil || int64(len(form.source.data)) > g.MaxUpload) {
+			t.Fatalf("form %+v", form)
+		}
+	})
+}
+
+// Edits share the pipeline (SPEC §10.4): /v1/models lists edit models like
+// the others, the service's 429 is passed on, and the generation line says
+// the size came from the source.
+func TestEditsPipeline(t *testing.T) {
+	f := newEditFake(t)
+	editSite(t, f, "on", "")
+	status, _, raw := do(t, http.MethodGet, "/v1/models", "")
+	if status != 200 || !strings.Contains(string(raw), `"id":"Qwen-Image-Edit","object":"model"`) || !strings.Contains(string(raw), `"id":"Z-Image"`) {
+		t.Fatalf("models: %d %s", status, raw)
+	}
+	ct, body := multipartBody(t, [][2]string{{"prompt", "log me"}}, map[string][]byte{"image": storeTestPNG(t, 30, 20)})
+	if status, _, raw := postEdit(t, ct, body); status != 200 {
+		t.Fatalf("%d %s", status, raw)
+	}
+	var line map[string]any
+	for _, l := range readLog(t) {
+		if l["msg"] == "generation" && l["endpoint"] == endpointEdits {
+			line = l
+		}
+	}
+	if line == nil || line["ratio_source"] != "source" || line["enhance"] != "skipped" || line["size"] != "30x20" || line["model"] != "Qwen-Image-Edit" || line["stored"] != true {
+		t.Errorf("generation line %v", line)
+	}
+
+	f.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Retry-After", "7")
+		failWith(429, `{"error":"slow down"}`)(w, r)
+	})
+	ct, body = multipartBody(t, [][2]string{{"prompt", "x"}}, map[string][]byte{"image": storeTestPNG(t, 4, 4)})
+	status, hdr, raw := postEdit(t, ct, body)
+	if itWantErr(t, status, hdr, raw, 429, "rate_limit_exceeded"); hdr.Get("Retry-After") != "7" {
+		t.Errorf("Retry-After %q", hdr.Get("Retry-After"))
 	}
 }

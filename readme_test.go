@@ -98,3 +98,23 @@ func TestUnitReadmeProductionExample(t *testing.T) {
 		t.Errorf("the production example's keys are not {env.*} placeholders: %s", cfg)
 	}
 }
+
+// TestUnitReadmeEditsExample: the README's edit model block parses into an
+// edit model with the store on.
+func TestUnitReadmeEditsExample(t *testing.T) {
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(raw), "### Image edits")
+	if !ok {
+		t.Fatal("README has no image edits section")
+	}
+	var g Gateway
+	if err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(fenced(t, section, "```caddy\n"))); err != nil {
+		t.Fatal(err)
+	}
+	if len(g.Models) != 2 || !g.Models[1].Edit || g.Models[0].Edit || g.Store == nil {
+		t.Errorf("README edits example: %+v", g)
+	}
+}
