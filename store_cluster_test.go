@@ -222,11 +222,7 @@ func TestStoreTwoInstancesOneStorage(t *testing.T) {
 	}
 	path, stored := strings.CutPrefix(imageURL, one.url(storeURLPath))
 	if !stored {
-		// the copy step of the pipeline is not wired yet (issue 9, lead's
-		// part): copy the image instance 1 made into the shared storage
-		// as that step will, so instance 2's serving is what is tested
-		t.Logf("the answer names %s, not the store: copying it into the shared storage directly", imageURL)
-		path = putDirect(t, shared, img.body)
+		t.Fatalf("instance 1's answer names %s, not its store", imageURL)
 	}
 
 	// instance 2 serves what instance 1 stored
