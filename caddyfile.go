@@ -107,32 +107,20 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := once(opt); err != nil {
 				return err
 			}
-			if !d.NextArg() {
-				return d.ArgErr()
+			n, err := parseByteSize(d, "1MiB")
+			if err != nil {
+				return err
 			}
-			n, err := humanize.ParseBytes(d.Val())
-			if err != nil || n == 0 || n > 1<<30 {
-				return d.Errf("zimage_gateway: invalid max_body '%s': want a size such as 1MiB, up to 1GiB", d.Val())
-			}
-			g.MaxBody = int64(n)
-			if d.NextArg() {
-				return d.ArgErr()
-			}
+			g.MaxBody = n
 		case "max_upload":
 			if err := once(opt); err != nil {
 				return err
 			}
-			if !d.NextArg() {
-				return d.ArgErr()
+			n, err := parseByteSize(d, "20MiB")
+			if err != nil {
+				return err
 			}
-			n, err := humanize.ParseBytes(d.Val())
-			if err != nil || n == 0 || n > 1<<30 {
-				return d.Errf("zimage_gateway: invalid max_upload '%s': want a size such as 20MiB, up to 1GiB", d.Val())
-			}
-			g.MaxUpload = int64(n)
-			if d.NextArg() {
-				return d.ArgErr()
-			}
+			g.MaxUpload = n
 		case "max_prompt_length":
 			if err := once(opt); err != nil {
 				return err
@@ -264,6 +252,20 @@ func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
 		return 0, d.Errf("zimage_gateway: invalid %s '%s': want a positive duration such as 30s or 2m", name, s)
 	}
 	return caddy.Duration(dur), nil
+}
+
+// parseByteSize reads one size argument (1MiB, 500KB), from 1 byte to 1 GiB.
+func parseByteSize(d *caddyfile.Dispenser, example string) (int64, error) {
+	name := d.Val()
+	s, err := singleArg(d)
+	if err != nil {
+		return 0, err
+	}
+	n, err := humanize.ParseBytes(s)
+	if err != nil || n == 0 || n > 1<<30 {
+		return 0, d.Errf("zimage_gateway: invalid %s '%s': want a size such as %s, up to 1GiB", name, s, example)
+	}
+	return int64(n), nil
 }
 
 func parseInt(d *caddyfile.Dispenser, min int) (int, error) {

@@ -333,11 +333,7 @@ func (g *Gateway) markdown(j *job) string {
 	}
 	var b strings.Builder
 	b.Grow(256 + len(j.imageURL) + 2*len(j.prompt) + len(j.original))
-	b.WriteString("![")
-	b.WriteString(altText(j.prompt))
-	b.WriteString("](")
-	b.WriteString(markdownURL(j.imageURL))
-	b.WriteString(")\n\n---\n")
+	writeImageLine(&b, j.prompt, j.imageURL)
 	switch j.enhance {
 	case enhanceOK:
 		b.WriteString("**✨ Enhanced Prompt:**\n")
@@ -360,10 +356,24 @@ func (g *Gateway) markdown(j *job) string {
 	b.WriteString(strconv.Itoa(j.width))
 	b.WriteString("×")
 	b.WriteString(strconv.Itoa(j.height))
+	g.writeDemoNote(&b)
+	return b.String()
+}
+
+// writeImageLine writes the markdown image that starts every answer.
+func writeImageLine(b *strings.Builder, alt, imageURL string) {
+	b.WriteString("![")
+	b.WriteString(altText(alt))
+	b.WriteString("](")
+	b.WriteString(markdownURL(imageURL))
+	b.WriteString(")\n\n---\n")
+}
+
+// writeDemoNote says so when the image is the demo's placeholder.
+func (g *Gateway) writeDemoNote(b *strings.Builder) {
 	if _, demo := g.upstream.(demoGenerator); demo {
 		b.WriteString("\n\n_🧪 Demo upstream: this is a local placeholder image; no image service was called._")
 	}
-	return b.String()
 }
 
 // echoEscapes are the characters that would let an echoed prompt start a

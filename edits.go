@@ -420,11 +420,8 @@ const sourceSource = "source"
 // byte.
 func (g *Gateway) editMarkdown(j *job) string {
 	var b strings.Builder
-	b.WriteString("![")
-	b.WriteString(altText(j.prompt))
-	b.WriteString("](")
-	b.WriteString(markdownURL(j.imageURL))
-	b.WriteString(")\n\n---\n**✏️ Edit Instruction:**\n")
+	writeImageLine(&b, j.prompt, j.imageURL)
+	b.WriteString("**✏️ Edit Instruction:**\n")
 	writeEcho(&b, j.prompt)
 	b.WriteString("\n\n**🖼️ Source:** <")
 	b.WriteString(autolinkURL(j.sourceURL))
@@ -435,9 +432,7 @@ func (g *Gateway) editMarkdown(j *job) string {
 		b.WriteString("×")
 		b.WriteString(strconv.Itoa(j.height))
 	}
-	if _, demo := g.upstream.(demoGenerator); demo {
-		b.WriteString("\n\n_🧪 Demo upstream: this is a local placeholder image; no image service was called._")
-	}
+	g.writeDemoNote(&b)
 	return b.String()
 }
 
