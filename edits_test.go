@@ -1,6 +1,7 @@
 package zimage
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/base64"
@@ -17,6 +18,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/openai/openai-go/v3"
 )
@@ -99,7 +101,7 @@ func postEdit(t *testing.T, ct string, body io.Reader) (int, http.Header, []byte
 	req, _ := http.NewRequest(http.MethodPost, baseURL+"/v1/images/edits", body)
 	req.Header.Set("Authorization", "Bearer "+testClientKey)
 	req.Header.Set("Content-Type", ct)
-	resp, err := testClient(0).Do(req)
+	resp, err := testClient(30 * time.Second).Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -595,5 +597,59 @@ func TestEditsPipeline(t *testing.T) {
 	status, hdr, raw := postEdit(t, ct, body)
 	if itWantErr(t, status, hdr, raw, 429, "rate_limit_exceeded"); hdr.Get("Retry-After") != "7" {
 		t.Errorf("Retry-After %q", hdr.Get("Retry-After"))
+	}
+}
+
+// A streamed Images API request gets keep-alives while its image is made
+// (SPEC §10.5): the service answers only after the client saw one.
+func TestEditsStreamingKeepAlive(t *testing.T) {
+	f := newEditFake(t)
+	release := make(chan struct{})
+	handler := f.handler
+	f.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost {
+			<-release
+		}
+		handler(w, r)
+	})
+	editSite(t, f, "on", "stream_keepalive 50ms")
+	req, _ := http.NewRequest(http.MethodPost, baseURL+"/v1/images/generations", strings.NewReader(`{"prompt":"a cat","stream":true}`))
+	req.Header.Set("Authorization", "Bearer "+testClientKey)
+	req.Header.Set("Content-Type", "application/json")
+	t.Cleanup(func() {
+		select { // never leave the fake blocked
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	resp, err := testClient(20 * time.Second).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 0, 1<<16), 1<<24)
+	var lines []string
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+		if sc.Text() == ": keep-alive" && len(lines) == 1 {
+			close(release) // a keep-alive came first: now the image
+		}
+	}
+	if len(lines) < 3 || lines[0] != ": keep-alive" {
+		t.Fatalf("stream %q…, want a keep-alive first", lines[:min(len(lines), 3)])
+	}
+	var event string
+	for i, l := range lines {
+		if strings.HasPrefix(l, "event: ") {
+			event = l
+			if i+1 >= len(lines) || !strings.HasPrefix(lines[i+1], `data: {"type":"image_generation.completed","b64_json":"`) {
+				t.Errorf("event without its data: %q", lines[i:])
+			}
+		}
+	}
+	if event != "event: image_generation.completed" {
+		t.Errorf("last event %q", event)
 	}
 }
