@@ -20,11 +20,11 @@ import (
 // be tried offline and without an account.
 type demoGenerator struct{}
 
-func (demoGenerator) generate(ctx context.Context, req upstreamRequest, origin string) (string, error) {
-	if err := ctx.Err(); err != nil {
-		return "", &upstreamError{kind: kindCanceled, message: "client went away"}
+func (demoGenerator) generate(ctx context.Context, _ string, req upstreamRequest, origin string) (upstreamResult, *upstreamError) {
+	if ctx.Err() != nil {
+		return upstreamResult{}, ctxFailure(ctx, 0)
 	}
-	return fmt.Sprintf("%s%s%dx%d.png?seed=%d", origin, demoPath, req.Width, req.Height, req.Seed), nil
+	return upstreamResult{imageURL: fmt.Sprintf("%s%s%dx%d.png?seed=%d", origin, demoPath, req.Width, req.Height, req.Seed)}, nil
 }
 
 // serveDemoImage answers GET /v1/zimage-demo/<W>x<H>.png?seed=N without

@@ -118,6 +118,8 @@ func (g *Gateway) streamChat(w http.ResponseWriter, r *http.Request, j *job, id 
 		s.stop()
 		s.event(e.body())
 		metricRequests.WithLabelValues(endpointChat, j.model.name, strconv.Itoa(e.status)).Inc()
+		setOutcome(w, e.status)
+
 		return
 	}
 	s.stop()
