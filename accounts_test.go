@@ -966,3 +966,46 @@ func TestAccountsBlocked(t *testing.T) {
 		t.Errorf("%d warn lines of kind blocked, want 2", len(l))
 	}
 }
+
+// The README's production config for several accounts and several users
+// adapts and provisions: its accounts and clients take effect.
+func TestUnitReadmeAccountsExample(t *testing.T) {
+	unitClearEnv(t)
+	for k, v := range map[string]string{
+		"FAMILY_KEY": testClientKey, "ALICE_LAPTOP_KEY": testAliceKey, "ALICE_PHONE_KEY": testAliceKey2, "BOT_KEY": testBobKey,
+		"SD_KEY_MAIN": testAccountKeyA, "SD_KEY_SPARE": testAccountKeyB,
+	} {
+		t.Setenv(k, v)
+	}
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(raw), "### Several accounts and several users")
+	if !ok {
+		t.Fatal("README has no section for several accounts and users")
+	}
+	cfg := unitAdapt(t, fenced(t, section, "```caddy\n"))
+	var g Gateway
+	if err := json.Unmarshal(unitFindHandler(t, cfg, "zimage_gateway"), &g); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+	defer cancel()
+	if err := g.Provision(ctx); err != nil {
+		t.Fatalf("provisioning the README's gateway: %v", err)
+	}
+	defer g.Cleanup()
+	var accts []string
+	for _, a := range g.accounts.accounts {
+		accts = append(accts, fmt.Sprintf("%s:%d:%v", a.name, unitLimit(a), a.lowPoints))
+	}
+	if got := strings.Join(accts, " "); got != "main:4:500 spare:2:200" || g.accounts.retries != 1 {
+		t.Errorf("accounts %q retries %d", got, g.accounts.retries)
+	}
+	for key, want := range map[string]string{testClientKey: "family", testAliceKey: "alice", testAliceKey2: "alice", testBobKey: "bot"} {
+		if got := g.authorize(unitBearer(key)).label(); got != want {
+			t.Errorf("key of %s is client %q", want, got)
+		}
+	}
+}
