@@ -422,10 +422,14 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		if others {
 			a.lim.release(1)
 			if err := acquire(ctx, min(p.queueTimeout, time.Until(j.deadline)), c); err != nil {
+				if ctx.Err() != nil {
+					return upstreamResult{}, ctxFailure(ctx, p.timeout)
+				}
 				// none freed in time: the client gets what the last
 				// account said
 				return upstreamResult{}, ue
 			}
+
 			if p.retried != nil {
 				p.retried(ue, attempt+1, a, c.chosen)
 			}

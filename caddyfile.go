@@ -49,7 +49,6 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	            low_points <n>
 //	        }
 //	        timeout <duration>
-
 //	        max_concurrent <n>
 //	        queue_timeout <duration>
 //	        retries <n>

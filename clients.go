@@ -348,3 +348,6 @@ func admitClient(r *http.Request, n int) *apiError {
 	rs.held += n
 	return nil
 }
+
+// Interface guard
+var _ http.ResponseWriter = (*requestState)(nil)

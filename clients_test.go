@@ -18,6 +18,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/caddytest"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
@@ -480,4 +481,72 @@ func TestUnitReadmeRateLimitSnippet(t *testing.T) {
 	if err := json.Unmarshal(unitFindHandler(t, cfg, "zimage_gateway"), &g); err != nil || len(g.Clients) == 0 {
 		t.Errorf("the gateway of the snippet: %+v, %v", g, err)
 	}
+}
+
+// SPEC §2, §11, §12: the JSON config mirrors the account and client
+// blocks field by field.
+func TestUnitAccountsClientsAdaptJSON(t *testing.T) {
+	caddytest.AssertAdapt(t, `:8080 {
+	zimage_gateway {
+		client alice {
+			key {env.ALICE_KEY} k2
+			max_concurrent 2
+		}
+		upstream {
+			account main {
+				api_key {env.SD_KEY_MAIN}
+				max_concurrent 4
+				low_points 500
+			}
+			account spare {
+				api_key {env.SD_KEY_SPARE}
+			}
+		}
+	}
+}`, "caddyfile", `{
+	"apps": {
+		"http": {
+			"servers": {
+				"srv0": {
+					"listen": [
+						":8080"
+					],
+					"routes": [
+						{
+							"handle": [
+								{
+									"clients": [
+										{
+											"keys": [
+												"{env.ALICE_KEY}",
+												"k2"
+											],
+											"max_concurrent": 2,
+											"name": "alice"
+										}
+									],
+									"handler": "zimage_gateway",
+									"upstream": {
+										"accounts": [
+											{
+												"api_key": "{env.SD_KEY_MAIN}",
+												"low_points": 500,
+												"max_concurrent": 4,
+												"name": "main"
+											},
+											{
+												"api_key": "{env.SD_KEY_SPARE}",
+												"name": "spare"
+											}
+										]
+									}
+								}
+							]
+						}
+					]
+				}
+			}
+		}
+	}
+}`)
 }

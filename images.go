@@ -106,7 +106,6 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p := jobParams{prompt: prompt, width: width, height: height, cfg: req.CFG, negative: req.NegativePrompt, n: n}
-
 	j, e := g.checkedJob(r, endpointImages, m, req.Model, p, req.Seed)
 	if e != nil {
 		g.fail(w, endpointImages, m.name, e)

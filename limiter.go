@@ -268,3 +268,6 @@ func wakeLocked() {
 func retryAfterSeconds(d time.Duration) string {
 	return strconv.Itoa(max(1, int((d+time.Second-1)/time.Second)))
 }
+
+// Interface guard
+var _ caddy.Destructor = (*limiter)(nil)

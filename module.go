@@ -45,9 +45,10 @@ const (
 // /v1/images/generations (each also without the /v1 prefix) and passes every
 // other path to the next handler, so it can share a site with other routes.
 type Gateway struct {
-	// APIKeys are the keys clients must present as `Authorization: Bearer <key>`.
-	// Placeholders such as {env.NAME} are accepted. Default: the environment
-	// variable GATEWAY_API_KEY. Required unless NoAuth is set.
+	// APIKeys are the keys clients must present as `Authorization: Bearer <key>`:
+	// the keys of the client "default". Placeholders such as {env.NAME} are
+	// accepted. Default: the environment variable GATEWAY_API_KEY, when no
+	// client block gives a key either. A key is required unless NoAuth is set.
 	APIKeys []string `json:"api_keys,omitempty"`
 
 	// Clients are named clients, each with its own keys and limit, beside
