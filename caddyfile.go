@@ -1,6 +1,7 @@
 package zimage
 
 import (
+	"slices"
 	"strconv"
 	"strings"
 
@@ -30,6 +31,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //
 //	zimage_gateway [<matcher>] {
 //	    api_key <key> [<key>...]
+//	    client <name> {
+//	        key <key> [<key>...]
+//	        max_concurrent <n>
+//	    }
 //	    no_auth
 //	    stream_keepalive <duration>
 //	    max_body <size>
@@ -39,6 +44,11 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    max_upload <size>
 //	    upstream [<url>|demo] {
 //	        api_key <key>
+//	        account <name> {
+//	            api_key <key>
+//	            max_concurrent <n>
+//	            low_points <n>
+//	        }
 //	        timeout <duration>
 //	        max_concurrent <n>
 //	        queue_timeout <duration>
@@ -172,6 +182,12 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.Store = s
+		case "client":
+			c, err := unmarshalClient(d, g.Clients)
+			if err != nil {
+				return err
+			}
+			g.Clients = append(g.Clients, c)
 		case "model":
 			m, err := unmarshalModel(d)
 			if err != nil {
@@ -199,13 +215,13 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
-// eachOption walks the sub-directives of a block, refusing any given twice,
-// and hands each to handle.
-func eachOption(d *caddyfile.Dispenser, block string, handle func(opt string) error) error {
+// eachOption walks the sub-directives of a block, refusing any given twice
+// unless it is one of the repeatable ones, and hands each to handle.
+func eachOption(d *caddyfile.Dispenser, block string, handle func(opt string) error, repeatable ...string) error {
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
-		if seen[opt] {
+		if seen[opt] && !slices.Contains(repeatable, opt) {
 			return d.Errf("zimage_gateway: %s %s already specified", block, opt)
 		}
 		seen[opt] = true

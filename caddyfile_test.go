@@ -412,7 +412,7 @@ func TestUnitCaddyfileExample(t *testing.T) {
 			if demo != tc.wantDemo {
 				t.Fatalf("demo upstream %v, want %v", demo, tc.wantDemo)
 			}
-			if g.lookupModel("dall-e-3") == nil || g.lookupModel("Z-Image") == nil || g.limiter == nil {
+			if g.lookupModel("dall-e-3") == nil || g.lookupModel("Z-Image") == nil || !g.accounts.limited {
 				t.Fatalf("the example's model alias or max_concurrent did not take effect")
 			}
 			// the keys stay placeholders in the JSON that `caddy adapt` and
@@ -450,7 +450,7 @@ func TestUnitCaddyfileExample(t *testing.T) {
 			}
 			if !tc.wantDemo {
 				ic, ok := g.upstream.(*imageClient)
-				if !ok || ic.url != defaultUpstreamURL || ic.key != testSDKey {
+				if !ok || ic.url != defaultUpstreamURL || g.accounts.accounts[0].key != testSDKey {
 					t.Fatalf("upstream %+v, want the public service with SD_API_KEY", g.upstream)
 				}
 			}

@@ -3,6 +3,7 @@ package zimage
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -322,14 +323,18 @@ type unitGenerator struct {
 	reqs []upstreamRequest
 }
 
-func (s *unitGenerator) generate(ctx context.Context, req upstreamRequest, origin string) (string, error) {
+func (s *unitGenerator) generate(ctx context.Context, _ string, req upstreamRequest, origin string) (upstreamResult, *upstreamError) {
 	s.mu.Lock()
 	s.reqs = append(s.reqs, req)
 	s.mu.Unlock()
 	if s.err != nil {
-		return "", s.err
+		var ue *upstreamError
+		if !errors.As(s.err, &ue) {
+			ue = &upstreamError{kind: kindBadResponse, message: s.err.Error()}
+		}
+		return upstreamResult{}, ue
 	}
-	return s.url, nil
+	return upstreamResult{imageURL: s.url}, nil
 }
 
 func (s *unitGenerator) requests() []upstreamRequest {
@@ -341,7 +346,7 @@ func (s *unitGenerator) requests() []upstreamRequest {
 // unitGateway is a Gateway assembled by hand around a generator and an
 // optional enhancer, enough for newJob, runEnhance, generate and markdown.
 func unitGateway(up generator, enh *enhancer) *Gateway {
-	return &Gateway{upstream: up, enhancer: enh, logger: zap.NewNop(), scrub: newScrubber([]string{testSDKey, testLLMKey})}
+	return &Gateway{upstream: up, accounts: unitPool(), enhancer: enh, logger: zap.NewNop(), scrub: newScrubber([]string{testSDKey, testLLMKey})}
 }
 
 // SPEC §4 step 7: the markdown content, byte for byte, for each enhancement

@@ -20,9 +20,9 @@ import (
 // be tried offline and without an account.
 type demoGenerator struct{}
 
-func (demoGenerator) generate(ctx context.Context, req upstreamRequest, origin string) (string, error) {
-	if err := ctx.Err(); err != nil {
-		return "", &upstreamError{kind: kindCanceled, message: "client went away"}
+func (demoGenerator) generate(ctx context.Context, _ string, req upstreamRequest, origin string) (upstreamResult, *upstreamError) {
+	if ctx.Err() != nil {
+		return upstreamResult{}, ctxFailure(ctx, 0)
 	}
 	if req.ImageSource != "" {
 		// an edit keeps the source's size (SPEC §10.4), tinted so that it
@@ -35,9 +35,9 @@ func (demoGenerator) generate(ctx context.Context, req upstreamRequest, origin s
 			w, h = max(minSide, w*maxSide/s), max(minSide, h*maxSide/s)
 		}
 		w, h = max(w, minSide), max(h, minSide)
-		return fmt.Sprintf("%s%s%dx%d.png?seed=%d&edit=1", origin, demoPath, w, h, req.Seed), nil
+		return upstreamResult{imageURL: fmt.Sprintf("%s%s%dx%d.png?seed=%d&edit=1", origin, demoPath, w, h, req.Seed)}, nil
 	}
-	return fmt.Sprintf("%s%s%dx%d.png?seed=%d", origin, demoPath, req.Width, req.Height, req.Seed), nil
+	return upstreamResult{imageURL: fmt.Sprintf("%s%s%dx%d.png?seed=%d", origin, demoPath, req.Width, req.Height, req.Seed)}, nil
 }
 
 // serveDemoImage answers GET /v1/zimage-demo/<W>x<H>.png?seed=N without

@@ -371,7 +371,7 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointEdits, m.name, e)
 		return
 	}
-	j, e := g.newEditJob(r, endpointEdits, m, f.model, f.prompt, f.source)
+	j, e := g.newEditJob(r, endpointEdits, m, f.model, f.prompt, f.source, n)
 	if e != nil {
 		g.fail(w, endpointEdits, m.name, e)
 		return
@@ -386,7 +386,7 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 // newEditJob makes the job of an edit: the instruction as the prompt (no
 // skip word, ratio or enhancement: an edit keeps the source's size), and
 // the source hosted where the service can download it (SPEC §10.3–4).
-func (g *Gateway) newEditJob(r *http.Request, endpoint string, m *model, requested, instruction string, src *sourceImage) (*job, *apiError) {
+func (g *Gateway) newEditJob(r *http.Request, endpoint string, m *model, requested, instruction string, src *sourceImage, n int) (*job, *apiError) {
 	instruction = strings.TrimSpace(g.scrub.Replace(stripControl(instruction)))
 	if instruction == "" {
 		return nil, invalidRequest("prompt", "The instruction is empty: say how to edit the image")
@@ -401,9 +401,14 @@ func (g *Gateway) newEditJob(r *http.Request, endpoint string, m *model, request
 		width: src.width, height: src.height,
 		seed:   randomSeed(),
 		origin: requestOrigin(r),
+		client: requestClient(r),
 	}
 	if requested == "" {
 		j.requested = m.name
+	}
+	// the client's own limit, before the source is stored (SPEC §12)
+	if e := admitClient(r, n); e != nil {
+		return nil, e
 	}
 	var e *apiError
 	if j.sourceURL, e = g.hostSource(r, src); e != nil {

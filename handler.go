@@ -1,8 +1,6 @@
 package zimage
 
 import (
-	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"io"
@@ -110,10 +108,16 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		w.WriteHeader(http.StatusNoContent)
 		return nil
 	}
-	if !g.authorized(r) {
+	c := g.authorize(r)
+	if c == nil {
 		g.fail(w, endpointFor(rt), "", errUnauthorized())
 		return nil
 	}
+	// every answer from here on is the client's (SPEC §12); the models
+	// endpoints, the hot path, make no job and need no request context
+	rs, r := attribute(w, r, c, rt != routeModels && rt != routeModel)
+	defer rs.finish(endpointFor(rt))
+	w = rs
 	if e := g.checkCrossSite(r, rt); e != nil {
 		g.fail(w, endpointFor(rt), "", e)
 		return nil
@@ -168,26 +172,6 @@ func endpointFor(rt route) string {
 		return endpointEdits
 	}
 	return "unknown"
-}
-
-// authorized checks the bearer token against every client key in constant
-// time. Comparing SHA-256 digests keeps the time independent of the keys'
-// lengths too.
-func (g *Gateway) authorized(r *http.Request) bool {
-	if g.NoAuth {
-		return true
-	}
-	h := r.Header.Get("Authorization")
-	const prefix = "bearer "
-	if len(h) < len(prefix) || !strings.EqualFold(h[:len(prefix)], prefix) {
-		return false
-	}
-	got := sha256.Sum256([]byte(strings.TrimSpace(h[len(prefix):])))
-	match := 0
-	for _, want := range g.keyDigests {
-		match |= subtle.ConstantTimeCompare(got[:], want[:])
-	}
-	return match == 1
 }
 
 // readBody reads the request body within limit.

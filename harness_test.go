@@ -38,7 +38,19 @@ const (
 	testLLMKey    = "llm-enhance-secret-9c0f1e7d"
 )
 
-var testSecrets = []string{testClientKey, testSDKey, testLLMKey, testOddKey}
+// The keys of the accounts and clients tests (accounts_test.go,
+// clients_test.go), scanned like the others.
+const (
+	testAccountKeyA = "sd-account-a-secret-3e9b1c"
+	testAccountKeyB = "sd-account-b-secret-7d2f8a"
+	testAccountKeyC = "sd-account-c-secret-5a6e0b"
+	testAliceKey    = "sk-alice-secret-2c8d4e"
+	testAliceKey2   = "sk-alice-second-9f1b3a"
+	testBobKey      = "sk-bob-secret-6e0a7c"
+)
+
+var testSecrets = []string{testClientKey, testSDKey, testLLMKey,
+	testAccountKeyA, testAccountKeyB, testAccountKeyC, testAliceKey, testAliceKey2, testBobKey, testOddKey}
 
 // Ports: free ones picked at start, so that another Caddy or another test
 // run on the machine never collides with the suite; the environment
@@ -250,21 +262,34 @@ type upstreamCall struct {
 }
 
 // fakeUpstream is an httptest image service. Its handler answers success
-// with an image URL unless the test sets another.
+// with an image URL unless the test sets another. It tells the accounts
+// apart by the key it receives: in flight and peak per key too.
 type fakeUpstream struct {
 	*httptest.Server
-	mu      sync.Mutex
-	calls   []upstreamCall
-	handler http.HandlerFunc
-	active  atomic.Int32
-	peak    atomic.Int32
+	mu        sync.Mutex
+	calls     []upstreamCall
+	handler   http.HandlerFunc
+	active    atomic.Int32
+	peak      atomic.Int32
+	keyActive map[string]int
+	keyPeak   map[string]int
 }
 
 func newFakeUpstream(t *testing.T) *fakeUpstream {
-	f := &fakeUpstream{}
+	f := &fakeUpstream{keyActive: map[string]int{}, keyPeak: map[string]int{}}
 	f.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n := f.active.Add(1)
 		defer f.active.Add(-1)
+		key := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+		f.mu.Lock()
+		f.keyActive[key]++
+		f.keyPeak[key] = max(f.keyPeak[key], f.keyActive[key])
+		f.mu.Unlock()
+		defer func() {
+			f.mu.Lock()
+			f.keyActive[key]--
+			f.mu.Unlock()
+		}()
 		for {
 			p := f.peak.Load()
 			if n <= p || f.peak.CompareAndSwap(p, n) {
@@ -303,6 +328,25 @@ func (f *fakeUpstream) Calls() []upstreamCall {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return append([]upstreamCall(nil), f.calls...)
+}
+
+// keyCalls is how many calls carried key.
+func (f *fakeUpstream) keyCalls(key string) int {
+	n := 0
+	for _, c := range f.Calls() {
+		if c.Auth == "Bearer "+key {
+			n++
+		}
+	}
+	return n
+}
+
+// keyStats is how many calls with key are in flight now, and the most
+// there ever were at once.
+func (f *fakeUpstream) keyStats(key string) (active, peak int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.keyActive[key], f.keyPeak[key]
 }
 
 // llmCall is one request the fake LLM received.

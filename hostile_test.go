@@ -218,8 +218,8 @@ func TestHostileRequests(t *testing.T) {
 // long fuzz run does not grow memory.
 type hostileGenerator struct{}
 
-func (hostileGenerator) generate(context.Context, upstreamRequest, string) (string, error) {
-	return "https://img.example.com/fuzz.png", nil
+func (hostileGenerator) generate(context.Context, string, upstreamRequest, string) (upstreamResult, *upstreamError) {
+	return upstreamResult{imageURL: "https://img.example.com/fuzz.png"}, nil
 }
 
 // hostileGateway is a Gateway built by hand with the default model, a

@@ -113,7 +113,7 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointImages, m.name, e)
 		return
 	}
-	p := jobParams{prompt: prompt, width: width, height: height, cfg: req.CFG, negative: req.NegativePrompt}
+	p := jobParams{prompt: prompt, width: width, height: height, cfg: req.CFG, negative: req.NegativePrompt, n: n}
 	j, e := g.checkedJob(r, endpointImages, m, req.Model, p, req.Seed)
 	if e != nil {
 		g.fail(w, endpointImages, m.name, e)

@@ -49,16 +49,19 @@ type job struct {
 	fixedSeed bool // the client chose the seed
 	cfg       float64
 	negative  string
-	origin    string // scheme://host of the request, for the demo
+	origin    string  // scheme://host of the request, for the demo
+	client    *client // who asked (clients.go); nil only in unit tests
 
-	imageURL  string
-	stored    string // the store's name of the image ("<id>.<ext>"), when copied
+	imageURL string
+	stored   string // the store's name of the image ("<id>.<ext>"), when copied
 
 	// an edit (SPEC §10): the source's URL as given to the service, and
 	// width and height are the source's (0 when unknown)
 	edit      bool
 	sourceURL string
-	deadline  time.Time // when the generation's time, download included, runs out
+	account   string       // the account of the last attempt
+	info      upstreamInfo // points, image id and model name from the service
+	deadline  time.Time    // when the generation's time, download included, runs out
 	queueWait time.Duration
 	latency   time.Duration
 }
@@ -70,6 +73,7 @@ type jobParams struct {
 	cfg           *float64
 	seed          *int64
 	negative      *string
+	n             int // images the request makes; 0 counts as 1
 }
 
 // checkedJob reads the seed, checks the numbers and makes the job: the
@@ -82,14 +86,23 @@ func (g *Gateway) checkedJob(r *http.Request, endpoint string, m *model, request
 	if e := checkParams(&p); e != nil {
 		return nil, e
 	}
-	return g.newJob(r, endpoint, m, requested, p)
+	j, e := g.newJob(r, endpoint, m, requested, p)
+	if e != nil {
+		return nil, e
+	}
+	// the client's own limit, before a stream begins and before the
+	// upstream queue (SPEC §12)
+	if e := admitClient(r, max(1, p.n)); e != nil {
+		return nil, e
+	}
+	return j, nil
 }
 
 // newJob runs the cheap, deterministic steps of the pipeline (SPEC §4 steps
 // 1, 2, 5): skip word, user ratio, explicit size, seed, cfg and negative
 // prompt. Enhancement and generation come later, after a stream has begun.
 func (g *Gateway) newJob(r *http.Request, endpoint string, m *model, requested string, p jobParams) (*job, *apiError) {
-	j := &job{endpoint: endpoint, model: m, requested: requested, bodyW: p.width, bodyH: p.height}
+	j := &job{endpoint: endpoint, model: m, requested: requested, bodyW: p.width, bodyH: p.height, client: requestClient(r)}
 	if requested == "" {
 		j.requested = m.name
 	}
@@ -174,36 +187,10 @@ func (g *Gateway) runEnhance(ctx context.Context, j *job) {
 	metricEnhance.WithLabelValues(j.enhance).Inc()
 }
 
-// generate is step 6: wait for a slot, call the image service, record the
-// outcome. It is safe to call concurrently on distinct jobs.
+// generate is step 6: an account and a slot, the attempts, the outcome
+// recorded. It is safe to call concurrently on distinct jobs.
 func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
-	if g.limiter != nil {
-		start := time.Now()
-		err := g.limiter.acquire(ctx, g.queueTimeout)
-		j.queueWait = time.Since(start)
-		metricQueueWait.Observe(j.queueWait.Seconds())
-		if err != nil {
-			var ae *apiError
-			if errors.As(err, &ae) {
-				g.logGeneration(j, ae.status, "queue_timeout")
-				return ae
-			}
-			// the client left while queued: its place is free already
-			ae = (&upstreamError{kind: kindCanceled}).apiError(g.scrub)
-			g.logGeneration(j, ae.status, kindCanceled)
-			return ae
-		}
-		defer g.limiter.release()
-	}
-
-	metricInFlight.Inc()
-	start := time.Now()
-	// the upstream timeout bounds the whole generation, the image's
-	// download included (issue 8)
-	if g.timeout > 0 {
-		j.deadline = start.Add(g.timeout)
-	}
-	url, err := g.upstream.generate(ctx, upstreamRequest{
+	req := upstreamRequest{
 		Prompt:         j.prompt,
 		Width:          j.width,
 		Height:         j.height,
@@ -213,25 +200,32 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 		Seed:           j.seed,
 		NegativePrompt: j.negative,
 		ImageSource:    j.sourceURL,
-	}, j.origin)
-	j.latency = time.Since(start)
-	metricInFlight.Dec()
-	if err == nil && g.scrub.contains(url) {
+	}
+	res, err := g.accounts.run(ctx, j, func(ctx context.Context, a *account) (upstreamResult, *upstreamError) {
+		return g.upstream.generate(ctx, a.key, req, j.origin)
+	})
+	if err == nil && g.scrub.contains(res.imageURL) {
 		// a URL with a key in it (in its query, escaped, in any case) would
 		// hand the key to every reader of the answer (issue 8)
 		err = &upstreamError{kind: kindBadResponse, message: "the image service answered an image URL that carries a secret; it is not passed on"}
 	}
 
 	if err != nil {
+		var ae *apiError
+		if errors.As(err, &ae) { // no slot within queue_timeout
+			g.logGeneration(j, ae.status, "queue_timeout")
+			return ae
+		}
 		var ue *upstreamError
 		if !errors.As(err, &ue) {
 			ue = &upstreamError{kind: kindBadResponse, message: err.Error()}
 		}
-		ae := ue.apiError(g.scrub)
+		ae = ue.apiError(g.scrub)
 		if ue.kind != kindCanceled {
 			metricUpstreamErrors.WithLabelValues(ue.kind).Inc()
 			g.logger.Warn("image service call failed",
 				zap.String("endpoint", j.endpoint), zap.String("model", j.model.name),
+				zap.String("account", j.account),
 				zap.String("kind", ue.kind), zap.String("error", ae.message),
 				zap.String("detail", g.scrub.Replace(ue.detail)),
 				zap.Duration("upstream_latency", j.latency))
@@ -240,18 +234,22 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 		return ae
 	}
 	metricGeneration.WithLabelValues(j.model.name).Observe(j.latency.Seconds())
-	j.imageURL = url
+	j.imageURL = res.imageURL
+	j.info = res.info
+	j.info.imageID, j.info.modelName = g.scrub.Replace(j.info.imageID), g.scrub.Replace(j.info.modelName)
 	// the success line is written once the image is kept (keep), so it
 	// can say where the answer's image lives
 	return nil
 }
 
-// upstreamRetried counts and logs a failed attempt that imageClient is
-// about to retry; the final outcome is logged by generate.
-func (g *Gateway) upstreamRetried(ue *upstreamError, attempt int) {
+// upstreamRetried counts and logs a failed attempt that the account pool
+// follows with another, on the account to (the same one, or another one
+// at once: failover); the final outcome is logged by generate.
+func (g *Gateway) upstreamRetried(ue *upstreamError, attempt int, from, to *account) {
 	metricUpstreamErrors.WithLabelValues(ue.kind).Inc()
 	g.logger.Warn("image service call failed; retrying",
 		zap.String("kind", ue.kind), zap.Int("attempt", attempt),
+		zap.String("account", from.name), zap.String("next_account", to.name),
 		zap.String("error", truncate(g.scrub.Replace(ue.message), maxMessageRunes)),
 		zap.String("detail", g.scrub.Replace(ue.detail)))
 }
@@ -271,6 +269,8 @@ func (g *Gateway) logGeneration(j *job, status int, failure string) {
 			zap.Duration("queue_wait", j.queueWait),
 			zap.Duration("upstream_latency", j.latency),
 			zap.Int("status", status),
+			zap.String("client", j.client.label()),
+			zap.String("account", j.account),
 		}
 		if failure != "" {
 			fields = append(fields, zap.String("failure", failure))
@@ -278,8 +278,21 @@ func (g *Gateway) logGeneration(j *job, status int, failure string) {
 		if status == http.StatusOK {
 			fields = append(fields, zap.Bool("stored", j.stored != ""))
 			if id, _, ok := strings.Cut(j.stored, "."); ok {
-				fields = append(fields, zap.String("image_id", id))
+				fields = append(fields, zap.String("store_id", id))
 			}
+		}
+		// what the service said about the image (SPEC §11.3), when it did
+		if j.info.hasPointsUsed {
+			fields = append(fields, zap.Float64("points_used", j.info.pointsUsed))
+		}
+		if j.info.hasRemainingPoints {
+			fields = append(fields, zap.Float64("remaining_points", j.info.remainingPoints))
+		}
+		if j.info.imageID != "" {
+			fields = append(fields, zap.String("image_id", j.info.imageID))
+		}
+		if j.info.modelName != "" {
+			fields = append(fields, zap.String("model_name", j.info.modelName))
 		}
 		ce.Write(fields...)
 	}

@@ -2,55 +2,272 @@ package zimage
 
 import (
 	"context"
+	"errors"
+	"math"
+	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 )
 
-// limiters holds one limiter per upstream (URL and limit), shared by every
-// handler that uses it and kept across config reloads while either the old
-// or the new config still references it, so a reload never lets more than
-// max_concurrent generations through at once.
+// limiters holds one limiter per upstream account (its URL and key) and
+// per named client, shared by every handler that uses it and kept across
+// config reloads while either the old or the new config still references
+// it. Its size is not part of its identity: a reload that changes
+// max_concurrent changes the size of the limiter in place, so the new
+// limit holds from the reload on for every request, the old config's
+// included (issue 8 item 7); a rest period (SPEC §11.2) survives the
+// reload in the same way.
 var limiters = caddy.NewUsagePool()
 
-// limiter is a counting semaphore for generations in flight.
+// limMu guards every limiter's counters and the one queue of waiting
+// generations. A generation may take a slot of any of its pool's accounts,
+// so the choice among them and the queue are decided under one lock; it is
+// held for a few hundred nanoseconds per generation, which takes seconds.
+var (
+	limMu    sync.Mutex
+	queue    []*waiter // first come, first served
+	claimSeq uint64
+)
+
+// limiter counts the generations in flight on one account (or one
+// client's requests) against its limit.
 type limiter struct {
-	slots chan struct{}
+	inFlight int
+	// claims are the limits of the live handlers that use this limiter,
+	// oldest first. The newest is the limit: a reload provisions the new
+	// handler before it cleans up the old one, so the new limit applies at
+	// once, and a reload that fails (its handlers are cleaned up without
+	// ever serving) gives the old limit back.
+	claims []limitClaim
+	last   int // the limit once every claim is gone (requests may still hold slots)
+
+	// queued limiters wake waiting generations when a slot frees;
+	// client limiters answer at once instead and never queue
+	queued bool
+
+	restUntil time.Time   // accounts.go: the account rests until then
+	restTimer *time.Timer // wakes the queue when the rest ends
+	lowPoints bool        // accounts.go: remaining points are below low_points
 }
 
-func newLimiter(n int) *limiter {
-	return &limiter{slots: make(chan struct{}, n)}
+type limitClaim struct {
+	id uint64
+	n  int
 }
 
-// Destruct implements caddy.Destructor; a limiter holds no resources
-// beyond memory.
-func (l *limiter) Destruct() error { return nil }
+// loadLimiter returns the shared limiter under key, making it if no live
+// handler holds it, and claims the limit n (0: unlimited) for the caller.
+// The caller releases both with dropLimiter.
+func loadLimiter(key string, n int, queued bool) (*limiter, uint64) {
+	val, _, _ := limiters.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return &limiter{queued: queued}, nil
+	})
+	l := val.(*limiter)
+	return l, l.claim(n)
+}
 
-// acquire waits up to timeout for a slot. It returns errQueueFull when the
-// wait times out, and the context's error when the client leaves (which
-// frees its place in the queue at once).
-func (l *limiter) acquire(ctx context.Context, timeout time.Duration) error {
-	select {
-	case l.slots <- struct{}{}:
-		return nil
-	default:
+// dropLimiter gives back a claim and the reference to the limiter.
+func dropLimiter(key string, l *limiter, claim uint64) error {
+	l.unclaim(claim)
+	_, err := limiters.Delete(key)
+	return err
+}
+
+// claim makes n the limit until a newer claim or this claim's release.
+func (l *limiter) claim(n int) uint64 {
+	limMu.Lock()
+	defer limMu.Unlock()
+	claimSeq++
+	l.claims = append(l.claims, limitClaim{id: claimSeq, n: n})
+	l.wakeLocked() // the limit may have grown
+	return claimSeq
+}
+
+func (l *limiter) unclaim(id uint64) {
+	limMu.Lock()
+	defer limMu.Unlock()
+	i := slices.IndexFunc(l.claims, func(c limitClaim) bool { return c.id == id })
+	if i < 0 {
+		return
 	}
-	t := time.NewTimer(timeout)
+	if len(l.claims) == 1 {
+		l.last = l.claims[0].n
+	}
+	l.claims = slices.Delete(l.claims, i, i+1)
+	l.wakeLocked()
+}
+
+// limitLocked is the limit in force; 0 means unlimited.
+func (l *limiter) limitLocked() int {
+	if n := len(l.claims); n > 0 {
+		return l.claims[n-1].n
+	}
+	return l.last
+}
+
+// freeLocked is how many more generations may start now; negative after
+// a reload lowered the limit below what is in flight. An unlimited
+// limiter has "very many" free slots, fewer as more are in flight, so
+// that the choice among accounts still prefers the least busy.
+func (l *limiter) freeLocked() int {
+	if n := l.limitLocked(); n > 0 {
+		return n - l.inFlight
+	}
+	return math.MaxInt32 - l.inFlight
+}
+
+// takeLocked takes n slots if that many are free.
+func (l *limiter) takeLocked(n int) bool {
+	if l.freeLocked() < n {
+		return false
+	}
+	l.inFlight += n
+	return true
+}
+
+// release gives back n slots and hands them to whoever waits.
+func (l *limiter) release(n int) {
+	limMu.Lock()
+	l.inFlight -= n
+	l.wakeLocked()
+	limMu.Unlock()
+}
+
+func (l *limiter) wakeLocked() {
+	if l.queued {
+		wakeLocked()
+	}
+}
+
+// Destruct implements caddy.Destructor: the last handler holding the
+// limiter is gone.
+func (l *limiter) Destruct() error {
+	limMu.Lock()
+	if l.restTimer != nil {
+		l.restTimer.Stop()
+	}
+	limMu.Unlock()
+	return nil
+}
+
+// restLocked makes the limiter's account rest until the given time (a
+// longer rest already running is kept) and wakes the queue when it ends.
+// It reports whether the rest began or grew.
+func (l *limiter) restLocked(until time.Time) bool {
+	if !until.After(l.restUntil) {
+		return false
+	}
+	l.restUntil = until
+	if l.restTimer != nil {
+		l.restTimer.Stop()
+	}
+	l.restTimer = time.AfterFunc(time.Until(until), func() {
+		limMu.Lock()
+		wakeLocked()
+		limMu.Unlock()
+	})
+	wakeLocked() // a waiter may have no account left to hope for
+	return true
+}
+
+func (l *limiter) restingLocked(now time.Time) bool { return now.Before(l.restUntil) }
+
+// chooser decides, under limMu, which slot a generation may take: the
+// account pool (accounts.go) implements the choice of SPEC §11.1.
+type chooser interface {
+	// take takes a slot the generation may use, if one is free now.
+	take() bool
+	// hopeful reports whether waiting can still give it one.
+	hopeful() bool
+}
+
+// waiter is a generation in the queue.
+type waiter struct {
+	c    chooser
+	ch   chan bool // true: a slot was taken for it; false: give up
+	done bool
+}
+
+// errNoAccount is acquire's answer when no slot can ever be had (every
+// candidate account rests or was tried).
+var errNoAccount = errors.New("no account left to try")
+
+// acquire takes a slot through c, waiting up to wait in the queue. It
+// returns errQueueFull when the wait times out, errNoAccount when c has no
+// hope left, and the context's error when the client leaves (which frees
+// its place in the queue at once).
+func acquire(ctx context.Context, wait time.Duration, c chooser) error {
+	limMu.Lock()
+	if c.take() {
+		limMu.Unlock()
+		return nil
+	}
+	if !c.hopeful() {
+		limMu.Unlock()
+		return errNoAccount
+	}
+	w := &waiter{c: c, ch: make(chan bool, 1)}
+	queue = append(queue, w)
+	limMu.Unlock()
+
+	t := time.NewTimer(wait)
 	defer t.Stop()
+	var err error
 	select {
-	case l.slots <- struct{}{}:
+	case ok := <-w.ch:
+		if !ok {
+			return errNoAccount
+		}
 		return nil
 	case <-ctx.Done():
-		return ctx.Err()
+		err = ctx.Err()
 	case <-t.C:
-		return errQueueFull(retryAfterSeconds(timeout))
+		err = errQueueFull(retryAfterSeconds(wait))
 	}
+	limMu.Lock()
+	if !w.done {
+		w.done = true
+		queue = slices.DeleteFunc(queue, func(q *waiter) bool { return q == w })
+		limMu.Unlock()
+		return err
+	}
+	limMu.Unlock()
+	// the queue answered as the wait ended: a slot taken just in time is
+	// the caller's (a client that left fails at its first call and gives
+	// it back like any other)
+	if ok := <-w.ch; !ok {
+		return errNoAccount
+	}
+	return nil
 }
 
-func (l *limiter) release() { <-l.slots }
+// wakeLocked serves the queue in order: each waiter takes a slot if its
+// chooser finds one, and one whose chooser has no hope left gives up.
+func wakeLocked() {
+	kept := queue[:0]
+	for _, w := range queue {
+		switch {
+		case w.c.take():
+			w.done = true
+			w.ch <- true
+		case !w.c.hopeful():
+			w.done = true
+			w.ch <- false
+		default:
+			kept = append(kept, w)
+		}
+	}
+	clear(queue[len(kept):])
+	queue = kept
+}
 
 // retryAfterSeconds suggests waiting about as long as the queue allows.
 func retryAfterSeconds(d time.Duration) string {
 	return strconv.Itoa(max(1, int((d+time.Second-1)/time.Second)))
 }
+
+// Interface guard
+var _ caddy.Destructor = (*limiter)(nil)

@@ -30,7 +30,7 @@ var (
 
 	metricUpstreamErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "caddy", Subsystem: "zimage", Name: "upstream_errors_total",
-		Help: "Failed calls to the image service, by kind: timeout, refused, status_5xx, status_429, bad_response.",
+		Help: "Failed calls to the image service, by kind: timeout, refused, status_5xx, status_429, bad_response, blocked (a Cloudflare challenge).",
 	}, []string{"kind"})
 
 	metricInFlight = prometheus.NewGauge(prometheus.GaugeOpts{
@@ -59,10 +59,34 @@ var (
 		Help: "Requests for stored images, by status code.",
 	}, []string{"code"})
 
+	// SPEC §11: accounts by their names, never their keys
+	metricPointsRemaining = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "upstream_points_remaining",
+		Help: "Points left on each image service account, as the service reported after its last generation.",
+	}, []string{"account"})
+
+	metricPointsUsed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "upstream_points_used_total",
+		Help: "Points the image service reported spent, by account.",
+	}, []string{"account"})
+
+	metricAccountRests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "upstream_account_rests_total",
+		Help: "Times an image service account was rested after a failure, by account and reason (status_429, status_5xx, refused, blocked).",
+	}, []string{"account", "reason"})
+
+	// SPEC §12: clients by their names, never their keys
+	metricClientRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "client_requests_total",
+		Help: "Requests answered by the zimage gateway, by client, endpoint and status code.",
+	}, []string{"client", "endpoint", "code"})
+
 	collectors = []prometheus.Collector{
 		metricRequests, metricGeneration, metricEnhance,
 		metricUpstreamErrors, metricInFlight, metricQueueWait,
 		metricStoreImages, metricStoreDeleted, metricStoreServed,
+		metricPointsRemaining, metricPointsUsed, metricAccountRests,
+		metricClientRequests,
 	}
 )
 

@@ -4,7 +4,6 @@
 package zimage
 
 import (
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -46,10 +45,16 @@ const (
 // /v1/images/generations (each also without the /v1 prefix) and passes every
 // other path to the next handler, so it can share a site with other routes.
 type Gateway struct {
-	// APIKeys are the keys clients must present as `Authorization: Bearer <key>`.
-	// Placeholders such as {env.NAME} are accepted. Default: the environment
-	// variable GATEWAY_API_KEY. Required unless NoAuth is set.
+	// APIKeys are the keys clients must present as `Authorization: Bearer <key>`:
+	// the keys of the client "default". Placeholders such as {env.NAME} are
+	// accepted. Default: the environment variable GATEWAY_API_KEY, when no
+	// client block gives a key either. A key is required unless NoAuth is set.
 	APIKeys []string `json:"api_keys,omitempty"`
+
+	// Clients are named clients, each with its own keys and limit, beside
+	// or instead of APIKeys (whose keys are the client "default"). A
+	// request is attributed to the client whose key it carries.
+	Clients []ClientConfig `json:"clients,omitempty"`
 
 	// NoAuth turns client authentication off, for sites that authenticate
 	// requests by other means (basic_auth, forward_auth, a private network).
@@ -106,21 +111,19 @@ type Gateway struct {
 	// §13). Off unless set; {} serves it at /playground.
 	Playground *PlaygroundConfig `json:"playground,omitempty"`
 
-	keyDigests   [][32]byte // SHA-256 of each client key
-	modelsJSON   []byte     // the /v1/models answer, built once
-	models       []*model
-	modelIndex   map[string]*model // lower-cased names and aliases
-	upstream     generator
-	limiter      *limiter
-	limiterKey   string
-	queueTimeout time.Duration
-	timeout      time.Duration // the upstream timeout: a generation's whole time, download included
-	fetcher      *imageFetcher
-	enhancer     *enhancer
-	store        *imageStore // nil when the store is off
-	playground   *playground // nil: off
-	scrub        *scrubber
-	logger       *zap.Logger
+	clients    *clientSet // every client and the digests of its keys
+	modelsJSON []byte     // the /v1/models answer, built once
+	models     []*model
+	modelIndex map[string]*model // lower-cased names and aliases
+	upstream   generator
+	accounts   *accountPool  // the upstream accounts, their slots and queue
+	timeout    time.Duration // the upstream timeout: a generation's whole time, download included
+	fetcher    *imageFetcher
+	enhancer   *enhancer
+	store      *imageStore // nil when the store is off
+	playground *playground // nil: off
+	scrub      *scrubber
+	logger     *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -144,24 +147,10 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 		return v
 	}
 
-	// client keys
-	var keys []string
-	for _, k := range g.APIKeys {
-		if k = resolve(k, ""); k != "" {
-			keys = append(keys, k)
-		}
-	}
-	if len(keys) == 0 {
-		if k := resolve("", "GATEWAY_API_KEY"); k != "" {
-			keys = append(keys, k)
-		}
-	}
-	g.keyDigests = nil
-	for _, k := range keys {
-		g.keyDigests = append(g.keyDigests, sha256.Sum256([]byte(k)))
-	}
-	if len(keys) == 0 && !g.NoAuth {
-		return errors.New("zimage_gateway: no client API key: set 'api_key' (or the GATEWAY_API_KEY environment variable), or 'no_auth' if the site authenticates requests otherwise")
+	// client keys and named clients (clients.go)
+	keys, err := g.provisionClients(resolve)
+	if err != nil {
+		return err
 	}
 
 	if g.StreamKeepalive <= 0 {
@@ -185,9 +174,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	if up.APIKey != "" {
-		secrets = append(secrets, up.APIKey)
-	}
+	g.accounts.retried = g.upstreamRetried
+	// every account's key, as every client's (SPEC §11.5, §12)
+	secrets = append(secrets, g.accounts.keys()...)
 	enh, err := g.provisionEnhance(resolve)
 	if err != nil {
 		return err
@@ -220,11 +209,11 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// Cleanup releases what Provision made: its reference to the shared
-// limiter and the idle connections of its HTTP clients. Caddy calls it as
-// soon as a reload has replaced the config, while the old config's requests
-// may still be in flight (the grace period does not delay it), so it must
-// not disturb them: they keep their limiter and their busy connections.
+// Cleanup releases what Provision made: its claims on the shared limiters
+// and the idle connections of its HTTP clients. Caddy calls it as soon as
+// a reload has replaced the config, while the old config's requests may
+// still be in flight (the grace period does not delay it), so it must not
+// disturb them: they keep their limiters and their busy connections.
 func (g *Gateway) Cleanup() error {
 	if g.store != nil {
 		g.store.stop() // the sweeper; stored images stay
@@ -238,13 +227,9 @@ func (g *Gateway) Cleanup() error {
 	if g.fetcher != nil {
 		g.fetcher.client.CloseIdleConnections()
 	}
-	if g.limiterKey != "" {
-		key := g.limiterKey
-		g.limiterKey = "" // a second Cleanup must not release a sibling's reference
-		_, err := limiters.Delete(key)
-		return err
-	}
-	return nil
+	// close does nothing the second time: a second Cleanup must not
+	// release a sibling's reference
+	return errors.Join(g.accounts.close(), g.clients.close())
 }
 
 // Interface guards

@@ -8,7 +8,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -36,9 +35,9 @@ func unitProvision(t *testing.T, cfg string) (*Gateway, error) {
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
 	t.Cleanup(cancel)
 	err := g.Provision(ctx)
-	if err == nil {
-		t.Cleanup(func() { _ = g.Cleanup() })
-	}
+	// as Caddy does: Cleanup follows a failed Provision too, which may
+	// have taken limiters before it failed
+	t.Cleanup(func() { _ = g.Cleanup() })
 	return g, err
 }
 
@@ -141,10 +140,10 @@ func TestUnitProvisionEnvDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if !reflect.DeepEqual(g.keyDigests, [][32]byte{sha256.Sum256([]byte(testClientKey))}) {
+	if ks := g.clients.keys; len(ks) != 1 || ks[0].digest != sha256.Sum256([]byte(testClientKey)) || g.clients.clients[0].name != "default" {
 		t.Errorf("client keys: want exactly GATEWAY_API_KEY (trimmed)")
 	}
-	if !g.authorized(unitBearer(testClientKey)) || g.authorized(unitBearer("wrong")) || g.authorized(unitBearer("")) {
+	if g.authorize(unitBearer(testClientKey)) == nil || g.authorize(unitBearer("wrong")) != nil || g.authorize(unitBearer("")) != nil {
 		t.Errorf("auth does not accept exactly GATEWAY_API_KEY")
 	}
 
@@ -152,11 +151,12 @@ func TestUnitProvisionEnvDefaults(t *testing.T) {
 	if !ok {
 		t.Fatalf("upstream %T, want the image service client", g.upstream)
 	}
-	if ic.url != defaultUpstreamURL || ic.key != testSDKey || ic.timeout != 180*time.Second || ic.retries != 1 {
-		t.Errorf("upstream url %q timeout %s retries %d (key from SD_API_KEY: %v)", ic.url, ic.timeout, ic.retries, ic.key == testSDKey)
+	acc := g.accounts.accounts
+	if ic.url != defaultUpstreamURL || len(acc) != 1 || acc[0].name != "default" || acc[0].key != testSDKey || ic.timeout != 180*time.Second || g.accounts.retries != 1 {
+		t.Errorf("upstream url %q timeout %s retries %d accounts %d (key from SD_API_KEY: %v)", ic.url, ic.timeout, g.accounts.retries, len(acc), acc[0].key == testSDKey)
 	}
-	if g.limiter != nil {
-		t.Errorf("a limiter without max_concurrent")
+	if g.accounts.limited {
+		t.Errorf("a limit without max_concurrent")
 	}
 
 	e := g.enhancer
@@ -188,7 +188,7 @@ func TestUnitProvisionEnvDefaults(t *testing.T) {
 		t.Errorf("/v1/models answer %s", g.modelsJSON)
 	}
 
-	for _, s := range []string{testClientKey, testSDKey, testLLMKey} {
+	for _, s := range []string{testClientKey, testSDKey, testLLMKey} { // the three this config has
 		if got := g.scrub.Replace("echo " + s); got != "echo [redacted]" {
 			t.Errorf("scrubber leaves %q", got)
 		}
@@ -263,15 +263,15 @@ func TestUnitProvisionPlaceholders(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !g.authorized(unitBearer(testClientKey)) || !g.authorized(unitBearer("second-deepseek-chat")) || g.authorized(unitBearer("{env.ZIMAGE_UNIT_CLIENT}")) {
+	if g.authorize(unitBearer(testClientKey)) == nil || g.authorize(unitBearer("second-deepseek-chat")) == nil || g.authorize(unitBearer("{env.ZIMAGE_UNIT_CLIENT}")) != nil {
 		t.Errorf("client keys not resolved from placeholders")
 	}
 	ic := g.upstream.(*imageClient)
-	if ic.url != "http://127.0.0.1:1/api/v1/generate_image" || ic.key != testSDKey {
-		t.Errorf("upstream url %q (key resolved: %v)", ic.url, ic.key == testSDKey)
+	if key := g.accounts.accounts[0].key; ic.url != "http://127.0.0.1:1/api/v1/generate_image" || key != testSDKey {
+		t.Errorf("upstream url %q (key resolved: %v)", ic.url, key == testSDKey)
 	}
-	if g.limiter == nil || cap(g.limiter.slots) != 2 || g.queueTimeout != 180*time.Second {
-		t.Errorf("limiter %v queue timeout %s, want 2 slots and the upstream timeout", g.limiter, g.queueTimeout)
+	if n := unitLimit(g.accounts.accounts[0]); !g.accounts.limited || n != 2 || g.accounts.queueTimeout != 180*time.Second {
+		t.Errorf("limit %d queue timeout %s, want 2 slots and the upstream timeout", n, g.accounts.queueTimeout)
 	}
 	e := g.enhancer
 	if e == nil || e.url != "http://127.0.0.1:2/v1/chat/completions" || e.model != "deepseek-chat" || e.key != testLLMKey {
@@ -295,12 +295,12 @@ func TestUnitProvisionEmptyFallsBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !g.authorized(unitBearer(testClientKey)) {
+	if g.authorize(unitBearer(testClientKey)) == nil {
 		t.Errorf("empty api_key values did not fall back to GATEWAY_API_KEY")
 	}
 	ic := g.upstream.(*imageClient)
-	if ic.url != defaultUpstreamURL || ic.key != testSDKey {
-		t.Errorf("upstream url %q (key from SD_API_KEY: %v), want the defaults", ic.url, ic.key == testSDKey)
+	if key := g.accounts.accounts[0].key; ic.url != defaultUpstreamURL || key != testSDKey {
+		t.Errorf("upstream url %q (key from SD_API_KEY: %v), want the defaults", ic.url, key == testSDKey)
 	}
 }
 
@@ -313,7 +313,7 @@ func TestUnitProvisionConfiguredKeysOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	for key, want := range map[string]bool{"k1": true, "k2": true, "env-key": false, "k1 k2": false, "": false} {
-		if got := g.authorized(unitBearer(key)); got != want {
+		if got := g.authorize(unitBearer(key)) != nil; got != want {
 			t.Errorf("authorized(%q) = %v, want %v", key, got, want)
 		}
 	}
@@ -330,7 +330,7 @@ func TestUnitProvisionNoAuthDemo(t *testing.T) {
 	if _, demo := g.upstream.(demoGenerator); !demo {
 		t.Fatalf("upstream %T, want the demo", g.upstream)
 	}
-	if !g.authorized(unitBearer("")) || !g.authorized(unitBearer("anything")) {
+	if g.authorize(unitBearer("")) == nil || g.authorize(unitBearer("anything")) == nil {
 		t.Errorf("no_auth still checks keys")
 	}
 }
@@ -400,8 +400,9 @@ func TestUnitProvisionLimiterShared(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.limiter == nil || a.limiter != b.limiter || a.queueTimeout != time.Second {
-		t.Fatalf("limiters %p %p (queue timeout %s), want one shared limiter", a.limiter, b.limiter, a.queueTimeout)
+	la, lb := a.accounts.accounts[0].lim, b.accounts.accounts[0].lim
+	if la == nil || la != lb || a.accounts.queueTimeout != time.Second {
+		t.Fatalf("limiters %p %p (queue timeout %s), want one shared limiter", la, lb, a.accounts.queueTimeout)
 	}
 	if err := a.Cleanup(); err != nil {
 		t.Fatal(err)
@@ -413,7 +414,7 @@ func TestUnitProvisionLimiterShared(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.limiter == a.limiter {
+	if c.accounts.accounts[0].lim == la {
 		t.Fatal("the limiter survived the Cleanup of every handler that used it")
 	}
 }

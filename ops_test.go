@@ -767,26 +767,47 @@ func TestOpsTwoSites(t *testing.T) {
 }
 
 // TestOpsTwoSitesShareOneUpstreamLimit: two sites that configure the same
-// upstream with max_concurrent 1 share one limiter: while site a's
-// generation runs, site b's request waits and times out.
+// account (the upstream URL and key) with max_concurrent 1 share its
+// limiter: while site a's generation runs, site b's request waits and times
+// out. Another key on the same URL is another account with its own slot:
+// then site b is served while site a's generation still runs.
 func TestOpsTwoSitesShareOneUpstreamLimit(t *testing.T) {
 	up := newFakeUpstream(t)
 	g := newGate(t)
 	up.setHandler(g.handler)
-	startCaddyRaw(t, twoSites(up, up, "max_concurrent 1\n\t\t\tqueue_timeout 300ms"))
-
-	a := sendAsync(http.MethodPost, "/v1/chat/completions", `{"prompt":"site a holds the slot","seed":91}`, "Host", fmt.Sprintf("a.localhost:%d", httpPort))
-	waitFor(t, "site a's generation at the fake upstream", func() bool { return up.active.Load() == 1 })
-	r := send(context.Background(), http.MethodPost, "/v1/chat/completions", `{"prompt":"site b waits","seed":92}`,
-		"Host", fmt.Sprintf("b.localhost:%d", httpPort), "Authorization", "Bearer "+keyB)
-	if r.status != http.StatusTooManyRequests || r.header.Get("Retry-After") == "" {
-		t.Errorf("site b while site a holds the only slot: status %d, Retry-After %q: %s", r.status, r.header.Get("Retry-After"), r.body)
+	const limit = "max_concurrent 1\n\t\t\tqueue_timeout 300ms"
+	hostA, hostB := fmt.Sprintf("a.localhost:%d", httpPort), fmt.Sprintf("b.localhost:%d", httpPort)
+	siteB := func(seed int) result {
+		return send(context.Background(), http.MethodPost, "/v1/chat/completions", fmt.Sprintf(`{"prompt":"site b","seed":%d}`, seed),
+			"Host", hostB, "Authorization", "Bearer "+keyB)
 	}
-	g.open()
+
+	// one account: site b uses site a's key
+	startCaddyRaw(t, strings.Replace(twoSites(up, up, limit), sdKeyB, testSDKey, 1))
+	a := sendAsync(http.MethodPost, "/v1/chat/completions", `{"prompt":"site a holds the slot","seed":91}`, "Host", hostA)
+	waitFor(t, "site a's generation at the fake upstream", func() bool { return up.active.Load() == 1 })
+	if r := siteB(92); r.status != http.StatusTooManyRequests || r.header.Get("Retry-After") == "" {
+		t.Errorf("site b while site a holds the account's only slot: status %d, Retry-After %q: %s", r.status, r.header.Get("Retry-After"), r.body)
+	}
+	g.release(t)
 	if r := await(t, a); r.status != http.StatusOK {
 		t.Errorf("site a: status %d: %s", r.status, r.body)
 	}
-	if n := len(up.Calls()); n != 1 {
-		t.Errorf("%d upstream calls, want 1", n)
+	if got := seeds(up.Calls()); len(got) != 1 || got[0] != 91 {
+		t.Errorf("upstream calls with seeds %v, want only site a's 91", got)
+	}
+
+	// two accounts: each site has its own key and its own slot
+	startCaddyRaw(t, twoSites(up, up, limit))
+	a = sendAsync(http.MethodPost, "/v1/chat/completions", `{"prompt":"site a holds its slot","seed":93}`, "Host", hostA)
+	waitFor(t, "site a's generation at the fake upstream", func() bool { return up.active.Load() == 1 })
+	b := sendAsync(http.MethodPost, "/v1/chat/completions", `{"prompt":"site b has its own","seed":94}`,
+		"Host", hostB, "Authorization", "Bearer "+keyB)
+	waitFor(t, "site b's generation at the fake upstream beside site a's", func() bool { return up.active.Load() == 2 })
+	g.open()
+	for name, ch := range map[string]<-chan result{"site a": a, "site b": b} {
+		if r := await(t, ch); r.status != http.StatusOK {
+			t.Errorf("%s: status %d: %s", name, r.status, r.body)
+		}
 	}
 }

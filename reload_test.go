@@ -11,14 +11,15 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 )
 
 // limiterRefs is how many provisioned handlers hold the shared limiter of
-// an upstream URL and limit (0 when none does).
-func limiterRefs(url string, n int) int {
-	refs, _ := limiters.References(fmt.Sprintf("%s|%d", url, n))
+// the test's account (testSDKey) on an upstream URL (0 when none does).
+func limiterRefs(url string) int {
+	refs, _ := limiters.References(limiterKey(url, testSDKey, defaultAccount))
 	return refs
 }
 
@@ -76,7 +77,7 @@ func TestOpsReloadUnderLoad(t *testing.T) {
 	if n := len(newUp.Calls()); n != 1 {
 		t.Errorf("new upstream calls: %d, want 1 (the in-flight requests stay on the old one)", n)
 	}
-	if old, cur := limiterRefs(oldUp.endpoint(), 3), limiterRefs(newUp.endpoint(), 3); old != 0 || cur != 1 {
+	if old, cur := limiterRefs(oldUp.endpoint()), limiterRefs(newUp.endpoint()); old != 0 || cur != 1 {
 		t.Errorf("limiter references: old config's %d (want 0), new config's %d (want 1)", old, cur)
 	}
 }
@@ -109,7 +110,7 @@ func TestOpsReloadKeepsLimiterShared(t *testing.T) {
 	if got := seeds(up.Calls()); len(got) != 2 || got[0] != 301 || got[1] != 303 {
 		t.Errorf("upstream calls with seeds %v, want [301 303]", got)
 	}
-	if n := limiterRefs(up.endpoint(), 1); n != 1 {
+	if n := limiterRefs(up.endpoint()); n != 1 {
 		t.Errorf("limiter references after the reload: %d, want 1", n)
 	}
 }
@@ -145,7 +146,95 @@ func TestOpsReloadReleasesConnections(t *testing.T) {
 	}
 	// every config made its own connection; all but the current one's go
 	waitFor(t, "the old configs' connections to close", func() bool { return open.Load() <= 1 })
-	if n := limiterRefs(url, 2); n != 1 {
+	if n := limiterRefs(url); n != 1 {
 		t.Errorf("limiter references after %d loads: %d, want 1", reloads, n)
+	}
+}
+
+// unitLimiter is the shared limiter under key, or nil.
+func unitLimiter(key string) *limiter {
+	var found *limiter
+	limiters.Range(func(k, v any) bool {
+		if k == key {
+			found = v.(*limiter)
+		}
+		return found == nil
+	})
+	return found
+}
+
+// unitQueueLen is how many generations wait in the one queue.
+func unitQueueLen() int {
+	limMu.Lock()
+	defer limMu.Unlock()
+	return len(queue)
+}
+
+// TestOpsReloadLowersLimitInPlace (issue 8 item 7): with 10 generations in
+// flight and 4 more queued under max_concurrent 10, a reload lowers the
+// limit to 3 and 4 requests of the new config queue too. The limiter of
+// the account is resized in place, so from the reload on no generation
+// starts while 3 or more run, whichever config it came from: as the
+// upstream lets the requests go one by one, each of the 8 that arrive
+// after the reload finds at most 3 in flight, itself included.
+func TestOpsReloadLowersLimitInPlace(t *testing.T) {
+	up := newFakeUpstream(t)
+	g := newGate(t)
+	var reloaded atomic.Bool
+	var mu sync.Mutex
+	var seen []int32 // in flight at the fake when a request arrived after the reload
+	up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		if reloaded.Load() {
+			mu.Lock()
+			seen = append(seen, up.active.Load())
+			mu.Unlock()
+		}
+		g.handler(w, r)
+	})
+	site := func(n int) string {
+		return opsSite(up.endpoint(), nil, fmt.Sprintf("timeout 30s\n\t\tqueue_timeout 30s\n\t\tmax_concurrent %d", n), "")
+	}
+	startCaddy(t, site(10))
+	var results []<-chan result
+	for i := range 14 {
+		results = append(results, sendAsync(http.MethodPost, "/v1/chat/completions", chatJSON("before the reload", 500+i, "")))
+	}
+	waitFor(t, "10 generations in flight and 4 queued", func() bool { return up.active.Load() == 10 && unitQueueLen() == 4 })
+	before := unitLimiter(limiterKey(up.endpoint(), testSDKey, defaultAccount))
+
+	reloaded.Store(true)
+	startCaddy(t, site(3))
+	for i := range 4 {
+		results = append(results, sendAsync(http.MethodPost, "/v1/chat/completions", chatJSON("after the reload", 600+i, "")))
+	}
+	waitFor(t, "8 requests queued (the new config's 4 wait behind the 10 in flight)", func() bool { return unitQueueLen() == 8 })
+	if n := up.active.Load(); n != 10 {
+		t.Fatalf("%d in flight at the fake right after the reload, want the 10 of before", n)
+	}
+
+	for range len(results) {
+		g.release(t)
+	}
+	for i, ch := range results {
+		if r := await(t, ch); r.status != http.StatusOK {
+			t.Errorf("request %d: status %d: %s", i, r.status, r.body)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 8 {
+		t.Errorf("%d generations started after the reload, want the 8 queued", len(seen))
+	}
+	for i, n := range seen {
+		if n > 3 {
+			t.Errorf("generation %d after the reload started with %d in flight, over the new limit of 3: %v", i, n, seen)
+		}
+	}
+	after := unitLimiter(limiterKey(up.endpoint(), testSDKey, defaultAccount))
+	if before != after || before == nil {
+		t.Errorf("the reload made another limiter for the same account (%p, then %p)", before, after)
+	}
+	if n := limiterRefs(up.endpoint()); n != 1 {
+		t.Errorf("limiter references after the reload: %d, want 1", n)
 	}
 }

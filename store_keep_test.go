@@ -115,12 +115,12 @@ func TestStoreKeepEveryEndpoint(t *testing.T) {
 	// the generation line says where the image is
 	var stored int
 	for _, l := range readLog(t) {
-		if l["msg"] == "generation" && l["stored"] == true && l["image_id"] != nil {
+		if l["msg"] == "generation" && l["stored"] == true && l["store_id"] != nil {
 			stored++
 		}
 	}
 	if stored < 5 {
-		t.Errorf("%d generation lines with stored and image_id, want 5", stored)
+		t.Errorf("%d generation lines with stored and store_id, want 5", stored)
 	}
 }
 

@@ -145,6 +145,8 @@ func (g *Gateway) streamChat(w http.ResponseWriter, r *http.Request, j *job, id 
 		s.stop()
 		s.event(e.body())
 		metricRequests.WithLabelValues(endpointChat, j.model.name, strconv.Itoa(e.status)).Inc()
+		setOutcome(w, e.status)
+
 		return
 	}
 	g.keep(ctx, r, []*job{j}, false) // keep-alives go on while the image is copied
@@ -184,6 +186,7 @@ func (g *Gateway) streamImages(w http.ResponseWriter, r *http.Request, j *job, n
 			Error errorDetail `json:"error"`
 		}{"error", e.body().Error})
 		s.eventWith("error", func(w *bufio.Writer) { w.Write(b) })
+		setOutcome(w, e.status)
 		metricRequests.WithLabelValues(j.endpoint, j.model.name, strconv.Itoa(e.status)).Inc()
 		return
 	}

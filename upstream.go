@@ -8,10 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -25,11 +26,27 @@ import (
 // success is a few hundred bytes, so anything near this is a broken server.
 const maxUpstreamBody = 1 << 20
 
-// generator produces one image and returns its URL. origin is the
+// generator makes one attempt at one image with one account's key and
+// returns its URL and what the service said about it. origin is the
 // scheme://host of the client's request, for generators that serve the
-// image themselves (the demo).
+// image themselves (the demo). Retries, failover and slots are the
+// account pool's (accounts.go).
 type generator interface {
-	generate(ctx context.Context, req upstreamRequest, origin string) (string, error)
+	generate(ctx context.Context, key string, req upstreamRequest, origin string) (upstreamResult, *upstreamError)
+}
+
+// upstreamResult is a successful generation.
+type upstreamResult struct {
+	imageURL string
+	info     upstreamInfo
+}
+
+// upstreamInfo is what the service's success answer tells besides the
+// URL (SPEC §11.3); each part may be absent.
+type upstreamInfo struct {
+	pointsUsed, remainingPoints       float64
+	hasPointsUsed, hasRemainingPoints bool
+	imageID, modelName                string
 }
 
 // upstreamRequest is the image service's request body (SPEC §4 step 6).
@@ -56,6 +73,7 @@ const (
 	kind5xx         = "status_5xx"
 	kind429         = "status_429"
 	kindBadResponse = "bad_response"
+	kindBlocked     = "blocked"  // a Cloudflare challenge page instead of an answer (SPEC §11.4)
 	kindCanceled    = "canceled" // the client left; not counted as an upstream error
 )
 
@@ -89,33 +107,25 @@ func (e *upstreamError) apiError(scrub *scrubber) *apiError {
 			message: "The image service did not answer in time: " + msg}
 	case kindCanceled:
 		return &apiError{status: 499, typ: "invalid_request_error", code: "client_closed_request", message: "The client closed the request"}
+	case kindBlocked:
+		// the message is ours alone: the challenge page is never passed on
+		return &apiError{status: http.StatusBadGateway, typ: "upstream_error", code: "upstream_blocked",
+			message: "The image service's Cloudflare protection refused the request (it answered a challenge page instead of an image); retry later"}
 	}
 	return &apiError{status: http.StatusBadGateway, typ: "upstream_error", code: "upstream_error",
 		message: "The image service failed: " + msg}
 }
 
-// imageClient calls the 梦羽 generate_image endpoint.
+// imageClient calls the 梦羽 generate_image endpoint, one attempt at a
+// time, with the key of the account the pool chose.
 type imageClient struct {
 	url     string
-	key     string
-	timeout time.Duration
-	retries int
+	timeout time.Duration // for the message of a timeout
 	client  *http.Client
-
-	// retried, when set, is told of each failed attempt that is about to
-	// be retried, so that transient failures show in the logs and in
-	// caddy_zimage_upstream_errors_total even when the retry succeeds
-	retried func(err *upstreamError, attempt int)
 }
 
-func newImageClient(u, key string, timeout time.Duration, retries int) *imageClient {
-	return &imageClient{
-		url:     u,
-		key:     key,
-		timeout: timeout,
-		retries: retries,
-		client:  newKeyedClient(),
-	}
+func newImageClient(u string, timeout time.Duration) *imageClient {
+	return &imageClient{url: u, timeout: timeout, client: newKeyedClient()}
 }
 
 // newKeyedClient is the HTTP client for calls that carry a key in their
@@ -158,118 +168,168 @@ func newTransport() *http.Transport {
 	}
 }
 
-// generate calls the service, retrying connection errors and 502/503/504
-// with jittered backoff, all within the configured timeout.
-func (c *imageClient) generate(ctx context.Context, req upstreamRequest, _ string) (string, error) {
-	body, err := json.Marshal(req)
-	if err != nil {
-		return "", &upstreamError{kind: kindBadResponse, message: "encoding request: " + err.Error()}
-	}
-	parent := ctx
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
-	defer cancel()
+// errGenerationTimeout is the cause of the context of a generation that
+// ran out of its timeout, which tells it from a client that left.
+var errGenerationTimeout = errors.New("generation timeout")
 
-	for attempt := 0; ; attempt++ {
-		imageURL, uerr := c.try(ctx, parent, body)
-		if uerr == nil {
-			return imageURL, nil
-		}
-		if !uerr.retryable || attempt >= c.retries {
-			return "", uerr
-		}
-		// 250ms, 500ms, 1s… each with ±50% jitter, so retries of many
-		// requests after one outage do not arrive together
-		backoff := time.Duration(float64(250*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
-		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < backoff {
-			return "", uerr
-		}
-		if c.retried != nil {
-			c.retried(uerr, attempt+1)
-		}
-		t := time.NewTimer(backoff)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return "", classifyCtx(parent, c.timeout)
-		case <-t.C:
-		}
+// ctxFailure classifies a call cut short by its context: the generation's
+// timeout, or the client that went away.
+func ctxFailure(ctx context.Context, timeout time.Duration) *upstreamError {
+	if errors.Is(context.Cause(ctx), errGenerationTimeout) || errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return &upstreamError{kind: kindTimeout, message: "no answer within " + timeout.String()}
 	}
-}
-
-// classifyCtx tells a client that left from a call that ran out of time.
-func classifyCtx(parent context.Context, timeout time.Duration) *upstreamError {
-	if parent.Err() != nil {
-		return &upstreamError{kind: kindCanceled, message: "client went away"}
-	}
-	return &upstreamError{kind: kindTimeout, message: "no answer within " + timeout.String()}
+	return &upstreamError{kind: kindCanceled, message: "client went away"}
 }
 
 // upstreamAnswer is the service's reply; error texts come in several shapes.
+// The optional parts of data are raw, so that a type the gateway did not
+// expect there never turns a success into a failure.
 type upstreamAnswer struct {
 	Success *bool `json:"success"`
 	Data    struct {
-		ImageURL string `json:"image_url"`
+		ImageURL        string          `json:"image_url"`
+		PointsUsed      json.RawMessage `json:"points_used"`
+		RemainingPoints json.RawMessage `json:"remaining_points"`
+		ImageID         json.RawMessage `json:"image_id"`
+		ModelName       json.RawMessage `json:"model_name"`
 	} `json:"data"`
 	Error   json.RawMessage `json:"error"`
 	Message string          `json:"message"`
 }
 
-// try makes one attempt.
-func (c *imageClient) try(ctx, parent context.Context, body []byte) (string, *upstreamError) {
+// generate makes one attempt with key.
+func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequest, _ string) (upstreamResult, *upstreamError) {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: "encoding request: " + err.Error()}
+	}
 	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url, bytes.NewReader(body))
 	if err != nil {
-		return "", &upstreamError{kind: kindBadResponse, message: err.Error()}
+		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: err.Error()}
 	}
 	hreq.Header.Set("Content-Type", "application/json")
 	hreq.Header.Set("Accept", "application/json")
-	hreq.Header.Set("Authorization", "Bearer "+c.key)
+	hreq.Header.Set("Authorization", "Bearer "+key)
 	resp, err := c.client.Do(hreq)
 	if err != nil {
 		if ctx.Err() != nil {
-			return "", classifyCtx(parent, c.timeout)
+			return upstreamResult{}, ctxFailure(ctx, c.timeout)
 		}
-		return "", &upstreamError{kind: kindRefused, message: describeNetErr("the image service", err), detail: err.Error(), retryable: true}
+		return upstreamResult{}, &upstreamError{kind: kindRefused, message: describeNetErr("the image service", err), detail: err.Error(), retryable: true}
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxUpstreamBody+1))
 	if err != nil {
 		if ctx.Err() != nil {
-			return "", classifyCtx(parent, c.timeout)
+			return upstreamResult{}, ctxFailure(ctx, c.timeout)
 		}
-		return "", &upstreamError{kind: kindRefused, message: describeNetErr("the image service", err) + " while answering", detail: err.Error(), retryable: true}
+		return upstreamResult{}, &upstreamError{kind: kindRefused, message: describeNetErr("the image service", err) + " while answering", detail: err.Error(), retryable: true}
 	}
 	if len(raw) > maxUpstreamBody {
-		return "", &upstreamError{kind: kindBadResponse, message: fmt.Sprintf("answer larger than %d bytes", maxUpstreamBody)}
+		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: fmt.Sprintf("answer larger than %d bytes", maxUpstreamBody)}
 	}
+	return parseAnswer(resp, raw)
+}
 
+// parseAnswer reads the service's answer: an image, or a classified failure.
+func parseAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamError) {
+	if isChallenge(resp, raw) {
+		// Cloudflare's "Just a moment…" page: nothing of it goes anywhere,
+		// the log's detail names the status alone (SPEC §11.4)
+		return upstreamResult{}, &upstreamError{kind: kindBlocked, message: "Cloudflare challenge page",
+			detail: "HTTP " + strconv.Itoa(resp.StatusCode) + " with an HTML body"}
+	}
 	var ans upstreamAnswer
 	jsonErr := json.Unmarshal(raw, &ans)
 	switch {
 	case resp.StatusCode == http.StatusTooManyRequests:
-		return "", &upstreamError{kind: kind429, message: upstreamMessage(ans, resp.Status),
+		return upstreamResult{}, &upstreamError{kind: kind429, message: upstreamMessage(ans, resp.Status),
 			retryAfter: cleanRetryAfter(resp.Header.Get("Retry-After"))}
 	case resp.StatusCode >= 500:
 		switch resp.StatusCode {
 		case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
-			return "", &upstreamError{kind: kind5xx, message: upstreamMessage(ans, resp.Status), retryable: true}
+			return upstreamResult{}, &upstreamError{kind: kind5xx, message: upstreamMessage(ans, resp.Status), retryable: true}
 		}
-		return "", &upstreamError{kind: kind5xx, message: upstreamMessage(ans, resp.Status)}
+		return upstreamResult{}, &upstreamError{kind: kind5xx, message: upstreamMessage(ans, resp.Status)}
 	case resp.StatusCode < 200 || resp.StatusCode > 299:
-		return "", &upstreamError{kind: kindBadResponse, message: upstreamMessage(ans, resp.Status)}
+		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: upstreamMessage(ans, resp.Status)}
 	case jsonErr != nil:
-		return "", &upstreamError{kind: kindBadResponse, message: "answer is not valid JSON"}
+		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: "answer is not valid JSON"}
 	case ans.Success == nil || !*ans.Success:
-		return "", &upstreamError{kind: kindBadResponse, message: upstreamMessage(ans, "generation was not successful")}
+		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: upstreamMessage(ans, "generation was not successful")}
 	case strings.TrimSpace(ans.Data.ImageURL) == "":
-		return "", &upstreamError{kind: kindBadResponse, message: "answer has no image_url"}
+		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: "answer has no image_url"}
 	}
 	imageURL := strings.TrimSpace(ans.Data.ImageURL)
 	// the URL goes into markdown and may be downloaded: only http(s) links
 	// (never javascript: or data:) are passed on
 	if checkHTTPURL(imageURL) != nil {
-		return "", &upstreamError{kind: kindBadResponse, message: "answer has an image_url that is not an http(s) URL"}
+		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: "answer has an image_url that is not an http(s) URL"}
 	}
-	return imageURL, nil
+	res := upstreamResult{imageURL: imageURL}
+	res.info.pointsUsed, res.info.hasPointsUsed = parsePoints(ans.Data.PointsUsed)
+	res.info.remainingPoints, res.info.hasRemainingPoints = parsePoints(ans.Data.RemainingPoints)
+	res.info.imageID = rawText(ans.Data.ImageID)
+	res.info.modelName = rawText(ans.Data.ModelName)
+	return res, nil
+}
+
+// isChallenge tells a Cloudflare challenge (or any HTML error page) on a
+// 403 or 503 from the service's own answers, which are JSON: Cloudflare
+// marks its challenges with cf-mitigated, and its pages are HTML. A 403
+// with a JSON body is the service's own refusal, a normal error.
+func isChallenge(resp *http.Response, raw []byte) bool {
+	if resp.StatusCode != http.StatusForbidden && resp.StatusCode != http.StatusServiceUnavailable {
+		return false
+	}
+	if strings.EqualFold(resp.Header.Get("Cf-Mitigated"), "challenge") {
+		return true
+	}
+	if ct := strings.ToLower(resp.Header.Get("Content-Type")); strings.HasPrefix(ct, "text/html") || strings.HasPrefix(ct, "application/xhtml") {
+		return true
+	}
+	head := bytes.TrimLeft(bytes.TrimPrefix(raw, []byte("\xef\xbb\xbf")), " \t\r\n")
+	head = head[:min(len(head), 16)]
+	for _, p := range []string{"<!doctype html", "<html", "<head", "<!--"} {
+		if len(head) >= len(p) && strings.EqualFold(string(head[:len(p)]), p) {
+			return true
+		}
+	}
+	return false
+}
+
+// parsePoints reads a number of points: a JSON number or a numeric string
+// (the service has sent both); anything else, or nothing, is absent.
+func parsePoints(raw json.RawMessage) (float64, bool) {
+	s := strings.TrimSpace(string(raw))
+	if u, err := strconv.Unquote(s); err == nil && strings.HasPrefix(s, `"`) {
+		s = strings.TrimSpace(u)
+	}
+	if s == "" || s == "null" {
+		return 0, false
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || math.IsNaN(f) || math.IsInf(f, 0) {
+		return 0, false
+	}
+	return f, true
+}
+
+// maxInfoRunes bounds the image_id and model_name the log carries.
+const maxInfoRunes = 128
+
+// rawText is a JSON string or number as text (image_id and model_name),
+// shortened and without control characters; anything else is "".
+func rawText(raw json.RawMessage) string {
+	var s string
+	if json.Unmarshal(raw, &s) != nil {
+		var n json.Number
+		if json.Unmarshal(raw, &n) != nil {
+			return ""
+		}
+		s = n.String()
+	}
+	return truncate(stripControl(strings.TrimSpace(s)), maxInfoRunes)
 }
 
 // upstreamMessage picks the service's own error text (error, error.message
@@ -357,41 +417,58 @@ type UpstreamConfig struct {
 	// Default: https://sd.exacg.cc/api/v1/generate_image.
 	URL string `json:"url,omitempty"`
 
-	// APIKey is sent to the image service as a bearer token. Placeholders
-	// are accepted. Default: the environment variable SD_API_KEY. Required
-	// unless URL is "demo".
+	// APIKey is sent to the image service as a bearer token: the one
+	// account named "default". Placeholders are accepted. Default: the
+	// environment variable SD_API_KEY. Required unless URL is "demo" or
+	// Accounts are given (not both).
 	APIKey string `json:"api_key,omitempty"`
 
-	// Timeout bounds one whole generation call, retries included.
-	// Default: 180s.
+	// Accounts are several accounts of the image service, used instead of
+	// APIKey: each generation goes to the account with the most free
+	// slots, and a failing account's work moves to the others (SPEC §11).
+	Accounts []AccountConfig `json:"accounts,omitempty"`
+
+	// Timeout bounds one whole generation: every attempt, failovers and
+	// retries included, and the image's download. Default: 180s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
 
-	// MaxConcurrent is the most generations in flight to this upstream at
-	// once, across all endpoints and sites that share it. 0 means unlimited.
+	// MaxConcurrent is the most generations in flight at once on the
+	// account of APIKey, across all endpoints and sites that use the same
+	// URL and key. 0 means unlimited. With Accounts, each account has its
+	// own max_concurrent instead.
 	MaxConcurrent int `json:"max_concurrent,omitempty"`
 
 	// QueueTimeout is how long a request may wait for a free slot before it
 	// is answered with 429. Default: the upstream timeout.
 	QueueTimeout caddy.Duration `json:"queue_timeout,omitempty"`
 
-	// Retries is how many times a call is retried after a connection error
-	// or an upstream 502/503/504; never after other statuses or a timeout.
-	// Default: 1.
+	// Retries is how many more attempts a generation may make after a
+	// failed one: on another account at once after a 429, a connection
+	// error or a 5xx (failover), or on the same account, after a short
+	// backoff, after a connection error or a 502/503/504 when no other
+	// account is free; never after other statuses or a timeout.
+	// Default: 1, or one less than the number of accounts when that is
+	// more, so that every account may be tried once.
 	Retries *int `json:"retries,omitempty"`
 }
 
 // provisionUpstream resolves the image service settings and builds its
-// client (or the demo renderer) and the shared concurrency limiter.
+// client (or the demo renderer) and the account pool with its shared
+// limiters. It returns the resolved config, whose accounts carry their keys.
 func (g *Gateway) provisionUpstream(resolve func(v, env string) string) (UpstreamConfig, error) {
 	var uc UpstreamConfig
 	if g.Upstream != nil {
 		uc = *g.Upstream
+		uc.Accounts = slices.Clone(uc.Accounts)
 	}
 	uc.URL = resolve(uc.URL, "")
 	if uc.URL == "" {
 		uc.URL = defaultUpstreamURL
 	}
-	uc.APIKey = resolve(uc.APIKey, "SD_API_KEY")
+	demo := strings.EqualFold(uc.URL, demoUpstream)
+	if demo {
+		uc.URL = demoUpstream
+	}
 	if uc.Timeout <= 0 {
 		uc.Timeout = caddy.Duration(defaultUpstreamTimeout)
 	}
@@ -399,41 +476,30 @@ func (g *Gateway) provisionUpstream(resolve func(v, env string) string) (Upstrea
 		uc.QueueTimeout = uc.Timeout
 	}
 	g.timeout = time.Duration(uc.Timeout)
-	retries := defaultRetries
+	if uc.MaxConcurrent < 0 {
+		return uc, fmt.Errorf("zimage_gateway: upstream: max_concurrent must be 0 (unlimited) or more, got %d", uc.MaxConcurrent)
+	}
+	if err := resolveAccounts(&uc, resolve, demo); err != nil {
+		return uc, err
+	}
+	retries := max(defaultRetries, len(uc.Accounts)-1)
 	if uc.Retries != nil {
 		retries = *uc.Retries
 	}
 	if retries < 0 || retries > 10 {
 		return uc, fmt.Errorf("zimage_gateway: upstream: retries must be between 0 and 10, got %d", retries)
 	}
-	if uc.MaxConcurrent < 0 {
-		return uc, fmt.Errorf("zimage_gateway: upstream: max_concurrent must be 0 (unlimited) or more, got %d", uc.MaxConcurrent)
-	}
 
-	if strings.EqualFold(uc.URL, demoUpstream) {
-		uc.URL = demoUpstream
+	if demo {
 		g.upstream = demoGenerator{}
 		g.logger.Warn("zimage_gateway is using the demo upstream: images are local placeholders, the image service is never called")
 	} else {
 		if err := checkHTTPURL(uc.URL); err != nil {
 			return uc, fmt.Errorf("zimage_gateway: upstream: %v", err)
 		}
-		if uc.APIKey == "" {
-			return uc, errors.New("zimage_gateway: upstream: no API key for the image service: set 'api_key' in the upstream block or the SD_API_KEY environment variable (or use 'upstream demo' to try the gateway without an account)")
-		}
-		ic := newImageClient(uc.URL, uc.APIKey, time.Duration(uc.Timeout), retries)
-		ic.retried = g.upstreamRetried
-		g.upstream = ic
+		g.upstream = newImageClient(uc.URL, time.Duration(uc.Timeout))
 	}
-
-	if uc.MaxConcurrent > 0 {
-		g.limiterKey = fmt.Sprintf("%s|%d", uc.URL, uc.MaxConcurrent)
-		val, _, _ := limiters.LoadOrNew(g.limiterKey, func() (caddy.Destructor, error) {
-			return newLimiter(uc.MaxConcurrent), nil
-		})
-		g.limiter = val.(*limiter)
-		g.queueTimeout = time.Duration(uc.QueueTimeout)
-	}
+	g.accounts = newAccountPool(uc, retries, g.logger)
 	return uc, nil
 }
 
@@ -449,6 +515,11 @@ func unmarshalUpstream(d *caddyfile.Dispenser) (*UpstreamConfig, error) {
 		switch opt {
 		case "api_key":
 			u.APIKey, err = optionalArg(d)
+		case "account":
+			var a AccountConfig
+			if a, err = unmarshalAccount(d, u.Accounts); err == nil {
+				u.Accounts = append(u.Accounts, a)
+			}
 		case "timeout":
 			u.Timeout, err = parseDuration(d)
 		case "queue_timeout":
@@ -463,9 +534,12 @@ func unmarshalUpstream(d *caddyfile.Dispenser) (*UpstreamConfig, error) {
 			return d.Errf("unrecognized zimage_gateway upstream option '%s'", opt)
 		}
 		return err
-	})
+	}, "account")
 	if err != nil {
 		return nil, err
+	}
+	if err := checkAccountsBlock(u); err != nil {
+		return nil, d.Errf("%v", err)
 	}
 	return u, nil
 }

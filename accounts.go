@@ -1,0 +1,486 @@
+package zimage
+
+// Many upstream accounts (SPEC §11): the account blocks of the upstream
+// config, their provisioning into a pool whose limiters outlive reloads
+// (limiter.go), the choice of an account per generation, failover and rest
+// periods, and the points the service reports.
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"net/http"
+	"regexp"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// defaultAccount names the account of a single upstream api_key.
+const defaultAccount = "default"
+
+// How long a failing account rests (SPEC §11.2): after a 429 as long as
+// its Retry-After says (bounded), else restAfter429; after a connection
+// error, a 5xx or a Cloudflare challenge restAfterFailure.
+const (
+	restAfter429     = 30 * time.Second
+	restAfterFailure = 10 * time.Second
+	minRest          = time.Second
+	maxRest          = time.Hour
+)
+
+// AccountConfig is one account of the image service.
+type AccountConfig struct {
+	// Name labels the account in metrics, logs and errors (its key never
+	// appears there): 1 to 64 lower-case letters, digits, '-' and '_'.
+	// Required, unique within the upstream.
+	Name string `json:"name,omitempty"`
+
+	// APIKey is the account's key, sent to the image service as a bearer
+	// token. Placeholders are accepted. Required (except for the demo).
+	APIKey string `json:"api_key,omitempty"`
+
+	// MaxConcurrent is the most generations in flight on this account at
+	// once, across all sites that use it (the same URL and key). 0 means
+	// unlimited.
+	MaxConcurrent int `json:"max_concurrent,omitempty"`
+
+	// LowPoints, when above 0, makes the gateway log a warning once when
+	// the account's remaining points, as the service reports them after
+	// each generation, drop below it (and again only after they went back
+	// above it).
+	LowPoints float64 `json:"low_points,omitempty"`
+}
+
+// accountName is the form of an account's (and a client's) name: a label
+// that is safe in metrics, logs and file names.
+var accountName = regexp.MustCompile(`^[a-z0-9_-]{1,64}$`)
+
+// unmarshalAccount parses `account <name> { api_key; max_concurrent;
+// low_points }` inside an upstream block; others are the accounts parsed
+// before it.
+func unmarshalAccount(d *caddyfile.Dispenser, others []AccountConfig) (AccountConfig, error) {
+	var a AccountConfig
+	if !d.NextArg() {
+		return a, d.Errf("zimage_gateway: upstream account needs a name: account <name> { api_key <key> }")
+	}
+	a.Name = d.Val()
+	if d.NextArg() {
+		return a, d.ArgErr()
+	}
+	if err := checkAccountName(a.Name, others); err != nil {
+		return a, d.Errf("%v", err)
+	}
+	err := eachOption(d, "upstream account", func(opt string) (err error) {
+		switch opt {
+		case "api_key":
+			a.APIKey, err = optionalArg(d)
+		case "max_concurrent":
+			a.MaxConcurrent, err = parseInt(d, 0)
+		case "low_points":
+			var s string
+			if s, err = singleArg(d); err != nil {
+				return err
+			}
+			f, perr := strconv.ParseFloat(s, 64)
+			if perr != nil || f <= 0 || math.IsInf(f, 0) {
+				return d.Errf("zimage_gateway: invalid low_points '%s': want a number of points above 0", s)
+			}
+			a.LowPoints = f
+		default:
+			return d.Errf("unrecognized zimage_gateway upstream account option '%s'", opt)
+		}
+		return err
+	})
+	return a, err
+}
+
+func checkAccountName(name string, others []AccountConfig) error {
+	if !accountName.MatchString(name) {
+		return fmt.Errorf("zimage_gateway: upstream account name '%s' is not a simple label: use 1 to 64 lower-case letters, digits, '-' and '_'", name)
+	}
+	for _, o := range others {
+		if o.Name == name {
+			return fmt.Errorf("zimage_gateway: duplicate upstream account name '%s'", name)
+		}
+	}
+	return nil
+}
+
+// checkAccountsBlock holds the cross-field rules of the upstream block
+// with accounts, for the Caddyfile and the JSON config alike.
+func checkAccountsBlock(u *UpstreamConfig) error {
+	if len(u.Accounts) == 0 {
+		return nil
+	}
+	if u.APIKey != "" {
+		return errors.New("zimage_gateway: upstream: either api_key or account blocks, not both: move the key into an account block (a single api_key is the account 'default')")
+	}
+	if u.MaxConcurrent != 0 {
+		return errors.New("zimage_gateway: upstream: with account blocks, max_concurrent goes inside each account block")
+	}
+	return nil
+}
+
+// resolveAccounts checks the accounts and resolves their keys; without
+// account blocks, the upstream's api_key (or SD_API_KEY) and max_concurrent
+// make the one account "default".
+func resolveAccounts(uc *UpstreamConfig, resolve func(v, env string) string, demo bool) error {
+	if err := checkAccountsBlock(uc); err != nil {
+		return err
+	}
+	if len(uc.Accounts) == 0 {
+		key := resolve(uc.APIKey, "SD_API_KEY")
+		if key == "" && !demo {
+			return errors.New("zimage_gateway: upstream: no API key for the image service: set 'api_key' in the upstream block or the SD_API_KEY environment variable, or add account blocks (or use 'upstream demo' to try the gateway without an account)")
+		}
+		uc.APIKey = key
+		uc.Accounts = []AccountConfig{{Name: defaultAccount, APIKey: key, MaxConcurrent: uc.MaxConcurrent}}
+		return nil
+	}
+	keys := map[string]string{} // key → the account that has it
+	for i := range uc.Accounts {
+		a := &uc.Accounts[i]
+		if err := checkAccountName(a.Name, uc.Accounts[:i]); err != nil {
+			return err
+		}
+		if a.MaxConcurrent < 0 {
+			return fmt.Errorf("zimage_gateway: upstream account '%s': max_concurrent must be 0 (unlimited) or more, got %d", a.Name, a.MaxConcurrent)
+		}
+		if a.LowPoints < 0 || math.IsNaN(a.LowPoints) || math.IsInf(a.LowPoints, 0) {
+			return fmt.Errorf("zimage_gateway: upstream account '%s': low_points must be a number of points above 0, or 0 (off)", a.Name)
+		}
+		a.APIKey = resolve(a.APIKey, "")
+		if a.APIKey == "" && !demo {
+			return fmt.Errorf("zimage_gateway: upstream account '%s' has no api_key (or its placeholder resolved to nothing): set 'api_key' in its block", a.Name)
+		}
+		if other, dup := keys[a.APIKey]; dup && a.APIKey != "" {
+			return fmt.Errorf("zimage_gateway: upstream accounts '%s' and '%s' have the same api_key: one account, one block", other, a.Name)
+		}
+		keys[a.APIKey] = a.Name
+	}
+	return nil
+}
+
+// account is one provisioned account of a pool.
+type account struct {
+	index     int
+	name      string
+	key       string
+	lowPoints float64
+	lim       *limiter
+	limKey    string
+	claim     uint64
+}
+
+// accountPool is a handler's accounts, the one queue before them and the
+// rules of an attempt: the generation's timeout, how long it may wait for
+// a slot, how many more attempts a failure allows.
+type accountPool struct {
+	accounts     []*account
+	next         int  // round robin among equals; under limMu
+	limited      bool // some account has a max_concurrent
+	timeout      time.Duration
+	queueTimeout time.Duration
+	retries      int
+	logger       *zap.Logger
+	closed       bool
+
+	// retried is told of each failed attempt that is followed by another,
+	// so that it shows in the log and caddy_zimage_upstream_errors_total
+	// even when the next attempt succeeds
+	retried func(ue *upstreamError, attempt int, from, to *account)
+}
+
+// limiterKey identifies an account across handlers and reloads: the
+// service URL and a digest of the key (the key itself is kept out of the
+// pool's keys); keyless demo accounts go by name.
+func limiterKey(url, key, name string) string {
+	if key == "" {
+		return "account|" + url + "|name:" + name
+	}
+	sum := sha256.Sum256([]byte(key))
+	return "account|" + url + "|" + hex.EncodeToString(sum[:])
+}
+
+// newAccountPool loads (or makes) the shared limiter of every account and
+// claims the configured limit on it, which resizes it in place when an
+// older config used another.
+func newAccountPool(uc UpstreamConfig, retries int, logger *zap.Logger) *accountPool {
+	p := &accountPool{
+		timeout:      time.Duration(uc.Timeout),
+		queueTimeout: time.Duration(uc.QueueTimeout),
+		retries:      retries,
+		logger:       logger,
+	}
+	for i, ac := range uc.Accounts {
+		a := &account{index: i, name: ac.Name, key: ac.APIKey, lowPoints: ac.LowPoints,
+			limKey: limiterKey(uc.URL, ac.APIKey, ac.Name)}
+		a.lim, a.claim = loadLimiter(a.limKey, ac.MaxConcurrent, true)
+		p.accounts = append(p.accounts, a)
+		p.limited = p.limited || ac.MaxConcurrent > 0
+	}
+	return p
+}
+
+// close gives back the pool's claims and limiter references; a second
+// call does nothing. Requests of the pool still in flight keep using its
+// accounts and limiters, which stay valid objects.
+func (p *accountPool) close() error {
+	if p == nil || p.closed {
+		return nil
+	}
+	p.closed = true
+	var errs []error
+	for _, a := range p.accounts {
+		errs = append(errs, dropLimiter(a.limKey, a.lim, a.claim))
+	}
+	return errors.Join(errs...)
+}
+
+// keys are the accounts' keys, for the scrubber.
+func (p *accountPool) keys() []string {
+	var out []string
+	for _, a := range p.accounts {
+		if a.key != "" {
+			out = append(out, a.key)
+		}
+	}
+	return out
+}
+
+// choice is one generation's choice of an account (SPEC §11.1): the one
+// with the most free slots, ties in turn; accounts that rest only when all
+// of them rest. After a failure (failover) it takes only accounts it has
+// not tried that do not rest.
+type choice struct {
+	p            *accountPool
+	tried        []bool
+	allowResting bool
+	chosen       *account
+}
+
+func (p *accountPool) newChoice() *choice {
+	return &choice{p: p, tried: make([]bool, len(p.accounts)), allowResting: true}
+}
+
+func (c *choice) take() bool {
+	p, now := c.p, time.Now()
+	best, bestFree := -1, 0
+	awake := false
+	for i := range p.accounts {
+		k := (p.next + i) % len(p.accounts)
+		a := p.accounts[k]
+		if c.tried[k] || a.lim.restingLocked(now) {
+			continue
+		}
+		awake = true
+		if f := a.lim.freeLocked(); f > bestFree {
+			best, bestFree = k, f
+		}
+	}
+	if !awake && c.allowResting {
+		// every account rests: they work on rather than refuse everyone
+		for i := range p.accounts {
+			k := (p.next + i) % len(p.accounts)
+			if f := p.accounts[k].lim.freeLocked(); !c.tried[k] && f > bestFree {
+				best, bestFree = k, f
+			}
+		}
+	}
+	if best < 0 {
+		return false
+	}
+	p.next = best + 1
+	c.chosen = p.accounts[best]
+	c.chosen.lim.inFlight++
+	return true
+}
+
+func (c *choice) hopeful() bool {
+	now := time.Now()
+	for k, a := range c.p.accounts {
+		if !c.tried[k] && (c.allowResting || !a.lim.restingLocked(now)) {
+			return true
+		}
+	}
+	return false
+}
+
+// failsOver reports the failures that move the attempt to another account
+// and rest the account (SPEC §11.2, §11.4).
+func failsOver(kind string) bool {
+	switch kind {
+	case kind429, kindRefused, kind5xx, kindBlocked:
+		return true
+	}
+	return false
+}
+
+// restFor is how long an account rests after ue.
+func restFor(ue *upstreamError, now time.Time) time.Duration {
+	d := restAfterFailure
+	if ue.kind == kind429 {
+		d = restAfter429
+		if ra := ue.retryAfter; ra != "" {
+			if n, err := strconv.Atoi(ra); err == nil {
+				d = time.Duration(n) * time.Second
+			} else if t, err := http.ParseTime(ra); err == nil {
+				d = t.Sub(now)
+			}
+		}
+	}
+	return min(max(d, minRest), maxRest)
+}
+
+// rest makes a fail after ue, unless every other account of the pool
+// rests already: the last one awake works on (SPEC §11.2).
+func (p *accountPool) rest(a *account, ue *upstreamError) {
+	now := time.Now()
+	d := restFor(ue, now)
+	limMu.Lock()
+	others := false
+	for _, o := range p.accounts {
+		others = others || o != a && !o.lim.restingLocked(now)
+	}
+	rested := others && a.lim.restLocked(now.Add(d))
+	limMu.Unlock()
+	if !rested {
+		return
+	}
+	metricAccountRests.WithLabelValues(a.name, ue.kind).Inc()
+	p.logger.Warn("image service account rests",
+		zap.String("account", a.name), zap.String("reason", ue.kind), zap.Duration("rest", d))
+}
+
+// call is one attempt with one account.
+type call func(ctx context.Context, a *account) (upstreamResult, *upstreamError)
+
+// run makes one generation: it waits for a slot on an account (up to
+// queue_timeout), then attempts with the accounts the failures leave,
+// within the one timeout. It fills the job's account, queue wait,
+// deadline and latency. The error is an *apiError when no slot was had,
+// else the last attempt's *upstreamError.
+func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult, error) {
+	c := p.newChoice()
+	queued := time.Now()
+	err := acquire(ctx, p.queueTimeout, c)
+	j.queueWait = time.Since(queued)
+	if p.limited {
+		metricQueueWait.Observe(j.queueWait.Seconds())
+	}
+	if err != nil {
+		var ae *apiError
+		if errors.As(err, &ae) {
+			return upstreamResult{}, ae
+		}
+		// the client left while queued: its place is free already
+		return upstreamResult{}, &upstreamError{kind: kindCanceled, message: "client went away"}
+	}
+
+	metricInFlight.Inc()
+	defer metricInFlight.Dec()
+	start := time.Now()
+	defer func() { j.latency = time.Since(start) }()
+	// the timeout bounds the whole generation, every attempt and the
+	// image's download included (issue 8)
+	j.deadline = start.Add(p.timeout)
+	ctx, cancel := context.WithDeadlineCause(ctx, j.deadline, errGenerationTimeout)
+	defer cancel()
+
+	a := c.chosen
+	for attempt := 0; ; attempt++ {
+		j.account = a.name
+		res, ue := try(ctx, a)
+		if ue == nil {
+			a.lim.release(1)
+			p.notePoints(a, res.info)
+			return res, nil
+		}
+		if !failsOver(ue.kind) || ctx.Err() != nil {
+			a.lim.release(1)
+			return upstreamResult{}, ue
+		}
+		p.rest(a, ue)
+		if attempt >= p.retries {
+			a.lim.release(1)
+			return upstreamResult{}, ue
+		}
+
+		// another account at once, if one that does not rest is left
+		c.tried[a.index], c.allowResting = true, false
+		limMu.Lock()
+		others := c.hopeful()
+		limMu.Unlock()
+		if others {
+			a.lim.release(1)
+			if err := acquire(ctx, min(p.queueTimeout, time.Until(j.deadline)), c); err != nil {
+				if ctx.Err() != nil {
+					return upstreamResult{}, ctxFailure(ctx, p.timeout)
+				}
+				// none freed in time: the client gets what the last
+				// account said
+				return upstreamResult{}, ue
+			}
+
+			if p.retried != nil {
+				p.retried(ue, attempt+1, a, c.chosen)
+			}
+			a = c.chosen
+			continue
+		}
+
+		// the same account again, after a short backoff, for failures that
+		// pass (connection errors, 502/503/504): 250ms, 500ms, 1s… each
+		// with ±50% jitter, so retries of many requests after one outage
+		// do not arrive together
+		backoff := time.Duration(float64(250*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
+		if !ue.retryable || time.Until(j.deadline) < backoff {
+			a.lim.release(1)
+			return upstreamResult{}, ue
+		}
+		if p.retried != nil {
+			p.retried(ue, attempt+1, a, a)
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			a.lim.release(1)
+			return upstreamResult{}, ctxFailure(ctx, p.timeout)
+		case <-t.C:
+		}
+	}
+}
+
+// notePoints records the points the service reported for a's generation
+// (SPEC §11.3) and warns once when they cross below low_points.
+func (p *accountPool) notePoints(a *account, info upstreamInfo) {
+	if info.hasPointsUsed && info.pointsUsed > 0 {
+		metricPointsUsed.WithLabelValues(a.name).Add(info.pointsUsed)
+	}
+	if !info.hasRemainingPoints {
+		return
+	}
+	metricPointsRemaining.WithLabelValues(a.name).Set(info.remainingPoints)
+	if a.lowPoints <= 0 {
+		return
+	}
+	below := info.remainingPoints < a.lowPoints
+	limMu.Lock()
+	crossed := below && !a.lim.lowPoints
+	a.lim.lowPoints = below
+	limMu.Unlock()
+	if crossed {
+		p.logger.Warn("image service account is low on points",
+			zap.String("account", a.name), zap.Float64("remaining_points", info.remainingPoints),
+			zap.Float64("low_points", a.lowPoints))
+	}
+}

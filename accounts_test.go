@@ -1,0 +1,1011 @@
+package zimage
+
+// Many upstream accounts (SPEC §11): the account blocks, the choice of an
+// account, the queue and the limits under load, failover and rests,
+// points, Cloudflare challenges. Integration tests run a real Caddy
+// against a fake service that tells the accounts apart by their keys.
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// unitPool is an account pool built by hand: one unlimited account, for
+// unit tests that assemble a Gateway without Provision.
+func unitPool() *accountPool {
+	return &accountPool{
+		accounts: []*account{{name: defaultAccount, lim: &limiter{queued: true}}},
+		timeout:  time.Minute, queueTimeout: time.Minute, logger: zap.NewNop(),
+	}
+}
+
+// unitLimit is the limit in force on an account.
+func unitLimit(a *account) int {
+	limMu.Lock()
+	defer limMu.Unlock()
+	return a.lim.limitLocked()
+}
+
+// SPEC §11: account blocks parse into the upstream's Accounts, whole.
+func TestUnitAccountsCaddyfile(t *testing.T) {
+	os.Unsetenv("ZIMAGE_UNIT_UNSET")
+	intp := func(n int) *int { return &n }
+	for _, tc := range []struct {
+		name, src string
+		want      *UpstreamConfig
+	}{
+		{"two accounts", `zimage_gateway {
+			upstream {
+				account main {
+					api_key {env.SD_KEY_MAIN}
+					max_concurrent 2
+					low_points 500
+				}
+				account spare_2 {
+					api_key sd-spare
+				}
+				timeout 2m
+				queue_timeout 30s
+				retries 2
+			}
+		}`, &UpstreamConfig{
+			Accounts: []AccountConfig{
+				{Name: "main", APIKey: "{env.SD_KEY_MAIN}", MaxConcurrent: 2, LowPoints: 500},
+				{Name: "spare_2", APIKey: "sd-spare"},
+			},
+			Timeout: caddy.Duration(2 * time.Minute), QueueTimeout: caddy.Duration(30 * time.Second), Retries: intp(2),
+		}},
+		{"empty block and empty key", `zimage_gateway {
+			upstream https://sd.example/gen {
+				account a-1 {
+					api_key {$ZIMAGE_UNIT_UNSET}
+				}
+				account b
+			}
+		}`, &UpstreamConfig{URL: "https://sd.example/gen", Accounts: []AccountConfig{{Name: "a-1"}, {Name: "b"}}}},
+		{"fractional low_points", `zimage_gateway {
+			upstream {
+				account a {
+					low_points 12.5
+				}
+			}
+		}`, &UpstreamConfig{Accounts: []AccountConfig{{Name: "a", LowPoints: 12.5}}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got Gateway
+			if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.src)); err != nil {
+				t.Fatalf("UnmarshalCaddyfile: %v", err)
+			}
+			if want := (Gateway{Upstream: tc.want}); !reflect.DeepEqual(got, want) {
+				gj, _ := json.Marshal(got)
+				wj, _ := json.Marshal(want)
+				t.Fatalf("parsed\n %s\nwant\n %s", gj, wj)
+			}
+		})
+	}
+
+	up := func(body string) string { return "zimage_gateway {\n\tupstream {\n" + body + "\n\t}\n}" }
+	for _, tc := range []struct {
+		name, src, want string
+	}{
+		{"no name", up("account {\n\tapi_key k\n}"), "account needs a name"},
+		{"two names", up("account a b {\n}"), "wrong argument count"},
+		{"upper case name", up("account Main"), "account name 'Main' is not a simple label"},
+		{"dotted name", up("account a.b"), "account name 'a.b' is not a simple label"},
+		{"long name", up("account " + strings.Repeat("a", 65)), "is not a simple label"},
+		{"duplicate name", up("account a {\n\tapi_key k1\n}\naccount a {\n\tapi_key k2\n}"), "duplicate upstream account name 'a'"},
+		{"unknown option", up("account a {\n\tkey k\n}"), "unrecognized zimage_gateway upstream account option 'key'"},
+		{"option twice", up("account a {\n\tapi_key k1\n\tapi_key k2\n}"), "upstream account api_key already specified"},
+		{"two keys", up("account a {\n\tapi_key k1 k2\n}"), "wrong argument count"},
+		{"bad max_concurrent", up("account a {\n\tmax_concurrent -1\n}"), "invalid max_concurrent '-1'"},
+		{"zero low_points", up("account a {\n\tlow_points 0\n}"), "invalid low_points '0'"},
+		{"bad low_points", up("account a {\n\tlow_points lots\n}"), "invalid low_points 'lots'"},
+		{"api_key and accounts", up("api_key k\naccount a {\n\tapi_key k1\n}"), "either api_key or account blocks, not both"},
+		{"accounts and api_key", up("account a {\n\tapi_key k1\n}\napi_key k"), "either api_key or account blocks, not both"},
+		{"max_concurrent beside accounts", up("max_concurrent 2\naccount a {\n\tapi_key k1\n}"), "max_concurrent goes inside each account block"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var g Gateway
+			err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.src))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want one containing %q", err, tc.want)
+			}
+			if !strings.Contains(err.Error(), "Testfile:") {
+				t.Errorf("error %q does not name the file and line", err)
+			}
+		})
+	}
+}
+
+// SPEC §11: load-time errors in the JSON config (which skips the
+// Caddyfile's checks) name the account, never its key.
+func TestUnitAccountsProvisionErrors(t *testing.T) {
+	unitClearEnv(t)
+	t.Setenv("ZIMAGE_UNIT_EMPTY", "")
+	base := func(accounts string) string {
+		return `{"api_keys":["` + testClientKey + `"],"upstream":{"url":"https://sd.example/gen","accounts":[` + accounts + `]}}`
+	}
+	acct := func(name, key string) string { return fmt.Sprintf(`{"name":%q,"api_key":%q}`, name, key) }
+	for _, tc := range []struct {
+		name, cfg string
+		want      []string
+	}{
+		{"duplicate names", base(acct("a", testAccountKeyA) + "," + acct("a", testAccountKeyB)), []string{"duplicate upstream account name 'a'"}},
+		{"no key", base(`{"name":"a"}`), []string{"account 'a' has no api_key"}},
+		{"key resolves empty", base(acct("a", "{env.ZIMAGE_UNIT_EMPTY}")), []string{"account 'a' has no api_key"}},
+		{"no name", base(acct("", testAccountKeyA)), []string{"account name '' is not a simple label"}},
+		{"name with a space", base(acct("my account", testAccountKeyA)), []string{"'my account' is not a simple label"}},
+		{"same key twice", base(acct("a", testAccountKeyA) + "," + acct("b", testAccountKeyA)), []string{"accounts 'a' and 'b' have the same api_key"}},
+		{"negative max_concurrent", base(`{"name":"a","api_key":"` + testAccountKeyA + `","max_concurrent":-2}`), []string{"account 'a'", "max_concurrent"}},
+		{"negative low_points", base(`{"name":"a","api_key":"` + testAccountKeyA + `","low_points":-1}`), []string{"account 'a'", "low_points"}},
+		{"api_key and accounts", `{"api_keys":["` + testClientKey + `"],"upstream":{"api_key":"` + testSDKey + `","accounts":[` + acct("a", testAccountKeyA) + `]}}`,
+			[]string{"either api_key or account blocks"}},
+		{"max_concurrent beside accounts", `{"api_keys":["` + testClientKey + `"],"upstream":{"max_concurrent":3,"accounts":[` + acct("a", testAccountKeyA) + `]}}`,
+			[]string{"max_concurrent goes inside each account block"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := unitProvision(t, tc.cfg)
+			if err == nil {
+				t.Fatal("Provision succeeded")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+			for _, s := range testSecrets {
+				if strings.Contains(err.Error(), s) {
+					t.Errorf("error %q shows a key", err)
+				}
+			}
+		})
+	}
+}
+
+// SPEC §11.1: a single api_key is the account "default"; accounts resolve
+// their keys, every key is a secret to scrub, and by default every account
+// may be tried once.
+func TestUnitAccountsProvision(t *testing.T) {
+	unitClearEnv(t)
+	t.Setenv("ZIMAGE_UNIT_KEY_B", testAccountKeyB)
+	t.Setenv("SD_API_KEY", testSDKey) // not used once accounts are given
+	g, err := unitProvision(t, `{"api_keys":["`+testClientKey+`"],"upstream":{"url":"https://sd.example/gen","accounts":[
+		{"name":"a","api_key":"`+testAccountKeyA+`","max_concurrent":2,"low_points":100},
+		{"name":"b","api_key":"{env.ZIMAGE_UNIT_KEY_B}"},
+		{"name":"c","api_key":"`+testAccountKeyC+`","max_concurrent":1}]}}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type got struct {
+		name, key string
+		limit     int
+		low       float64
+	}
+	var accts []got
+	for _, a := range g.accounts.accounts {
+		accts = append(accts, got{a.name, a.key, unitLimit(a), a.lowPoints})
+	}
+	want := []got{{"a", testAccountKeyA, 2, 100}, {"b", testAccountKeyB, 0, 0}, {"c", testAccountKeyC, 1, 0}}
+	if !reflect.DeepEqual(accts, want) {
+		t.Errorf("accounts %+v, want %+v", accts, want)
+	}
+	if g.accounts.retries != 2 || !g.accounts.limited {
+		t.Errorf("retries %d limited %v, want 2 (each account once) and true", g.accounts.retries, g.accounts.limited)
+	}
+	for _, s := range []string{testAccountKeyA, testAccountKeyB, testAccountKeyC, testClientKey} {
+		if got := g.scrub.Replace("echo " + s); got != "echo [redacted]" {
+			t.Errorf("scrubber leaves %q", got)
+		}
+	}
+	if got := g.scrub.Replace("echo " + testSDKey); got == "echo [redacted]" {
+		t.Errorf("SD_API_KEY was used although accounts are configured")
+	}
+
+	// the single key: account "default", its limit the upstream's
+	g, err = unitProvision(t, `{"api_keys":["`+testClientKey+`"],"upstream":{"max_concurrent":3,"retries":0}}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := g.accounts.accounts; len(a) != 1 || a[0].name != "default" || a[0].key != testSDKey || unitLimit(a[0]) != 3 || g.accounts.retries != 0 {
+		t.Errorf("single key: accounts %+v retries %d, want one 'default' with SD_API_KEY and limit 3", a, g.accounts.retries)
+	}
+}
+
+// unitAccountPool is a pool of hand-made accounts a, b, c… with the given
+// limits (0: unlimited).
+func unitAccountPool(limits ...int) *accountPool {
+	p := &accountPool{logger: zap.NewNop(), timeout: time.Minute, queueTimeout: time.Minute}
+	for i, n := range limits {
+		l := &limiter{queued: true, claims: []limitClaim{{id: 1, n: n}}}
+		p.accounts = append(p.accounts, &account{index: i, name: string(rune('a' + i)), lim: l})
+	}
+	return p
+}
+
+// takes takes up to n slots through fresh choices and names the accounts
+// chosen; "-" when none was free.
+func takes(p *accountPool, n int, setup func(c *choice)) string {
+	limMu.Lock()
+	defer limMu.Unlock()
+	var out []string
+	for range n {
+		c := p.newChoice()
+		if setup != nil {
+			setup(c)
+		}
+		if !c.take() {
+			out = append(out, "-")
+			continue
+		}
+		out = append(out, c.chosen.name)
+	}
+	return strings.Join(out, "")
+}
+
+// SPEC §11.1: the account with the most free slots, ties in turn; resting
+// accounts only when every account rests; after a failure only untried
+// accounts that do not rest.
+func TestUnitAccountChoice(t *testing.T) {
+	rest := func(p *accountPool, names ...string) {
+		limMu.Lock()
+		defer limMu.Unlock()
+		for _, a := range p.accounts {
+			if strings.Contains(strings.Join(names, ""), a.name) {
+				a.lim.restUntil = time.Now().Add(time.Hour)
+			}
+		}
+	}
+	t.Run("most free slots, ties in turn", func(t *testing.T) {
+		// free a=2 b=4: b; a=2 b=3: b; tie 2-2 after b: a; a=1 b=2: b; tie: a; b; full
+		if got := takes(unitAccountPool(2, 4), 7, nil); got != "bbabab-" {
+			t.Errorf("takes %q, want bbabab-", got)
+		}
+	})
+	t.Run("unlimited accounts take turns", func(t *testing.T) {
+		if got := takes(unitAccountPool(0, 0, 0), 7, nil); got != "abcabca" {
+			t.Errorf("takes %q, want abcabca", got)
+		}
+	})
+	t.Run("released slots are taken again", func(t *testing.T) {
+		p := unitAccountPool(1, 1)
+		if got := takes(p, 3, nil); got != "ab-" {
+			t.Fatalf("takes %q, want ab-", got)
+		}
+		p.accounts[1].lim.release(1)
+		if got := takes(p, 2, nil); got != "b-" {
+			t.Errorf("after b's release: takes %q, want b-", got)
+		}
+	})
+	t.Run("resting accounts are skipped", func(t *testing.T) {
+		p := unitAccountPool(0, 0, 0)
+		rest(p, "a", "c")
+		if got := takes(p, 3, nil); got != "bbb" {
+			t.Errorf("takes %q, want bbb", got)
+		}
+	})
+	t.Run("a resting account with free slots waits for the awake one", func(t *testing.T) {
+		p := unitAccountPool(5, 1)
+		rest(p, "a")
+		if got := takes(p, 2, nil); got != "b-" {
+			t.Errorf("takes %q, want b-", got)
+		}
+	})
+	t.Run("every account rests: they work on", func(t *testing.T) {
+		p := unitAccountPool(1, 2)
+		rest(p, "a", "b")
+		if got := takes(p, 4, nil); got != "bab-" {
+			t.Errorf("takes %q, want bab-", got)
+		}
+	})
+	t.Run("failover: untried and awake only", func(t *testing.T) {
+		p := unitAccountPool(0, 0, 0)
+		rest(p, "c")
+		failover := func(c *choice) { c.tried[0], c.allowResting = true, false }
+		if got := takes(p, 2, failover); got != "bb" {
+			t.Errorf("takes %q, want bb", got)
+		}
+		limMu.Lock()
+		c := p.newChoice()
+		c.tried[0], c.tried[1], c.allowResting = true, true, false
+		hopeful := c.hopeful()
+		limMu.Unlock()
+		if hopeful {
+			t.Errorf("a failover with every other account tried or resting still hopes")
+		}
+	})
+}
+
+// issue 8 item 7: the newest live claim is the limit; giving it back (a
+// reload that failed) restores the older one; a limit that grows wakes
+// the queue at once.
+func TestUnitLimiterClaims(t *testing.T) {
+	key := "unit|" + t.Name()
+	l, old := loadLimiter(key, 10, true)
+	same, cur := loadLimiter(key, 3, true)
+	if same != l {
+		t.Fatal("a second handler got another limiter for the same key")
+	}
+	limit := func() int { limMu.Lock(); defer limMu.Unlock(); return l.limitLocked() }
+	if n := limit(); n != 3 {
+		t.Errorf("limit %d after the newer claim, want 3", n)
+	}
+	if err := dropLimiter(key, l, cur); err != nil || limit() != 10 {
+		t.Errorf("after the newer handler's cleanup (a failed reload): limit %d, %v; want 10", limit(), err)
+	}
+	_, cur = loadLimiter(key, 1, true)
+	if err := dropLimiter(key, l, old); err != nil || limit() != 1 {
+		t.Errorf("after the older handler's cleanup (a reload): limit %d, %v; want 1", limit(), err)
+	}
+
+	p := &accountPool{accounts: []*account{{name: "a", lim: l}}}
+	limMu.Lock()
+	taken := p.newChoice().take()
+	limMu.Unlock()
+	if !taken {
+		t.Fatal("the one slot was not free")
+	}
+	done := make(chan error, 1)
+	go func() { done <- acquire(context.Background(), time.Minute, p.newChoice()) }()
+	waitFor(t, "the second generation to queue", func() bool { return unitQueueLen() == 1 })
+	_, grown := loadLimiter(key, 2, true)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("acquire after the limit grew: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a limit that grew did not wake the queue")
+	}
+	l.release(2)
+	_ = dropLimiter(key, l, grown)
+	_ = dropLimiter(key, l, cur)
+	if refs, _ := limiters.References(key); refs != 0 {
+		t.Errorf("%d references left", refs)
+	}
+}
+
+// SPEC §11.2: how long a failing account rests.
+func TestUnitRestFor(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	for _, tc := range []struct {
+		name string
+		ue   upstreamError
+		want time.Duration
+	}{
+		{"429 with seconds", upstreamError{kind: kind429, retryAfter: "7"}, 7 * time.Second},
+		{"429 with a date", upstreamError{kind: kind429, retryAfter: now.Add(90 * time.Second).Format(http.TimeFormat)}, 90 * time.Second},
+		{"429 without Retry-After", upstreamError{kind: kind429}, 30 * time.Second},
+		{"429 Retry-After 0", upstreamError{kind: kind429, retryAfter: "0"}, time.Second},
+		{"429 Retry-After a day", upstreamError{kind: kind429, retryAfter: "86400"}, time.Hour},
+		{"429 date in the past", upstreamError{kind: kind429, retryAfter: now.Add(-time.Minute).Format(http.TimeFormat)}, time.Second},
+		{"5xx", upstreamError{kind: kind5xx, retryAfter: "99"}, 10 * time.Second},
+		{"connection error", upstreamError{kind: kindRefused}, 10 * time.Second},
+		{"blocked", upstreamError{kind: kindBlocked}, 10 * time.Second},
+	} {
+		if got := restFor(&tc.ue, now); got != tc.want {
+			t.Errorf("%s: rest %s, want %s", tc.name, got, tc.want)
+		}
+	}
+}
+
+// SPEC §11.3, §11.4: the service's answer, read: points as numbers or
+// numeric strings (absent is fine, odd types never break a success),
+// image_id and model_name, and challenge pages told from JSON errors.
+func TestUnitParseAnswer(t *testing.T) {
+	type want struct {
+		kind               string // "" for success
+		used, remaining    string // "-" for absent
+		imageID, modelName string
+	}
+	pts := func(has bool, f float64) string {
+		if !has {
+			return "-"
+		}
+		return fmt.Sprint(f)
+	}
+	ok := func(data string) string {
+		return `{"success":true,"data":{"image_url":"https://img.example.com/a.png"` + data + `}}`
+	}
+	for _, tc := range []struct {
+		name   string
+		status int
+		ctype  string
+		body   string
+		want   want
+	}{
+		{"numbers", 200, "application/json", ok(`,"points_used":5,"remaining_points":1234.5,"image_id":987,"model_name":"Z-Image Turbo"`), want{"", "5", "1234.5", "987", "Z-Image Turbo"}},
+		{"numeric strings", 200, "application/json", ok(`,"points_used":" 5 ","remaining_points":"-3","image_id":"img-9"`), want{"", "5", "-3", "img-9", ""}},
+		{"absent", 200, "application/json", ok(``), want{"", "-", "-", "", ""}},
+		{"nulls", 200, "application/json", ok(`,"points_used":null,"remaining_points":null,"image_id":null,"model_name":null`), want{"", "-", "-", "", ""}},
+		{"odd types", 200, "application/json", ok(`,"points_used":{"n":1},"remaining_points":[1],"image_id":true,"model_name":{"x":1}`), want{"", "-", "-", "", ""}},
+		{"not numbers", 200, "application/json", ok(`,"points_used":"five","remaining_points":"NaN","model_name":"a\u0007b"`), want{"", "-", "-", "", "ab"}},
+		{"infinite", 200, "application/json", ok(`,"points_used":"Inf","remaining_points":"1e999"`), want{"", "-", "-", "", ""}},
+		{"long image_id", 200, "application/json", ok(`,"image_id":"` + strings.Repeat("x", 300) + `"`), want{"", "-", "-", truncate(strings.Repeat("x", 300), maxInfoRunes), ""}},
+
+		{"403 HTML challenge", 403, "text/html; charset=UTF-8", `<!DOCTYPE html><html><head><title>Just a moment...</title>`, want{kind: kindBlocked}},
+		{"503 HTML without a type", 503, "", "\n  <html><body>Checking your browser</body></html>", want{kind: kindBlocked}},
+		{"403 cf-mitigated", 403, "application/octet-stream", `x`, want{kind: kindBlocked}},
+		{"403 JSON error", 403, "application/json", `{"success":false,"error":"insufficient points"}`, want{kind: kindBadResponse}},
+		{"503 JSON error", 503, "application/json", `{"error":"maintenance"}`, want{kind: kind5xx}},
+		{"500 HTML", 500, "text/html", `<html>oops</html>`, want{kind: kind5xx}},
+		{"200 HTML", 200, "text/html", `<html>hi</html>`, want{kind: kindBadResponse}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			resp := &http.Response{StatusCode: tc.status, Status: http.StatusText(tc.status), Header: http.Header{}}
+			if tc.ctype != "" {
+				resp.Header.Set("Content-Type", tc.ctype)
+			}
+			if tc.name == "403 cf-mitigated" {
+				resp.Header.Set("Cf-Mitigated", "challenge")
+			}
+			res, ue := parseAnswer(resp, []byte(tc.body))
+			if tc.want.kind != "" {
+				if ue == nil || ue.kind != tc.want.kind {
+					t.Fatalf("failure %+v, want kind %s", ue, tc.want.kind)
+				}
+				if strings.Contains(ue.message+ue.detail, "<") {
+					t.Errorf("the page reached the error: %+v", ue)
+				}
+				return
+			}
+			if ue != nil {
+				t.Fatalf("failure %+v, want success", ue)
+			}
+			i := res.info
+			got := want{"", pts(i.hasPointsUsed, i.pointsUsed), pts(i.hasRemainingPoints, i.remainingPoints), i.imageID, i.modelName}
+			if got != tc.want {
+				t.Errorf("info %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+// ---- through Caddy ----
+
+// accountBlock is an account block of the upstream config.
+func accountBlock(name, key string, lines ...string) string {
+	return fmt.Sprintf("account %s {\n\t\t\tapi_key %s\n\t\t\t%s\n\t\t}\n\t\t", name, key, strings.Join(lines, "\n\t\t\t"))
+}
+
+// accountsSite is a site whose gateway uses the given account blocks (and
+// upstream lines) on upURL, with metrics on /metrics.
+func accountsSite(upURL, accounts, upstream, extra string) string {
+	return fmt.Sprintf(`zimage_gateway {
+	api_key %s
+	upstream %s {
+		%s
+		%s
+	}
+	enhance off
+	%s
+}
+metrics /metrics`, testClientKey, upURL, accounts, upstream, extra)
+}
+
+// byKey is a fake upstream handler that answers per account key; keys
+// without a handler get an image named after the account.
+func byKey(handlers map[string]http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		key := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if h := handlers[key]; h != nil {
+			h(w, r)
+			return
+		}
+		writeImage(w, "https://img.example.com/"+keyNames[key]+".png")
+	}
+}
+
+// keyNames names the test accounts' keys.
+var keyNames = map[string]string{testAccountKeyA: "a", testAccountKeyB: "b", testAccountKeyC: "c"}
+
+// generationLines are the generation log lines since the mark whose
+// status is status.
+func generationLines(t *testing.T, mark logMark, status int) []map[string]any {
+	t.Helper()
+	return mark.find(t, "generation", func(l map[string]any) bool { return l["status"] == float64(status) })
+}
+
+// TestAccountsLimitsHoldUnder200Requests (SPEC §11.1): three accounts with
+// max_concurrent 3, 5 and 2 and 200 requests at once: exactly those many
+// run on each account (the fake counts per key), the other 190 wait in the
+// one queue, and once the fake answers all 200 are served without any
+// account ever going over its limit.
+func TestAccountsLimitsHoldUnder200Requests(t *testing.T) {
+	up := newFakeUpstream(t)
+	g := newGate(t)
+	up.setHandler(g.handler)
+	limits := map[string]int{testAccountKeyA: 3, testAccountKeyB: 5, testAccountKeyC: 2}
+	startCaddy(t, accountsSite(up.endpoint(),
+		accountBlock("a", testAccountKeyA, "max_concurrent 3")+accountBlock("b", testAccountKeyB, "max_concurrent 5")+accountBlock("c", testAccountKeyC, "max_concurrent 2"),
+		"timeout 60s\n\t\tqueue_timeout 60s", ""))
+
+	const n = 200
+	results := make([]<-chan result, n)
+	for i := range n {
+		results[i] = sendAsync(http.MethodPost, "/v1/images/generations", fmt.Sprintf(`{"prompt":"load %d","seed":%d}`, i, i))
+	}
+	waitFor(t, "10 generations in flight and 190 queued", func() bool { return up.active.Load() == 10 && unitQueueLen() == n-10 })
+	for key, limit := range limits {
+		if active, _ := up.keyStats(key); active != limit {
+			t.Errorf("account %s: %d in flight with the queue full, want its max_concurrent %d", keyNames[key], active, limit)
+		}
+	}
+	g.open()
+	for i, ch := range results {
+		if r := await(t, ch); r.status != http.StatusOK {
+			t.Errorf("request %d: status %d: %s", i, r.status, r.body)
+		}
+	}
+	total := 0
+	for key, limit := range limits {
+		_, peak := up.keyStats(key)
+		calls := up.keyCalls(key)
+		total += calls
+		if peak != limit || calls < limit {
+			t.Errorf("account %s: peak %d in flight over %d calls, want exactly its max_concurrent %d", keyNames[key], peak, calls, limit)
+		}
+	}
+	if total != n || len(up.Calls()) != n {
+		t.Errorf("%d calls with the accounts' keys (%d in all), want %d", total, len(up.Calls()), n)
+	}
+}
+
+// TestAccountsChoiceByFreeSlots (SPEC §11.1): generations arriving one by
+// one go to the account with the most free slots, ties in turn: with
+// max_concurrent 2 (a) and 4 (b) the order is b b a b a b, and the next
+// one waits.
+func TestAccountsChoiceByFreeSlots(t *testing.T) {
+	up := newFakeUpstream(t)
+	g := newGate(t)
+	up.setHandler(g.handler)
+	startCaddy(t, accountsSite(up.endpoint(),
+		accountBlock("a", testAccountKeyA, "max_concurrent 2")+accountBlock("b", testAccountKeyB, "max_concurrent 4"),
+		"timeout 30s\n\t\tqueue_timeout 30s", ""))
+	var results []<-chan result
+	var order []string
+	for i := range 6 {
+		results = append(results, sendAsync(http.MethodPost, "/v1/chat/completions", chatJSON("one by one", 700+i, "")))
+		waitFor(t, fmt.Sprintf("generation %d at the fake", i+1), func() bool { return len(up.Calls()) == i+1 })
+		order = append(order, keyNames[strings.TrimPrefix(up.Calls()[i].Auth, "Bearer ")])
+	}
+	if got := strings.Join(order, " "); got != "b b a b a b" {
+		t.Errorf("accounts in order %q, want \"b b a b a b\"", got)
+	}
+	results = append(results, sendAsync(http.MethodPost, "/v1/chat/completions", chatJSON("waits", 710, "")))
+	waitFor(t, "the seventh to queue", func() bool { return unitQueueLen() == 1 })
+	g.open()
+	for i, ch := range results {
+		if r := await(t, ch); r.status != http.StatusOK {
+			t.Errorf("request %d: status %d: %s", i, r.status, r.body)
+		}
+	}
+}
+
+// TestAccountsFailoverRestsAccount (SPEC §11.2): account a always answers
+// 429 with Retry-After: 1. The first request tries a (first in turn), then
+// b at once, and succeeds; a rests for a second, during which every
+// request goes straight to b; after the rest a is tried again (and fails
+// over again). The client never sees the 429.
+func TestAccountsFailoverRestsAccount(t *testing.T) {
+	up := newFakeUpstream(t)
+	var mu sync.Mutex
+	var aCalls []time.Time
+	up.setHandler(byKey(map[string]http.HandlerFunc{testAccountKeyA: func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		aCalls = append(aCalls, time.Now())
+		mu.Unlock()
+		failWith(429, `{"error":"account a is rate limited"}`, "Retry-After", "1")(w, r)
+	}}))
+	startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB), "timeout 10s", ""))
+	before, mark := scrape(t), markLog(t)
+	aCount := func() int { mu.Lock(); defer mu.Unlock(); return len(aCalls) }
+
+	requests := 0
+	deadline := time.Now().Add(10 * time.Second)
+	for aCount() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("account a was not tried again after its rest (%d requests, %d calls to a)", requests, aCount())
+		}
+		status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("failover", 800+requests, ""))
+		requests++
+		if status != http.StatusOK || !strings.Contains(string(body), "https://img.example.com/b.png") {
+			t.Fatalf("request %d: status %d, want b's image: %s", requests, status, body)
+		}
+		if requests == 1 && aCount() != 1 {
+			t.Fatalf("the first request did not try a first (%d calls to a)", aCount())
+		}
+		time.Sleep(20 * time.Millisecond) // the polling interval, not a synchronisation
+	}
+	mu.Lock()
+	gap := aCalls[1].Sub(aCalls[0])
+	mu.Unlock()
+	if gap < time.Second {
+		t.Errorf("account a was called again %s after its 429, within its 1s rest", gap)
+	}
+	if requests < 3 {
+		t.Errorf("only %d requests during a's rest: the test did not see a resting", requests)
+	}
+	if n := up.keyCalls(testAccountKeyB); n != requests {
+		t.Errorf("%d calls to b for %d requests, want one each", n, requests)
+	}
+
+	after := scrape(t)
+	if d := after.delta(before, "caddy_zimage_upstream_account_rests_total", "account", "a", "reason", "status_429"); d != 2 {
+		t.Errorf("rests of a counted %v, want 2", d)
+	}
+	if d := after.delta(before, "caddy_zimage_upstream_errors_total", "kind", "status_429"); d != 2 {
+		t.Errorf("429s counted %v, want 2 (one per failed attempt)", d)
+	}
+	if d := after.delta(before, "caddy_zimage_upstream_account_rests_total", "account", "b", "reason", "status_429"); d != 0 {
+		t.Errorf("b rested %v times", d)
+	}
+	rests := mark.find(t, "image service account rests", func(l map[string]any) bool {
+		return l["level"] == "warn" && l["account"] == "a" && l["reason"] == "status_429" && l["rest"] == float64(1)
+	})
+	retried := mark.find(t, "image service call failed; retrying", func(l map[string]any) bool {
+		return l["account"] == "a" && l["next_account"] == "b" && l["kind"] == "status_429"
+	})
+	served := generationLines(t, mark, 200)
+	if len(rests) != 2 || len(retried) != 2 || len(served) != requests {
+		t.Errorf("%d rest lines, %d failover lines, %d generation lines; want 2, 2, %d", len(rests), len(retried), len(served), requests)
+	}
+	for _, l := range served {
+		if l["account"] != "b" {
+			t.Errorf("a generation line names account %v, want b", l["account"])
+		}
+	}
+}
+
+// TestAccountsFailoverKinds (SPEC §11.2, §11.4): a connection error, a
+// 5xx, a Cloudflare challenge and a 429 without Retry-After move the
+// attempt to the other account and rest the failing one for 10 s (30 s
+// for the 429); other failures neither fail over nor rest an account.
+func TestAccountsFailoverKinds(t *testing.T) {
+	html := func(status int) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/html")
+			w.WriteHeader(status)
+			fmt.Fprint(w, "<!DOCTYPE html><title>Just a moment...</title>")
+		}
+	}
+	for _, tc := range []struct {
+		name     string
+		a        http.HandlerFunc
+		upstream string
+		status   int    // of the first request
+		kind     string // rest reason; "" for none
+		rest     float64
+	}{
+		{"dropped connection", dropConnection, "", 200, kindRefused, 10},
+		{"500", failWith(500, `{"error":"boom"}`), "", 200, kind5xx, 10},
+		{"502", failWith(502, `{}`), "", 200, kind5xx, 10},
+		{"503 JSON", failWith(503, `{"error":"busy"}`), "", 200, kind5xx, 10},
+		{"403 challenge", html(403), "", 200, kindBlocked, 10},
+		{"503 challenge", html(503), "", 200, kindBlocked, 10},
+		{"429 without Retry-After", failWith(429, `{"error":"slow"}`), "", 200, kind429, 30},
+		{"429, retries 0: passed on, a rests", failWith(429, `{"error":"slow"}`, "Retry-After", "5"), "retries 0", 429, kind429, 5},
+		{"400: no failover", failWith(400, `{"error":"bad prompt"}`), "", 502, "", 0},
+		{"success false: no failover", failWith(200, `{"success":false,"error":"nsfw"}`), "", 502, "", 0},
+		{"403 JSON: no failover", failWith(403, `{"error":"forbidden"}`), "", 502, "", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newFakeUpstream(t)
+			up.setHandler(byKey(map[string]http.HandlerFunc{testAccountKeyA: tc.a}))
+			startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB), "timeout 10s\n\t\t"+tc.upstream, ""))
+			before, mark := scrape(t), markLog(t)
+
+			status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("fail over?", 900, ""))
+			if status != tc.status {
+				t.Fatalf("status %d, want %d: %s", status, tc.status, body)
+			}
+			if a, b := up.keyCalls(testAccountKeyA), up.keyCalls(testAccountKeyB); a != 1 || (tc.status == 200) != (b == 1) {
+				t.Fatalf("calls a %d, b %d", a, b)
+			}
+			if tc.kind == "" {
+				if n := len(mark.find(t, "image service account rests", nil)); n != 0 {
+					t.Errorf("%d rests, want none", n)
+				}
+				return
+			}
+			if rested := grewSince(t, before, "caddy_zimage_upstream_account_rests_total", "account", "a", "reason", tc.kind); rested != 1 {
+				t.Errorf("rests of a for %s: %v, want 1", tc.kind, rested)
+			}
+			if l := mark.find(t, "image service account rests", nil); len(l) != 1 || l[0]["rest"] != tc.rest {
+				t.Errorf("rest lines %v, want one of %vs", l, tc.rest)
+			}
+			// while a rests, the next request goes to b alone
+			if status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("b only", 901, "")); status != http.StatusOK {
+				t.Fatalf("second request: status %d: %s", status, body)
+			}
+			if a := up.keyCalls(testAccountKeyA); a != 1 {
+				t.Errorf("a was called %d times, want 1: it rests", a)
+			}
+		})
+	}
+}
+
+// grewSince is how much a series grew since before.
+func grewSince(t *testing.T, before scrapeResult, name string, labels ...string) float64 {
+	t.Helper()
+	return scrape(t).delta(before, name, labels...)
+}
+
+// TestAccountsAllFail (SPEC §11.2): when no account can answer, the client
+// gets the last account's error in the envelope (its 429 with its own
+// Retry-After), with any key it echoed scrubbed.
+func TestAccountsAllFail(t *testing.T) {
+	echo := func(status int, msg string, hdr ...string) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			failWith(status, `{"error":"`+msg+` (you sent `+r.Header.Get("Authorization")+`)"}`, hdr...)(w, r)
+		}
+	}
+	for _, tc := range []struct {
+		name         string
+		a, b, c      http.HandlerFunc
+		status       int
+		want, notice string // in the message; notice must not be
+		retryAfter   string
+	}{
+		{"5xx", echo(503, "a is down"), echo(500, "b is down"), nil, 502, "b is down", "a is down", ""},
+		{"429s", echo(429, "a is limited", "Retry-After", "7"), echo(429, "b is limited", "Retry-After", "3"), nil, 429, "b is limited", "a is limited", "3"},
+		{"three accounts", echo(502, "a is down"), dropConnection, echo(500, "c is down"), 502, "c is down", "a is down", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newFakeUpstream(t)
+			up.setHandler(byKey(map[string]http.HandlerFunc{testAccountKeyA: tc.a, testAccountKeyB: tc.b, testAccountKeyC: tc.c}))
+			accounts := accountBlock("a", testAccountKeyA) + accountBlock("b", testAccountKeyB)
+			if tc.c != nil {
+				accounts += accountBlock("c", testAccountKeyC)
+			}
+			startCaddy(t, accountsSite(up.endpoint(), accounts, "timeout 10s", ""))
+			status, hdr, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("nobody answers", 950, ""))
+			if status != tc.status {
+				t.Fatalf("status %d, want %d: %s", status, tc.status, body)
+			}
+			e := apiErr(t, body)
+			if !strings.Contains(e.Message, tc.want) || strings.Contains(e.Message, tc.notice) || !strings.Contains(e.Message, "[redacted]") {
+				t.Errorf("message %q, want the last account's (%q) with its key redacted", e.Message, tc.want)
+			}
+			if hdr.Get("Retry-After") != tc.retryAfter {
+				t.Errorf("Retry-After %q, want %q", hdr.Get("Retry-After"), tc.retryAfter)
+			}
+			want := map[string]int{testAccountKeyA: 1, testAccountKeyB: 1, testAccountKeyC: 0}
+			if tc.c != nil {
+				want[testAccountKeyC] = 1
+			}
+			for key, n := range want {
+				if got := up.keyCalls(key); got != n {
+					t.Errorf("account %s called %d times, want %d", keyNames[key], got, n)
+				}
+			}
+		})
+	}
+}
+
+// TestAccountsRestSurvivesReload (SPEC §11, issue 11 item 1): a rest
+// period outlives a reload as the limits do: after a's 429 (Retry-After
+// 30) a reload keeps the accounts, and the new config's requests still go
+// to b alone.
+func TestAccountsRestSurvivesReload(t *testing.T) {
+	up := newFakeUpstream(t)
+	up.setHandler(byKey(map[string]http.HandlerFunc{testAccountKeyA: failWith(429, `{"error":"later"}`, "Retry-After", "30")}))
+	accounts := accountBlock("a", testAccountKeyA, "max_concurrent 4") + accountBlock("b", testAccountKeyB, "max_concurrent 4")
+	startCaddy(t, accountsSite(up.endpoint(), accounts, "timeout 10s", "stream_keepalive 5s"))
+	if status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("a rests", 960, "")); status != http.StatusOK {
+		t.Fatalf("status %d: %s", status, body)
+	}
+	startCaddy(t, accountsSite(up.endpoint(), accounts, "timeout 10s", "stream_keepalive 6s"))
+	for i := range 4 {
+		if status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("after the reload", 961+i, "")); status != http.StatusOK {
+			t.Fatalf("status %d: %s", status, body)
+		}
+	}
+	if a, b := up.keyCalls(testAccountKeyA), up.keyCalls(testAccountKeyB); a != 1 || b != 5 {
+		t.Errorf("calls a %d, b %d; want 1 and 5: a rests across the reload", a, b)
+	}
+}
+
+// TestAccountsPoints (SPEC §11.3): the points each account's answers
+// report (numbers for a, numeric strings for b) set the gauge and add to
+// the counter per account; the generation line carries the account, the
+// points, image_id and model_name; low_points warns once per crossing.
+func TestAccountsPoints(t *testing.T) {
+	up := newFakeUpstream(t)
+	var mu sync.Mutex
+	aRemaining := []int{150, 95, 90, 120, 80} // crosses below 100 twice
+	aN, bN := 0, 0
+	answer := func(w http.ResponseWriter, data string) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"success":true,"data":{"image_url":"https://img.example.com/p.png",%s}}`, data)
+	}
+	up.setHandler(byKey(map[string]http.HandlerFunc{
+		testAccountKeyA: func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			rem := aRemaining[aN]
+			aN++
+			mu.Unlock()
+			answer(w, fmt.Sprintf(`"points_used":5,"remaining_points":%d,"image_id":%d,"model_name":"Z-Image Turbo"`, rem, 1000+aN))
+		},
+		testAccountKeyB: func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			bN++
+			n := bN
+			mu.Unlock()
+			answer(w, fmt.Sprintf(`"points_used":"2","remaining_points":"%d.5","image_id":"img-b-%d"`, 1000-n, n))
+		},
+	}))
+	startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA, "low_points 100")+accountBlock("b", testAccountKeyB), "timeout 10s", ""))
+	before, mark := scrape(t), markLog(t)
+	for i := range 10 { // in turn: a b a b …
+		if status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("points", 1100+i, "")); status != http.StatusOK {
+			t.Fatalf("status %d: %s", status, body)
+		}
+	}
+	after := scrape(t)
+	for _, tc := range []struct {
+		name    string
+		account string
+		want    float64
+		delta   bool
+	}{
+		{"caddy_zimage_upstream_points_used_total", "a", 25, true},
+		{"caddy_zimage_upstream_points_used_total", "b", 10, true},
+		{"caddy_zimage_upstream_points_remaining", "a", 80, false},
+		{"caddy_zimage_upstream_points_remaining", "b", 995.5, false},
+	} {
+		got := after.get(tc.name, "account", tc.account)
+		if tc.delta {
+			got = after.delta(before, tc.name, "account", tc.account)
+		}
+		if got != tc.want {
+			t.Errorf("%s{account=%s} = %v, want %v", tc.name, tc.account, got, tc.want)
+		}
+	}
+	if after.types["caddy_zimage_upstream_points_remaining"] != "gauge" || after.types["caddy_zimage_upstream_points_used_total"] != "counter" {
+		t.Errorf("types %q %q", after.types["caddy_zimage_upstream_points_remaining"], after.types["caddy_zimage_upstream_points_used_total"])
+	}
+
+	warns := mark.find(t, "image service account is low on points", func(l map[string]any) bool {
+		return l["level"] == "warn" && l["account"] == "a" && l["low_points"] == float64(100)
+	})
+	if len(warns) != 2 || warns[0]["remaining_points"] != float64(95) || warns[1]["remaining_points"] != float64(80) {
+		t.Errorf("low points warnings %v, want two: at 95 and at 80", warns)
+	}
+	lines := generationLines(t, mark, 200)
+	if len(lines) != 10 {
+		t.Fatalf("%d generation lines, want 10", len(lines))
+	}
+	first, second := lines[0], lines[1]
+	for k, want := range map[string]any{"account": "a", "points_used": float64(5), "remaining_points": float64(150), "image_id": "1001", "model_name": "Z-Image Turbo", "client": "default"} {
+		if first[k] != want {
+			t.Errorf("first line %s = %v, want %v", k, first[k], want)
+		}
+	}
+	for k, want := range map[string]any{"account": "b", "points_used": float64(2), "remaining_points": 999.5, "image_id": "img-b-1"} {
+		if second[k] != want {
+			t.Errorf("second line %s = %v, want %v", k, second[k], want)
+		}
+	}
+	if _, ok := second["model_name"]; ok {
+		t.Errorf("model_name on a line whose answer had none: %v", second)
+	}
+}
+
+// TestAccountsBlocked (SPEC §11.4): a Cloudflare challenge (an HTML 403 or
+// 503) is a 502 saying the service's Cloudflare protection refused the
+// request, counted as kind blocked, with none of the page in the answer
+// or the log; a 403 with a JSON body stays the service's own error.
+func TestAccountsBlocked(t *testing.T) {
+	const canary = "cf-challenge-canary-4b2e"
+	page := "<!DOCTYPE html><html><head><title>Just a moment...</title></head><body>" + canary + "</body></html>"
+	up := newFakeUpstream(t)
+	startCaddy(t, opsSite(up.endpoint(), nil, "timeout 10s", "")+"\nmetrics /metrics")
+	mark := markLog(t)
+	for _, tc := range []struct {
+		name      string
+		h         http.HandlerFunc
+		code      string
+		message   string
+		kind      string
+		wantCalls int
+	}{
+		{"403 challenge", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/html; charset=UTF-8")
+			w.Header().Set("Cf-Mitigated", "challenge")
+			w.WriteHeader(403)
+			fmt.Fprint(w, page)
+		}, "upstream_blocked", "Cloudflare protection refused the request", kindBlocked, 1},
+		{"503 challenge without a type", func(w http.ResponseWriter, r *http.Request) {
+			w.Header()["Content-Type"] = nil
+			w.WriteHeader(503)
+			fmt.Fprint(w, "\n"+page)
+		}, "upstream_blocked", "Cloudflare protection refused the request", kindBlocked, 1},
+		{"403 JSON", failWith(403, `{"success":false,"error":"account suspended"}`), "upstream_error", "account suspended", kindBadResponse, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up.setHandler(tc.h)
+			calls := len(up.Calls())
+			before := scrape(t)
+			status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("blocked?", 1200, ""))
+			if status != http.StatusBadGateway {
+				t.Fatalf("status %d, want 502: %s", status, body)
+			}
+			if e := apiErr(t, body); e.Code != tc.code || !strings.Contains(e.Message, tc.message) {
+				t.Errorf("error %+v, want code %s with %q", e, tc.code, tc.message)
+			}
+			if strings.Contains(string(body), canary) || strings.Contains(string(body), "<") {
+				t.Errorf("the page reached the client: %s", body)
+			}
+			if d := grewSince(t, before, "caddy_zimage_upstream_errors_total", "kind", tc.kind); d != 1 {
+				t.Errorf("errors of kind %s counted %v, want 1", tc.kind, d)
+			}
+			if n := len(up.Calls()) - calls; n != tc.wantCalls {
+				t.Errorf("%d calls, want %d (a challenge is not retried on the same account)", n, tc.wantCalls)
+			}
+		})
+	}
+	for _, l := range mark.lines(t) {
+		if s := fmt.Sprint(l); strings.Contains(s, canary) || strings.Contains(s, "Just a moment") {
+			t.Errorf("the challenge page reached the log: %s", s)
+		}
+	}
+	if l := mark.find(t, "image service call failed", func(l map[string]any) bool { return l["kind"] == kindBlocked }); len(l) != 2 {
+		t.Errorf("%d warn lines of kind blocked, want 2", len(l))
+	}
+}
+
+// The README's production config for several accounts and several users
+// adapts and provisions: its accounts and clients take effect.
+func TestUnitReadmeAccountsExample(t *testing.T) {
+	unitClearEnv(t)
+	for k, v := range map[string]string{
+		"FAMILY_KEY": testClientKey, "ALICE_LAPTOP_KEY": testAliceKey, "ALICE_PHONE_KEY": testAliceKey2, "BOT_KEY": testBobKey,
+		"SD_KEY_MAIN": testAccountKeyA, "SD_KEY_SPARE": testAccountKeyB,
+	} {
+		t.Setenv(k, v)
+	}
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(raw), "### Several accounts and several users")
+	if !ok {
+		t.Fatal("README has no section for several accounts and users")
+	}
+	cfg := unitAdapt(t, fenced(t, section, "```caddy\n"))
+	var g Gateway
+	if err := json.Unmarshal(unitFindHandler(t, cfg, "zimage_gateway"), &g); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+	defer cancel()
+	if err := g.Provision(ctx); err != nil {
+		t.Fatalf("provisioning the README's gateway: %v", err)
+	}
+	defer g.Cleanup()
+	var accts []string
+	for _, a := range g.accounts.accounts {
+		accts = append(accts, fmt.Sprintf("%s:%d:%v", a.name, unitLimit(a), a.lowPoints))
+	}
+	if got := strings.Join(accts, " "); got != "main:4:500 spare:2:200" || g.accounts.retries != 1 {
+		t.Errorf("accounts %q retries %d", got, g.accounts.retries)
+	}
+	for key, want := range map[string]string{testClientKey: "family", testAliceKey: "alice", testAliceKey2: "alice", testBobKey: "bot"} {
+		if got := g.authorize(unitBearer(key)).label(); got != want {
+			t.Errorf("key of %s is client %q", want, got)
+		}
+	}
+}

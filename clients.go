@@ -1,0 +1,353 @@
+package zimage
+
+// Named clients (SPEC §12): the client blocks and the api_key keys (the
+// client "default"), matching a request's key against all of them in
+// constant time, the per-client limit on generations at once, and the
+// attribution of every answer to its client.
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// Client names the gateway gives itself.
+const (
+	defaultClient   = "default"   // the keys of api_key
+	anonymousClient = "anonymous" // every request under no_auth
+)
+
+// clientRetryAfter is the Retry-After, in seconds, of a client at its
+// max_concurrent: about the time a generation takes to finish.
+const clientRetryAfter = "5"
+
+// ClientConfig is one named client of the gateway: a person, a team or an
+// application with keys of its own.
+type ClientConfig struct {
+	// Name labels the client in metrics and logs (its keys never appear
+	// there): 1 to 64 lower-case letters, digits, '-' and '_'. Required,
+	// unique; "default" is taken by the keys of api_key when there are any.
+	Name string `json:"name,omitempty"`
+
+	// Keys are the client's keys, sent as `Authorization: Bearer <key>`.
+	// Placeholders are accepted; a key that resolves to nothing is
+	// dropped, and a client left without a key is a config error. A key
+	// belongs to one client only.
+	Keys []string `json:"keys,omitempty"`
+
+	// MaxConcurrent is the most generations the client may run at once
+	// (an Images API request for n images counts n); a request beyond it
+	// is answered at once with 429 and Retry-After, without waiting in
+	// the upstream queue. 0 means unlimited.
+	MaxConcurrent int `json:"max_concurrent,omitempty"`
+}
+
+// unmarshalClient parses `client <name> { key <key>...; max_concurrent <n> }`;
+// others are the clients parsed before it.
+func unmarshalClient(d *caddyfile.Dispenser, others []ClientConfig) (ClientConfig, error) {
+	var c ClientConfig
+	if !d.NextArg() {
+		return c, d.Errf("zimage_gateway: client needs a name: client <name> { key <key> }")
+	}
+	c.Name = d.Val()
+	if d.NextArg() {
+		return c, d.ArgErr()
+	}
+	if err := checkClientName(c.Name, others); err != nil {
+		return c, d.Errf("%v", err)
+	}
+	err := eachOption(d, "client", func(opt string) (err error) {
+		switch opt {
+		case "key":
+			// `key {$UNSET}` leaves no argument, like api_key
+			c.Keys = append(c.Keys, d.RemainingArgs()...)
+		case "max_concurrent":
+			c.MaxConcurrent, err = parseInt(d, 0)
+		default:
+			return d.Errf("unrecognized zimage_gateway client option '%s'", opt)
+		}
+		return err
+	}, "key")
+	return c, err
+}
+
+func checkClientName(name string, others []ClientConfig) error {
+	if !accountName.MatchString(name) {
+		return fmt.Errorf("zimage_gateway: client name '%s' is not a simple label: use 1 to 64 lower-case letters, digits, '-' and '_'", name)
+	}
+	for _, o := range others {
+		if o.Name == name {
+			return fmt.Errorf("zimage_gateway: duplicate client name '%s'", name)
+		}
+	}
+	return nil
+}
+
+// client is one provisioned client.
+type client struct {
+	name   string
+	lim    *limiter // its generations in flight; nil for anonymous
+	limKey string
+	claim  uint64
+}
+
+// label is the client's name for logs and metrics ("" when unknown).
+func (c *client) label() string {
+	if c == nil {
+		return ""
+	}
+	return c.name
+}
+
+// clientKey is the digest of one key and the client it belongs to.
+type clientKey struct {
+	digest [32]byte
+	client int
+}
+
+// clientSet is a handler's clients and all their keys.
+type clientSet struct {
+	keys      []clientKey
+	clients   []*client
+	anonymous *client // no_auth
+	closed    bool
+}
+
+// provisionClients resolves the client keys: those of api_key (or, when
+// neither api_key nor a client block gives one, GATEWAY_API_KEY) are the
+// client "default". It returns every key, for the scrubber.
+func (g *Gateway) provisionClients(resolve func(v, env string) string) ([]string, error) {
+	type named struct {
+		name  string
+		keys  []string
+		limit int
+	}
+	var all []named
+	var defKeys []string
+	for _, k := range g.APIKeys {
+		if k = resolve(k, ""); k != "" {
+			defKeys = append(defKeys, k)
+		}
+	}
+	if len(defKeys) == 0 && len(g.Clients) == 0 {
+		if k := resolve("", "GATEWAY_API_KEY"); k != "" {
+			defKeys = append(defKeys, k)
+		}
+	}
+	if len(defKeys) > 0 {
+		all = append(all, named{name: defaultClient, keys: defKeys})
+	}
+	if g.NoAuth && len(g.Clients) > 0 {
+		return nil, errors.New("zimage_gateway: client blocks need keys, and no_auth turns keys off: remove no_auth or the client blocks")
+	}
+	for i, cc := range g.Clients {
+		if err := checkClientName(cc.Name, g.Clients[:i]); err != nil {
+			return nil, err
+		}
+		if cc.Name == defaultClient && len(defKeys) > 0 {
+			return nil, errors.New("zimage_gateway: the client name 'default' belongs to the keys of api_key: rename the client block, or move those keys into it")
+		}
+		if cc.MaxConcurrent < 0 {
+			return nil, fmt.Errorf("zimage_gateway: client '%s': max_concurrent must be 0 (unlimited) or more, got %d", cc.Name, cc.MaxConcurrent)
+		}
+		n := named{name: cc.Name, limit: cc.MaxConcurrent}
+		for _, k := range cc.Keys {
+			if k = resolve(k, ""); k != "" {
+				n.keys = append(n.keys, k)
+			}
+		}
+		if len(n.keys) == 0 {
+			return nil, fmt.Errorf("zimage_gateway: client '%s' has no key (or its placeholders resolved to nothing): add 'key <key>' to its block", cc.Name)
+		}
+		all = append(all, n)
+	}
+
+	cs := &clientSet{}
+	owner := map[string]string{} // key → its client
+	var secrets []string
+	for i, n := range all {
+		c := &client{name: n.name}
+		var digests []string
+		for _, k := range n.keys {
+			if o, dup := owner[k]; dup {
+				if o == n.name {
+					continue // the same key twice in one client is harmless
+				}
+				return nil, fmt.Errorf("zimage_gateway: clients '%s' and '%s' share a key: a key belongs to one client, so that its requests are attributed and limited once", o, n.name)
+			}
+			owner[k] = n.name
+			d := sha256.Sum256([]byte(k))
+			cs.keys = append(cs.keys, clientKey{digest: d, client: i})
+			digests = append(digests, hex.EncodeToString(d[:]))
+			secrets = append(secrets, k)
+		}
+		// a client is its name and its keys: the same client on two sites
+		// (or across a reload) shares its limit, and its limit changes in
+		// place like an account's
+		slices.Sort(digests)
+		sum := sha256.Sum256([]byte(strings.Join(digests, ",")))
+		c.limKey = "client|" + n.name + "|" + hex.EncodeToString(sum[:])
+		c.lim, c.claim = loadLimiter(c.limKey, n.limit, false)
+		cs.clients = append(cs.clients, c)
+	}
+	g.clients = cs
+	if g.NoAuth {
+		cs.anonymous = &client{name: anonymousClient}
+	} else if len(cs.keys) == 0 {
+		return secrets, errors.New("zimage_gateway: no client API key: set 'api_key' or a 'client' block with a key (or the GATEWAY_API_KEY environment variable), or 'no_auth' if the site authenticates requests otherwise")
+	}
+	return secrets, nil
+}
+
+// close gives back the clients' limiters; a second call does nothing.
+func (cs *clientSet) close() error {
+	if cs == nil || cs.closed {
+		return nil
+	}
+	cs.closed = true
+	var errs []error
+	for _, c := range cs.clients {
+		errs = append(errs, dropLimiter(c.limKey, c.lim, c.claim))
+	}
+	return errors.Join(errs...)
+}
+
+// authorize returns the client whose key the request carries, or nil. The
+// bearer token's SHA-256 is compared with every key of every client in
+// constant time, and the match is selected without a branch, so neither
+// the time nor its lengths tell which key (or whether any) matched.
+func (g *Gateway) authorize(r *http.Request) *client {
+	if g.NoAuth {
+		return g.clients.anonymous
+	}
+	h := r.Header.Get("Authorization")
+	const prefix = "bearer "
+	if len(h) < len(prefix) || !strings.EqualFold(h[:len(prefix)], prefix) {
+		return nil
+	}
+	got := sha256.Sum256([]byte(strings.TrimSpace(h[len(prefix):])))
+	match, idx := 0, 0
+	for _, k := range g.clients.keys {
+		eq := subtle.ConstantTimeCompare(got[:], k.digest[:])
+		match |= eq
+		idx = subtle.ConstantTimeSelect(eq, k.client, idx)
+	}
+	if match != 1 {
+		return nil
+	}
+	return g.clients.clients[idx]
+}
+
+// requestState follows one attributed request: its client, the client
+// slots it holds, and the status it was answered with, for
+// caddy_zimage_client_requests_total. It wraps the ResponseWriter to see
+// the status; Unwrap keeps flushing (SSE) working through it.
+type requestState struct {
+	http.ResponseWriter
+	client *client
+	code   int
+	held   int
+}
+
+func (rs *requestState) WriteHeader(code int) {
+	if rs.code == 0 {
+		rs.code = code
+	}
+	rs.ResponseWriter.WriteHeader(code)
+}
+
+func (rs *requestState) Write(b []byte) (int, error) {
+	if rs.code == 0 {
+		rs.code = http.StatusOK
+	}
+	return rs.ResponseWriter.Write(b)
+}
+
+func (rs *requestState) Unwrap() http.ResponseWriter { return rs.ResponseWriter }
+
+type requestStateKey struct{}
+
+// attribute starts following an authorized request: the writer and the
+// request the handler serves it with. finish ends it.
+func attribute(w http.ResponseWriter, r *http.Request, c *client, withContext bool) (*requestState, *http.Request) {
+	rs := &requestState{ResponseWriter: w, client: c}
+	if withContext {
+		r = r.WithContext(context.WithValue(r.Context(), requestStateKey{}, rs))
+	}
+	return rs, r
+}
+
+// finish gives back the client's slots and counts the answer.
+func (rs *requestState) finish(endpoint string) {
+	if rs.held > 0 {
+		rs.client.lim.release(rs.held)
+		rs.held = 0
+	}
+	code := rs.code
+	if code == 0 {
+		code = http.StatusOK
+	}
+	metricClientRequests.WithLabelValues(rs.client.name, endpoint, strconv.Itoa(code)).Inc()
+}
+
+// setOutcome records the status of an answer whose HTTP status was sent
+// before the outcome was known (a stream that ends with an error event),
+// as caddy_zimage_requests_total counts it.
+func setOutcome(w http.ResponseWriter, code int) {
+	if rs, ok := w.(*requestState); ok {
+		rs.code = code
+	}
+}
+
+func requestStateOf(r *http.Request) *requestState {
+	rs, _ := r.Context().Value(requestStateKey{}).(*requestState)
+	return rs
+}
+
+// requestClient is the client a request was attributed to (nil when it
+// went around ServeHTTP, as unit tests do).
+func requestClient(r *http.Request) *client {
+	if rs := requestStateOf(r); rs != nil {
+		return rs.client
+	}
+	return nil
+}
+
+// admitClient takes n of the client's generation slots for the request,
+// or answers at once: a client at its max_concurrent never waits in the
+// upstream queue, where it would take other clients' places (SPEC §12).
+// The slots are given back when the request ends (finish).
+func admitClient(r *http.Request, n int) *apiError {
+	rs := requestStateOf(r)
+	if rs == nil || rs.client.lim == nil {
+		return nil
+	}
+	c := rs.client
+	limMu.Lock()
+	limit := c.lim.limitLocked()
+	// slots are taken without a limit too: a reload that sets one counts
+	// the requests already running
+	ok := (limit == 0 || n <= limit) && c.lim.takeLocked(n)
+	limMu.Unlock()
+	switch {
+	case limit > 0 && n > limit:
+		return invalidRequest("n", fmt.Sprintf("n=%d is more than the %d generations client '%s' may run at once", n, limit, c.name))
+	case !ok:
+		return &apiError{status: http.StatusTooManyRequests, typ: "rate_limit_error", code: "rate_limit_exceeded", retryAfter: clientRetryAfter,
+			message: fmt.Sprintf("Client '%s' already runs its limit of %d generations at once; retry when one has finished", c.name, limit)}
+	}
+	rs.held += n
+	return nil
+}
+
+// Interface guard
+var _ http.ResponseWriter = (*requestState)(nil)
