@@ -653,3 +653,42 @@ func TestEditsStreamingKeepAlive(t *testing.T) {
 		t.Errorf("last event %q", event)
 	}
 }
+
+// Edits are attributed to their client and held to its max_concurrent
+// like generations (SPEC §12): alice's second edit is a 429 at once while
+// her first is at the service.
+func TestEditsClientLimit(t *testing.T) {
+	up := newFakeUpstream(t)
+	g := newGate(t)
+	up.setHandler(g.handler)
+	startCaddy(t, opsSite(up.endpoint(), nil, "timeout 10s", fmt.Sprintf(`client alice {
+		key %s
+		max_concurrent 1
+	}
+	model Z-Image
+	model Edit {
+		model_index 19
+		edit
+	}
+	store {
+		storage file_system %s
+	}`, testAliceKey, t.TempDir()))+"\nmetrics /metrics")
+	before := scrape(t)
+	png := storeTestPNG(t, 8, 8)
+	post := func() <-chan result {
+		ct, body := multipartBody(t, [][2]string{{"prompt", "x"}}, map[string][]byte{"image": png})
+		return sendAsync(http.MethodPost, "/v1/images/edits", body.String(), "Authorization", "Bearer "+testAliceKey, "Content-Type", ct)
+	}
+	first := post()
+	waitFor(t, "alice's edit at the service", func() bool { return up.active.Load() == 1 })
+	if r := await(t, post()); r.status != http.StatusTooManyRequests || r.header.Get("Retry-After") == "" {
+		t.Errorf("alice's second edit: %d %s", r.status, r.body)
+	}
+	g.open()
+	if r := await(t, first); r.status != http.StatusOK {
+		t.Errorf("alice's first edit: %d %s", r.status, r.body)
+	}
+	if d := scrape(t).delta(before, "caddy_zimage_client_requests_total", "client", "alice", "endpoint", "images_edits", "code", "429"); d != 1 {
+		t.Errorf("client_requests_total{alice,images_edits,429} +%v, want +1", d)
+	}
+}
