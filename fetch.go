@@ -36,6 +36,19 @@ type imageFetcher struct {
 	size   int64
 }
 
+// provisionFetcher builds the download client for the image service's
+// hosts (its URL's and image_hosts) and its max_downloads slots.
+func (g *Gateway) provisionFetcher(upstreamURL string) error {
+	if g.MaxDownloads == 0 {
+		g.MaxDownloads = defaultMaxDownloads
+	}
+	if g.MaxDownloads < maxImagesN {
+		return fmt.Errorf("zimage_gateway: max_downloads must be at least %d (the images of one answer are downloaded together), got %d", maxImagesN, g.MaxDownloads)
+	}
+	g.fetcher = newImageFetcher(upstreamURL, g.ImageHosts, g.MaxDownloads)
+	return nil
+}
+
 func newImageFetcher(upstreamURL string, extra []string, maxDownloads int) *imageFetcher {
 	t := newTransport()
 	t.ReadBufferSize = 32 << 10 // images are large, unlike the API answers

@@ -187,13 +187,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	g.enhancer = enh
 	g.scrub = newScrubber(secrets)
 
-	if g.MaxDownloads == 0 {
-		g.MaxDownloads = defaultMaxDownloads
+	if err := g.provisionFetcher(up.URL); err != nil {
+		return err
 	}
-	if g.MaxDownloads < maxImagesN {
-		return fmt.Errorf("zimage_gateway: max_downloads must be at least %d (the images of one answer are downloaded together), got %d", maxImagesN, g.MaxDownloads)
-	}
-	g.fetcher = newImageFetcher(up.URL, g.ImageHosts, g.MaxDownloads)
 	if err := g.provisionStore(ctx, resolve); err != nil {
 		return err
 	}

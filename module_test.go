@@ -66,6 +66,8 @@ func TestUnitProvisionErrors(t *testing.T) {
 			[]string{"zimage_gateway", "upstream", "api_key", "SD_API_KEY", "upstream demo"}},
 		{"upstream key resolves empty", `{"api_keys":["` + testClientKey + `"],"upstream":{"api_key":"{env.ZIMAGE_UNIT_EMPTY}"}}`, nil,
 			[]string{"SD_API_KEY", "upstream demo"}},
+		{"max_downloads below n", `{"no_auth":true,"upstream":{"url":"demo"},"max_downloads":3}`, nil,
+			[]string{"zimage_gateway", "max_downloads", "at least 4"}},
 		{"duplicate model", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"Z-Image"},{"name":"z-image"}]}`, nil,
 			[]string{"zimage_gateway", "model", "duplicate", "z-image"}},
 		{"duplicate alias", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"A","aliases":["dall-e-3"]},{"name":"B","aliases":["DALL-E-3"]}]}`, nil,
