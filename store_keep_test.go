@@ -1,6 +1,7 @@
 package zimage
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/base64"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -189,4 +191,46 @@ func imageSizeOf(b []byte) string {
 		return err.Error()
 	}
 	return fmt.Sprintf("%dx%d", c.Width, c.Height)
+}
+
+// A stream keeps sending keep-alives while the image is copied (SPEC §9.1):
+// the image host sends the image only after the client saw one.
+func TestStoreKeepStreamKeepsAlive(t *testing.T) {
+	f := newKeepFake(t)
+	release := make(chan struct{})
+	var once sync.Once
+	open := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(open)
+	h := f.handler
+	var waiting atomic.Bool
+	f.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet {
+			waiting.Store(true)
+			<-release
+		}
+		h(w, r)
+	})
+	startCaddy(t, gatewaySite(f.fakeUpstream, nil, fmt.Sprintf("stream_keepalive 50ms\n\tstore {\n\t\tstorage file_system %s\n\t}", t.TempDir())))
+	req, _ := http.NewRequest(http.MethodPost, baseURL+"/v1/chat/completions", strings.NewReader(`{"prompt":"a cat","stream":true}`))
+	req.Header.Set("Authorization", "Bearer "+testClientKey)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := testClient(20 * time.Second).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	var lines []string
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+		if sc.Text() == ": keep-alive" && waiting.Load() {
+			open() // the download is waiting and the stream is alive
+		}
+	}
+	all := strings.Join(lines, "\n")
+	ka := strings.Index(all, ": keep-alive")
+	content := storeURLPattern.FindStringIndex(all)
+	if ka < 0 || content == nil || ka > content[0] {
+		t.Fatalf("want a keep-alive before the content with the store URL:\n%s", all)
+	}
 }
