@@ -1,6 +1,13 @@
 // Package zimage is a Caddy HTTP handler module that puts the 梦羽 (Mengyu)
 // text-to-image service behind the OpenAI API: GET /v1/models,
-// POST /v1/chat/completions (streaming and not) and POST /v1/images/generations.
+// POST /v1/chat/completions (streaming and not), POST /v1/images/generations
+// and POST /v1/images/edits, with an image store served from the site
+// itself, several upstream accounts, named clients and a playground page.
+//
+// module.go holds the Gateway struct and the order in which its rooms are
+// provisioned; each capability lives in its own file: clients.go,
+// models.go, upstream.go and accounts.go, enhance.go, fetch.go, store.go,
+// edits.go, playground.go.
 package zimage
 
 import (
