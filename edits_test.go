@@ -692,3 +692,32 @@ func TestEditsClientLimit(t *testing.T) {
 		t.Errorf("client_requests_total{alice,images_edits,429} +%v, want +1", d)
 	}
 }
+
+// SPEC §10.1–2: the requested model when it is an edit model, else the
+// first edit model; none configured is a 400 naming the fix.
+func TestUnitEditsModelChoice(t *testing.T) {
+	g := &Gateway{}
+	g.Models = []ModelConfig{{Name: "Z-Image"}, {Name: "Edit-A", Edit: true}, {Name: "Edit-B", Edit: true, Aliases: []string{"qwen"}}}
+	if err := g.provisionModels(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ requested, want string }{
+		{"", "Edit-A"},
+		{"Z-Image", "Edit-A"},
+		{"dall-e-2", "Edit-A"},
+		{"edit-b", "Edit-B"},
+		{"QWEN", "Edit-B"},
+		{"Edit-A", "Edit-A"},
+	} {
+		if m, e := g.editModel(tc.requested); e != nil || m.name != tc.want {
+			t.Errorf("editModel(%q) = %v, %v, want %s", tc.requested, m, e, tc.want)
+		}
+	}
+	g.Models = []ModelConfig{{Name: "Z-Image"}}
+	if err := g.provisionModels(); err != nil {
+		t.Fatal(err)
+	}
+	if _, e := g.editModel("Z-Image"); e == nil || e.status != 400 || e.code != "model_not_found" || !strings.Contains(e.message, "add 'edit'") {
+		t.Errorf("no edit model: %+v", e)
+	}
+}
