@@ -721,3 +721,22 @@ func TestUnitEditsModelChoice(t *testing.T) {
 		t.Errorf("no edit model: %+v", e)
 	}
 }
+
+// An upload must fit the store it goes into (SPEC §10.3): with an edit
+// model, a max_upload above max_image_size fails at load, naming both;
+// without one, uploads never happen and the store's limit is its own.
+func TestUnitEditsUploadFitsStore(t *testing.T) {
+	unitClearEnv(t)
+	_, err := unitProvision(t, `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"E","edit":true}],"max_upload":10485760,"store":{"max_image_size":1048576,"storage":{"module":"file_system","root":"`+t.TempDir()+`"}}}`)
+	if err == nil || !strings.Contains(err.Error(), "max_upload (10 MiB)") || !strings.Contains(err.Error(), "max_image_size (1 MiB)") {
+		t.Fatalf("error %v", err)
+	}
+	for _, ok := range []string{
+		`{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"E","edit":true}],"max_upload":1048576,"store":{"storage":{"module":"file_system","root":"` + t.TempDir() + `"}}}`,
+		`{"no_auth":true,"upstream":{"url":"demo"},"max_upload":10485760,"store":{"max_image_size":1048576,"storage":{"module":"file_system","root":"` + t.TempDir() + `"}}}`,
+	} {
+		if _, err := unitProvision(t, ok); err != nil {
+			t.Errorf("%s: %v", ok, err)
+		}
+	}
+}

@@ -218,3 +218,13 @@ func (g *Gateway) serveModel(w http.ResponseWriter, id string) {
 	writeJSON(w, http.StatusOK, m.object())
 	metricRequests.WithLabelValues(endpointModels, m.name, "200").Inc()
 }
+
+// hasEditModel tells whether any model edits images (SPEC §10).
+func (g *Gateway) hasEditModel() bool {
+	for _, m := range g.models {
+		if m.edit {
+			return true
+		}
+	}
+	return false
+}

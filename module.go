@@ -200,6 +200,11 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if err := g.provisionStore(ctx, resolve); err != nil {
 		return err
 	}
+	// an edit's upload is stored so that the service can fetch it (§10.3)
+	if g.store != nil && g.hasEditModel() && g.MaxUpload > g.store.maxSize {
+		return fmt.Errorf("zimage_gateway: max_upload (%s) is larger than the store's max_image_size (%s), so uploads that large could not be stored for the image service: raise max_image_size or lower max_upload",
+			formatBytes(g.MaxUpload), formatBytes(g.store.maxSize))
+	}
 	// after the store and the models: the page says what they offer
 	if g.playground, err = g.provisionPlayground(); err != nil {
 		return err
