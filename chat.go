@@ -215,6 +215,9 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 	// (SPEC §10.2); one without is held to max_body below
 	body, e := g.readBody(w, r, max(g.MaxBody, g.MaxUpload/3*4+g.MaxBody))
 	if e != nil {
+		if e.status == http.StatusRequestEntityTooLarge {
+			e = g.errChatTooLarge()
+		}
 		g.fail(w, endpointChat, "", e)
 		return
 	}
@@ -225,7 +228,7 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 	}
 	src, e := g.chatImage(req)
 	if e == nil && src == nil && int64(len(body)) > g.MaxBody {
-		e = errTooLarge(g.MaxBody)
+		e = g.errChatTooLarge()
 	}
 	if e != nil {
 		g.fail(w, endpointChat, "", e)
@@ -433,4 +436,13 @@ func hasControl(s string) bool {
 		}
 	}
 	return false
+}
+
+// errChatTooLarge names both of a chat body's limits: max_body, and
+// max_upload for a body that carries an image to edit (SPEC §10.2).
+func (g *Gateway) errChatTooLarge() *apiError {
+	e := errTooLarge(g.MaxBody)
+	e.message = "Request body is larger than the limit of " + formatBytes(g.MaxBody) +
+		" (max_body), or " + formatBytes(g.MaxUpload) + " for an image to edit (max_upload)"
+	return e
 }

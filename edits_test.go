@@ -330,7 +330,10 @@ func TestEditsChatHostile(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", chatWithImage(t, "edit", tc.url))
-			itWantErr(t, status, hdr, raw, tc.status, tc.code)
+			e := itWantErr(t, status, hdr, raw, tc.status, tc.code)
+			if tc.status == 413 && !strings.Contains(e.Message, "20 MiB for an image to edit (max_upload)") {
+				t.Errorf("message %q", e.Message)
+			}
 		})
 	}
 	if bodies, _ := f.got(); len(bodies) != 0 {
