@@ -355,10 +355,7 @@ func (g *Gateway) markdown(j *job) string {
 	}
 	b.WriteString("**🎨 Aspect Ratio:** ")
 	b.WriteString(j.ratio)
-	b.WriteString("\n**📐 Resolution:** ")
-	b.WriteString(strconv.Itoa(j.width))
-	b.WriteString("×")
-	b.WriteString(strconv.Itoa(j.height))
+	writeResolution(&b, j.width, j.height)
 	g.writeDemoNote(&b)
 	return b.String()
 }
@@ -370,6 +367,14 @@ func writeImageLine(b *strings.Builder, alt, imageURL string) {
 	b.WriteString("](")
 	b.WriteString(markdownURL(imageURL))
 	b.WriteString(")\n\n---\n")
+}
+
+// writeResolution writes the resolution line (× is U+00D7).
+func writeResolution(b *strings.Builder, width, height int) {
+	b.WriteString("\n**📐 Resolution:** ")
+	b.WriteString(strconv.Itoa(width))
+	b.WriteString("×")
+	b.WriteString(strconv.Itoa(height))
 }
 
 // writeDemoNote says so when the image is the demo's placeholder.

@@ -432,10 +432,7 @@ func (g *Gateway) editMarkdown(j *job) string {
 	b.WriteString(autolinkURL(j.sourceURL))
 	b.WriteString(">")
 	if j.width > 0 && j.height > 0 {
-		b.WriteString("\n**📐 Resolution:** ")
-		b.WriteString(strconv.Itoa(j.width))
-		b.WriteString("×")
-		b.WriteString(strconv.Itoa(j.height))
+		writeResolution(&b, j.width, j.height)
 	}
 	g.writeDemoNote(&b)
 	return b.String()

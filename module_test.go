@@ -25,6 +25,26 @@ func unitClearEnv(t *testing.T) {
 }
 
 // unitProvision fills a Gateway from a JSON handler config, as Caddy does,
+
+// wantProvisionError checks a load error: there is one, it names every
+// piece of want (what the user must change), and it shows no key.
+func wantProvisionError(t *testing.T, err error, want []string) {
+	t.Helper()
+	if err == nil {
+		t.Fatal("Provision succeeded, want an error")
+	}
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error %q does not mention %q", err, w)
+		}
+	}
+	for _, s := range testSecrets {
+		if strings.Contains(err.Error(), s) {
+			t.Errorf("error %q contains a configured secret", err)
+		}
+	}
+}
+
 // and provisions it with a fresh context.
 func unitProvision(t *testing.T, cfg string) (*Gateway, error) {
 	t.Helper()
@@ -111,19 +131,7 @@ func TestUnitProvisionErrors(t *testing.T) {
 				t.Setenv(k, v)
 			}
 			_, err := unitProvision(t, tc.cfg)
-			if err == nil {
-				t.Fatalf("Provision(%s) succeeded, want an error", tc.cfg)
-			}
-			for _, w := range tc.want {
-				if !strings.Contains(err.Error(), w) {
-					t.Errorf("error %q does not mention %q", err, w)
-				}
-			}
-			for _, s := range testSecrets {
-				if strings.Contains(err.Error(), s) {
-					t.Errorf("error %q contains a configured secret", err)
-				}
-			}
+			wantProvisionError(t, err, tc.want)
 		})
 	}
 }
