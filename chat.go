@@ -258,34 +258,61 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	m := j.model
-
-	id := "chatcmpl-" + randomID()
+	out := &chatRenderer{g: g, id: "chatcmpl-" + randomID()}
 	if req.Stream {
-		includeUsage := req.StreamOptions != nil && req.StreamOptions.IncludeUsage
-		g.streamChat(w, r, j, id, includeUsage)
-		return
+		out.stream = true
+		out.includeUsage = req.StreamOptions != nil && req.StreamOptions.IncludeUsage
 	}
+	g.run(w, r, j, 1, out)
+}
 
-	g.runEnhance(r.Context(), j)
-	if e := g.generate(r.Context(), j); e != nil {
-		g.fail(w, endpointChat, m.name, e)
+// chatRenderer answers a chat completion: one chat.completion, or with
+// stream the chunks of SPEC §4 "Streaming" (stream.go).
+type chatRenderer struct {
+	g            *Gateway
+	id           string
+	stream       bool
+	includeUsage bool
+	created      int64
+	requested    string
+	sse          *sseWriter
+}
+
+func (c *chatRenderer) needBytes() bool { return false }
+
+func (c *chatRenderer) begin(w http.ResponseWriter, j *job) {
+	c.created, c.requested = time.Now().Unix(), j.requested
+	if c.stream {
+		c.beginStream(w)
+	}
+}
+
+func (c *chatRenderer) fail(w http.ResponseWriter, j *job, e *apiError) {
+	if c.stream {
+		c.failStream(w, e)
 		return
 	}
-	g.keep(r.Context(), r, []*job{j}, false) // a failed copy keeps the upstream's URL
+	writeError(w, e)
+}
+
+func (c *chatRenderer) write(w http.ResponseWriter, res *output) {
+	content := c.g.markdown(res.jobs[0])
+	if c.stream {
+		c.writeStream(content)
+		return
+	}
 	writeJSON(w, http.StatusOK, chatCompletion{
-		ID:      id,
+		ID:      c.id,
 		Object:  "chat.completion",
-		Created: time.Now().Unix(),
-		Model:   j.requested,
+		Created: c.created,
+		Model:   c.requested,
 		Choices: []chatChoice{{
 			Index:        0,
 			FinishReason: ptr("stop"),
-			Message:      &chatDelta{Role: "assistant", Content: ptr(g.markdown(j))},
+			Message:      &chatDelta{Role: "assistant", Content: ptr(content)},
 		}},
 		Usage: &usage{},
 	})
-	metricRequests.WithLabelValues(endpointChat, m.name, "200").Inc()
 }
 
 // chatCompletion is both the chat.completion answer and, with Delta

@@ -301,21 +301,26 @@ func (g *Gateway) editModel(requested string) (*model, *apiError) {
 // hostSource gives the image service a URL it can download the source
 // from: a client's own URL as it is; an upload or a data: URL through the
 // store, which needs to be on (SPEC §10.3).
-func (g *Gateway) hostSource(r *http.Request, s *sourceImage) (string, *apiError) {
+func (g *Gateway) hostSource(r *http.Request, j *job, s *sourceImage) *apiError {
 	if s.url != "" {
-		return s.url, nil
+		j.sourceURL = s.url
+		return nil
 	}
 	if g.store == nil {
-		return "", &apiError{status: http.StatusBadRequest, typ: "invalid_request_error", code: "store_required", param: "image",
+		return &apiError{status: http.StatusBadRequest, typ: "invalid_request_error", code: "store_required", param: "image",
 			message: "Editing an uploaded image needs the image store: turn 'store' on in the zimage_gateway block, so the image service can download the source from this site"}
 	}
-	name, _, err := g.store.put(r.Context(), s.data)
+	name, dup, err := g.store.put(r.Context(), s.data)
 	if err != nil {
 		g.logger.Warn("storing an edit's source image failed", zap.String("error", g.scrub.Replace(err.Error())))
-		return "", &apiError{status: http.StatusInternalServerError, typ: "server_error", code: "store_failed",
+		return &apiError{status: http.StatusInternalServerError, typ: "server_error", code: "store_failed",
 			message: "The source image could not be stored for the image service"}
 	}
-	return g.storeURL(r, name), nil
+	// a source stored for this request alone is deleted again if the
+	// edit fails (discardSource)
+	j.sourceName, j.sourceDuplicate = name, dup
+	j.sourceURL = g.storeURL(r, name)
+	return nil
 }
 
 // formN reads the multipart n (1…4, default 1).
@@ -376,11 +381,7 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointEdits, m.name, e)
 		return
 	}
-	if f.stream {
-		g.streamImages(w, r, j, n)
-		return
-	}
-	g.answerImages(w, r, j, n, format)
+	g.run(w, r, j, n, g.imagesRenderer(f.stream, format))
 }
 
 // newEditJob makes the job of an edit: the instruction as the prompt (no
@@ -410,8 +411,7 @@ func (g *Gateway) newEditJob(r *http.Request, endpoint string, m *model, request
 	if e := admitClient(r, n); e != nil {
 		return nil, e
 	}
-	var e *apiError
-	if j.sourceURL, e = g.hostSource(r, src); e != nil {
+	if e := g.hostSource(r, j, src); e != nil {
 		return nil, e
 	}
 	metricEnhance.WithLabelValues(enhanceSkipped).Inc()

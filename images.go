@@ -120,41 +120,36 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	g.runEnhance(r.Context(), j)
-	if req.Stream {
-		g.streamImages(w, r, j, n)
-		return
-	}
-	g.answerImages(w, r, j, n, format)
+	g.run(w, r, j, n, g.imagesRenderer(req.Stream, format))
 }
 
-// answerImages runs n generations (or edits) of j, keeps their images and
-// writes the Images API answer (SPEC §5, §10.1).
-func (g *Gateway) answerImages(w http.ResponseWriter, r *http.Request, j *job, n int, format string) {
-	ctx := r.Context()
-	jobs, e := g.generateN(ctx, j, n)
-	if e != nil {
-		g.fail(w, j.endpoint, j.model.name, e)
+// imagesRenderer is the way out of the Images API (generations and
+// edits): a JSON answer with URLs or base64, or a stream of events.
+func (g *Gateway) imagesRenderer(stream bool, format string) renderer {
+	if stream {
+		return &imagesStream{interval: time.Duration(g.StreamKeepalive)}
+	}
+	return imagesJSON{b64: format == "b64_json"}
+}
+
+// imagesJSON answers {"created","data":[{"url"|"b64_json","revised_prompt"}]}
+// (SPEC §5, §10.1).
+type imagesJSON struct{ b64 bool }
+
+func (o imagesJSON) needBytes() bool                               { return o.b64 }
+func (imagesJSON) begin(http.ResponseWriter, *job)                 {}
+func (imagesJSON) fail(w http.ResponseWriter, _ *job, e *apiError) { writeError(w, e) }
+
+func (o imagesJSON) write(w http.ResponseWriter, res *output) {
+	if o.b64 {
+		writeB64Answer(w, res.jobs, res.images)
 		return
 	}
-	images, release, e := g.keep(ctx, r, jobs, format == "b64_json")
-	if e != nil {
-		g.fail(w, j.endpoint, j.model.name, e)
-		return
+	data := make([]imageData, len(res.jobs))
+	for i, j := range res.jobs {
+		data[i] = imageData{URL: j.imageURL, RevisedPrompt: j.prompt}
 	}
-	// the download slots are held until the images are written: they are
-	// what bounds the memory of b64_json answers (issue 8)
-	defer release()
-	if format == "b64_json" {
-		writeB64Answer(w, jobs, images)
-	} else {
-		data := make([]imageData, len(jobs))
-		for i, j := range jobs {
-			data[i] = imageData{URL: j.imageURL, RevisedPrompt: j.prompt}
-		}
-		writeJSON(w, http.StatusOK, imagesResponse{Created: time.Now().Unix(), Data: data})
-	}
-	metricRequests.WithLabelValues(j.endpoint, j.model.name, "200").Inc()
+	writeJSON(w, http.StatusOK, imagesResponse{Created: time.Now().Unix(), Data: data})
 }
 
 // generateN runs n generations of one enhanced job in parallel (each waits

@@ -57,13 +57,15 @@ type job struct {
 
 	// an edit (SPEC §10): the source's URL as given to the service, and
 	// width and height are the source's (0 when unknown)
-	edit      bool
-	sourceURL string
-	account   string       // the account of the last attempt
-	info      upstreamInfo // points, image id and model name from the service
-	deadline  time.Time    // when the generation's time, download included, runs out
-	queueWait time.Duration
-	latency   time.Duration
+	edit            bool
+	sourceURL       string
+	sourceName      string       // the source's name in the store, when stored for the edit
+	sourceDuplicate bool         // the store held the source's bytes already
+	account         string       // the account of the last attempt
+	info            upstreamInfo // points, image id and model name from the service
+	deadline        time.Time    // when the generation's time, download included, runs out
+	queueWait       time.Duration
+	latency         time.Duration
 }
 
 // jobParams are the per-request inputs common to chat and images.

@@ -477,6 +477,23 @@ func (g *Gateway) storeURL(r *http.Request, name string) string {
 	return g.store.url(requestOrigin(r), name)
 }
 
+// remove deletes a stored image the gateway took in for nothing: the source
+// of an edit that failed (SPEC §10.3). It runs after the request may have
+// been cancelled, so it has a context of its own, bounded in time.
+func (s *imageStore) remove(ctx context.Context, name string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeRemoveTimeout)
+	defer cancel()
+	if err := s.storage.Delete(ctx, s.dir+name); err != nil {
+		s.logger.Warn("deleting the source of a failed edit failed; the sweep will delete it after max_age",
+			zap.String("store_id", name), zap.Error(err))
+		return
+	}
+	metricStoreDeleted.Inc()
+}
+
+// storeRemoveTimeout bounds the deletion of a failed edit's source.
+const storeRemoveTimeout = 10 * time.Second
+
 // --- serving -------------------------------------------------------------------
 
 func errImageNotFound() *apiError {

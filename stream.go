@@ -126,72 +126,71 @@ func (s *sseWriter) stop() {
 	s.mu.Unlock()
 }
 
-// streamChat answers a chat completion as chat.completion.chunk events
-// (SPEC §4 "Streaming"): the role chunk at once, keep-alives while the job
-// runs, then the content, the finish chunk, the optional usage chunk and
-// [DONE]. A failure after the stream began is an error event.
-func (g *Gateway) streamChat(w http.ResponseWriter, r *http.Request, j *job, id string, includeUsage bool) {
-	created := time.Now().Unix()
-	chunk := func(choices []chatChoice, u *usage) chatCompletion {
-		return chatCompletion{ID: id, Object: "chat.completion.chunk", Created: created, Model: j.requested, Choices: choices, Usage: u}
-	}
-	s := startSSE(w, time.Duration(g.StreamKeepalive))
-	defer s.stop()
-	s.event(chunk([]chatChoice{{Delta: &chatDelta{Role: "assistant", Content: ptr("")}}}, nil))
+// The chat stream (SPEC §4 "Streaming"): the role chunk at once,
+// keep-alives while the job runs, then the content, the finish chunk, the
+// optional usage chunk and [DONE]. A failure after the stream began is an
+// error event.
 
-	ctx := r.Context()
-	g.runEnhance(ctx, j)
-	if e := g.generate(ctx, j); e != nil {
-		s.stop()
-		s.event(e.body())
-		metricRequests.WithLabelValues(endpointChat, j.model.name, strconv.Itoa(e.status)).Inc()
-		setOutcome(w, e.status)
-
-		return
-	}
-	g.keep(ctx, r, []*job{j}, false) // keep-alives go on while the image is copied
-	s.stop()
-	s.event(chunk([]chatChoice{{Delta: &chatDelta{Content: ptr(g.markdown(j))}}}, nil))
-	s.event(chunk([]chatChoice{{Delta: &chatDelta{}, FinishReason: ptr("stop")}}, nil))
-	if includeUsage {
-		s.event(chunk([]chatChoice{}, &usage{}))
-	}
-	s.done()
-	metricRequests.WithLabelValues(endpointChat, j.model.name, "200").Inc()
+func (c *chatRenderer) chunk(choices []chatChoice, u *usage) chatCompletion {
+	return chatCompletion{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.requested, Choices: choices, Usage: u}
 }
 
-// streamImages answers the Images API with "stream": true (SPEC §10.5), as
-// OpenAI's image streaming does: keep-alives while the images are made,
+func (c *chatRenderer) beginStream(w http.ResponseWriter) {
+	c.sse = startSSE(w, time.Duration(c.g.StreamKeepalive))
+	c.sse.event(c.chunk([]chatChoice{{Delta: &chatDelta{Role: "assistant", Content: ptr("")}}}, nil))
+}
+
+func (c *chatRenderer) failStream(w http.ResponseWriter, e *apiError) {
+	c.sse.stop()
+	c.sse.event(e.body())
+	setOutcome(w, e.status)
+}
+
+func (c *chatRenderer) writeStream(content string) {
+	s := c.sse
+	s.stop()
+	s.event(c.chunk([]chatChoice{{Delta: &chatDelta{Content: ptr(content)}}}, nil))
+	s.event(c.chunk([]chatChoice{{Delta: &chatDelta{}, FinishReason: ptr("stop")}}, nil))
+	if c.includeUsage {
+		s.event(c.chunk([]chatChoice{}, &usage{}))
+	}
+	s.done()
+}
+
+// imagesStream answers the Images API with "stream": true (SPEC §10.5),
+// as OpenAI's image streaming does: keep-alives while the images are made,
 // then one <kind>.completed event per image with its base64, and the
 // stream ends; a failure is an error event with the OpenAI error object.
-func (g *Gateway) streamImages(w http.ResponseWriter, r *http.Request, j *job, n int) {
-	kind := "image_generation"
+type imagesStream struct {
+	interval time.Duration
+	kind     string // image_generation or image_edit
+	sse      *sseWriter
+}
+
+func (s *imagesStream) needBytes() bool { return true }
+
+func (s *imagesStream) begin(w http.ResponseWriter, j *job) {
+	s.kind = "image_generation"
 	if j.edit {
-		kind = "image_edit"
+		s.kind = "image_edit"
 	}
-	s := startSSE(w, time.Duration(g.StreamKeepalive))
-	defer s.stop()
-	ctx := r.Context()
-	jobs, e := g.generateN(ctx, j, n)
-	var images [][]byte
-	release := func() {}
-	if e == nil {
-		images, release, e = g.keep(ctx, r, jobs, true)
-	}
-	defer release()
-	s.stop()
-	if e != nil {
-		b, _ := json.Marshal(struct {
-			Type  string      `json:"type"`
-			Error errorDetail `json:"error"`
-		}{"error", e.body().Error})
-		s.eventWith("error", func(w *bufio.Writer) { w.Write(b) })
-		setOutcome(w, e.status)
-		metricRequests.WithLabelValues(j.endpoint, j.model.name, strconv.Itoa(e.status)).Inc()
-		return
-	}
+	s.sse = startSSE(w, s.interval)
+}
+
+func (s *imagesStream) fail(w http.ResponseWriter, j *job, e *apiError) {
+	s.sse.stop()
+	b, _ := json.Marshal(struct {
+		Type  string      `json:"type"`
+		Error errorDetail `json:"error"`
+	}{"error", e.body().Error})
+	s.sse.eventWith("error", func(w *bufio.Writer) { w.Write(b) })
+	setOutcome(w, e.status)
+}
+
+func (s *imagesStream) write(w http.ResponseWriter, res *output) {
+	s.sse.stop()
 	created := strconv.FormatInt(time.Now().Unix(), 10)
-	for i, img := range images {
+	for i, img := range res.images {
 		ext, _, _ := sniffImage(img)
 		format := map[string]string{"jpg": "jpeg"}[ext]
 		if format == "" {
@@ -199,18 +198,17 @@ func (g *Gateway) streamImages(w http.ResponseWriter, r *http.Request, j *job, n
 		}
 		width, height := imageSize(img, ext)
 		if width == 0 {
-			width, height = jobs[i].width, jobs[i].height
+			width, height = res.jobs[i].width, res.jobs[i].height
 		}
 		tail := `","created_at":` + created + `,"size":"` + strconv.Itoa(width) + "x" + strconv.Itoa(height) +
 			`","output_format":"` + format + `","usage":{"input_tokens":0,"output_tokens":0,"total_tokens":0,` +
 			`"input_tokens_details":{"image_tokens":0,"text_tokens":0}}}`
-		s.eventWith(kind+".completed", func(w *bufio.Writer) {
-			w.WriteString(`{"type":"` + kind + `.completed","b64_json":"`)
+		s.sse.eventWith(s.kind+".completed", func(w *bufio.Writer) {
+			w.WriteString(`{"type":"` + s.kind + `.completed","b64_json":"`)
 			enc := base64.NewEncoder(base64.StdEncoding, w)
 			enc.Write(img)
 			enc.Close()
 			w.WriteString(tail)
 		})
 	}
-	metricRequests.WithLabelValues(j.endpoint, j.model.name, "200").Inc()
 }
