@@ -242,7 +242,7 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 			g.fail(w, endpointChat, "", e)
 			return
 		}
-		if j, e = g.newEditJob(r, endpointChat, m, req.Model, prompt, src, 1); e != nil {
+		if j, e = g.newEditJob(r, endpointChat, m, req.Model, &editForm{prompt: prompt, source: src}, 1); e != nil {
 			g.fail(w, endpointChat, m.name, e)
 			return
 		}

@@ -12,6 +12,7 @@ import (
 	_ "image/jpeg"
 	_ "image/png"
 	"io"
+	"math"
 	"mime"
 	"mime/multipart"
 	"net/http"
@@ -35,6 +36,12 @@ const (
 	// prompt, a model name, a number
 	maxFormField = 64 << 10
 	maxFormParts = 32
+	// maxEditImages is how many images an edit may carry: OpenAI's limit,
+	// and what Cherry Studio sends at most. The service edits one.
+	maxEditImages = 16
+	// defaultEditSide is the side of the size sent for a source whose size
+	// the gateway does not know (a client's URL)
+	defaultEditSide = 1024
 )
 
 // sourceImage is the image an edit starts from.
@@ -45,11 +52,12 @@ type sourceImage struct {
 	width, height int // from the header; 0 when unknown
 }
 
-// editForm is a parsed /v1/images/edits request.
+// editForm is a parsed /v1/images/edits request, multipart or JSON.
 type editForm struct {
-	prompt, model, format, n string
-	stream                   bool
-	source                   *sourceImage
+	prompt, model, format, n, size string
+	stream                         bool
+	source                         *sourceImage
+	ignored                        int // images after the first (SPEC §10.1)
 }
 
 // parseEditForm reads the multipart body of /v1/images/edits as it
@@ -59,7 +67,7 @@ func (g *Gateway) parseEditForm(w http.ResponseWriter, r *http.Request) (*editFo
 	mt, params, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if err != nil || mt != "multipart/form-data" || params["boundary"] == "" {
 		return nil, &apiError{status: http.StatusUnsupportedMediaType, typ: "invalid_request_error", code: "unsupported_media_type",
-			message: "Send the edit as multipart/form-data with the image in the field 'image', as the OpenAI Images API does"}
+			message: "Send the edit as multipart/form-data with the image in the field 'image', or as application/json with 'images': [{\"image_url\": …}], as the OpenAI Images API does"}
 	}
 	// the whole body: the image plus its fields and the multipart framing
 	limit := g.MaxUpload + 1<<20
@@ -79,8 +87,17 @@ func (g *Gateway) parseEditForm(w http.ResponseWriter, r *http.Request) (*editFo
 		name := p.FormName()
 		switch name {
 		case "image", "image[]":
+			// Open WebUI sends each image as its own image[] part, Cherry
+			// Studio repeats image: the first is edited, the rest read
+			// past (SPEC §10.1)
 			if f.source != nil {
-				return nil, invalidRequest("image", "Send one image: the image service edits one image at a time")
+				if f.ignored++; f.ignored >= maxEditImages {
+					return nil, errTooManyImages("image")
+				}
+				if _, err := io.Copy(io.Discard, p); err != nil {
+					return nil, g.formError(err, limit)
+				}
+				continue
 			}
 			b, e := readLimited(p, g.MaxUpload)
 			if e != nil {
@@ -115,14 +132,20 @@ func (g *Gateway) parseEditForm(w http.ResponseWriter, r *http.Request) (*editFo
 			f.n = v
 		case "stream":
 			f.stream = v == "true" || v == "1"
+		case "size":
+			f.size = v
 		}
-		// size, quality, background, input_fidelity, output_format, user…:
-		// accepted and ignored, an edit keeps the source's size (§10.1)
+		// quality, background, input_fidelity, output_format,
+		// partial_images, user…: accepted and ignored (§10.1)
 	}
 	if f.source == nil {
 		return nil, invalidRequest("image", "'image' is required: send the image to edit as a file in the field 'image'")
 	}
 	return f, nil
+}
+
+func errTooManyImages(param string) *apiError {
+	return invalidRequest(param, fmt.Sprintf("Send at most %d images; the image service edits the first", maxEditImages))
 }
 
 func (g *Gateway) formError(err error, limit int64) *apiError {
@@ -264,23 +287,87 @@ func (g *Gateway) chatImage(req *chatRequest) (*sourceImage, *apiError) {
 			if p.Type != "image_url" || p.ImageURL == nil {
 				continue
 			}
-			u := strings.TrimSpace(p.ImageURL.URL)
-			if strings.HasPrefix(strings.ToLower(u), "data:") {
-				return decodeDataURL(u, g.MaxUpload, param)
-			}
-			if checkHTTPURL(u) != nil {
-				return nil, invalidRequest(param, "An image URL must be an http(s) or data: URL")
-			}
-			if pu, _ := url.Parse(u); pu == nil || pu.User != nil {
-				return nil, invalidRequest(param, "An image URL must not carry credentials")
-			}
-			// a client's own URL goes to the service unchanged: the
-			// gateway never fetches it (§10.3)
-			return &sourceImage{url: u}, nil
+			return g.imageFromURL(p.ImageURL.URL, param)
 		}
 		return nil, nil
 	}
 	return nil, nil
+}
+
+// imageFromURL reads the image of an edit given by URL, in chat or in a
+// JSON edit: a data: URL is decoded (and later stored), a client's own
+// http(s) URL goes to the service unchanged: the gateway never fetches it
+// (§10.3).
+func (g *Gateway) imageFromURL(u, param string) (*sourceImage, *apiError) {
+	u = strings.TrimSpace(u)
+	if strings.HasPrefix(strings.ToLower(u), "data:") {
+		return decodeDataURL(u, g.MaxUpload, param)
+	}
+	if checkHTTPURL(u) != nil {
+		return nil, invalidRequest(param, "An image URL must be an http(s) or data: URL")
+	}
+	if pu, _ := url.Parse(u); pu == nil || pu.User != nil {
+		return nil, invalidRequest(param, "An image URL must not carry credentials")
+	}
+	return &sourceImage{url: u}, nil
+}
+
+// editJSONRequest is OpenAI's JSON form of an edit (SPEC §10.1), which
+// recent SDKs send: the images by URL, never uploaded.
+type editJSONRequest struct {
+	Images []struct {
+		ImageURL json.RawMessage `json:"image_url"` // a string, or {"url": …}
+		FileID   *string         `json:"file_id"`
+	} `json:"images"`
+	Prompt         string `json:"prompt"`
+	Model          string `json:"model"`
+	N              *int   `json:"n"`
+	Size           string `json:"size"`
+	ResponseFormat string `json:"response_format"`
+	Stream         bool   `json:"stream"`
+}
+
+// parseEditJSON reads a JSON edit: the body may carry a data: URL as large
+// as max_upload, base64 and all, like a chat with an image.
+func (g *Gateway) parseEditJSON(w http.ResponseWriter, r *http.Request) (*editForm, *apiError) {
+	body, e := g.readBody(w, r, g.MaxUpload/3*4+g.MaxBody)
+	if e != nil {
+		return nil, e
+	}
+	var req editJSONRequest
+	if e := decodeJSON(body, &req); e != nil {
+		return nil, e
+	}
+	f := &editForm{prompt: strings.TrimSpace(req.Prompt), model: req.Model, format: req.ResponseFormat, size: req.Size, stream: req.Stream}
+	if req.N != nil {
+		f.n = strconv.Itoa(*req.N)
+	}
+	switch n := len(req.Images); {
+	case n == 0:
+		return nil, invalidRequest("images", "'images' is required: send the image to edit as {\"image_url\": \"https://…\" or \"data:image/png;base64,…\"}")
+	case n > maxEditImages:
+		return nil, errTooManyImages("images")
+	default:
+		f.ignored = n - 1
+	}
+	first := req.Images[0]
+	if first.FileID != nil {
+		return nil, invalidRequest("images", "Images given by file_id are not supported: this gateway has no files to refer to; send image_url with an https or data: URL")
+	}
+	var u string
+	if err := json.Unmarshal(first.ImageURL, &u); err != nil {
+		var obj struct {
+			URL string `json:"url"`
+		}
+		if json.Unmarshal(first.ImageURL, &obj) != nil || obj.URL == "" {
+			return nil, invalidRequest("images", "images[0].image_url must be an https or data: URL")
+		}
+		u = obj.URL
+	}
+	if f.source, e = g.imageFromURL(u, "images"); e != nil {
+		return nil, e
+	}
+	return f, nil
 }
 
 // editModel picks the model of an edit: the requested one if it is an edit
@@ -335,16 +422,18 @@ func formN(v string) (int, *apiError) {
 	return n, nil
 }
 
-// MarshalJSON writes the service's request body: an edit carries only the
-// instruction, the model and the source's URL (SPEC §10), a generation
-// everything else.
+// MarshalJSON writes the service's request body: an edit carries the
+// instruction, the model, the source's URL and the size (SPEC §10.1), a
+// generation everything else.
 func (u upstreamRequest) MarshalJSON() ([]byte, error) {
 	if u.ImageSource != "" {
 		return json.Marshal(struct {
 			Prompt      string `json:"prompt"`
 			ModelIndex  int    `json:"model_index"`
 			ImageSource string `json:"image_source"`
-		}{u.Prompt, u.ModelIndex, u.ImageSource})
+			Width       int    `json:"width"`
+			Height      int    `json:"height"`
+		}{u.Prompt, u.ModelIndex, u.ImageSource, u.Width, u.Height})
 	}
 	type plain upstreamRequest // without this method
 	return json.Marshal(plain(u))
@@ -352,7 +441,13 @@ func (u upstreamRequest) MarshalJSON() ([]byte, error) {
 
 // serveEdits answers POST /v1/images/edits (SPEC §10.1).
 func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
-	f, e := g.parseEditForm(w, r)
+	var f *editForm
+	var e *apiError
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt == "application/json" {
+		f, e = g.parseEditJSON(w, r)
+	} else {
+		f, e = g.parseEditForm(w, r)
+	}
 	if e != nil {
 		g.fail(w, endpointEdits, "", e)
 		return
@@ -376,7 +471,7 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointEdits, m.name, e)
 		return
 	}
-	j, e := g.newEditJob(r, endpointEdits, m, f.model, f.prompt, f.source, n)
+	j, e := g.newEditJob(r, endpointEdits, m, f.model, f, n)
 	if e != nil {
 		g.fail(w, endpointEdits, m.name, e)
 		return
@@ -385,10 +480,10 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 }
 
 // newEditJob makes the job of an edit: the instruction as the prompt (no
-// skip word, ratio or enhancement: an edit keeps the source's size), and
-// the source hosted where the service can download it (SPEC §10.3–4).
-func (g *Gateway) newEditJob(r *http.Request, endpoint string, m *model, requested, instruction string, src *sourceImage, n int) (*job, *apiError) {
-	instruction = strings.TrimSpace(g.scrub.Replace(stripControl(instruction)))
+// skip word, ratio or enhancement), the size sent to the service, and the
+// source hosted where the service can download it (SPEC §10.1–4).
+func (g *Gateway) newEditJob(r *http.Request, endpoint string, m *model, requested string, f *editForm, n int) (*job, *apiError) {
+	instruction := strings.TrimSpace(g.scrub.Replace(stripControl(f.prompt)))
 	if instruction == "" {
 		return nil, invalidRequest("prompt", "The instruction is empty: say how to edit the image")
 	}
@@ -399,23 +494,52 @@ func (g *Gateway) newEditJob(r *http.Request, endpoint string, m *model, request
 		endpoint: endpoint, model: m, requested: requested, edit: true,
 		original: instruction, cleaned: instruction, prompt: instruction,
 		enhance: enhanceSkipped, source: sourceSource,
-		width: src.width, height: src.height,
-		seed:   randomSeed(),
-		origin: requestOrigin(r),
-		client: requestClient(r),
+		ignored: f.ignored,
+		seed:    randomSeed(),
+		origin:  requestOrigin(r),
+		client:  requestClient(r),
 	}
 	if requested == "" {
 		j.requested = m.name
+	}
+	// the size asked of the service: without one it answers 512×512
+	// whatever the source (REAL-SERVICE.md)
+	w, h, e := parseSize(f.size)
+	if e != nil {
+		return nil, e
+	}
+	if w != nil {
+		j.width, j.height = fitEditSize(*w, *h)
+		j.source = sourceBody
+	} else {
+		j.width, j.height = fitEditSize(float64(f.source.width), float64(f.source.height))
 	}
 	// the client's own limit, before the source is stored (SPEC §12)
 	if e := admitClient(r, n); e != nil {
 		return nil, e
 	}
-	if e := g.hostSource(r, j, src); e != nil {
+	if e := g.hostSource(r, j, f.source); e != nil {
 		return nil, e
 	}
 	metricEnhance.WithLabelValues(enhanceSkipped).Inc()
 	return j, nil
+}
+
+// fitEditSize is the size an edit asks of the service (SPEC §10.1): w×h
+// scaled into 64…2048 on each side keeping its aspect ratio (down when a
+// side is above 2048, up when one is below 64), each side then rounded to
+// the nearest multiple of 8; 1024×1024 when the size is unknown.
+func fitEditSize(w, h float64) (int, int) {
+	if !(w > 0 && h > 0) || math.IsInf(w, 0) || math.IsInf(h, 0) {
+		return defaultEditSide, defaultEditSide
+	}
+	if s := max(w, h); s > maxSide {
+		w, h = w*maxSide/s, h*maxSide/s
+	}
+	if s := min(w, h); s < minSide {
+		w, h = w*minSide/s, h*minSide/s
+	}
+	return clampSide(w), clampSide(h)
 }
 
 // sourceSource is the ratio_source of an edit: the size is the source's.
@@ -431,7 +555,11 @@ func (g *Gateway) editMarkdown(j *job) string {
 	b.WriteString("\n\n**🖼️ Source:** <")
 	b.WriteString(autolinkURL(j.sourceURL))
 	b.WriteString(">")
-	if j.width > 0 && j.height > 0 {
+	// the returned image's size when the gateway holds it, else the size
+	// sent (§10.4): the service has answered other sizes than asked
+	if j.gotWidth > 0 {
+		writeResolution(&b, j.gotWidth, j.gotHeight)
+	} else {
 		writeResolution(&b, j.width, j.height)
 	}
 	g.writeDemoNote(&b)

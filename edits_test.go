@@ -123,7 +123,7 @@ func TestEditsSDK(t *testing.T) {
 		Prompt: "make it night",
 		Model:  "dall-e-2", // a generation model or an unknown one: the first edit model
 		N:      openai.Int(2),
-		Size:   openai.ImageEditParamsSize1024x1024, // ignored: an edit keeps the source's size
+		Size:   openai.ImageEditParamsSize1536x1024, // the size asked of the service (SPEC §10.1)
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -142,8 +142,9 @@ func TestEditsSDK(t *testing.T) {
 		if !bytes.Equal(sources[i], src) {
 			t.Errorf("call %d: the service downloaded %d bytes, not the uploaded image", i, len(sources[i]))
 		}
-		// exactly the edit body of SPEC §10: no size, steps, cfg or seed
-		if len(b) != 3 || b["prompt"] != "make it night" || b["model_index"] != float64(19) {
+		// exactly the edit body of SPEC §10.1: the size, no steps, cfg or
+		// seed
+		if len(b) != 5 || b["prompt"] != "make it night" || b["model_index"] != float64(19) || b["width"] != float64(1536) || b["height"] != float64(1024) {
 			t.Errorf("call %d body %v", i, b)
 		}
 	}
@@ -209,12 +210,12 @@ func TestEditsErrors(t *testing.T) {
 			}
 		})
 	}
-	t.Run("two images", func(t *testing.T) {
+	t.Run("seventeen images", func(t *testing.T) {
 		editSite(t, f, "on", "")
 		var b bytes.Buffer
 		mw := multipart.NewWriter(&b)
 		mw.WriteField("prompt", "x")
-		for range 2 {
+		for range maxEditImages + 1 {
 			fw, _ := mw.CreateFormFile("image[]", "a.png")
 			fw.Write(png)
 		}
@@ -237,7 +238,7 @@ func TestEditsErrors(t *testing.T) {
 	})
 	t.Run("not multipart", func(t *testing.T) {
 		editSite(t, f, "on", "")
-		status, hdr, raw := postEdit(t, "application/json", strings.NewReader(`{"prompt":"x"}`))
+		status, hdr, raw := postEdit(t, "text/plain", strings.NewReader(`{"prompt":"x"}`))
 		itWantErr(t, status, hdr, raw, http.StatusUnsupportedMediaType, "unsupported_media_type")
 	})
 	if bodies, _ := f.got(); len(bodies) != 0 {
@@ -282,7 +283,12 @@ func TestEditsInChat(t *testing.T) {
 		t.Errorf("image_source %q is not on the gateway's origin", srcURL)
 	}
 	resultURL := storeURLPattern.FindString(strings.SplitN(content, "\n", 2)[0])
-	want := "![make it night](" + resultURL + ")\n\n---\n**✏️ Edit Instruction:**\nmake it night\n\n**🖼️ Source:** <" + srcURL + ">\n**📐 Resolution:** 64×48"
+	// the resolution is the returned image's (12×8), which the store's copy
+	// shows, not the 88×64 sent for the 64×48 source
+	want := "![make it night](" + resultURL + ")\n\n---\n**✏️ Edit Instruction:**\nmake it night\n\n**🖼️ Source:** <" + srcURL + ">\n**📐 Resolution:** 12×8"
+	if bodies[0]["width"] != float64(88) || bodies[0]["height"] != float64(64) {
+		t.Errorf("size sent %v×%v, want 88×64", bodies[0]["width"], bodies[0]["height"])
+	}
 	if content != want {
 		t.Errorf("markdown\n%q\nwant\n%q", content, want)
 	}
@@ -305,8 +311,18 @@ func TestEditsInChat(t *testing.T) {
 	if hits.Load() != 0 {
 		t.Errorf("the gateway fetched the client's image URL")
 	}
-	if !strings.HasSuffix(content, "**🖼️ Source:** <"+theirs.URL+"/cat.png>") {
-		t.Errorf("markdown without a known size ends %q", content[max(0, len(content)-80):])
+	if b := bodies[len(bodies)-1]; b["width"] != float64(1024) || b["height"] != float64(1024) {
+		t.Errorf("a source of unknown size: sent %v×%v, want 1024×1024", b["width"], b["height"])
+	}
+	if !strings.HasSuffix(content, "**🖼️ Source:** <"+theirs.URL+"/cat.png>\n**📐 Resolution:** 12×8") {
+		t.Errorf("markdown ends %q", content[max(0, len(content)-80):])
+	}
+
+	// without the store the gateway never holds the result: the size sent
+	editSite(t, f, "", "")
+	content = itOK(t, chatWithImage(t, "make it red", theirs.URL+"/cat.png"))
+	if !strings.HasSuffix(content, "**🖼️ Source:** <"+theirs.URL+"/cat.png>\n**📐 Resolution:** 1024×1024") {
+		t.Errorf("markdown without the result's bytes ends %q", content[max(0, len(content)-80):])
 	}
 }
 
@@ -375,6 +391,13 @@ func TestEditsStreamingImages(t *testing.T) {
 		if b, err := base64.StdEncoding.DecodeString(c.B64JSON); err != nil || !bytes.Equal(b, f.result) || c.Size != "12x8" || c.OutputFormat != "png" || c.CreatedAt == 0 {
 			t.Errorf("event %+v (%v)", c.Size, err)
 		}
+		// every field the SDK marks as required is present (SPEC §10.5)
+		for name, f := range map[string]interface{ Valid() bool }{"b64_json": c.JSON.B64JSON, "background": c.JSON.Background, "created_at": c.JSON.CreatedAt,
+			"output_format": c.JSON.OutputFormat, "quality": c.JSON.Quality, "size": c.JSON.Size, "usage": c.JSON.Usage} {
+			if !f.Valid() {
+				t.Errorf("completed event without %s", name)
+			}
+		}
 		got++
 	}
 	if err := gen.Err(); err != nil || got != 2 {
@@ -382,18 +405,34 @@ func TestEditsStreamingImages(t *testing.T) {
 	}
 
 	edit := client.Images.EditStreaming(ctx, openai.ImageEditParams{
-		Image:  openai.ImageEditParamsImageUnion{OfFile: openai.File(bytes.NewReader(storeTestPNG(t, 10, 10)), "a.png", "image/png")},
-		Prompt: "make it night",
+		Image:         openai.ImageEditParamsImageUnion{OfFile: openai.File(bytes.NewReader(storeTestPNG(t, 10, 10)), "a.png", "image/png")},
+		Prompt:        "make it night",
+		PartialImages: openai.Int(2),
 	})
 	got = 0
 	for edit.Next() {
-		if ev := edit.Current(); ev.Type != "image_edit.completed" || ev.AsImageEditCompleted().B64JSON == "" {
+		ev := edit.Current()
+		if ev.Type != "image_edit.completed" || ev.AsImageEditCompleted().B64JSON == "" {
 			t.Fatalf("event %+v", ev.Type)
+		}
+		if c := ev.AsImageEditCompleted(); !c.JSON.Quality.Valid() || !c.JSON.Background.Valid() || c.Quality != "auto" || c.Background != "auto" {
+			t.Errorf("edit completed event: quality %q, background %q", c.Quality, c.Background)
 		}
 		got++
 	}
 	if err := edit.Err(); err != nil || got != 1 {
 		t.Fatalf("edit stream: %d events, %v", got, err)
+	}
+
+	// LibreChat's request (OpenAIImageTools.js), to a gateway whose model
+	// answers to LibreChat's hard-coded name: stream with partial_images 3;
+	// the service has none, so the completed event is all that comes
+	startCaddy(t, gatewaySite(f.fakeUpstream, nil, "model Z-Image {\n\t\talias gpt-image-1\n\t}"))
+	status, hdr, raw := do(t, http.MethodPost, "/v1/images/generations",
+		`{"model":"gpt-image-1","prompt":"a cat","n":1,"background":"auto","output_format":"png","quality":"auto","size":"auto","stream":true,"partial_images":3}`)
+	if status != 200 || !strings.HasPrefix(hdr.Get("Content-Type"), "text/event-stream") ||
+		strings.Count(string(raw), "event: image_generation.completed\n") != 1 || strings.Contains(string(raw), "partial_image") {
+		t.Errorf("LibreChat's streamed request: %d %.300s", status, raw)
 	}
 
 	// a failure after the stream began is an error event
@@ -405,7 +444,7 @@ func TestEditsStreamingImages(t *testing.T) {
 	if err := gen.Err(); err == nil || !strings.Contains(err.Error(), "boom") {
 		t.Errorf("error %v, want the service's message", err)
 	}
-	status, hdr, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","stream":true}`)
+	status, hdr, raw = do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","stream":true}`)
 	if status != 200 || !strings.HasPrefix(hdr.Get("Content-Type"), "text/event-stream") || !strings.Contains(string(raw), "event: error\ndata: {\"type\":\"error\",\"error\":{") {
 		t.Errorf("raw error stream: %d %s", status, raw)
 	}
@@ -588,7 +627,9 @@ func TestEditsPipeline(t *testing.T) {
 			line = l
 		}
 	}
-	if line == nil || line["ratio_source"] != "source" || line["enhance"] != "skipped" || line["size"] != "30x20" || line["model"] != "Qwen-Image-Edit" || line["stored"] != true {
+	// 30×20 is sent fitted (96×64); the service answered 12×8, which is logged
+	if line == nil || line["ratio_source"] != "source" || line["enhance"] != "skipped" || line["size"] != "96x64" || line["model"] != "Qwen-Image-Edit" || line["stored"] != true ||
+		line["size_sent"] != "96x64" || line["size_returned"] != "12x8" {
 		t.Errorf("generation line %v", line)
 	}
 
@@ -742,4 +783,217 @@ func TestUnitEditsUploadFitsStore(t *testing.T) {
 			t.Errorf("%s: %v", ok, err)
 		}
 	}
+}
+
+// formPart is one part of a multipart body, in order: a field, or a file
+// when data is set.
+type formPart struct {
+	name, value string
+	data        []byte
+}
+
+func orderedForm(t *testing.T, parts []formPart) (string, *bytes.Buffer) {
+	t.Helper()
+	var b bytes.Buffer
+	mw := multipart.NewWriter(&b)
+	for i, p := range parts {
+		if p.data == nil {
+			mw.WriteField(p.name, p.value)
+			continue
+		}
+		fw, err := mw.CreateFormFile(p.name, fmt.Sprintf("image-%d.png", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fw.Write(p.data)
+	}
+	mw.Close()
+	return mw.FormDataContentType(), &b
+}
+
+// Edits as the chat clients really send them (SPEC §10.1): several images
+// (the first is edited, the rest counted), and OpenAI's JSON form.
+func TestEditsClientShapes(t *testing.T) {
+	f := newEditFake(t)
+	first, second, third := storeTestPNG(t, 300, 200), storeTestPNG(t, 40, 40), storeTestPNG(t, 50, 50)
+	// a client's own image, never fetched
+	var hits atomic.Int32
+	theirs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { hits.Add(1) }))
+	defer theirs.Close()
+	jsonEdit := func(images string) func() (string, io.Reader) {
+		return func() (string, io.Reader) {
+			return "application/json", strings.NewReader(`{"model":"gpt-image-1","prompt":"add a hat","images":` + images + `,"size":"1024x1536","n":1}`)
+		}
+	}
+	form := func(parts ...formPart) func() (string, io.Reader) {
+		return func() (string, io.Reader) { return orderedForm(t, parts) }
+	}
+	dataURL := "data:image/png;base64," + base64.StdEncoding.EncodeToString(first)
+	for _, tc := range []struct {
+		name    string
+		body    func() (string, io.Reader)
+		source  []byte // what the service must download; nil: a client URL
+		srcURL  string // the client URL passed on
+		w, h    float64
+		ignored float64
+	}{
+		// Open WebUI (routers/images.py): its fields, then each image as
+		// its own image[] part
+		{"open webui", form(formPart{name: "model", value: "Qwen-Image-Edit"}, formPart{name: "prompt", value: "add a hat"}, formPart{name: "n", value: "1"},
+			formPart{name: "response_format", value: "b64_json"}, formPart{name: "image[]", data: first}, formPart{name: "image[]", data: second}), first, "", 304, 200, 1},
+		// Cherry Studio (paintings/providers/newapi): prompt, an empty
+		// model, the size, then image repeated
+		{"cherry studio", form(formPart{name: "prompt", value: "add a hat"}, formPart{name: "model", value: ""}, formPart{name: "size", value: "1024x1024"},
+			formPart{name: "image", data: first}, formPart{name: "image", data: second}, formPart{name: "image", data: third}), first, "", 1024, 1024, 2},
+		// OpenAI's JSON form: a data: URL is stored, an https URL passed on
+		{"json data url", jsonEdit(`[{"image_url":"` + dataURL + `"},{"image_url":"` + theirs.URL + `/b.png"}]`), first, "", 1024, 1536, 1},
+		{"json client url", jsonEdit(`[{"image_url":"` + theirs.URL + `/a.png"}]`), nil, theirs.URL + "/a.png", 1024, 1536, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			editSite(t, f, "on", "")
+			before, _ := f.got()
+			ct, body := tc.body()
+			status, _, raw := postEdit(t, ct, body)
+			if status != http.StatusOK {
+				t.Fatalf("%d %s", status, raw)
+			}
+			bodies, sources := f.got()
+			if len(bodies) != len(before)+1 {
+				t.Fatalf("%d service calls, want 1", len(bodies)-len(before))
+			}
+			b, src := bodies[len(bodies)-1], sources[len(sources)-1]
+			if tc.source != nil && !bytes.Equal(src, tc.source) {
+				t.Errorf("the service downloaded %d bytes, not the first image", len(src))
+			}
+			if tc.srcURL != "" && b["image_source"] != tc.srcURL {
+				t.Errorf("image_source %v, want the client's URL", b["image_source"])
+			}
+			if b["width"] != tc.w || b["height"] != tc.h {
+				t.Errorf("size sent %v×%v, want %v×%v", b["width"], b["height"], tc.w, tc.h)
+			}
+			var line map[string]any
+			for _, l := range readLog(t) {
+				if l["msg"] == "generation" && l["endpoint"] == endpointEdits {
+					line = l
+				}
+			}
+			if got, _ := line["images_ignored"].(float64); got != tc.ignored {
+				t.Errorf("images_ignored %v, want %v", line["images_ignored"], tc.ignored)
+			}
+		})
+	}
+	if hits.Load() != 0 {
+		t.Errorf("the gateway fetched a client's image URL %d times", hits.Load())
+	}
+
+	for _, tc := range []struct {
+		name, body, param string
+	}{
+		{"file_id", `{"prompt":"x","images":[{"file_id":"file-abc"}]}`, "images"},
+		{"no images", `{"prompt":"x"}`, "images"},
+		{"seventeen", `{"prompt":"x","images":[` + strings.Repeat(`{"image_url":"https://example.com/a.png"},`, maxEditImages) + `{"image_url":"https://example.com/a.png"}]}`, "images"},
+		{"javascript url", `{"prompt":"x","images":[{"image_url":"javascript:alert(1)"}]}`, "images"},
+		{"bad size", `{"prompt":"x","size":"big","images":[{"image_url":"https://example.com/a.png"}]}`, "size"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before, _ := f.got()
+			status, hdr, raw := postEdit(t, "application/json", strings.NewReader(tc.body))
+			if e := itWantErr(t, status, hdr, raw, 400, "invalid_request"); e.Param == nil || *e.Param != tc.param {
+				t.Errorf("param %v, want %q: %s", e.Param, tc.param, e.Message)
+			}
+			if after, _ := f.got(); len(after) != len(before) {
+				t.Errorf("the service was called")
+			}
+		})
+	}
+}
+
+func TestUnitEditsFitSize(t *testing.T) {
+	for _, tc := range []struct {
+		w, h         float64
+		wantW, wantH int
+	}{
+		{20, 12, 104, 64},        // SPEC §10.1: scaled up, then to multiples of 8
+		{3000, 2000, 2048, 1368}, // SPEC §10.1: scaled down
+		{1024, 1024, 1024, 1024},
+		{640, 480, 640, 480},
+		{1001, 999, 1000, 1000},
+		{10000, 10, 2048, 64}, // a sliver: each side clamped after scaling
+		{0, 0, 1024, 1024},    // unknown
+		{-5, 10, 1024, 1024},
+	} {
+		if w, h := fitEditSize(tc.w, tc.h); w != tc.wantW || h != tc.wantH {
+			t.Errorf("fitEditSize(%v, %v) = %d×%d, want %d×%d", tc.w, tc.h, w, h, tc.wantW, tc.wantH)
+		}
+	}
+}
+
+// The source of an edit that failed is deleted again, so the store is no
+// free file host (SPEC §10.3); a source whose bytes were stored before
+// stays.
+func TestEditsFailedSourceDeleted(t *testing.T) {
+	f := newEditFake(t)
+	editSite(t, f, "on", "")
+	f.mu.Lock() // the edit fake's own handler: records, downloads the source, answers
+	ok := f.fakeUpstream.handler
+	f.mu.Unlock()
+	lastSource := func() string {
+		bodies, _ := f.got()
+		return bodies[len(bodies)-1]["image_source"].(string)
+	}
+	for _, tc := range []struct {
+		name   string
+		status int
+		fail   http.HandlerFunc
+	}{
+		{"service error", 502, failWith(500, `{"error":"boom"}`)},
+		{"service busy", 429, failWith(429, `{"error":"slow down"}`)},
+		{"not an answer", 502, failWith(200, `{"success":false,"error":"bad prompt"}`)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// the fake records the call and downloads the source, then
+			// fails it
+			f.setHandler(func(w http.ResponseWriter, r *http.Request) {
+				if r.Method == http.MethodGet {
+					ok(w, r)
+					return
+				}
+				rec := httptest.NewRecorder()
+				ok(rec, r)
+				tc.fail(w, r)
+			})
+			src := storeTestPNG(t, 33+len(tc.name), 21) // bytes no other test stored
+			ct, body := multipartBody(t, [][2]string{{"prompt", "x"}}, map[string][]byte{"image": src})
+			if status, _, raw := postEdit(t, ct, body); status != tc.status {
+				t.Fatalf("%d %s, want %d", status, raw, tc.status)
+			}
+			if status, _ := getURL(t, lastSource()); status != http.StatusNotFound {
+				t.Errorf("the failed edit's source is still served: %d", status)
+			}
+		})
+	}
+
+	t.Run("bytes stored before stay", func(t *testing.T) {
+		f.setHandler(ok)
+		src := storeTestPNG(t, 77, 55)
+		ct, body := multipartBody(t, [][2]string{{"prompt", "x"}}, map[string][]byte{"image": src})
+		if status, _, raw := postEdit(t, ct, body); status != 200 {
+			t.Fatalf("%d %s", status, raw)
+		}
+		f.setHandler(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodGet {
+				ok(w, r)
+				return
+			}
+			ok(httptest.NewRecorder(), r)
+			failWith(500, `{"error":"boom"}`)(w, r)
+		})
+		ct, body = multipartBody(t, [][2]string{{"prompt", "x"}}, map[string][]byte{"image": src})
+		if status, _, raw := postEdit(t, ct, body); status != 502 {
+			t.Fatalf("%d %s", status, raw)
+		}
+		if status, b := getURL(t, lastSource()); status != 200 || !bytes.Equal(b, src) {
+			t.Errorf("a source another edit stored was deleted: %d", status)
+		}
+	})
 }

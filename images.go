@@ -167,7 +167,10 @@ func (g *Gateway) generateN(ctx context.Context, base *job, n int) ([]*job, *api
 		switch {
 		case i == 0:
 		case base.fixedSeed:
-			j.seed = (base.seed + int64(i)) % maxSeed
+			// seed, seed+1, …, wrapping past the largest seed to 1, never 0
+			if j.seed = base.seed + int64(i); j.seed >= maxSeed {
+				j.seed -= maxSeed - 1
+			}
 		default:
 			j.seed = randomSeed()
 		}

@@ -314,6 +314,9 @@ func TestImagesN(t *testing.T) {
 		{"n 2 with a seed", `{"prompt":"a cat","n":2,"seed":100}`, 2, []int64{100, 101}},
 		{"n 4 with a seed", `{"prompt":"a cat","n":4,"seed":"7"}`, 4, []int64{7, 8, 9, 10}},
 		{"n 3 random seeds", `{"prompt":"a cat","n":3}`, 3, nil},
+		// past the largest seed the count goes on at 1, never 0 (SPEC §4.5)
+		{"n 3 wrapping", `{"prompt":"a cat","n":3,"seed":2147483645}`, 3, []int64{1, 2147483645, 2147483646}},
+		{"an explicit 0 is passed on", `{"prompt":"a cat","n":2,"seed":0}`, 2, []int64{0, 1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			up := newFakeUpstream(t)

@@ -219,3 +219,21 @@ func TestUnitImageFetcherAllowed(t *testing.T) {
 		}
 	}
 }
+
+// Random seeds are drawn from [1, 2^31-1): the service fails on 0 (SPEC
+// §4.5). The source is pinned to its extremes.
+func TestUnitRandomSeedRange(t *testing.T) {
+	defer func(f func(int64) int64) { seedSource = f }(seedSource)
+	for _, tc := range []struct {
+		draw func(n int64) int64
+		want int64
+	}{
+		{func(int64) int64 { return 0 }, 1},
+		{func(n int64) int64 { return n - 1 }, maxSeed - 1},
+	} {
+		seedSource = tc.draw
+		if got := randomSeed(); got != tc.want {
+			t.Errorf("randomSeed() = %d, want %d", got, tc.want)
+		}
+	}
+}

@@ -55,12 +55,17 @@ type job struct {
 	imageURL string
 	stored   string // the store's name of the image ("<id>.<ext>"), when copied
 
-	// an edit (SPEC §10): the source's URL as given to the service, and
-	// width and height are the source's (0 when unknown)
+	// the size of the image the service returned, when the gateway held
+	// its bytes (the store's copy, a b64_json download); 0 otherwise
+	gotWidth, gotHeight int
+
+	// an edit (SPEC §10): the source's URL as given to the service; width
+	// and height are the size sent (§10.1)
 	edit            bool
 	sourceURL       string
 	sourceName      string       // the source's name in the store, when stored for the edit
 	sourceDuplicate bool         // the store held the source's bytes already
+	ignored         int          // images of the request after the one edited
 	account         string       // the account of the last attempt
 	info            upstreamInfo // points, image id and model name from the service
 	deadline        time.Time    // when the generation's time, download included, runs out
@@ -277,6 +282,15 @@ func (g *Gateway) logGeneration(j *job, status int, failure string) {
 		if failure != "" {
 			fields = append(fields, zap.String("failure", failure))
 		}
+		// the service has answered another size than asked (a public
+		// client saw 512×512 for edits sent without a size)
+		if j.gotWidth > 0 && (j.gotWidth != j.width || j.gotHeight != j.height) {
+			fields = append(fields, zap.String("size_sent", strconv.Itoa(j.width)+"x"+strconv.Itoa(j.height)),
+				zap.String("size_returned", strconv.Itoa(j.gotWidth)+"x"+strconv.Itoa(j.gotHeight)))
+		}
+		if j.ignored > 0 {
+			fields = append(fields, zap.Int("images_ignored", j.ignored))
+		}
 		if status == http.StatusOK {
 			fields = append(fields, zap.Bool("stored", j.stored != ""))
 			if id, _, ok := strings.Cut(j.stored, "."); ok {
@@ -303,8 +317,13 @@ func (g *Gateway) logGeneration(j *job, status int, failure string) {
 	}
 }
 
-// randomSeed is a fresh seed in [0, 2147483647).
-func randomSeed() int64 { return rand.Int64N(maxSeed) }
+// randomSeed is a fresh seed in [1, 2147483647): public clients of the
+// service report that seeds 0 and -1 fail there (SPEC §4.5).
+func randomSeed() int64 { return 1 + seedSource(maxSeed-1) }
+
+// seedSource draws in [0, n); a variable so that a test can draw the
+// extremes.
+var seedSource = rand.Int64N
 
 // requestOrigin is the scheme://host the client used (SPEC §9): behind a
 // proxy that terminates TLS, its X-Forwarded-Proto and X-Forwarded-Host,

@@ -836,6 +836,14 @@ func (g *Gateway) keep(ctx context.Context, r *http.Request, jobs []*job, needBy
 		return nil, release, nil
 	}
 	images, errs, release, e := g.downloadAll(ctx, jobs, needBytes)
+	if e == nil {
+		for i, j := range jobs {
+			if images[i] != nil {
+				ext, _, _ := sniffImage(images[i])
+				j.gotWidth, j.gotHeight = imageSize(images[i], ext)
+			}
+		}
+	}
 	if e != nil {
 		if needBytes {
 			return nil, func() {}, e

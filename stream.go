@@ -159,8 +159,10 @@ func (c *chatRenderer) writeStream(content string) {
 
 // imagesStream answers the Images API with "stream": true (SPEC §10.5),
 // as OpenAI's image streaming does: keep-alives while the images are made,
-// then one <kind>.completed event per image with its base64, and the
-// stream ends; a failure is an error event with the OpenAI error object.
+// then one <kind>.completed event per image with its base64 and every
+// field openai-go's completed-event types require, and the stream ends; a
+// failure is an error event with the OpenAI error object. The service has
+// no partial images: partial_images is accepted and none are sent.
 type imagesStream struct {
 	interval time.Duration
 	kind     string // image_generation or image_edit
@@ -201,7 +203,8 @@ func (s *imagesStream) write(w http.ResponseWriter, res *output) {
 			width, height = res.jobs[i].width, res.jobs[i].height
 		}
 		tail := `","created_at":` + created + `,"size":"` + strconv.Itoa(width) + "x" + strconv.Itoa(height) +
-			`","output_format":"` + format + `","usage":{"input_tokens":0,"output_tokens":0,"total_tokens":0,` +
+			`","output_format":"` + format + `","quality":"auto","background":"auto"` +
+			`,"usage":{"input_tokens":0,"output_tokens":0,"total_tokens":0,` +
 			`"input_tokens_details":{"image_tokens":0,"text_tokens":0}}}`
 		s.sse.eventWith(s.kind+".completed", func(w *bufio.Writer) {
 			w.WriteString(`{"type":"` + s.kind + `.completed","b64_json":"`)
