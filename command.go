@@ -134,7 +134,11 @@ func runZimageModels(ctx context.Context, o discoverOptions, out io.Writer) (int
 	fmt.Fprintln(out, sc.Replace(fmt.Sprintf("zimage-models: %d generations, model_index %d…%d, each %d×%d, %d steps, seed %d, prompt %q, at %s.",
 		n, o.from, o.to, discoverSide, discoverSide, t.steps, discoverSeed, discoverPrompt, where)))
 	if !o.yes {
-		fmt.Fprintf(out, "Each generation costs points on the account. Nothing was called: run again with --yes to make the %d generations.\n", n)
+		cost := "Each generation costs points on the account."
+		if t.url == demoUpstream {
+			cost = "The demo costs nothing."
+		}
+		fmt.Fprintf(out, "%s Nothing was called: run again with --yes to make the %d generations.\n", cost, n)
 		return caddy.ExitCodeSuccess, nil
 	}
 
