@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
 	"reflect"
 	"strings"
 	"testing"
@@ -210,8 +211,13 @@ func TestModelMismatchWarn(t *testing.T) {
 			t.Errorf("warning %s = %v, want %v (%v)", k, w[k], want, w)
 		}
 	}
-	line, _ := json.Marshal(w)
-	t.Logf("the warning an operator sees: %s", line)
+	// the line as Caddy writes it, for the README
+	raw, _ := os.ReadFile(logPath)
+	for _, l := range strings.Split(string(raw), "\n") {
+		if strings.Contains(l, mismatchMsg) && strings.Contains(l, "Identity-Warn") {
+			t.Logf("the warning an operator sees: %s", l)
+		}
+	}
 }
 
 // A reload is a new config load: the model warns again, once. The default
@@ -290,5 +296,40 @@ func TestModelMismatchRefuse(t *testing.T) {
 	}
 	if d := after.delta(before, "caddy_zimage_requests_total", "endpoint", "images_generations", "model", "Identity-Refuse", "code", "502"); d != 1 {
 		t.Errorf("images 502 counted %v, want 1", d)
+	}
+}
+
+// The README's model identity section: its Caddyfile adapts as written and
+// sets both sub-directives; the warning line and the command it shows are
+// the ones the code writes.
+func TestUnitReadmeModelIdentity(t *testing.T) {
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(raw), "## Model identity")
+	if !ok {
+		t.Fatal("README has no model identity section")
+	}
+	section, _, _ = strings.Cut(section, "\n## ")
+	var h struct {
+		Models []ModelConfig `json:"models"`
+	}
+	if err := json.Unmarshal(unitFindHandler(t, unitAdapt(t, fenced(t, section, "```caddy\n")), "zimage_gateway"), &h); err != nil {
+		t.Fatal(err)
+	}
+	if len(h.Models) != 2 || h.Models[0].UpstreamName != "Z-Image" || h.Models[0].OnMismatch != onMismatchRefuse || h.Models[1].UpstreamName != "Qwen Image Edit" {
+		t.Errorf("README example: %+v", h.Models)
+	}
+	// the demo's table, exactly as the command prints it
+	_, _, demo := runModels(t, discoverOptions{upstream: "demo", from: discoverFrom, to: discoverTo, yes: true})
+	if !strings.Contains(section, "$ caddy zimage-models --upstream demo --yes\n"+demo+"```") {
+		t.Errorf("README's demo output is not what the command prints:\n%s", demo)
+	}
+	for _, s := range []string{mismatchMsg, `"model_index":5,"expected":"Z-Image","actual":"RealSkin EPS 1.3"`,
+		"caddy zimage-models --config", "Dec 2025", "May 2026"} {
+		if !strings.Contains(section, s) {
+			t.Errorf("README's model identity section lacks %q", s)
+		}
 	}
 }
