@@ -163,7 +163,7 @@ func (g *Gateway) provisionModels() error {
 
 // provisionIdentity resolves upstream_name and on_mismatch (SPEC §14.1).
 func (m *model) provisionIdentity(mc ModelConfig) error {
-	switch strings.ToLower(strings.TrimSpace(mc.OnMismatch)) {
+	switch strings.TrimSpace(mc.OnMismatch) {
 	case "", onMismatchWarn:
 	case onMismatchRefuse:
 		m.refuse = true

@@ -135,6 +135,7 @@ func TestUnitModelIdentityProvision(t *testing.T) {
 		want      []string
 	}{
 		{"bad on_mismatch", `{"models":[{"name":"A","on_mismatch":"block"}]}`, []string{"model A", "on_mismatch must be warn or refuse", `"block"`}},
+		{"on_mismatch in capitals", `{"models":[{"name":"A","on_mismatch":"Refuse"}]}`, []string{"model A", "on_mismatch must be warn or refuse"}},
 		{"upstream_name of separators", `{"models":[{"name":"A","upstream_name":" - . "}]}`, []string{"model A", "upstream_name", "no letter or digit"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
