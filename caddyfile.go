@@ -75,6 +75,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        cfg <float>
 //	        negative_prompt <text>
 //	        edit
+//	        upstream_name <name>
+//	        on_mismatch warn|refuse
 //	    }
 //	    playground [<path>]
 //	}

@@ -37,7 +37,66 @@ func (demoGenerator) generate(ctx context.Context, _ string, req upstreamRequest
 		w, h = max(w, minSide), max(h, minSide)
 		return upstreamResult{imageURL: fmt.Sprintf("%s%s%dx%d.png?seed=%d&edit=1", origin, demoPath, w, h, req.Seed)}, nil
 	}
-	return upstreamResult{imageURL: fmt.Sprintf("%s%s%dx%d.png?seed=%d", origin, demoPath, req.Width, req.Height, req.Seed)}, nil
+	res := upstreamResult{imageURL: fmt.Sprintf("%s%s%dx%d.png?seed=%d", origin, demoPath, req.Width, req.Height, req.Seed)}
+	// the demo names the model that ran, as the service does, so that the
+	// identity check (SPEC §14.1) can be tried offline too
+	res.info.modelName, _ = demoMenuName(req.ModelIndex)
+	return res, nil
+}
+
+// demoMenu is the demo upstream's model menu, by model_index (SPEC §14.2):
+// made up, but shaped like the menus public clients of the service
+// reported (REAL-SERVICE.md): Z-Image at 5, RealSkin EPS 1.3 beside it,
+// the Qwen edit models at 18 and 19, video models after them. It answers
+// `caddy zimage-models --upstream demo`, and names the demo's model.
+var demoMenu = []string{
+	0:  "Animagine XL 4.0",
+	1:  "Illustrious XL 1.0",
+	2:  "NoobAI XL 1.1",
+	3:  "Pony Diffusion V6 XL",
+	4:  "RealSkin EPS 1.3",
+	5:  "Z-Image",
+	6:  "FLUX.1 dev",
+	7:  "Juggernaut XL",
+	8:  "DreamShaper XL",
+	9:  "RealVisXL 5.0",
+	10: "Kolors",
+	11: "SD 3.5 Large",
+	12: "Hunyuan DiT",
+	13: "Qwen Image",
+	14: "Counterfeit XL",
+	15: "Playground v2.5",
+	16: "Anything XL",
+	17: "Cetus-Mix XL",
+	18: "Qwen Image Edit 2509",
+	19: "Qwen Image Edit",
+	20: "wan2.1",
+	21: "wan2.2 T2V",
+	22: "wan2.2 I2V",
+}
+
+// demoVideoFrom is the first video model of demoMenu: they make no image.
+const demoVideoFrom = 20
+
+// demoMenuName is the demo menu's model at index i.
+func demoMenuName(i int) (string, bool) {
+	if i < 0 || i >= len(demoMenu) {
+		return "", false
+	}
+	return demoMenu[i], true
+}
+
+// demoProbe is the demo's answer to one discovery generation: the model's
+// name and the points it cost (none: it is a demo), or why it failed.
+func demoProbe(i int) (name string, points float64, failure string) {
+	name, ok := demoMenuName(i)
+	switch {
+	case !ok:
+		return "", 0, fmt.Sprintf("the menu has no model_index %d (it ends at %d)", i, len(demoMenu)-1)
+	case i >= demoVideoFrom:
+		return "", 0, fmt.Sprintf("%s makes videos, not images", name)
+	}
+	return name, 0, ""
 }
 
 // serveDemoImage answers GET /v1/zimage-demo/<W>x<H>.png?seed=N without

@@ -117,3 +117,17 @@ func TestDemoNotAFallback(t *testing.T) {
 		})
 	}
 }
+
+// The demo names the model of its menu in its answers, so the identity
+// check (SPEC §14.1) works offline: the default Z-Image at 5 matches.
+func TestUnitDemoNamesModel(t *testing.T) {
+	for _, tc := range []struct {
+		index int
+		want  string
+	}{{5, "Z-Image"}, {4, "RealSkin EPS 1.3"}, {19, "Qwen Image Edit"}, {99, ""}} {
+		res, ue := demoGenerator{}.generate(t.Context(), "", upstreamRequest{Width: 64, Height: 64, ModelIndex: tc.index}, "http://x")
+		if ue != nil || res.info.modelName != tc.want {
+			t.Errorf("index %d: model_name %q (%v), want %q", tc.index, res.info.modelName, ue, tc.want)
+		}
+	}
+}

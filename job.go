@@ -245,8 +245,9 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 	j.info = res.info
 	j.info.imageID, j.info.modelName = g.scrub.Replace(j.info.imageID), g.scrub.Replace(j.info.modelName)
 	// the success line is written once the image is kept (keep), so it
-	// can say where the answer's image lives
-	return nil
+	// can say where the answer's image lives; the model that ran must be
+	// the model asked for (SPEC §14.1, models.go)
+	return g.checkModel(j)
 }
 
 // upstreamRetried counts and logs a failed attempt that the account pool

@@ -81,12 +81,18 @@ var (
 		Help: "Requests answered by the zimage gateway, by client, endpoint and status code.",
 	}, []string{"client", "endpoint", "code"})
 
+	// SPEC §14.1: by the configured model name, never the service's text
+	metricModelMismatch = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "zimage", Name: "model_mismatch_total",
+		Help: "Generations whose answer named another model (data.model_name) than the model's upstream_name, by configured model.",
+	}, []string{"model"})
+
 	collectors = []prometheus.Collector{
 		metricRequests, metricGeneration, metricEnhance,
 		metricUpstreamErrors, metricInFlight, metricQueueWait,
 		metricStoreImages, metricStoreDeleted, metricStoreServed,
 		metricPointsRemaining, metricPointsUsed, metricAccountRests,
-		metricClientRequests,
+		metricClientRequests, metricModelMismatch,
 	}
 )
 

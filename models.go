@@ -7,7 +7,11 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
+	"unicode"
+
+	"go.uber.org/zap"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
@@ -41,7 +45,35 @@ type ModelConfig struct {
 	// and 19) do, and serves /v1/images/edits and chat messages with an
 	// image. Steps, cfg and negative_prompt do not apply to it.
 	Edit bool `json:"edit,omitempty"`
+
+	// UpstreamName is the image service's own name of this model, as its
+	// success answers give it in data.model_name. The service's
+	// model_index is a position in its model menu, and the menu moves
+	// (SPEC §14): after each generation the gateway compares the name the
+	// service reports with this one, and a mismatch is warned about (or
+	// refused, see OnMismatch). The two match when one contains the other
+	// once both are lower-cased and stripped of spaces, '-', '_' and '.',
+	// so "Z-Image" matches "z_image turbo". Default: "Z-Image" for the
+	// default model (when no model is configured at all), none otherwise
+	// (no check).
+	UpstreamName string `json:"upstream_name,omitempty"`
+
+	// OnMismatch is what a mismatch with UpstreamName does: "warn" logs
+	// one warning per model per config load and answers the image anyway
+	// (it has been paid for); "refuse" answers a 502 with code
+	// model_mismatch instead of the image. Both count
+	// caddy_zimage_model_mismatch_total. Default: warn.
+	OnMismatch string `json:"on_mismatch,omitempty"`
 }
+
+// The values of on_mismatch (SPEC §14.1).
+const (
+	onMismatchWarn   = "warn"
+	onMismatchRefuse = "refuse"
+)
+
+// maxMismatchRunes bounds each name the mismatch warning and error carry.
+const maxMismatchRunes = 100
 
 // model is a resolved ModelConfig.
 type model struct {
@@ -52,6 +84,14 @@ type model struct {
 	negativePrompt string
 	created        int64
 	edit           bool // an edit model (SPEC §10)
+
+	// model identity (SPEC §14.1): the service's name of the model and its
+	// normalised form ("" = no check); warned is set by the first mismatch,
+	// so that a config load warns once per model
+	upstreamName string
+	upstreamKey  string
+	refuse       bool
+	warned       atomic.Bool
 }
 
 // provisionModels fills model defaults and builds the case-insensitive index
@@ -59,7 +99,8 @@ type model struct {
 func (g *Gateway) provisionModels() error {
 	cfgs := g.Models
 	if len(cfgs) == 0 {
-		cfgs = []ModelConfig{{Name: defaultModelName}}
+		// the one default model is the service's Z-Image (SPEC §14)
+		cfgs = []ModelConfig{{Name: defaultModelName, UpstreamName: defaultModelName}}
 	}
 	now := time.Now().Unix()
 	g.models = make([]*model, 0, len(cfgs))
@@ -96,6 +137,9 @@ func (g *Gateway) provisionModels() error {
 			}
 			m.cfg = *mc.CFG
 		}
+		if err := m.provisionIdentity(mc); err != nil {
+			return err
+		}
 		for _, n := range append([]string{name}, mc.Aliases...) {
 			key := strings.ToLower(strings.TrimSpace(n))
 			if key == "" {
@@ -115,6 +159,77 @@ func (g *Gateway) provisionModels() error {
 	var err error
 	g.modelsJSON, err = json.Marshal(list)
 	return err
+}
+
+// provisionIdentity resolves upstream_name and on_mismatch (SPEC §14.1).
+func (m *model) provisionIdentity(mc ModelConfig) error {
+	switch strings.TrimSpace(mc.OnMismatch) {
+	case "", onMismatchWarn:
+	case onMismatchRefuse:
+		m.refuse = true
+	default:
+		return fmt.Errorf("zimage_gateway: model %s: on_mismatch must be warn or refuse, got %q", m.name, mc.OnMismatch)
+	}
+	m.upstreamName = strings.TrimSpace(mc.UpstreamName)
+	m.upstreamKey = modelKey(m.upstreamName)
+	if m.upstreamName != "" && m.upstreamKey == "" {
+		// a name of separators only would match every answer
+		return fmt.Errorf("zimage_gateway: model %s: upstream_name %q has no letter or digit; give the service's name of the model", m.name, mc.UpstreamName)
+	}
+	return nil
+}
+
+// modelKey is a model name as the identity check compares it: lower-cased,
+// without spaces, '-', '_' and '.'.
+func modelKey(s string) string {
+	return strings.Map(func(r rune) rune {
+		switch r {
+		case ' ', '-', '_', '.', '\t':
+			return -1
+		}
+		return unicode.ToLower(r)
+	}, s)
+}
+
+// sameModel is the match rule of SPEC §14.1: one name contains the other
+// once both are normalised, so "Z-Image" matches "z_image turbo".
+func sameModel(expected, actual string) bool {
+	a, b := modelKey(expected), modelKey(actual)
+	return strings.Contains(a, b) || strings.Contains(b, a)
+}
+
+// checkModel is the identity check of SPEC §14.1, after a success: the
+// model the service says it ran (data.model_name) against the model's
+// upstream_name. A mismatch is counted every time and warned about once
+// per model per config load; with on_mismatch refuse the image is not
+// returned (the answer is a 502 model_mismatch). An answer without a
+// model_name, or a model without an upstream_name, is not checked.
+func (g *Gateway) checkModel(j *job) *apiError {
+	m := j.model
+	actual := j.info.modelName
+	if m.upstreamKey == "" || modelKey(actual) == "" || sameModel(m.upstreamName, actual) {
+		return nil
+	}
+	metricModelMismatch.WithLabelValues(m.name).Inc()
+	// both names scrubbed, then shortened (the service's text is not ours)
+	want := truncate(g.scrub.Replace(m.upstreamName), maxMismatchRunes)
+	got := truncate(g.scrub.Replace(actual), maxMismatchRunes)
+	if m.warned.CompareAndSwap(false, true) {
+		g.logger.Warn("the image service ran another model than configured: its model menu has moved",
+			zap.String("model", m.name), zap.Int("model_index", m.modelIndex),
+			zap.String("expected", want), zap.String("actual", got),
+			zap.Bool("refused", m.refuse),
+			zap.String("fix", "run `caddy zimage-models` to list the service's menu, then set model_index (or upstream_name)"))
+	}
+	if !m.refuse {
+		return nil
+	}
+	e := &apiError{status: http.StatusBadGateway, typ: "upstream_error", code: "model_mismatch",
+		message: fmt.Sprintf("The image service's model_index %d now gives the model %q, not %q: the gateway's model %s refuses it (on_mismatch refuse). "+
+			"Set model_index of model %s to the index of %q in the service's menu (`caddy zimage-models` lists it), or set its upstream_name to %q to accept this model",
+			m.modelIndex, got, want, m.name, m.name, want, got)}
+	g.logGeneration(j, e.status, "model_mismatch")
+	return e
 }
 
 // lookupModel finds a model by name or alias, case-insensitively; an empty
@@ -170,6 +285,12 @@ func unmarshalModel(d *caddyfile.Dispenser) (ModelConfig, error) {
 			}
 		case "negative_prompt":
 			m.NegativePrompt, err = singleArg(d)
+		case "upstream_name":
+			m.UpstreamName, err = singleArg(d)
+		case "on_mismatch":
+			if m.OnMismatch, err = singleArg(d); err == nil && m.OnMismatch != onMismatchWarn && m.OnMismatch != onMismatchRefuse {
+				return m, d.Errf("zimage_gateway: model %s: invalid on_mismatch '%s': want warn or refuse", m.Name, m.OnMismatch)
+			}
 		case "edit":
 			if d.NextArg() {
 				return m, d.ArgErr()
