@@ -114,7 +114,7 @@ func TestUnitGenerateNSeeds(t *testing.T) {
 		want []int64 // nil: random and distinct
 	}{
 		{"fixed seed", ptr(int64(100)), 3, []int64{100, 101, 102}},
-		{"fixed seed wraps", ptr(int64(maxSeed - 2)), 4, []int64{0, 1, maxSeed - 2, maxSeed - 1}},
+		{"fixed seed wraps to 1, never 0", ptr(int64(maxSeed - 2)), 4, []int64{1, 2, maxSeed - 2, maxSeed - 1}},
 		{"random seeds", nil, 4, nil},
 		{"one", ptr(int64(9)), 1, []int64{9}},
 	} {
