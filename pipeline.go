@@ -11,7 +11,8 @@ import (
 // takes the steps in one order for all of them, so a new step is written
 // once:
 //
-//	enhance ─► generate (n in parallel: account, slot, retries) ─► keep ─► render
+//	enhance ─► generate (n in parallel: account, slot, retries, and the
+//	           check that the model that ran is the one asked for) ─► keep ─► render
 //
 // Streaming is a renderer that begins its answer before the work and keeps
 // the connection alive while it runs; it does not fork the pipeline.
