@@ -82,7 +82,7 @@ func (g *Gateway) parseEditForm(w http.ResponseWriter, r *http.Request) (*editFo
 			if f.source != nil {
 				return nil, invalidRequest("image", "Send one image: the image service edits one image at a time")
 			}
-			b, e := readLimited(p, g.MaxUpload)
+			b, e := readUpload(r, p, g.MaxUpload)
 			if e != nil {
 				return nil, e
 			}
@@ -266,7 +266,7 @@ func (g *Gateway) chatImage(req *chatRequest) (*sourceImage, *apiError) {
 			}
 			u := strings.TrimSpace(p.ImageURL.URL)
 			if strings.HasPrefix(strings.ToLower(u), "data:") {
-				return decodeDataURL(u, g.MaxUpload, param)
+				return req.dataURLs.dataURL(u, g.MaxUpload, param)
 			}
 			if checkHTTPURL(u) != nil {
 				return nil, invalidRequest(param, "An image URL must be an http(s) or data: URL")
@@ -311,6 +311,9 @@ func (g *Gateway) hostSource(r *http.Request, j *job, s *sourceImage) *apiError 
 			message: "Editing an uploaded image needs the image store: turn 'store' on in the zimage_gateway block, so the image service can download the source from this site"}
 	}
 	name, dup, err := g.store.put(r.Context(), s.data)
+	// from here the job holds the stored name only: the bytes are
+	// unreachable once the upload's budget is given back (uploads.go)
+	s.data = nil
 	if err != nil {
 		g.logger.Warn("storing an edit's source image failed", zap.String("error", g.scrub.Replace(err.Error())))
 		return &apiError{status: http.StatusInternalServerError, typ: "server_error", code: "store_failed",
@@ -352,6 +355,15 @@ func (u upstreamRequest) MarshalJSON() ([]byte, error) {
 
 // serveEdits answers POST /v1/images/edits (SPEC §10.1).
 func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
+	// the client's limit and the upload budget, before the body is read
+	// (uploads.go); held until the source is stored
+	limit := g.MaxUpload + 1<<20
+	up, e := g.admitUpload(r, limit, errTooLarge(limit))
+	if e != nil {
+		g.fail(w, endpointEdits, "", e)
+		return
+	}
+	defer up.release()
 	f, e := g.parseEditForm(w, r)
 	if e != nil {
 		g.fail(w, endpointEdits, "", e)
@@ -377,6 +389,8 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j, e := g.newEditJob(r, endpointEdits, m, f.model, f.prompt, f.source, n)
+	f.source = nil
+	up.release()
 	if e != nil {
 		g.fail(w, endpointEdits, m.name, e)
 		return
