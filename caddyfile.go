@@ -42,6 +42,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    image_hosts <host>...
 //	    max_downloads <n>
 //	    max_upload <size>
+//	    max_upload_memory <size>
 //	    upstream [<url>|demo] {
 //	        api_key <key>
 //	        account <name> {
@@ -133,6 +134,15 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.MaxUpload = n
+		case "max_upload_memory":
+			if err := once(opt); err != nil {
+				return err
+			}
+			n, err := parseByteSize(d, "40MiB")
+			if err != nil {
+				return err
+			}
+			g.MaxUploadMemory = n
 		case "max_prompt_length":
 			if err := once(opt); err != nil {
 				return err

@@ -31,6 +31,9 @@ type chatRequest struct {
 	CFG            *float64        `json:"cfg"`
 	Seed           json.RawMessage `json:"seed"`
 	NegativePrompt *string         `json:"negative_prompt"`
+
+	// the data: URLs the body's reader decoded in place (uploads.go)
+	dataURLs *dataURLs
 }
 
 type chatMessage struct {
@@ -212,22 +215,21 @@ func checkParams(p *jobParams) *apiError {
 // serveChat answers POST /v1/chat/completions.
 func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 	// a body with an image may be max_upload large, base64 and all
-	// (SPEC §10.2); one without is held to max_body below
-	body, e := g.readBody(w, r, max(g.MaxBody, g.MaxUpload/3*4+g.MaxBody))
-	if e != nil {
-		if e.status == http.StatusRequestEntityTooLarge {
-			e = g.errChatTooLarge()
-		}
-		g.fail(w, endpointChat, "", e)
-		return
-	}
-	req, prompt, e := decodeChat(body, g.MaxPromptLength)
+	// (SPEC §10.2); one without is held to max_body (uploads.go)
+	body, e := g.readChatBody(w, r)
 	if e != nil {
 		g.fail(w, endpointChat, "", e)
 		return
 	}
+	defer body.release()
+	req, prompt, e := decodeChat(body.json, g.MaxPromptLength)
+	if e != nil {
+		g.fail(w, endpointChat, "", e)
+		return
+	}
+	req.dataURLs = body.urls
 	src, e := g.chatImage(req)
-	if e == nil && src == nil && int64(len(body)) > g.MaxBody {
+	if e == nil && src == nil && body.upload {
 		e = g.errChatTooLarge()
 	}
 	if e != nil {
@@ -242,7 +244,10 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 			g.fail(w, endpointChat, "", e)
 			return
 		}
-		if j, e = g.newEditJob(r, endpointChat, m, req.Model, &editForm{prompt: prompt, source: src}, 1); e != nil {
+		j, e = g.newEditJob(r, endpointChat, m, req.Model, &editForm{prompt: prompt, source: src}, 1)
+		req.dataURLs, src = nil, nil
+		body.release()
+		if e != nil {
 			g.fail(w, endpointChat, m.name, e)
 			return
 		}

@@ -322,7 +322,7 @@ func requestClient(r *http.Request) *client {
 	return nil
 }
 
-// admitClient takes n of the client's generation slots for the request,
+// admitClient makes the request hold n of the client's generation slots,
 // or answers at once: a client at its max_concurrent never waits in the
 // upstream queue, where it would take other clients' places (SPEC §12).
 // The slots are given back when the request ends (finish).
@@ -332,11 +332,13 @@ func admitClient(r *http.Request, n int) *apiError {
 		return nil
 	}
 	c := rs.client
+	// n in all: an upload took one before its body was read (uploads.go)
+	need := max(0, n-rs.held)
 	limMu.Lock()
 	limit := c.lim.limitLocked()
 	// slots are taken without a limit too: a reload that sets one counts
 	// the requests already running
-	ok := (limit == 0 || n <= limit) && c.lim.takeLocked(n)
+	ok := (limit == 0 || n <= limit) && (need == 0 || c.lim.takeLocked(need))
 	limMu.Unlock()
 	switch {
 	case limit > 0 && n > limit:
@@ -345,7 +347,7 @@ func admitClient(r *http.Request, n int) *apiError {
 		return &apiError{status: http.StatusTooManyRequests, typ: "rate_limit_error", code: "rate_limit_exceeded", retryAfter: clientRetryAfter,
 			message: fmt.Sprintf("Client '%s' already runs its limit of %d generations at once; retry when one has finished", c.name, limit)}
 	}
-	rs.held += n
+	rs.held += need
 	return nil
 }
 

@@ -99,7 +99,7 @@ func (g *Gateway) parseEditForm(w http.ResponseWriter, r *http.Request) (*editFo
 				}
 				continue
 			}
-			b, e := readLimited(p, g.MaxUpload)
+			b, e := readUpload(r, p, g.MaxUpload)
 			if e != nil {
 				return nil, e
 			}
@@ -287,7 +287,12 @@ func (g *Gateway) chatImage(req *chatRequest) (*sourceImage, *apiError) {
 			if p.Type != "image_url" || p.ImageURL == nil {
 				continue
 			}
-			return g.imageFromURL(p.ImageURL.URL, param)
+			u := strings.TrimSpace(p.ImageURL.URL)
+			if strings.HasPrefix(strings.ToLower(u), "data:") {
+				// decoded in place in the body (uploads.go)
+				return req.dataURLs.dataURL(u, g.MaxUpload, param)
+			}
+			return g.imageFromURL(u, param)
 		}
 		return nil, nil
 	}
@@ -327,15 +332,27 @@ type editJSONRequest struct {
 	Stream         bool   `json:"stream"`
 }
 
-// parseEditJSON reads a JSON edit: the body may carry a data: URL as large
-// as max_upload, base64 and all, like a chat with an image.
-func (g *Gateway) parseEditJSON(w http.ResponseWriter, r *http.Request) (*editForm, *apiError) {
-	body, e := g.readBody(w, r, g.MaxUpload/3*4+g.MaxBody)
+// parseEditJSON reads a JSON edit. It is read like a chat body with an
+// image (uploads.go): a body beyond max_body is an upload, admitted before
+// it is read, its data: URLs decoded in place; the share of the budget is
+// the caller's to release once the source is stored.
+func (g *Gateway) parseEditJSON(w http.ResponseWriter, r *http.Request) (*editForm, *upload, *apiError) {
+	body, e := g.readChatBody(w, r)
 	if e != nil {
-		return nil, e
+		return nil, nil, e
 	}
+	f, e := g.decodeEditJSON(body)
+	if e != nil {
+		body.release()
+		return nil, nil, e
+	}
+	return f, body.up, nil
+}
+
+// decodeEditJSON decodes OpenAI's JSON form of an edit.
+func (g *Gateway) decodeEditJSON(body *chatBody) (*editForm, *apiError) {
 	var req editJSONRequest
-	if e := decodeJSON(body, &req); e != nil {
+	if e := decodeJSON(body.json, &req); e != nil {
 		return nil, e
 	}
 	f := &editForm{prompt: strings.TrimSpace(req.Prompt), model: req.Model, format: req.ResponseFormat, size: req.Size, stream: req.Stream}
@@ -364,7 +381,13 @@ func (g *Gateway) parseEditJSON(w http.ResponseWriter, r *http.Request) (*editFo
 		}
 		u = obj.URL
 	}
-	if f.source, e = g.imageFromURL(u, "images"); e != nil {
+	var e *apiError
+	if strings.HasPrefix(strings.ToLower(strings.TrimSpace(u)), "data:") {
+		f.source, e = body.urls.dataURL(strings.TrimSpace(u), g.MaxUpload, "images")
+	} else {
+		f.source, e = g.imageFromURL(u, "images")
+	}
+	if e != nil {
 		return nil, e
 	}
 	return f, nil
@@ -398,6 +421,9 @@ func (g *Gateway) hostSource(r *http.Request, j *job, s *sourceImage) *apiError 
 			message: "Editing an uploaded image needs the image store: turn 'store' on in the zimage_gateway block, so the image service can download the source from this site"}
 	}
 	name, dup, err := g.store.put(r.Context(), s.data)
+	// from here the job holds the stored name only: the bytes are
+	// unreachable once the upload's budget is given back (uploads.go)
+	s.data = nil
 	if err != nil {
 		g.logger.Warn("storing an edit's source image failed", zap.String("error", g.scrub.Replace(err.Error())))
 		return &apiError{status: http.StatusInternalServerError, typ: "server_error", code: "store_failed",
@@ -442,12 +468,19 @@ func (u upstreamRequest) MarshalJSON() ([]byte, error) {
 // serveEdits answers POST /v1/images/edits (SPEC §10.1).
 func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 	var f *editForm
+	var up *upload
 	var e *apiError
 	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt == "application/json" {
-		f, e = g.parseEditJSON(w, r)
+		f, up, e = g.parseEditJSON(w, r)
 	} else {
-		f, e = g.parseEditForm(w, r)
+		// the client's limit and the upload budget, before the body is
+		// read (uploads.go); held until the source is stored
+		limit := g.MaxUpload + 1<<20
+		if up, e = g.admitUpload(r, limit, errTooLarge(limit)); e == nil {
+			f, e = g.parseEditForm(w, r)
+		}
 	}
+	defer up.release()
 	if e != nil {
 		g.fail(w, endpointEdits, "", e)
 		return
@@ -472,6 +505,8 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j, e := g.newEditJob(r, endpointEdits, m, f.model, f, n)
+	f.source = nil
+	up.release()
 	if e != nil {
 		g.fail(w, endpointEdits, m.name, e)
 		return

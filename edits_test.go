@@ -997,3 +997,25 @@ func TestEditsFailedSourceDeleted(t *testing.T) {
 		}
 	})
 }
+
+// A JSON edit larger than max_body is an upload like a chat with an image:
+// admitted, and its data: URL decoded in place (uploads.go), not a 413.
+func TestEditsJSONLargeDataURL(t *testing.T) {
+	f := newEditFake(t)
+	editSite(t, f, "on", "max_body 4KiB")
+	src := paddedPNG(t, 40<<10)
+	body := `{"prompt":"add a hat","images":[{"image_url":"data:image/png;base64,` + base64.StdEncoding.EncodeToString(src) + `"}]}`
+	if _, x := extractDataURLs([]byte(body)); x == nil || len(x.images) != 1 || !bytes.Equal(x.images[0], src) {
+		t.Errorf("the JSON edit's data: URL is not decoded in place")
+	}
+	status, _, raw := postEdit(t, "application/json", strings.NewReader(body))
+	if status != http.StatusOK {
+		t.Fatalf("%d %s", status, raw)
+	}
+	if _, sources := f.got(); !bytes.Equal(sources[len(sources)-1], src) {
+		t.Errorf("the service did not get the image")
+	}
+	// and a text body that large without an image is a 413
+	status, hdr, raw := postEdit(t, "application/json", strings.NewReader(`{"prompt":"`+strings.Repeat("a", 8<<10)+`"}`))
+	itWantErr(t, status, hdr, raw, http.StatusRequestEntityTooLarge, "request_too_large")
+}

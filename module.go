@@ -82,6 +82,12 @@ type Gateway struct {
 	// answered with 413. Default: 20 MiB.
 	MaxUpload int64 `json:"max_upload,omitempty"`
 
+	// MaxUploadMemory is the most bytes of uploads (edits, and chat bodies
+	// with an image) held in memory at once, while they are read, decoded
+	// and stored; an upload that does not fit waits up to the upstream's
+	// queue_timeout, then is answered 429. Default: twice max_upload.
+	MaxUploadMemory int64 `json:"max_upload_memory,omitempty"`
+
 	// MaxPromptLength is the longest prompt accepted, in characters (runes);
 	// longer prompts are answered with 400. Default: 20000.
 	MaxPromptLength int `json:"max_prompt_length,omitempty"`
@@ -128,6 +134,7 @@ type Gateway struct {
 	fetcher    *imageFetcher
 	enhancer   *enhancer
 	store      *imageStore // nil when the store is off
+	uploads    *uploadBudget
 	playground *playground // nil: off
 	scrub      *scrubber
 	logger     *zap.Logger
@@ -198,6 +205,10 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if err := g.provisionStore(ctx, resolve); err != nil {
+		return err
+	}
+	// after the upstream: an upload waits its queue_timeout (uploads.go)
+	if err := g.provisionUploads(); err != nil {
 		return err
 	}
 	// an edit's upload is stored so that the service can fetch it (§10.3)

@@ -1,0 +1,274 @@
+// Command uploadmem measures how much a burst of uploads raises the
+// gateway's memory (issue 15, item 2): CLIENTS simultaneous edits of a
+// valid PNG of about 19 MiB (-mode edits: multipart /v1/images/edits), or
+// chats whose last user message carries a PNG of about 14 MiB as a data:
+// URL (-mode chat), against a fake image service that takes -delay per
+// call, with the store on a file_system. It starts the given Caddy binary,
+// samples the process's RSS while the burst runs, and prints the
+// baseline, the peak, the rise and how the requests were answered.
+//
+//	go build -o /tmp/caddy ./cmd/caddy
+//	go run ./bench/uploadmem -caddy /tmp/caddy -mode edits
+//	go run ./bench/uploadmem -caddy /tmp/caddy -mode chat
+package main
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"image"
+	"image/png"
+	"io"
+	"mime/multipart"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+func main() {
+	caddyBin := flag.String("caddy", "", "Caddy binary with the zimage_gateway module (go build ./cmd/caddy)")
+	mode := flag.String("mode", "edits", "edits (multipart uploads) or chat (data: URLs)")
+	clients := flag.Int("clients", 30, "simultaneous requests")
+	side := flag.Int("side", 0, "the PNG's width and height in pixels; default 2600 (edits, ~19 MiB) or 2200 (chat, ~14 MiB)")
+	maxConc := flag.Int("max-concurrent", 4, "the upstream's max_concurrent")
+	delay := flag.Duration("delay", 3*time.Second, "how long a generation takes")
+	extra := flag.String("extra", "", "more lines for the zimage_gateway block (e.g. max_upload_memory 64MiB)")
+	flag.Parse()
+	if *caddyBin == "" {
+		fail("-caddy is required")
+	}
+	if *side == 0 {
+		*side = map[bool]int{true: 2200, false: 2600}[*mode == "chat"]
+	}
+	src := noisePNG(*side)
+
+	// the image service: an edit answers, after delay, with a small PNG it
+	// serves itself (which the store copies)
+	result := noisePNG(16)
+	var calls atomic.Int64
+	fake := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet {
+			w.Header().Set("Content-Type", "image/png")
+			w.Write(result)
+			return
+		}
+		calls.Add(1)
+		io.Copy(io.Discard, r.Body)
+		time.Sleep(*delay)
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"success":true,"data":{"image_url":"http://%s/edited-%d.png"}}`, r.Host, calls.Load())
+	})}
+	fl, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err)
+	go fake.Serve(fl)
+
+	port := freePort()
+	dir, err := os.MkdirTemp("", "uploadmem-")
+	check(err)
+	defer os.RemoveAll(dir)
+	cfg := fmt.Sprintf(`{
+	admin off
+	log {
+		level ERROR
+	}
+}
+http://127.0.0.1:%d {
+	zimage_gateway {
+		api_key sk-bench
+		upstream http://%s/api/v1/generate_image {
+			api_key sd-bench
+			max_concurrent %d
+			timeout 120s
+		}
+		enhance off
+		model Z-Image
+		model Edit {
+			model_index 19
+			edit
+		}
+		store {
+			storage file_system %s
+		}
+		%s
+	}
+}
+`, port, fl.Addr(), *maxConc, filepath.Join(dir, "store"), *extra)
+	cf := filepath.Join(dir, "Caddyfile")
+	check(os.WriteFile(cf, []byte(cfg), 0o600))
+	cmd := exec.Command(*caddyBin, "run", "--config", cf, "--adapter", "caddyfile")
+	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	check(cmd.Start())
+	defer cmd.Process.Kill()
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(base)
+
+	// one body, built beforehand and sent by every request, so the
+	// clients' own work is not in the measured time
+	var ct, path string
+	var body []byte
+	switch *mode {
+	case "edits":
+		var b bytes.Buffer
+		mw := multipart.NewWriter(&b)
+		mw.WriteField("prompt", "make it night")
+		fw, _ := mw.CreateFormFile("image", "source.png")
+		fw.Write(src)
+		mw.Close()
+		ct, path, body = mw.FormDataContentType(), "/v1/images/edits", b.Bytes()
+	case "chat":
+		msg := map[string]any{"role": "user", "content": []any{
+			map[string]any{"type": "text", "text": "make it night"},
+			map[string]any{"type": "image_url", "image_url": map[string]any{"url": "data:image/png;base64," + base64.StdEncoding.EncodeToString(src)}},
+		}}
+		body, _ = json.Marshal(map[string]any{"model": "Z-Image", "messages": []any{msg}})
+		ct, path = "application/json", "/v1/chat/completions"
+	default:
+		fail("-mode is edits or chat")
+	}
+	send := func() (int, error) {
+		req, _ := http.NewRequest(http.MethodPost, base+path, bytes.NewReader(body))
+		req.Header.Set("Authorization", "Bearer sk-bench")
+		req.Header.Set("Content-Type", ct)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 300))
+		if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusTooManyRequests {
+			return resp.StatusCode, fmt.Errorf("status %d: %s", resp.StatusCode, msg)
+		}
+		return resp.StatusCode, nil
+	}
+
+	// warm up: one request of the same shape
+	if code, err := send(); err != nil || code != http.StatusOK {
+		fail(fmt.Sprintf("warm-up: %d %v", code, err))
+	}
+	time.Sleep(500 * time.Millisecond)
+	baseline := rss(cmd.Process.Pid)
+
+	var peak atomic.Int64
+	stop := make(chan struct{})
+	var sampler sync.WaitGroup
+	sampler.Add(1)
+	go func() {
+		defer sampler.Done()
+		for {
+			if v := rss(cmd.Process.Pid); v > peak.Load() {
+				peak.Store(v)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+	start := time.Now()
+	var wg sync.WaitGroup
+	var ok, limited, bad atomic.Int64
+	var firstErr atomic.Value
+	for range *clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			code, err := send()
+			switch {
+			case err != nil:
+				bad.Add(1)
+				firstErr.CompareAndSwap(nil, err.Error())
+			case code == http.StatusOK:
+				ok.Add(1)
+			default:
+				limited.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	wall := time.Since(start)
+	close(stop)
+	sampler.Wait()
+	fmt.Printf("mode=%s clients=%d image=%.1fMiB body=%.1fMiB max_concurrent=%d delay=%v: %d ok, %d 429, %d other in %.1fs; RSS baseline %.1f MB, peak %.1f MB, rise %.1f MB\n",
+		*mode, *clients, float64(len(src))/(1<<20), float64(len(body))/(1<<20), *maxConc, *delay,
+		ok.Load(), limited.Load(), bad.Load(), wall.Seconds(), mb(baseline), mb(peak.Load()), mb(peak.Load()-baseline))
+	if v := firstErr.Load(); v != nil {
+		fmt.Println("first error:", v)
+	}
+	if bad.Load() > 0 {
+		os.Exit(1)
+	}
+}
+
+// noisePNG is a valid side×side PNG that does not compress: random RGB
+// pixels, stored without compression (about 3 bytes a pixel).
+func noisePNG(side int) []byte {
+	img := image.NewRGBA(image.Rect(0, 0, side, side))
+	rand.Read(img.Pix)
+	for i := 3; i < len(img.Pix); i += 4 {
+		img.Pix[i] = 0xff // opaque: encoded as RGB
+	}
+	var b bytes.Buffer
+	check((&png.Encoder{CompressionLevel: png.NoCompression}).Encode(&b, img))
+	return b.Bytes()
+}
+
+// rss is the process's resident set in bytes (VmRSS).
+func rss(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+func waitUp(base string) {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if resp, err := http.Get(base + "/v1/models"); err == nil {
+			resp.Body.Close()
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	fail("Caddy did not start")
+}
+
+func freePort() int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func mb(b int64) float64 { return float64(b) / 1e6 }
+
+func check(err error) {
+	if err != nil {
+		fail(err.Error())
+	}
+}
+
+func fail(msg string) {
+	fmt.Fprintln(os.Stderr, "uploadmem:", msg)
+	os.Exit(1)
+}
