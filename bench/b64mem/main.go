@@ -28,6 +28,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/caddy-zimage/caddy-zimage/bench/internal/proc"
 )
 
 func main() {
@@ -40,7 +42,7 @@ func main() {
 	proxy := flag.Bool("reverse-proxy", false, "measure Caddy's reverse_proxy passing the same images instead (n GETs per client)")
 	flag.Parse()
 	if *caddyBin == "" {
-		fail("-caddy is required")
+		proc.Fail("-caddy is required")
 	}
 
 	// one image, served for every URL: a PNG signature and random bytes
@@ -62,12 +64,12 @@ func main() {
 		fmt.Fprintf(w, `{"success":true,"data":{"image_url":"http://%s/img.png"}}`, r.Host)
 	})}
 	fl, err := net.Listen("tcp", "127.0.0.1:0")
-	check(err)
+	proc.Check(err)
 	go fake.Serve(fl)
 
-	port := freePort()
+	port := proc.FreePort()
 	dir, err := os.MkdirTemp("", "b64mem-")
-	check(err)
+	proc.Check(err)
 	defer os.RemoveAll(dir)
 	site := fmt.Sprintf(`reverse_proxy %s`, fl.Addr())
 	if !*proxy {
@@ -93,15 +95,15 @@ http://127.0.0.1:%d {
 }
 `, port, site, fl.Addr(), *maxConc)
 	cf := filepath.Join(dir, "Caddyfile")
-	check(os.WriteFile(cf, []byte(cfg), 0o600))
+	proc.Check(os.WriteFile(cf, []byte(cfg), 0o600))
 	cmd := exec.Command(*caddyBin, "run", "--config", cf, "--adapter", "caddyfile")
 	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	check(cmd.Start())
+	proc.Check(cmd.Start())
 	defer cmd.Process.Kill()
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	waitUp(base)
+	proc.WaitUp(base)
 
 	// warm up: one request of the same shape, so the baseline includes the
 	// code paths, pools and TLS-free connections a steady gateway has
@@ -110,10 +112,10 @@ http://127.0.0.1:%d {
 		post = func(base, _ string, n int, img []byte) error { return getN(base, n, img) }
 	}
 	if err := post(base, body, *n, img); err != nil {
-		fail("warm-up: " + err.Error())
+		proc.Fail("warm-up: " + err.Error())
 	}
 	time.Sleep(500 * time.Millisecond)
-	baseline := rss(cmd.Process.Pid)
+	baseline := proc.RSS(cmd.Process.Pid)
 
 	var peak atomic.Int64
 	stop := make(chan struct{})
@@ -122,7 +124,7 @@ http://127.0.0.1:%d {
 	go func() {
 		defer sampler.Done()
 		for {
-			if v := rss(cmd.Process.Pid); v > peak.Load() {
+			if v := proc.RSS(cmd.Process.Pid); v > peak.Load() {
 				peak.Store(v)
 			}
 			select {
@@ -155,7 +157,7 @@ http://127.0.0.1:%d {
 	rise := peak.Load() - baseline
 	fmt.Printf("clients=%d n=%d image=%.1fMiB max_concurrent=%d: %d/%d answered in full in %.1fs; downloads %d; RSS baseline %.1f MB, peak %.1f MB, rise %.1f MB\n",
 		*clients, *n, float64(*size)/(1<<20), *maxConc, ok.Load(), *clients, wall.Seconds(), downloads.Load()-int64(*n),
-		mb(baseline), mb(peak.Load()), mb(rise))
+		proc.MB(baseline), proc.MB(peak.Load()), proc.MB(rise))
 	if v := firstErr.Load(); v != nil {
 		fmt.Println("first error:", v)
 	}
@@ -224,51 +226,4 @@ func postB64(base, body string, n int, img []byte) error {
 		}
 	}
 	return nil
-}
-
-// rss is the process's resident set in bytes (VmRSS).
-func rss(pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			return kb << 10
-		}
-	}
-	return 0
-}
-
-func waitUp(base string) {
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if resp, err := http.Get(base + "/v1/models"); err == nil {
-			resp.Body.Close()
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	fail("Caddy did not start")
-}
-
-func freePort() int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	check(err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-func mb(b int64) float64 { return float64(b) / 1e6 }
-
-func check(err error) {
-	if err != nil {
-		fail(err.Error())
-	}
-}
-
-func fail(msg string) {
-	fmt.Fprintln(os.Stderr, "b64mem:", msg)
-	os.Exit(1)
 }

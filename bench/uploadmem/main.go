@@ -28,12 +28,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/caddy-zimage/caddy-zimage/bench/internal/proc"
 )
 
 func main() {
@@ -46,7 +46,7 @@ func main() {
 	extra := flag.String("extra", "", "more lines for the zimage_gateway block (e.g. max_upload_memory 64MiB)")
 	flag.Parse()
 	if *caddyBin == "" {
-		fail("-caddy is required")
+		proc.Fail("-caddy is required")
 	}
 	if *side == 0 {
 		*side = map[bool]int{true: 2200, false: 2600}[*mode == "chat"]
@@ -70,12 +70,12 @@ func main() {
 		fmt.Fprintf(w, `{"success":true,"data":{"image_url":"http://%s/edited-%d.png"}}`, r.Host, calls.Load())
 	})}
 	fl, err := net.Listen("tcp", "127.0.0.1:0")
-	check(err)
+	proc.Check(err)
 	go fake.Serve(fl)
 
-	port := freePort()
+	port := proc.FreePort()
 	dir, err := os.MkdirTemp("", "uploadmem-")
-	check(err)
+	proc.Check(err)
 	defer os.RemoveAll(dir)
 	cfg := fmt.Sprintf(`{
 	admin off
@@ -105,15 +105,15 @@ http://127.0.0.1:%d {
 }
 `, port, fl.Addr(), *maxConc, filepath.Join(dir, "store"), *extra)
 	cf := filepath.Join(dir, "Caddyfile")
-	check(os.WriteFile(cf, []byte(cfg), 0o600))
+	proc.Check(os.WriteFile(cf, []byte(cfg), 0o600))
 	cmd := exec.Command(*caddyBin, "run", "--config", cf, "--adapter", "caddyfile")
 	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	check(cmd.Start())
+	proc.Check(cmd.Start())
 	defer cmd.Process.Kill()
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	waitUp(base)
+	proc.WaitUp(base)
 
 	// one body, built beforehand and sent by every request, so the
 	// clients' own work is not in the measured time
@@ -136,7 +136,7 @@ http://127.0.0.1:%d {
 		body, _ = json.Marshal(map[string]any{"model": "Z-Image", "messages": []any{msg}})
 		ct, path = "application/json", "/v1/chat/completions"
 	default:
-		fail("-mode is edits or chat")
+		proc.Fail("-mode is edits or chat")
 	}
 	send := func() (int, error) {
 		req, _ := http.NewRequest(http.MethodPost, base+path, bytes.NewReader(body))
@@ -156,10 +156,10 @@ http://127.0.0.1:%d {
 
 	// warm up: one request of the same shape
 	if code, err := send(); err != nil || code != http.StatusOK {
-		fail(fmt.Sprintf("warm-up: %d %v", code, err))
+		proc.Fail(fmt.Sprintf("warm-up: %d %v", code, err))
 	}
 	time.Sleep(500 * time.Millisecond)
-	baseline := rss(cmd.Process.Pid)
+	baseline := proc.RSS(cmd.Process.Pid)
 
 	var peak atomic.Int64
 	stop := make(chan struct{})
@@ -168,7 +168,7 @@ http://127.0.0.1:%d {
 	go func() {
 		defer sampler.Done()
 		for {
-			if v := rss(cmd.Process.Pid); v > peak.Load() {
+			if v := proc.RSS(cmd.Process.Pid); v > peak.Load() {
 				peak.Store(v)
 			}
 			select {
@@ -204,7 +204,7 @@ http://127.0.0.1:%d {
 	sampler.Wait()
 	fmt.Printf("mode=%s clients=%d image=%.1fMiB body=%.1fMiB max_concurrent=%d delay=%v: %d ok, %d 429, %d other in %.1fs; RSS baseline %.1f MB, peak %.1f MB, rise %.1f MB\n",
 		*mode, *clients, float64(len(src))/(1<<20), float64(len(body))/(1<<20), *maxConc, *delay,
-		ok.Load(), limited.Load(), bad.Load(), wall.Seconds(), mb(baseline), mb(peak.Load()), mb(peak.Load()-baseline))
+		ok.Load(), limited.Load(), bad.Load(), wall.Seconds(), proc.MB(baseline), proc.MB(peak.Load()), proc.MB(peak.Load()-baseline))
 	if v := firstErr.Load(); v != nil {
 		fmt.Println("first error:", v)
 	}
@@ -222,53 +222,6 @@ func noisePNG(side int) []byte {
 		img.Pix[i] = 0xff // opaque: encoded as RGB
 	}
 	var b bytes.Buffer
-	check((&png.Encoder{CompressionLevel: png.NoCompression}).Encode(&b, img))
+	proc.Check((&png.Encoder{CompressionLevel: png.NoCompression}).Encode(&b, img))
 	return b.Bytes()
-}
-
-// rss is the process's resident set in bytes (VmRSS).
-func rss(pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			return kb << 10
-		}
-	}
-	return 0
-}
-
-func waitUp(base string) {
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if resp, err := http.Get(base + "/v1/models"); err == nil {
-			resp.Body.Close()
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	fail("Caddy did not start")
-}
-
-func freePort() int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	check(err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-func mb(b int64) float64 { return float64(b) / 1e6 }
-
-func check(err error) {
-	if err != nil {
-		fail(err.Error())
-	}
-}
-
-func fail(msg string) {
-	fmt.Fprintln(os.Stderr, "uploadmem:", msg)
-	os.Exit(1)
 }
