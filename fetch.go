@@ -223,6 +223,11 @@ func (g *Gateway) download(ctx context.Context, j *job) ([]byte, *apiError) {
 		}
 		return nil, fail(describeNetErr("the image host", err)+" while sending the image", err)
 	}
+	// the same check as the store's (issue 15 item 5): a Content-Type of
+	// image/png over an HTML page is no image, for b64_json either
+	if _, err := checkImage(b); err != nil {
+		return nil, fail("the image host answered "+err.Error(), nil)
+	}
 	return b, nil
 }
 

@@ -3,7 +3,10 @@ package zimage
 import (
 	"encoding/base64"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -97,5 +100,57 @@ func TestFetchDownloadTimeout(t *testing.T) {
 	// the 1s timeout, not the old fixed 60s (generous for a loaded machine)
 	if elapsed > 20*time.Second {
 		t.Errorf("the answer took %v with a 1s upstream timeout", elapsed)
+	}
+}
+
+// TestFetchOneImageCheck: b64_json and the store's copy decide alike
+// whether the image host's bytes are an image (issue 15, items 4 and 5):
+// an HTML page served as image/png, or a PNG signature before a header
+// that does not parse, is a 502 for b64_json (never a 200 with the page
+// base64-encoded) and no copy in the store (the answer keeps the
+// service's URL).
+func TestFetchOneImageCheck(t *testing.T) {
+	up := newFakeUpstream(t)
+	var body atomic.Value
+	up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet {
+			w.Header().Set("Content-Type", "image/png")
+			w.Write(body.Load().([]byte))
+			return
+		}
+		writeUpstreamOK(w, up.URL+"/img/1.png")
+	})
+	dir := t.TempDir()
+	startCaddy(t, gatewaySite(up, nil, "store {\n\t\tstorage file_system "+dir+"\n\t}"))
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		want string // in the 502's message
+	}{
+		{"html as image/png", []byte("<!doctype html><html><body>login</body></html>"), "not a PNG, JPEG, WebP or GIF"},
+		{"png signature, garbage header", []byte("\x89PNG\r\n\x1a\n<html><body>login</body></html>"), "header does not parse"},
+		{"png declaring 100000×100000", pngHeader(100000, 100000), "more than 16384 per side"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			body.Store(tc.b)
+			status, hdr, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","response_format":"b64_json"}`)
+			e := itWantErr(t, status, hdr, raw, http.StatusBadGateway, "image_download_failed")
+			if !strings.Contains(e.Message, tc.want) {
+				t.Errorf("message %q, want %q", e.Message, tc.want)
+			}
+			status, _, raw = do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat"}`)
+			if status != http.StatusOK || parseImages(t, raw).Data[0].URL != up.URL+"/img/1.png" {
+				t.Errorf("url answer: %d %s; want the service's URL (no copy)", status, raw)
+			}
+		})
+	}
+	if entries, _ := os.ReadDir(filepath.Join(dir, "zimage", "images")); len(entries) != 0 {
+		t.Errorf("%d files stored, want none", len(entries))
+	}
+	// the control: a real image passes both ways
+	body.Store(imagesPNG(3))
+	status, _, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","response_format":"b64_json"}`)
+	if status != http.StatusOK {
+		t.Fatalf("a real PNG: %d %s", status, raw)
 	}
 }
