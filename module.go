@@ -184,6 +184,7 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	g.accounts.retried = g.upstreamRetried
 	// every account's key, as every client's (SPEC §11.5, §12)
 	secrets = append(secrets, g.accounts.keys()...)
+	secrets = append(secrets, proxySecrets(up.ForwardProxyURL)...) // SPEC §11.6
 	enh, err := g.provisionEnhance(resolve)
 	if err != nil {
 		return err
@@ -194,7 +195,7 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	g.enhancer = enh
 	g.scrub = newScrubber(secrets)
 
-	if err := g.provisionFetcher(up.URL); err != nil {
+	if err := g.provisionFetcher(up); err != nil {
 		return err
 	}
 	if err := g.provisionStore(ctx, resolve); err != nil {
