@@ -212,7 +212,7 @@ func TestUnitProxyProvision(t *testing.T) {
 			t.Errorf("proxy for a loopback target: %v, %v", u, err)
 		}
 	}
-	if !g.scrub.contains("x " + testProxyPass) || !g.scrub.contains(base64.StdEncoding.EncodeToString([]byte("u:"+testProxyPass))) {
+	if !g.scrub.contains("x "+testProxyPass) || !g.scrub.contains(base64.StdEncoding.EncodeToString([]byte("u:"+testProxyPass))) {
 		t.Error("the proxy's password is not a secret of the scrubber")
 	}
 
