@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
 	"reflect"
 	"strings"
 	"sync"
@@ -250,5 +251,32 @@ func TestUnitProxyCaddyfile(t *testing.T) {
 		if err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(src)); err == nil {
 			t.Errorf("%q parsed", src)
 		}
+	}
+}
+
+// The README's "Reaching the service" section: both Caddyfiles adapt as
+// written, one with forward_proxy_url, one with a relay as the upstream.
+func TestUnitReadmeReachingTheService(t *testing.T) {
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(raw), "### Reaching the service")
+	if !ok {
+		t.Fatal("README has no Reaching the service section")
+	}
+	section, _, _ = strings.Cut(section, "\n### ")
+	var adapted []string
+	for rest := section; ; {
+		var block string
+		if _, rest, ok = strings.Cut(rest, "```caddy\n"); !ok {
+			break
+		}
+		block, rest, _ = strings.Cut(rest, "```")
+		adapted = append(adapted, string(unitAdapt(t, block)))
+	}
+	if len(adapted) != 2 || !strings.Contains(adapted[0], `"forward_proxy_url":"{env.ZIMAGE_PROXY_URL}"`) ||
+		!strings.Contains(adapted[1], `"url":"https://zimage-relay.example.workers.dev/api/v1/generate_image"`) {
+		t.Errorf("adapted %d blocks: %s", len(adapted), adapted)
 	}
 }
