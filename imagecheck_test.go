@@ -102,3 +102,31 @@ func TestUnitCheckImage(t *testing.T) {
 		})
 	}
 }
+
+// FuzzCheckImage: any bytes, as an image host or a client may send them:
+// checkImage never panics, and what it accepts has a known format and a
+// size within the bound, which the edit and store paths agree with.
+func FuzzCheckImage(f *testing.F) {
+	f.Add(pngHeader(64, 64))
+	f.Add(pngHeader(100000, 1))
+	f.Add(webpVP8X(512, 256))
+	f.Add(webpVP8L(1, 1))
+	f.Add([]byte("GIF89a\x01\x00\x01\x00\x80\x00\x00"))
+	f.Add([]byte("\xff\xd8\xff\xe0\x00\x10JFIF"))
+	f.Add([]byte("RIFF\x00\x00\x00\x00WEBPVP8 \x00\x00\x00\x00\x00\x00\x00\x9d\x01\x2a"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		info, err := checkImage(b)
+		if err != nil {
+			return
+		}
+		if ext, _, ok := sniffImage(b); !ok || ext != info.ext {
+			t.Fatalf("accepted as %q, sniffed as %q", info.ext, ext)
+		}
+		if info.width < 1 || info.height < 1 || info.width > maxImageSide || info.height > maxImageSide {
+			t.Fatalf("accepted %d×%d", info.width, info.height)
+		}
+		if _, e := checkSource(b, "image"); (e == nil) == (info.ext == "gif") {
+			t.Fatalf("an edit source decision differs for %s: %+v", info.ext, e)
+		}
+	})
+}
