@@ -39,7 +39,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    stream_keepalive <duration>
 //	    max_body <size>
 //	    max_prompt_length <n>
-//	    image_hosts <host>...
+//	    image_hosts <host>[:<port>]|<scheme>://<host>[:<port>]...
 //	    max_downloads <n>
 //	    max_upload <size>
 //	    max_upload_memory <size>
@@ -54,6 +54,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        max_concurrent <n>
 //	        queue_timeout <duration>
 //	        retries <n>
+//	        forward_proxy_url <url>
 //	    }
 //	    enhance [off] {
 //	        api_key <key>

@@ -3,14 +3,9 @@ package zimage
 import (
 	"bytes"
 	"encoding/base64"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"image"
-	_ "image/gif" // DecodeConfig of the formats the service may answer
-	_ "image/jpeg"
-	_ "image/png"
 	"io"
 	"math"
 	"mime"
@@ -179,56 +174,18 @@ func errUploadTooLarge(limit int64) *apiError {
 		message: "The image is larger than the limit of " + formatBytes(limit) + " (max_upload)"}
 }
 
-// checkSource accepts PNG, JPEG and WebP by their signature (SPEC §10.1)
-// and reads the size from the header, never the pixels: a header that
-// claims 100000×100000 costs nothing.
+// checkSource accepts PNG, JPEG and WebP (SPEC §10.1) that pass the one
+// image check of every stored image (checkImage: signature, a header that
+// parses, a sane size), reading the size from the header, never the pixels.
 func checkSource(b []byte, param string) (*sourceImage, *apiError) {
-	ext, _, ok := sniffImage(b)
-	if !ok || ext == "gif" {
-		return nil, invalidRequest(param, "The image must be a PNG, JPEG or WebP file")
+	info, err := checkImage(b)
+	if err == nil && info.ext == "gif" {
+		err = errors.New("GIF is not a format the image service edits")
 	}
-	s := &sourceImage{data: b, ext: ext}
-	s.width, s.height = imageSize(b, ext)
-	return s, nil
-}
-
-// imageSize reads an image's dimensions from its header; 0, 0 when the
-// header does not say.
-func imageSize(b []byte, ext string) (int, int) {
-	if ext == "webp" {
-		return webpSize(b)
+	if err != nil {
+		return nil, invalidRequest(param, "The image must be a PNG, JPEG or WebP file: "+err.Error())
 	}
-	c, _, err := image.DecodeConfig(bytes.NewReader(b))
-	if err != nil || c.Width <= 0 || c.Height <= 0 {
-		return 0, 0
-	}
-	return c.Width, c.Height
-}
-
-// webpSize reads the canvas size of a WebP file: the standard library has
-// no WebP decoder, and the three chunk kinds each say it their own way.
-func webpSize(b []byte) (int, int) {
-	if len(b) < 30 {
-		return 0, 0
-	}
-	chunk := b[12:16]
-	d := b[20:]
-	switch string(chunk) {
-	case "VP8X": // extended: 24-bit canvas width-1 and height-1
-		return 1 + int(d[4]) | int(d[5])<<8 | int(d[6])<<16, 1 + int(d[7]) | int(d[8])<<8 | int(d[9])<<16
-	case "VP8L": // lossless: signature 0x2f, then 14-bit width-1 and height-1
-		if d[0] != 0x2f {
-			return 0, 0
-		}
-		v := binary.LittleEndian.Uint32(d[1:5])
-		return 1 + int(v&0x3fff), 1 + int(v>>14&0x3fff)
-	case "VP8 ": // lossy: a key frame's start code, then 14-bit sizes
-		if d[3] != 0x9d || d[4] != 0x01 || d[5] != 0x2a {
-			return 0, 0
-		}
-		return int(binary.LittleEndian.Uint16(d[6:8]) & 0x3fff), int(binary.LittleEndian.Uint16(d[8:10]) & 0x3fff)
-	}
-	return 0, 0
+	return &sourceImage{data: b, ext: info.ext, width: info.width, height: info.height}, nil
 }
 
 // decodeDataURL reads a data: URL of an image, within limit bytes

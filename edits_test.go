@@ -196,6 +196,7 @@ func TestEditsErrors(t *testing.T) {
 		{"no prompt", "on", "", nil, map[string][]byte{"image": png}, 400, "prompt", "invalid_request"},
 		{"not an image", "on", "", [][2]string{{"prompt", "x"}}, map[string][]byte{"image": []byte("GIF89a not allowed")}, 400, "image", "invalid_request"},
 		{"html", "on", "", [][2]string{{"prompt", "x"}}, map[string][]byte{"image": []byte("<html>")}, 400, "image", "invalid_request"},
+		{"png signature, garbage header", "on", "", [][2]string{{"prompt", "x"}}, map[string][]byte{"image": []byte("\x89PNG\r\n\x1a\n<html><body>not an image</body></html>")}, 400, "image", "invalid_request"},
 		{"too large", "on", "max_upload 1KiB", [][2]string{{"prompt", "x"}}, map[string][]byte{"image": append(append([]byte{}, png...), make([]byte, 2048)...)}, 413, "image", "request_too_large"},
 		{"store off", "", "", [][2]string{{"prompt", "x"}}, map[string][]byte{"image": png}, 400, "image", "store_required"},
 		{"bad n", "on", "", [][2]string{{"prompt", "x"}, {"n", "5"}}, map[string][]byte{"image": png}, 400, "n", "invalid_request"},
@@ -481,11 +482,12 @@ func TestUnitEditsSourceSize(t *testing.T) {
 		wantParam string
 	}{
 		{"png", storeTestPNG(t, 33, 17), true, "png", 33, 17, ""},
-		{"png header only, 100000×100000", pngHeader(100000, 100000), true, "png", 100000, 100000, ""},
+		{"png header only, 16384×16384", pngHeader(16384, 16384), true, "png", 16384, 16384, ""},
+		{"png header only, 100000×100000", pngHeader(100000, 100000), false, "", 0, 0, "image"},
 		{"webp lossless", webpLossless, true, "webp", 640, 480, ""},
 		{"webp extended", webpExt, true, "webp", 1920, 1080, ""},
 		{"webp lossy", webpLossy, true, "webp", 300, 200, ""},
-		{"webp truncated", []byte("RIFF\x00\x00\x00\x00WEBPVP8X"), true, "webp", 0, 0, ""},
+		{"webp truncated", []byte("RIFF\x00\x00\x00\x00WEBPVP8X"), false, "", 0, 0, "image"},
 		{"gif is not an edit source", []byte("GIF89a\x01\x00\x01\x00"), false, "", 0, 0, "image"},
 		{"text", []byte("hello"), false, "", 0, 0, "image"},
 		{"empty", nil, false, "", 0, 0, "image"},

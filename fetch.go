@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -26,30 +27,48 @@ const (
 	defaultMaxDownloads = 8
 )
 
-// imageFetcher downloads generated images. It only fetches http(s) URLs on
-// the upstream's host or the configured image_hosts, so a rogue image_url
-// cannot make the gateway fetch internal addresses.
+// imageFetcher downloads generated images. It only fetches http(s) URLs
+// from a trusted origin (the upstream's, or one image_hosts names), so a
+// rogue image_url cannot make the gateway fetch internal addresses.
 type imageFetcher struct {
-	hosts  map[string]bool
-	client *http.Client
-	slots  *semaphore.Weighted // images downloaded or held for an answer
-	size   int64
+	trusted []imageOrigin
+	hosts   map[string]bool // the trusted host names, for the playground's CSP
+	client  *http.Client
+	slots   *semaphore.Weighted // images downloaded or held for an answer
+	size    int64
+}
+
+// imageOrigin is one place images may come from. A trusted image host is
+// scheme, host and port (issue 15 item 9): with the service at
+// 127.0.0.1:9101, nothing on 127.0.0.1:9102 or on Caddy's admin port is
+// fetched.
+type imageOrigin struct {
+	scheme string // http or https; "" for either
+	host   string // lower case; an IPv6 address without brackets
+	port   string // "" for the default port of the scheme (80, 443)
+	sub    bool   // a name's subdomains too (img.sd.exacg.cc for sd.exacg.cc)
 }
 
 // provisionFetcher builds the download client for the image service's
-// hosts (its URL's and image_hosts) and its max_downloads slots.
-func (g *Gateway) provisionFetcher(upstreamURL string) error {
+// origins (its URL's and image_hosts), through the upstream's proxy, and
+// its max_downloads slots.
+func (g *Gateway) provisionFetcher(up UpstreamConfig) error {
 	if g.MaxDownloads == 0 {
 		g.MaxDownloads = defaultMaxDownloads
 	}
 	if g.MaxDownloads < maxImagesN {
 		return fmt.Errorf("zimage_gateway: max_downloads must be at least %d (the images of one answer are downloaded together), got %d", maxImagesN, g.MaxDownloads)
 	}
-	g.fetcher = newImageFetcher(upstreamURL, g.ImageHosts, g.MaxDownloads)
+	f, err := newImageFetcher(up.URL, g.ImageHosts, g.MaxDownloads)
+	if err != nil {
+		return err
+	}
+	f.client.Transport.(*http.Transport).Proxy = up.proxy()
+	g.fetcher = f
 	return nil
 }
 
-func newImageFetcher(upstreamURL string, extra []string, maxDownloads int) *imageFetcher {
+func newImageFetcher(upstreamURL string, extra []string, maxDownloads int) (*imageFetcher, error) {
 	t := newTransport()
 	t.ReadBufferSize = 32 << 10 // images are large, unlike the API answers
 	f := &imageFetcher{
@@ -58,15 +77,22 @@ func newImageFetcher(upstreamURL string, extra []string, maxDownloads int) *imag
 		slots:  semaphore.NewWeighted(int64(maxDownloads)),
 		size:   int64(maxDownloads),
 	}
-	if u, err := url.Parse(upstreamURL); err == nil && u.Hostname() != "" {
-		f.hosts[strings.ToLower(u.Hostname())] = true
+	// the upstream's own origin, its port made explicit, and its
+	// subdomains on the same scheme and port
+	if u, err := url.Parse(upstreamURL); err == nil && u.Hostname() != "" && (u.Scheme == "http" || u.Scheme == "https") {
+		f.add(imageOrigin{scheme: u.Scheme, host: u.Hostname(), port: explicitPort(u.Scheme, u.Port()), sub: true})
 	}
 	for _, h := range extra {
-		if h = strings.ToLower(strings.TrimSpace(h)); h != "" {
-			f.hosts[h] = true
+		if h = strings.TrimSpace(h); h == "" {
+			continue
 		}
+		o, err := parseImageHost(h)
+		if err != nil {
+			return nil, fmt.Errorf("zimage_gateway: image_hosts: %v", err)
+		}
+		f.add(o)
 	}
-	// redirects must stay on allowed hosts as well
+	// redirects must stay on allowed origins as well
 	f.client.CheckRedirect = func(req *http.Request, via []*http.Request) error {
 		if len(via) >= 5 {
 			return policyError{errors.New("too many redirects")}
@@ -76,7 +102,82 @@ func newImageFetcher(upstreamURL string, extra []string, maxDownloads int) *imag
 		}
 		return nil
 	}
-	return f
+	return f, nil
+}
+
+func (f *imageFetcher) add(o imageOrigin) {
+	o.host = strings.ToLower(o.host)
+	o.sub = o.sub && net.ParseIP(o.host) == nil
+	f.trusted = append(f.trusted, o)
+	f.hosts[o.host] = true
+}
+
+// parseImageHost reads one image_hosts entry:
+//   - host: that host on the default ports only (http on 80, https on
+//     443), so a bare name never opens the host's other ports;
+//   - host:port ([v6]:port): that port, over http or https;
+//   - scheme://host[:port]: exactly that origin.
+//
+// A name covers its subdomains too (on the same ports), an IP address only
+// itself.
+func parseImageHost(h string) (imageOrigin, error) {
+	bad := func(why string) (imageOrigin, error) {
+		return imageOrigin{}, fmt.Errorf("invalid entry %q: %s (want host, host:port or scheme://host[:port])", h, why)
+	}
+	if strings.Contains(h, "://") {
+		u, err := url.Parse(h)
+		if err != nil {
+			return bad("not a URL")
+		}
+		if u.Scheme != "http" && u.Scheme != "https" {
+			return bad("the scheme must be http or https")
+		}
+		if u.Hostname() == "" || u.User != nil || strings.Trim(u.Path, "/") != "" || u.RawQuery != "" || u.Fragment != "" {
+			return bad("an origin has no path, query or credentials")
+		}
+		if err := checkPort(u.Port()); err != nil {
+			return bad(err.Error())
+		}
+		return imageOrigin{scheme: u.Scheme, host: u.Hostname(), port: explicitPort(u.Scheme, u.Port()), sub: true}, nil
+	}
+	if ip := net.ParseIP(h); ip != nil { // a bare IPv6 address has colons but no port
+		return imageOrigin{host: ip.String()}, nil
+	}
+	host, port, err := net.SplitHostPort(h)
+	if err != nil {
+		if strings.ContainsAny(h, ":/[]@?#") {
+			return bad("not a host name")
+		}
+		return imageOrigin{host: h, sub: true}, nil
+	}
+	if host == "" || strings.ContainsAny(host, "/@?#") {
+		return bad("not a host name")
+	}
+	if err := checkPort(port); err != nil {
+		return bad(err.Error())
+	}
+	return imageOrigin{host: host, port: port, sub: true}, nil
+}
+
+func checkPort(p string) error {
+	if p == "" {
+		return nil
+	}
+	if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("port %q is not 1…65535", p)
+	}
+	return nil
+}
+
+// explicitPort is port, or the scheme's default when it is empty.
+func explicitPort(scheme, port string) string {
+	if port != "" {
+		return port
+	}
+	if scheme == "https" {
+		return "443"
+	}
+	return "80"
 }
 
 func (f *imageFetcher) allowed(u *url.URL) error {
@@ -84,16 +185,19 @@ func (f *imageFetcher) allowed(u *url.URL) error {
 		return fmt.Errorf("image URL scheme %q is not http(s)", u.Scheme)
 	}
 	host := strings.ToLower(u.Hostname())
-	if f.hosts[host] {
-		return nil
-	}
-	// subdomains of an allowed host (img.sd.exacg.cc for sd.exacg.cc)
-	for h := range f.hosts {
-		if net.ParseIP(h) == nil && strings.HasSuffix(host, "."+h) {
+	port := explicitPort(u.Scheme, u.Port())
+	for _, o := range f.trusted {
+		if o.scheme != "" && o.scheme != u.Scheme {
+			continue
+		}
+		if want := o.port; want == "" && port != explicitPort(u.Scheme, "") || want != "" && want != port {
+			continue
+		}
+		if host == o.host || o.sub && strings.HasSuffix(host, "."+o.host) {
 			return nil
 		}
 	}
-	return fmt.Errorf("image host %q is not allowed: add it to image_hosts", host)
+	return fmt.Errorf("image host %q is not allowed: add it to image_hosts", strings.ToLower(u.Host))
 }
 
 // acquire takes n download slots at once, waiting until ctx's deadline:
@@ -222,6 +326,11 @@ func (g *Gateway) download(ctx context.Context, j *job) ([]byte, *apiError) {
 			return nil, fail(fmt.Sprintf("image larger than %d MiB", maxImageBytes>>20), nil)
 		}
 		return nil, fail(describeNetErr("the image host", err)+" while sending the image", err)
+	}
+	// the same check as the store's (issue 15 item 5): a Content-Type of
+	// image/png over an HTML page is no image, for b64_json either
+	if _, err := checkImage(b); err != nil {
+		return nil, fail("the image host answered "+err.Error(), nil)
 	}
 	return b, nil
 }

@@ -417,9 +417,11 @@ func TestImagesB64(t *testing.T) {
 		w.Write(imagesPNG(9000))
 	}))
 	defer other.Close()
-	otherURL := strings.Replace(other.URL, "127.0.0.1", "localhost", 1) + "/elsewhere.png"
+	otherHost := strings.Replace(strings.TrimPrefix(other.URL, "http://"), "127.0.0.1", "localhost", 1)
+	otherURL := "http://" + otherHost + "/elsewhere.png"
 	closed := httptest.NewServer(http.NotFoundHandler())
 	closedURL := closed.URL + "/gone.png"
+	closedHost := strings.TrimPrefix(closed.URL, "http://")
 	closed.Close()
 
 	for _, tc := range []struct {
@@ -431,11 +433,11 @@ func TestImagesB64(t *testing.T) {
 		wantMsg  string
 	}{
 		{name: "same host as the upstream", want: imagesPNG(1)},
-		{name: "host in image_hosts", extra: "image_hosts localhost", imageURL: func(string) string { return otherURL }, want: imagesPNG(9000)},
-		{name: "host not allowed", imageURL: func(string) string { return otherURL }, wantMsg: `image host "localhost" is not allowed`},
+		{name: "host in image_hosts", extra: "image_hosts " + otherHost, imageURL: func(string) string { return otherURL }, want: imagesPNG(9000)},
+		{name: "host not allowed", imageURL: func(string) string { return otherURL }, wantMsg: `image host "` + otherHost + `" is not allowed`},
 		{name: "redirect to a host not allowed", serve: func(w http.ResponseWriter, r *http.Request) {
 			http.Redirect(w, r, otherURL, http.StatusFound)
-		}, wantMsg: `image host "localhost" is not allowed`},
+		}, wantMsg: `image host "` + otherHost + `" is not allowed`},
 		{name: "not an image", serve: func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "text/html; charset=utf-8")
 			io.WriteString(w, "<html>login required</html>")
@@ -450,7 +452,7 @@ func TestImagesB64(t *testing.T) {
 				}
 			}
 		}, wantMsg: "image larger than 32 MiB"},
-		{name: "connection refused", imageURL: func(string) string { return closedURL }, wantMsg: "the image host refused the connection"},
+		{name: "connection refused", extra: "image_hosts " + closedHost, imageURL: func(string) string { return closedURL }, wantMsg: "the image host refused the connection"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			up := newFakeUpstream(t)

@@ -105,8 +105,11 @@ type Gateway struct {
 	// model, "Z-Image", with model_index 5, 8 steps and cfg 7.0.
 	Models []ModelConfig `json:"models,omitempty"`
 
-	// ImageHosts lists extra host names (besides the upstream's own host)
-	// from which images may be downloaded for response_format b64_json.
+	// ImageHosts lists extra image hosts (besides the upstream URL's
+	// origin) from which images may be downloaded, for b64_json and the
+	// store: "host" is that host on ports 80 (http) and 443 (https) only,
+	// "host:port" that port, "scheme://host[:port]" exactly that origin;
+	// names cover their subdomains. Default: none.
 	ImageHosts []string `json:"image_hosts,omitempty"`
 
 	// MaxDownloads is the most generated images downloaded, or held for a
@@ -191,6 +194,7 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	g.accounts.retried = g.upstreamRetried
 	// every account's key, as every client's (SPEC §11.5, §12)
 	secrets = append(secrets, g.accounts.keys()...)
+	secrets = append(secrets, proxySecrets(up.ForwardProxyURL)...) // SPEC §11.6
 	enh, err := g.provisionEnhance(resolve)
 	if err != nil {
 		return err
@@ -201,7 +205,7 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	g.enhancer = enh
 	g.scrub = newScrubber(secrets)
 
-	if err := g.provisionFetcher(up.URL); err != nil {
+	if err := g.provisionFetcher(up); err != nil {
 		return err
 	}
 	if err := g.provisionStore(ctx, resolve); err != nil {

@@ -287,7 +287,7 @@ func TestUnitProvisionPlaceholders(t *testing.T) {
 	if e == nil || e.url != "http://127.0.0.1:2/v1/chat/completions" || e.model != "deepseek-chat" || e.key != testLLMKey {
 		t.Errorf("enhancer %+v not resolved from placeholders", e)
 	}
-	if g.fetcher == nil || g.fetcher.allowed(unitURL(t, "http://127.0.0.1:9/x.png")) != nil {
+	if g.fetcher == nil || g.fetcher.allowed(unitURL(t, "http://127.0.0.1:1/x.png")) != nil {
 		t.Errorf("image downloads not allowed from the resolved upstream host")
 	}
 }

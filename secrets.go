@@ -1,6 +1,7 @@
 package zimage
 
 import (
+	"bytes"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
@@ -17,18 +18,27 @@ const redacted = "[redacted]"
 const gramLen = 8
 
 // scrubber removes every configured secret (client keys, the image service
-// key, the LLM key) from text that leaves the gateway: to a client, to the
-// image service, to the LLM or to a log line (issue 8). A secret can come
-// back from any party in any form, so it looks for
+// key, the LLM key, the forward proxy's credentials) from text that leaves
+// the gateway: to a client, to the image service, to the LLM or to a log
+// line (issue 8). A secret can come back from any party in any form, so it
+// looks for
 //   - every encoding a party may have applied: as is, URL query and path
-//     escaping (also twice), JSON escaping, base64;
+//     escaping (also twice), JSON escaping;
+//   - percent-encoding of any of its bytes, in either hex case: the text is
+//     percent-decoded (twice at most) and matched again (issue 15 item 8);
+//   - base64 (standard or URL alphabet) of any text that holds the secret
+//     at any place, such as "Bearer <key>" or "user:<key>": the secret's
+//     bytes start at one of three offsets in a 3-byte group, and at each
+//     the characters that carry its bits alone are fixed, so those three
+//     runs are forms like the others (issue 15 item 8);
 //   - in any letter case (percent-escapes and keys alike);
-//   - cut: any piece of an encoded form at least half its length (and at
+//   - cut: any piece of a text form at least half its length (and at
 //     least 8 characters, or the whole of a shorter one) counts, so a key
 //     that a party shortened still goes.
 //
 // It indexes every 8-byte window of every form, so scrubbing costs one
-// bitset probe per byte of text, whatever the number of secrets.
+// bitset probe per byte of text, whatever the number of secrets, and a
+// text with a '%' in it once or twice more: linear in the text.
 type scrubber struct {
 	forms  []string // lower-cased forms of every secret
 	minLen []int    // the shortest piece of forms[i] that counts as a leak
@@ -71,10 +81,9 @@ func newScrubber(secrets []string) *scrubber {
 			add(f, cutLen(len(f)))
 		}
 		// base64 of a cut key is not a piece of the key's base64: only
-		// the whole (padding aside) counts
-		for _, enc := range []*base64.Encoding{base64.RawStdEncoding, base64.RawURLEncoding} {
-			f := enc.EncodeToString([]byte(k))
-			add(f, max(len(f)-2, min(len(f), gramLen)))
+		// the whole run a key's bytes fix counts
+		for _, f := range base64Forms(k) {
+			add(f, len(f))
 		}
 	}
 	return s
@@ -97,6 +106,28 @@ func textForms(k string) []string {
 		unquote(string(js)),
 		unquote(plain.String()),
 		strings.ReplaceAll(unquote(plain.String()), "/", `\/`), // PHP and others escape slashes
+	}
+	return forms
+}
+
+// base64Forms are the runs of base64 characters that k fixes wherever it
+// sits in the encoded bytes: with a bytes (0, 1, 2) of its 3-byte group
+// before it, characters ceil(8a/6) to floor((8a+8n)/6) carry k's bits
+// alone, whatever comes before and after. Matching these three runs (for
+// each alphabet) finds base64 of "Bearer <key>", "user:<key>" or any text
+// around the key without decoding the text at each alignment.
+func base64Forms(k string) []string {
+	var forms []string
+	n := len(k)
+	for a := range 3 {
+		lo, hi := (8*a+5)/6, (8*a+8*n)/6
+		if hi-lo < 4 { // too short to tell from chance
+			continue
+		}
+		in := append(make([]byte, a, a+n), k...)
+		for _, enc := range []*base64.Encoding{base64.RawStdEncoding, base64.RawURLEncoding} {
+			forms = append(forms, enc.EncodeToString(in)[lo:hi])
+		}
 	}
 	return forms
 }
@@ -139,24 +170,52 @@ func (s *scrubber) find(text string, first bool) [][2]int {
 		return nil
 	}
 	lt := []byte(text)
-	for i, c := range lt { // ASCII lower case keeps the byte offsets
-		if c >= 'A' && c <= 'Z' {
-			lt[i] = c + 'a' - 'A'
-		}
+	lowerBytes(lt) // ASCII lower case keeps the byte offsets
+	spans := s.scan(lt, first, nil)
+	if first && len(spans) > 0 {
+		return spans
 	}
-	var spans [][2]int
+	// a secret percent-encoded in part or whole (%73%6B%2D…), once or
+	// twice: decode and scan again, mapping spans back to the text
+	dec, off := lt, []int(nil)
+	for range 2 {
+		if bytes.IndexByte(dec, '%') < 0 {
+			break
+		}
+		var ok bool
+		if dec, off, ok = unescapePercent(dec, off); !ok {
+			break
+		}
+		found := s.scan(dec, first, off)
+		if first && len(found) > 0 {
+			return found
+		}
+		spans = append(spans, found...)
+	}
+	return mergeSpans(spans)
+}
+
+// scan returns the spans of the secrets' forms in lt (lower case); with
+// off, a span [i, j) of lt is [off[i], off[j]) of the text.
+func (s *scrubber) scan(lt []byte, first bool, off []int) (spans [][2]int) {
+	add := func(start, stop int) {
+		if off != nil {
+			start, stop = off[start], off[stop]
+		}
+		spans = append(spans, [2]int{start, stop})
+	}
 	for _, i := range s.short {
-		f := s.forms[i]
-		for off := 0; ; {
-			j := strings.Index(string(lt[off:]), f)
+		f := []byte(s.forms[i])
+		for o := 0; ; {
+			j := bytes.Index(lt[o:], f)
 			if j < 0 {
 				break
 			}
-			spans = append(spans, [2]int{off + j, off + j + len(f)})
+			add(o+j, o+j+len(f))
 			if first {
 				return spans
 			}
-			off += j + len(f)
+			o += j + len(f)
 		}
 	}
 	for i := 0; i+gramLen <= len(lt); i++ {
@@ -178,7 +237,7 @@ func (s *scrubber) find(text string, first bool) [][2]int {
 				stop, fe = stop+1, fe+1
 			}
 			if stop-start >= s.minLen[ref.form] {
-				spans = append(spans, [2]int{start, stop})
+				add(start, stop)
 				if first {
 					return spans
 				}
@@ -189,7 +248,59 @@ func (s *scrubber) find(text string, first bool) [][2]int {
 			i = end - gramLen // the windows inside the match are covered
 		}
 	}
-	return mergeSpans(spans)
+	return spans
+}
+
+// unescapePercent decodes every %XX escape (either hex case) of b into a new
+// lower-case buffer, with the offset in the original text of each decoded
+// byte and of the end; prev maps b's own offsets further back (nil: b is
+// the text). ok is false when b has no escape.
+func unescapePercent(b []byte, prev []int) (dec []byte, off []int, ok bool) {
+	dec = make([]byte, len(b))
+	off = make([]int, len(b)+1)
+	n := 0
+	for i := 0; i < len(b); n++ {
+		off[n] = i
+		c := b[i]
+		if c == '%' && i+2 < len(b) && isHex(b[i+1]) && isHex(b[i+2]) {
+			c = unhex(b[i+1])<<4 | unhex(b[i+2])
+			i += 3
+			ok = true
+		} else {
+			i++
+		}
+		if c >= 'A' && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		dec[n] = c
+	}
+	off[n] = len(b)
+	if prev != nil {
+		for j := 0; j <= n; j++ {
+			off[j] = prev[off[j]]
+		}
+	}
+	return dec[:n], off[:n+1], ok
+}
+
+func isHex(c byte) bool { return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F' }
+
+func unhex(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c >= 'a':
+		return c - 'a' + 10
+	}
+	return c - 'A' + 10
+}
+
+func lowerBytes(b []byte) {
+	for i, c := range b {
+		if c >= 'A' && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
 }
 
 // mergeSpans sorts spans and joins those that overlap or touch.

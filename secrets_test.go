@@ -3,6 +3,7 @@ package zimage
 import (
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/url"
 	"strings"
@@ -80,6 +81,76 @@ func TestScrubberKeepsText(t *testing.T) {
 	}
 }
 
+// pctEncode percent-encodes the bytes of s at the positions every picks,
+// in the hex case given.
+func pctEncode(s string, upper bool, every func(i int) bool) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if !every(i) {
+			b.WriteByte(s[i])
+			continue
+		}
+		e := fmt.Sprintf("%%%02x", s[i])
+		if upper {
+			e = strings.ToUpper(e)
+		}
+		b.WriteString(e)
+	}
+	return b.String()
+}
+
+// TestScrubberEncodedForms: a secret echoed percent-encoded (in full or in
+// part, either hex case, once or twice) or inside base64 that does not
+// start at the secret, at each of the three alignments, is found and
+// replaced, and only it (issue 15 item 8).
+func TestScrubberEncodedForms(t *testing.T) {
+	const key = "sk-client-7f3a9c1e5b"
+	s := newScrubber([]string{key, testOddKey})
+	all := func(int) bool { return true }
+	b64 := base64.StdEncoding.EncodeToString
+	for _, tc := range []struct {
+		name, in, keep string // keep: text around the secret that must stay
+	}{
+		{"percent-encoded in full, lower-case hex", "bad key " + pctEncode(key, false, all) + " sent", "bad key "},
+		{"percent-encoded in full, upper-case hex", "bad key " + pctEncode(key, true, all), "bad key "},
+		{"every other byte percent-encoded", "k=" + pctEncode(key, true, func(i int) bool { return i%2 == 0 }) + "&x=1", "&x=1"},
+		{"one byte percent-encoded", "k=" + pctEncode(key, false, func(i int) bool { return i == 7 }), "k="},
+		{"percent-encoded twice", "u?k=" + url.QueryEscape(pctEncode(key, false, all)), "u?k="},
+		{"odd key percent-encoded in full", "t=" + pctEncode(testOddKey, true, all), "t="},
+		{"half of the key percent-encoded", "bad " + pctEncode(key[:10], false, all) + "…", "bad "},
+		{"as is and percent-encoded", key + " / " + pctEncode(key, false, all), " / "},
+		{"in an image URL", "https://img.example.com/1.png?sig=" + pctEncode(key, true, all), "https://img.example.com/1.png?sig="},
+		{"base64 of the key", "t " + b64([]byte(key)), "t "},
+		{"base64 of Bearer <key> (offset 7: alignment 1)", "echo " + b64([]byte("Bearer "+key)) + " end", " end"},
+		{"base64 of user:<key> (offset 5: alignment 2)", "Basic " + b64([]byte("user:"+key)), "Basic "},
+		{"base64 of ab<key> (alignment 2)", b64([]byte("ab" + key + "cd")), ""},
+		{"base64url of a JSON holding the key", base64.RawURLEncoding.EncodeToString([]byte(`{"token":"` + testOddKey + `"}`)), ""},
+		{"base64 of Bearer <key>, percent-encoded", "a=" + url.QueryEscape(b64([]byte("Bearer "+testOddKey))), "a="},
+		{"upper-case base64 text", "x " + strings.ToUpper(b64([]byte("Bearer "+key))), "x "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if !s.contains(tc.in) {
+				t.Fatalf("contains(%q) = false", tc.in)
+			}
+			out := s.Replace(tc.in)
+			if s.contains(out) || !strings.Contains(out, redacted) || !strings.Contains(out, tc.keep) {
+				t.Errorf("Replace(%q) = %q", tc.in, out)
+			}
+		})
+	}
+	for _, in := range []string{
+		"a cat%20on a roof, 100%25 sure, %zz %4",
+		"https://img.example.com/a%20b.png?x=%E7%8C%AB",
+		b64([]byte("Bearer sk-client-other-key-000")),
+		b64([]byte("nothing secret at all, only a long enough text")),
+		pctEncode("sk-client", false, all) + " 7f3a9", // under half of the key
+	} {
+		if s.contains(in) || s.Replace(in) != in {
+			t.Errorf("text without a secret changed: %q → %q", in, s.Replace(in))
+		}
+	}
+}
+
 func FuzzScrubber(f *testing.F) {
 	f.Add("prefix ", "suffix", 0, 20)
 	f.Add("", "", 3, 15)
@@ -104,10 +175,17 @@ func FuzzScrubber(f *testing.F) {
 
 func BenchmarkScrubber(b *testing.B) {
 	s := newScrubber([]string{testClientKey, testSDKey, testLLMKey, "another-client-key-0123456789"})
-	text := strings.Repeat("a cat on a roof, golden hour, 35mm, soft light, ", 20)
-	b.SetBytes(int64(len(text)))
-	for b.Loop() {
-		_ = s.Replace(text)
+	for _, bc := range []struct{ name, text string }{
+		{"plain", strings.Repeat("a cat on a roof, golden hour, 35mm, soft light, ", 20)},
+		// a text with escapes is decoded and scanned again (issue 15 item 8)
+		{"escaped", strings.Repeat("https://img.example.com/a%20cat%2C%20golden%20hour.png?x=1&", 20)},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.SetBytes(int64(len(bc.text)))
+			for b.Loop() {
+				_ = s.Replace(bc.text)
+			}
+		})
 	}
 }
 
@@ -249,4 +327,55 @@ func TestSecretsInUpstreamErrors(t *testing.T) {
 			t.Error("no warn line with the error's detail")
 		}
 	})
+}
+
+// TestSecretsEncodedThroughCaddy: a service that echoes the key it was
+// sent percent-encoded and as base64 of "Bearer <key>" (its Authorization
+// header), in its error message and in its image URL: neither reaches the
+// client or the log (issue 15 item 8).
+func TestSecretsEncodedThroughCaddy(t *testing.T) {
+	up := newFakeUpstream(t)
+	all := func(int) bool { return true }
+	echoes := func(r *http.Request) (pct, b64 string) {
+		key := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+		return pctEncode(key, true, all), base64.StdEncoding.EncodeToString([]byte(r.Header.Get("Authorization")))
+	}
+	startCaddy(t, gatewaySite(up, nil, ""))
+	sc := newScrubber(testSecrets)
+
+	up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		pct, b64 := echoes(r)
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusBadRequest)
+		json.NewEncoder(w).Encode(map[string]any{"success": false,
+			"error": "invalid key " + pct + " (header " + b64 + ")"})
+	})
+	status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", itChatBody(t, "a cat"))
+	e := itWantErr(t, status, hdr, raw, http.StatusBadGateway, "upstream_error")
+	if !strings.HasPrefix(e.Message, "The image service failed: invalid key [redacted] (header ") || strings.Count(e.Message, redacted) != 2 {
+		t.Errorf("message %q", e.Message)
+	}
+	if sc.contains(string(raw)) {
+		t.Errorf("the answer carries a secret: %s", raw)
+	}
+
+	for _, form := range []string{"percent", "base64"} {
+		up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+			pct, b64 := echoes(r)
+			writeUpstreamOK(w, map[string]string{
+				"percent": "https://img.example.com/1.png?k=" + pct,
+				"base64":  "https://img.example.com/1.png?auth=" + url.QueryEscape(b64),
+			}[form])
+		})
+		status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", itChatBody(t, "a cat"))
+		e := itWantErr(t, status, hdr, raw, http.StatusBadGateway, "upstream_error")
+		if !strings.Contains(e.Message, "carries a secret") || sc.contains(string(raw)) {
+			t.Errorf("%s: %s", form, raw)
+		}
+	}
+	for _, l := range readLog(t) {
+		if b, _ := json.Marshal(l); sc.contains(string(b)) {
+			t.Errorf("a log line carries a secret: %s", sc.Replace(string(b)))
+		}
+	}
 }

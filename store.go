@@ -366,33 +366,6 @@ func unmarshalStorage(d *caddyfile.Dispenser) (json.RawMessage, error) {
 
 // --- naming ------------------------------------------------------------------
 
-// imageFormats are the formats the store accepts, by signature: the
-// Content-Type of a download proves nothing (SPEC §9.1).
-var imageFormats = []struct {
-	ext, contentType string
-	match            func(b []byte) bool
-}{
-	{"png", "image/png", func(b []byte) bool { return bytes.HasPrefix(b, []byte("\x89PNG\r\n\x1a\n")) }},
-	{"jpg", "image/jpeg", func(b []byte) bool { return bytes.HasPrefix(b, []byte("\xff\xd8\xff")) }},
-	{"webp", "image/webp", func(b []byte) bool {
-		return len(b) >= 12 && string(b[:4]) == "RIFF" && string(b[8:12]) == "WEBP"
-	}},
-	{"gif", "image/gif", func(b []byte) bool {
-		return bytes.HasPrefix(b, []byte("GIF87a")) || bytes.HasPrefix(b, []byte("GIF89a"))
-	}},
-}
-
-// sniffImage names the format of b by its signature: the extension the
-// store uses and its Content-Type.
-func sniffImage(b []byte) (ext, contentType string, ok bool) {
-	for _, f := range imageFormats {
-		if f.match(b) {
-			return f.ext, f.contentType, true
-		}
-	}
-	return "", "", false
-}
-
 // storeContentType is the Content-Type of a known extension.
 func storeContentType(ext string) (string, bool) {
 	for _, f := range imageFormats {
@@ -433,10 +406,11 @@ func (s *imageStore) put(ctx context.Context, data []byte) (name string, duplica
 	if int64(len(data)) > s.maxSize {
 		return "", false, fmt.Errorf("store: the image is %s, larger than max_image_size %s", formatBytes(int64(len(data))), formatBytes(s.maxSize))
 	}
-	ext, _, ok := sniffImage(data)
-	if !ok {
-		return "", false, errors.New("store: the bytes are not a PNG, JPEG, WebP or GIF image")
+	info, err := checkImage(data)
+	if err != nil {
+		return "", false, fmt.Errorf("store: %w", err)
 	}
+	ext := info.ext
 	sum := sha256.Sum256(data)
 	name = hex.EncodeToString(sum[:storeIDLen/2]) + "." + ext
 	key := s.dir + name

@@ -260,3 +260,55 @@ func TestStoreRequestOriginTrustedProxy(t *testing.T) {
 		t.Errorf("trusted proxy headers were ignored: %q, want %q", md, want)
 	}
 }
+
+// TestStoreRangeLikeFileServer pins the store's answers to edge-case Range
+// headers to those of Caddy's own file_server for the same file on the same
+// site (issue 15 item 10). Both hand the request to the standard library's
+// http.ServeContent, which answers `bytes=-0` (a suffix of zero bytes) 206
+// with an empty body and Content-Range "bytes N-(N-1)/N", where RFC 9110
+// §14.1.1 calls it unsatisfiable (416). The store keeps Caddy's behaviour;
+// this test fails when either side changes, so the two never drift apart.
+func TestStoreRangeLikeFileServer(t *testing.T) {
+	dir := t.TempDir()
+	img := storeTestPNG(t, 16, 16)
+	name := putDirect(t, dir, img)
+	up := newFakeUpstream(t)
+	startCaddy(t, gatewaySite(up, nil, fmt.Sprintf("store {\n\t\tstorage file_system %s\n\t\tmax_age 0\n\t}", dir))+
+		fmt.Sprintf("\nhandle_path /files/* {\n\troot * %s\n\tfile_server\n}", filepath.Join(dir, "zimage", "images")))
+	type answer struct {
+		status        int
+		contentRange  string
+		contentLength string
+		body          int
+	}
+	get := func(path, rng string) answer {
+		status, h, body := do(t, http.MethodGet, path, "", "Authorization", "", "Range", rng)
+		return answer{status, h.Get("Content-Range"), h.Get("Content-Length"), len(body)}
+	}
+	n := len(img)
+	for _, tc := range []struct {
+		rng  string
+		want answer // what both answer today
+	}{
+		{"bytes=-0", answer{206, fmt.Sprintf("bytes %d-%d/%d", n, n-1, n), "0", 0}},
+		{"bytes=-1", answer{206, fmt.Sprintf("bytes %d-%d/%d", n-1, n-1, n), "1", 1}},
+		{"bytes=0-0", answer{206, fmt.Sprintf("bytes 0-0/%d", n), "1", 1}},
+		{fmt.Sprintf("bytes=-%d", n+10), answer{206, fmt.Sprintf("bytes 0-%d/%d", n-1, n), strconv.Itoa(n), n}},
+		{fmt.Sprintf("bytes=%d-", n), answer{416, fmt.Sprintf("bytes */%d", n), "", -1}},
+	} {
+		t.Run(tc.rng, func(t *testing.T) {
+			store, files := get("/v1/zimage/images/"+name, tc.rng), get("/files/"+name, tc.rng)
+			// the store's error bodies are the OpenAI envelope, file_server's
+			// are empty: only statuses and headers are compared for errors
+			if tc.want.body < 0 {
+				store.body, files.body, store.contentLength, files.contentLength = -1, -1, "", ""
+			}
+			if store != files {
+				t.Errorf("store %+v, file_server %+v", store, files)
+			}
+			if store != tc.want {
+				t.Errorf("store %+v, want %+v", store, tc.want)
+			}
+		})
+	}
+}

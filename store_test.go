@@ -687,7 +687,7 @@ func (d *discardWriter) ReadFrom(r io.Reader) (int64, error) {
 // than 16 MiB (the generic path, which must Load, allocates all of it).
 func TestUnitStoreServeFromFile(t *testing.T) {
 	st, fsto := newTestFileStore(t, 0)
-	big := append([]byte("\x89PNG\r\n\x1a\n"), make([]byte, 16<<20)...)
+	big := append(pngHeader(2048, 2048), make([]byte, 16<<20)...)
 	name, _, err := st.put(context.Background(), big)
 	if err != nil {
 		t.Fatal(err)

@@ -380,6 +380,11 @@ func describeNetErr(party string, err error) string {
 	var oe *net.OpError
 	var certErr *tls.CertificateVerificationError
 	var recErr tls.RecordHeaderError
+	if errors.As(err, &oe) && oe.Op == "proxyconnect" {
+		// Go names a failed connection to forward_proxy_url so; the
+		// operator should look at the proxy, not at the party behind it
+		party = "the forward proxy (forward_proxy_url)"
+	}
 	switch {
 	case errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
 		return party + " did not answer in time"
@@ -450,6 +455,15 @@ type UpstreamConfig struct {
 	// Default: 1, or one less than the number of accounts when that is
 	// more, so that every account may be tried once.
 	Retries *int `json:"retries,omitempty"`
+
+	// ForwardProxyURL sends the generation calls and the image downloads
+	// through this HTTP(S) proxy, http://[user:pass@]host:port or https://…
+	// (the name Caddy's reverse_proxy HTTP transport uses; SPEC §11.6):
+	// for servers whose address the service's Cloudflare refuses. Its
+	// credentials are secrets like keys: they never appear in an answer or
+	// a log line. Placeholders are accepted. Default: the environment's
+	// HTTPS_PROXY, HTTP_PROXY and NO_PROXY, as Go reads them.
+	ForwardProxyURL string `json:"forward_proxy_url,omitempty"`
 }
 
 // provisionUpstream resolves the image service settings and builds its
@@ -479,6 +493,10 @@ func (g *Gateway) provisionUpstream(resolve func(v, env string) string) (Upstrea
 	if uc.MaxConcurrent < 0 {
 		return uc, fmt.Errorf("zimage_gateway: upstream: max_concurrent must be 0 (unlimited) or more, got %d", uc.MaxConcurrent)
 	}
+	uc.ForwardProxyURL = resolve(uc.ForwardProxyURL, "")
+	if _, err := parseProxyURL(uc.ForwardProxyURL); err != nil {
+		return uc, err
+	}
 	if err := resolveAccounts(&uc, resolve, demo); err != nil {
 		return uc, err
 	}
@@ -497,7 +515,9 @@ func (g *Gateway) provisionUpstream(resolve func(v, env string) string) (Upstrea
 		if err := checkHTTPURL(uc.URL); err != nil {
 			return uc, fmt.Errorf("zimage_gateway: upstream: %v", err)
 		}
-		g.upstream = newImageClient(uc.URL, time.Duration(uc.Timeout))
+		ic := newImageClient(uc.URL, time.Duration(uc.Timeout))
+		ic.client.Transport.(*http.Transport).Proxy = uc.proxy()
+		g.upstream = ic
 	}
 	g.accounts = newAccountPool(uc, retries, g.logger)
 	return uc, nil
@@ -526,6 +546,8 @@ func unmarshalUpstream(d *caddyfile.Dispenser) (*UpstreamConfig, error) {
 			u.QueueTimeout, err = parseDuration(d)
 		case "max_concurrent":
 			u.MaxConcurrent, err = parseInt(d, 0)
+		case "forward_proxy_url":
+			u.ForwardProxyURL, err = optionalArg(d)
 		case "retries":
 			var n int
 			n, err = parseInt(d, 0)
@@ -542,4 +564,61 @@ func unmarshalUpstream(d *caddyfile.Dispenser) (*UpstreamConfig, error) {
 		return nil, d.Errf("%v", err)
 	}
 	return u, nil
+}
+
+// parseProxyURL checks forward_proxy_url: empty (the environment's proxy),
+// or an absolute http(s) URL of a proxy. Its error never quotes the URL,
+// which may carry credentials.
+func parseProxyURL(s string) (*url.URL, error) {
+	if s == "" {
+		return nil, nil
+	}
+	bad := func(why string) error {
+		return fmt.Errorf("zimage_gateway: upstream: forward_proxy_url: %s; want http://[user:pass@]host:port or https://[user:pass@]host:port", why)
+	}
+	u, err := url.Parse(s)
+	switch {
+	case err != nil:
+		return nil, bad("not a valid URL")
+	case u.Scheme != "http" && u.Scheme != "https":
+		return nil, bad("the scheme must be http or https")
+	case u.Hostname() == "":
+		return nil, bad("the URL names no host")
+	case strings.Trim(u.Path, "/") != "" || u.RawQuery != "" || u.Fragment != "":
+		return nil, bad("a proxy URL has no path or query")
+	}
+	if p := u.Port(); p != "" {
+		if checkPort(p) != nil {
+			return nil, bad("the port is not 1…65535")
+		}
+	}
+	return u, nil
+}
+
+// proxy is the Proxy function of the transports that reach the service
+// and its image hosts: forward_proxy_url when set, else the environment's
+// (Provision has checked the URL).
+func (uc UpstreamConfig) proxy() func(*http.Request) (*url.URL, error) {
+	if u, _ := parseProxyURL(uc.ForwardProxyURL); u != nil {
+		return http.ProxyURL(u)
+	}
+	return http.ProxyFromEnvironment
+}
+
+// proxySecrets are the credentials in forward_proxy_url, for the scrubber:
+// the password and user:password (whose base64 is the Proxy-Authorization
+// header), or a user name alone when it is the only credential (a token).
+func proxySecrets(s string) []string {
+	u, _ := parseProxyURL(s)
+	if u == nil || u.User == nil {
+		return nil
+	}
+	name := u.User.Username()
+	if pass, ok := u.User.Password(); ok && pass != "" {
+		return []string{pass, name + ":" + pass}
+	}
+	if name != "" {
+		return []string{name}
+	}
+	return nil
 }
