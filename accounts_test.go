@@ -866,6 +866,9 @@ func TestAccountsFailoverKinds(t *testing.T) {
 		{"503 challenge", html(503), "", 200, kindBlocked, 10},
 		{"429 without Retry-After", failWith(429, `{"error":"slow"}`), "", 200, kind429, 30},
 		{"429, retries 0: passed on, a rests", failWith(429, `{"error":"slow"}`, "Retry-After", "5"), "retries 0", 429, kind429, 5},
+		{"429 Retry-After 999999999: rests the cap", failWith(429, `{"error":"slow"}`, "Retry-After", "999999999"), "", 200, kind429, 3600},
+		{"402: no points, rests 1h", failWith(402, `{"error":"payment required"}`), "", 200, kindNoPoints, 3600},
+		{"积分不足: no points, rests points_rest", failWith(200, `{"success":false,"message":"积分不足"}`), "points_rest 20m", 200, kindNoPoints, 1200},
 		{"400: no failover", failWith(400, `{"error":"bad prompt"}`), "", 502, "", 0},
 		{"success false: no failover", failWith(200, `{"success":false,"error":"nsfw"}`), "", 502, "", 0},
 		{"403 JSON: no failover", failWith(403, `{"error":"forbidden"}`), "", 502, "", 0},
@@ -1177,4 +1180,153 @@ func TestUnitReadmeAccountsExample(t *testing.T) {
 			t.Errorf("key of %s is client %q", want, got)
 		}
 	}
+}
+
+// TestAccountsRetryAfterCapped (issue 15 item 6): the client's Retry-After
+// after the service's 429 is what the gateway does with the account, its
+// rest: the service's figure, capped at an hour; 30 s when it gives none.
+// Never the service's header as it came.
+func TestAccountsRetryAfterCapped(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, opsSite(up.endpoint(), nil, "timeout 10s\n\t\tretries 0", ""))
+	for _, tc := range []struct {
+		name, header, want string
+	}{
+		{"999999999 seconds", "999999999", "3600"},
+		{"a date next year", time.Now().AddDate(1, 0, 0).UTC().Format(http.TimeFormat), "3600"},
+		{"7 seconds", "7", "7"},
+		{"none", "", "30"},
+		{"garbage", "soon", "30"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var hdr []string
+			if tc.header != "" {
+				hdr = []string{"Retry-After", tc.header}
+			}
+			up.setHandler(failWith(429, `{"error":"slow down"}`, hdr...))
+			status, h, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("rate limited", 1300, ""))
+			if status != http.StatusTooManyRequests {
+				t.Fatalf("status %d, want 429: %s", status, body)
+			}
+			if got := h.Get("Retry-After"); got != tc.want {
+				t.Errorf("Retry-After %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestAccountsOutOfPoints (SPEC §11.5, issue 17 item 8): an answer that
+// says an account has no points left fails over at once and rests the
+// account for points_rest, counted as kind no_points; a success whose
+// remaining_points is below its points_used rests the account before it
+// is asked again; the client hears of no_points only when every account
+// is out: a 502 saying so, without Retry-After.
+func TestAccountsOutOfPoints(t *testing.T) {
+	noPoints := failWith(403, `{"success":false,"error":"Insufficient points: 0 left"}`)
+	t.Run("one out: failover and its rest", func(t *testing.T) {
+		up := newFakeUpstream(t)
+		up.setHandler(byKey(map[string]http.HandlerFunc{testAccountKeyA: noPoints}))
+		startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA, "points_rest 45m")+accountBlock("b", testAccountKeyB),
+			"timeout 10s\n\t\tpoints_rest 2h", ""))
+		before, mark := scrape(t), markLog(t)
+		for i := range 3 {
+			status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("out of points?", 1400+i, ""))
+			if status != http.StatusOK || !strings.Contains(string(body), "img.example.com/b.png") {
+				t.Fatalf("request %d: status %d, want b's image: %s", i, status, body)
+			}
+		}
+		if a, b := up.keyCalls(testAccountKeyA), up.keyCalls(testAccountKeyB); a != 1 || b != 3 {
+			t.Errorf("calls a %d, b %d; want 1 and 3 (a rests)", a, b)
+		}
+		after := scrape(t)
+		if d := after.delta(before, "caddy_zimage_upstream_errors_total", "kind", "no_points"); d != 1 {
+			t.Errorf("no_points errors counted %v, want 1", d)
+		}
+		if d := after.delta(before, "caddy_zimage_upstream_account_rests_total", "account", "a", "reason", "no_points"); d != 1 {
+			t.Errorf("no_points rests of a counted %v, want 1", d)
+		}
+		if l := mark.find(t, "image service account rests", nil); len(l) != 1 || l[0]["account"] != "a" || l[0]["rest"] != float64(45*60) {
+			t.Errorf("rest lines %v, want one of a for its points_rest, 2700s", l)
+		}
+	})
+
+	t.Run("all out: 502 no_points", func(t *testing.T) {
+		up := newFakeUpstream(t)
+		up.setHandler(byKey(map[string]http.HandlerFunc{
+			testAccountKeyA: noPoints,
+			testAccountKeyB: failWith(402, `{"success":false,"message":"余额不足"}`),
+		}))
+		startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB), "timeout 10s", ""))
+		before, mark := scrape(t), markLog(t)
+		for i := range 2 { // the second while both rest: one is still asked (a, in turn)
+			status, hdr, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("nobody has points", 1500+i, ""))
+			if status != http.StatusBadGateway {
+				t.Fatalf("request %d: status %d, want 502: %s", i, status, body)
+			}
+			if e := apiErr(t, body); e.Code != "no_points" || !strings.Contains(e.Message, "accounts have no points left") {
+				t.Errorf("request %d: error %+v, want code no_points saying the accounts have no points left", i, e)
+			}
+			if ra := hdr.Get("Retry-After"); ra != "" {
+				t.Errorf("request %d: Retry-After %q on a 502 no_points", i, ra)
+			}
+		}
+		if a, b := up.keyCalls(testAccountKeyA), up.keyCalls(testAccountKeyB); a != 2 || b != 1 {
+			t.Errorf("calls a %d, b %d; want 2 and 1", a, b)
+		}
+		if d := grewSince(t, before, "caddy_zimage_upstream_errors_total", "kind", "no_points"); d != 3 {
+			t.Errorf("no_points errors counted %v, want 3 (one per call)", d)
+		}
+		for _, name := range []string{"a", "b"} {
+			if l := mark.find(t, "image service account rests", func(l map[string]any) bool {
+				return l["reason"] == kindNoPoints && l["account"] == name && l["rest"] == float64(3600)
+			}); len(l) == 0 {
+				t.Errorf("no no_points rest line for %s", name)
+			}
+		}
+	})
+
+	t.Run("one out, the other rests after a 429: not no_points", func(t *testing.T) {
+		up := newFakeUpstream(t)
+		up.setHandler(byKey(map[string]http.HandlerFunc{
+			testAccountKeyA: failWith(429, `{"error":"slow"}`, "Retry-After", "60"),
+			testAccountKeyB: noPoints,
+		}))
+		startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB), "timeout 10s", ""))
+		// a rests after its 429 (b answers no points: out)
+		do(t, http.MethodPost, "/v1/chat/completions", chatJSON("a rests", 1550, ""))
+		status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("b is out, a rests", 1551, ""))
+		if e := apiErr(t, body); status == http.StatusBadGateway && e.Code == "no_points" {
+			t.Errorf("no_points while account a only rests after a 429: %s", body)
+		}
+	})
+
+	t.Run("remaining below used: rests before it is asked again", func(t *testing.T) {
+		up := newFakeUpstream(t)
+		up.setHandler(byKey(map[string]http.HandlerFunc{testAccountKeyA: func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprint(w, `{"success":true,"data":{"image_url":"https://img.example.com/a.png","points_used":5,"remaining_points":"3"}}`)
+		}}))
+		startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB), "timeout 10s\n\t\tpoints_rest 90m", ""))
+		before, mark := scrape(t), markLog(t)
+		want := []string{"a", "b", "b", "b"} // in turn a, b, a, b without the rest
+		for i, w := range want {
+			status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("last points", 1600+i, ""))
+			if status != http.StatusOK || !strings.Contains(string(body), "img.example.com/"+w+".png") {
+				t.Fatalf("request %d: status %d, want %s's image: %s", i, status, w, body)
+			}
+		}
+		if a := up.keyCalls(testAccountKeyA); a != 1 {
+			t.Errorf("a was asked %d times, want once: it rests after its last points", a)
+		}
+		rests := mark.find(t, "image service account rests", func(l map[string]any) bool {
+			return l["account"] == "a" && l["reason"] == kindNoPoints && l["rest"] == float64(90*60) &&
+				l["remaining_points"] == float64(3) && l["points_used"] == float64(5)
+		})
+		if len(rests) != 1 {
+			t.Errorf("%d rest lines for a's last points, want 1", len(rests))
+		}
+		if d := grewSince(t, before, "caddy_zimage_upstream_errors_total", "kind", "no_points"); d != 0 {
+			t.Errorf("no_points errors counted %v for a success", d)
+		}
+	})
 }
