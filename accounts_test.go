@@ -1330,3 +1330,67 @@ func TestAccountsOutOfPoints(t *testing.T) {
 		}
 	})
 }
+
+// TestAccountsTwoSitesOneAccountLowerLimit (SPEC §11.7, issue 15 item
+// 11): two sites name the same account (same URL and key), one with
+// max_concurrent 2 and one with 5, in either order in the Caddyfile. They
+// share one limiter at the lower limit: with 7 requests at the site that
+// says 5, the fake sees 2 calls on the key and 5 wait; a warning at load
+// names the account and both values.
+func TestAccountsTwoSitesOneAccountLowerLimit(t *testing.T) {
+	hostA, hostB := fmt.Sprintf("a.localhost:%d", httpPort), fmt.Sprintf("b.localhost:%d", httpPort)
+	site := func(host, name string, limit int, up *fakeUpstream) string {
+		return fmt.Sprintf("http://%s {\n%s\n}\n", host, accountsSite(up.endpoint(),
+			accountBlock(name, testAccountKeyA, fmt.Sprintf("max_concurrent %d", limit)), "timeout 30s\n\t\tqueue_timeout 30s", ""))
+	}
+	for _, tc := range []struct {
+		name           string
+		limitA, limitB int
+	}{
+		{"lower first", 2, 5},
+		{"lower second", 5, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newFakeUpstream(t)
+			g := newGate(t)
+			up.setHandler(g.handler)
+			mark := markLog(t)
+			startCaddyRaw(t, globals()+"\n"+site(hostA, "main", tc.limitA, up)+site(hostB, "shared", tc.limitB, up))
+
+			warns := mark.find(t, "upstream account is configured twice with different max_concurrent; the lower applies, as it is one account at the service", func(l map[string]any) bool {
+				return l["level"] == "warn" && l["applies"] == float64(2)
+			})
+			if len(warns) != 1 {
+				t.Fatalf("%d warnings, want 1: %v", len(warns), warns)
+			}
+			w := warns[0]
+			got := map[any]any{w["account"]: w["max_concurrent"], w["other_account"]: w["other_max_concurrent"]}
+			if want := map[any]any{"main": float64(tc.limitA), "shared": float64(tc.limitB)}; !reflect.DeepEqual(got, want) {
+				t.Errorf("warning names %v, want both accounts with their limits %v", got, want)
+			}
+
+			// every request at the site that says 5
+			busy := hostA
+			if tc.limitB == 5 {
+				busy = hostB
+			}
+			var results []<-chan result
+			for i := range 7 {
+				results = append(results, sendAsync(http.MethodPost, "/v1/images/generations", fmt.Sprintf(`{"prompt":"two sites %d","seed":%d}`, i, 1900+i), "Host", busy))
+			}
+			waitFor(t, "2 calls on the account and 5 queued", func() bool {
+				active, _ := up.keyStats(testAccountKeyA)
+				return active == 2 && unitQueueLen() == 5
+			})
+			g.open()
+			for i, ch := range results {
+				if r := await(t, ch); r.status != http.StatusOK {
+					t.Errorf("request %d: status %d: %s", i, r.status, r.body)
+				}
+			}
+			if _, peak := up.keyStats(testAccountKeyA); peak != 2 {
+				t.Errorf("%d calls at once on the account, want the lower limit, 2", peak)
+			}
+		})
+	}
+}
