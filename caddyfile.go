@@ -48,11 +48,13 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	            api_key <key>
 //	            max_concurrent <n>
 //	            low_points <n>
+//	            points_rest <duration>
 //	        }
 //	        timeout <duration>
 //	        max_concurrent <n>
 //	        queue_timeout <duration>
 //	        retries <n>
+//	        points_rest <duration>
 //	    }
 //	    enhance [off] {
 //	        api_key <key>
