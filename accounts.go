@@ -16,10 +16,12 @@ import (
 	"net/http"
 	"regexp"
 	"strconv"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
@@ -33,7 +35,11 @@ const (
 	restAfter429     = 30 * time.Second
 	restAfterFailure = 10 * time.Second
 	minRest          = time.Second
-	maxRest          = time.Hour
+	maxRest          = time.Hour // the cap on a service's Retry-After (issue 15 item 6)
+
+	// defaultPointsRest is how long an account out of points rests
+	// (SPEC §11.5): points come back only when someone tops it up.
+	defaultPointsRest = time.Hour
 )
 
 // AccountConfig is one account of the image service.
@@ -57,6 +63,12 @@ type AccountConfig struct {
 	// each generation, drop below it (and again only after they went back
 	// above it).
 	LowPoints float64 `json:"low_points,omitempty"`
+
+	// PointsRest is how long the account rests when the service says it
+	// has no points left, or when a generation's remaining_points is
+	// below its points_used (SPEC §11.5). Default: the upstream's
+	// points_rest, else 1h.
+	PointsRest caddy.Duration `json:"points_rest,omitempty"`
 }
 
 // accountName is the form of an account's (and a client's) name: a label
@@ -64,7 +76,7 @@ type AccountConfig struct {
 var accountName = regexp.MustCompile(`^[a-z0-9_-]{1,64}$`)
 
 // unmarshalAccount parses `account <name> { api_key; max_concurrent;
-// low_points }` inside an upstream block; others are the accounts parsed
+// low_points; points_rest }` inside an upstream block; others are the accounts parsed
 // before it.
 func unmarshalAccount(d *caddyfile.Dispenser, others []AccountConfig) (AccountConfig, error) {
 	var a AccountConfig
@@ -94,6 +106,8 @@ func unmarshalAccount(d *caddyfile.Dispenser, others []AccountConfig) (AccountCo
 				return d.Errf("zimage_gateway: invalid low_points '%s': want a number of points above 0", s)
 			}
 			a.LowPoints = f
+		case "points_rest":
+			a.PointsRest, err = parseDuration(d)
 		default:
 			return d.Errf("unrecognized zimage_gateway upstream account option '%s'", opt)
 		}
@@ -136,13 +150,19 @@ func resolveAccounts(uc *UpstreamConfig, resolve func(v, env string) string, dem
 	if err := checkAccountsBlock(uc); err != nil {
 		return err
 	}
+	if uc.PointsRest < 0 {
+		return errors.New("zimage_gateway: upstream: points_rest must be a positive duration such as 1h")
+	}
+	if uc.PointsRest == 0 {
+		uc.PointsRest = caddy.Duration(defaultPointsRest)
+	}
 	if len(uc.Accounts) == 0 {
 		key := resolve(uc.APIKey, "SD_API_KEY")
 		if key == "" && !demo {
 			return errors.New("zimage_gateway: upstream: no API key for the image service: set 'api_key' in the upstream block or the SD_API_KEY environment variable, or add account blocks (or use 'upstream demo' to try the gateway without an account)")
 		}
 		uc.APIKey = key
-		uc.Accounts = []AccountConfig{{Name: defaultAccount, APIKey: key, MaxConcurrent: uc.MaxConcurrent}}
+		uc.Accounts = []AccountConfig{{Name: defaultAccount, APIKey: key, MaxConcurrent: uc.MaxConcurrent, PointsRest: uc.PointsRest}}
 		return nil
 	}
 	keys := map[string]string{} // key → the account that has it
@@ -156,6 +176,12 @@ func resolveAccounts(uc *UpstreamConfig, resolve func(v, env string) string, dem
 		}
 		if a.LowPoints < 0 || math.IsNaN(a.LowPoints) || math.IsInf(a.LowPoints, 0) {
 			return fmt.Errorf("zimage_gateway: upstream account '%s': low_points must be a number of points above 0, or 0 (off)", a.Name)
+		}
+		if a.PointsRest < 0 {
+			return fmt.Errorf("zimage_gateway: upstream account '%s': points_rest must be a positive duration such as 1h", a.Name)
+		}
+		if a.PointsRest == 0 {
+			a.PointsRest = uc.PointsRest
 		}
 		a.APIKey = resolve(a.APIKey, "")
 		if a.APIKey == "" && !demo {
@@ -175,9 +201,14 @@ type account struct {
 	name      string
 	key       string
 	lowPoints float64
-	lim       *limiter
-	limKey    string
-	claim     uint64
+	// pointsRest is how long it rests when out of points (SPEC §11.5)
+	pointsRest time.Duration
+	limit      int // its max_concurrent, claimed on its limiter
+	// lim is its shared limiter, under limKey, with the pool's claim on
+	// it; set while the pool holds its limiters (accountPool.enter)
+	lim    *limiter
+	limKey string
+	claim  uint64
 }
 
 // accountPool is a handler's accounts, the one queue before them and the
@@ -191,7 +222,17 @@ type accountPool struct {
 	queueTimeout time.Duration
 	retries      int
 	logger       *zap.Logger
-	closed       bool
+
+	// the pool holds its limiters (references and claims) from Provision
+	// until its config is cleaned up (closed) and its last generation has
+	// finished (work == 0): the slots its requests hold still count for
+	// whatever config comes next (issue 15 item 7). A request that comes
+	// after that takes them again (enter).
+	holdMu   sync.Mutex
+	gen      uint64 // the config load that made the pool
+	work     int    // generations inside run
+	closed   bool
+	released bool // the limiters are given back
 
 	// retried is told of each failed attempt that is followed by another,
 	// so that it shows in the log and caddy_zimage_upstream_errors_total
@@ -211,33 +252,93 @@ func limiterKey(url, key, name string) string {
 }
 
 // newAccountPool loads (or makes) the shared limiter of every account and
-// claims the configured limit on it, which resizes it in place when an
-// older config used another.
-func newAccountPool(uc UpstreamConfig, retries int, logger *zap.Logger) *accountPool {
+// claims the configured limit on it for the config load gen, which
+// resizes it in place when an older config used another. Another handler
+// of the same load that names the same account (same URL and key) with
+// another max_concurrent makes a warning: the lower applies (SPEC §11.7).
+func newAccountPool(uc UpstreamConfig, retries int, gen uint64, logger *zap.Logger) *accountPool {
 	p := &accountPool{
 		timeout:      time.Duration(uc.Timeout),
 		queueTimeout: time.Duration(uc.QueueTimeout),
 		retries:      retries,
 		logger:       logger,
+		gen:          gen,
 	}
 	for i, ac := range uc.Accounts {
-		a := &account{index: i, name: ac.Name, key: ac.APIKey, lowPoints: ac.LowPoints,
-			limKey: limiterKey(uc.URL, ac.APIKey, ac.Name)}
-		a.lim, a.claim = loadLimiter(a.limKey, ac.MaxConcurrent, true)
+		a := &account{index: i, name: ac.Name, key: ac.APIKey, lowPoints: ac.LowPoints, limit: ac.MaxConcurrent,
+			pointsRest: time.Duration(ac.PointsRest), limKey: limiterKey(uc.URL, ac.APIKey, ac.Name)}
+		var other *limitClaim
+		a.lim, a.claim, other = loadLimiterIn(a.limKey, a.limit, true, gen, a.name)
+		if other != nil {
+			limMu.Lock()
+			applies := a.lim.limitLocked()
+			limMu.Unlock()
+			logger.Warn("upstream account is configured twice with different max_concurrent; the lower applies, as it is one account at the service",
+				zap.String("account", a.name), zap.Int("max_concurrent", a.limit),
+				zap.String("other_account", other.name), zap.Int("other_max_concurrent", other.n),
+				zap.Int("applies", applies))
+		}
 		p.accounts = append(p.accounts, a)
 		p.limited = p.limited || ac.MaxConcurrent > 0
 	}
 	return p
 }
 
-// close gives back the pool's claims and limiter references; a second
-// call does nothing. Requests of the pool still in flight keep using its
-// accounts and limiters, which stay valid objects.
+// enter counts a generation in, taking the limiters again if the pool had
+// given them back (a request of a replaced config that reached the
+// upstream step only after the config's other work had drained).
+func (p *accountPool) enter() {
+	p.holdMu.Lock()
+	defer p.holdMu.Unlock()
+	p.work++
+	if !p.released {
+		return
+	}
+	p.released = false
+	for _, a := range p.accounts {
+		l, claim, _ := loadLimiterIn(a.limKey, a.limit, true, p.gen, a.name)
+		limMu.Lock()
+		a.lim, a.claim = l, claim
+		limMu.Unlock()
+	}
+}
+
+// leave counts a generation out; the last one of a closed pool gives its
+// limiters back.
+func (p *accountPool) leave() {
+	p.holdMu.Lock()
+	defer p.holdMu.Unlock()
+	p.work--
+	if p.closed && p.work == 0 {
+		_ = p.releaseLocked()
+	}
+}
+
+// close marks the pool's config as replaced (Caddy's Cleanup): it gives
+// back the pool's claims and limiter references at once when no
+// generation of it runs, else when the last one leaves. A second call
+// does nothing.
 func (p *accountPool) close() error {
-	if p == nil || p.closed {
+	if p == nil {
+		return nil
+	}
+	p.holdMu.Lock()
+	defer p.holdMu.Unlock()
+	if p.closed {
 		return nil
 	}
 	p.closed = true
+	if p.work > 0 {
+		return nil
+	}
+	return p.releaseLocked()
+}
+
+func (p *accountPool) releaseLocked() error {
+	if p.released {
+		return nil
+	}
+	p.released = true
 	var errs []error
 	for _, a := range p.accounts {
 		errs = append(errs, dropLimiter(a.limKey, a.lim, a.claim))
@@ -315,23 +416,33 @@ func (c *choice) hopeful() bool {
 }
 
 // failsOver reports the failures that move the attempt to another account
-// and rest the account (SPEC §11.2, §11.4).
+// and rest the account (SPEC §11.2, §11.4, §11.5).
 func failsOver(kind string) bool {
 	switch kind {
-	case kind429, kindRefused, kind5xx, kindBlocked:
+	case kind429, kindRefused, kind5xx, kindBlocked, kindNoPoints:
 		return true
 	}
 	return false
 }
 
-// restFor is how long an account rests after ue.
-func restFor(ue *upstreamError, now time.Time) time.Duration {
+// restFor is how long an account rests after ue: out of points, its
+// pointsRest (as configured, not capped); after a 429 the service's
+// Retry-After within minRest…maxRest. The client's Retry-After for a 429
+// is this same figure (upstreamError.apiError).
+func restFor(ue *upstreamError, pointsRest time.Duration, now time.Time) time.Duration {
+	if ue.kind == kindNoPoints {
+		if pointsRest <= 0 {
+			pointsRest = defaultPointsRest
+		}
+		return pointsRest
+	}
 	d := restAfterFailure
 	if ue.kind == kind429 {
 		d = restAfter429
 		if ra := ue.retryAfter; ra != "" {
 			if n, err := strconv.Atoi(ra); err == nil {
-				d = time.Duration(n) * time.Second
+				// compared before multiplying: 999999999999 s would overflow
+				d = time.Duration(min(n, int(maxRest/time.Second))) * time.Second
 			} else if t, err := http.ParseTime(ra); err == nil {
 				d = t.Sub(now)
 			}
@@ -340,24 +451,52 @@ func restFor(ue *upstreamError, now time.Time) time.Duration {
 	return min(max(d, minRest), maxRest)
 }
 
-// rest makes a fail after ue, unless every other account of the pool
-// rests already: the last one awake works on (SPEC §11.2).
-func (p *accountPool) rest(a *account, ue *upstreamError) {
+// rest makes a rest after ue, unless every other account of the pool
+// rests already: the last one awake works on (SPEC §11.2). An account out
+// of points rests in any case (SPEC §11.5): that is what it is, and a
+// resting account still serves while every account rests.
+func (p *accountPool) rest(a *account, ue *upstreamError, fields ...zap.Field) {
 	now := time.Now()
-	d := restFor(ue, now)
+	d := restFor(ue, a.pointsRest, now)
 	limMu.Lock()
-	others := false
+	others := ue.kind == kindNoPoints
 	for _, o := range p.accounts {
 		others = others || o != a && !o.lim.restingLocked(now)
 	}
 	rested := others && a.lim.restLocked(now.Add(d))
+	if until := now.Add(d); ue.kind == kindNoPoints && until.After(a.lim.noPointsUntil) {
+		a.lim.noPointsUntil = until
+	}
 	limMu.Unlock()
 	if !rested {
 		return
 	}
 	metricAccountRests.WithLabelValues(a.name, ue.kind).Inc()
-	p.logger.Warn("image service account rests",
-		zap.String("account", a.name), zap.String("reason", ue.kind), zap.Duration("rest", d))
+	p.logger.Warn("image service account rests", append([]zap.Field{
+		zap.String("account", a.name), zap.String("reason", ue.kind), zap.Duration("rest", d)}, fields...)...)
+}
+
+// allOutOfPoints reports whether every account of the pool rests for
+// want of points: only then does the client hear of it (SPEC §11.5).
+func (p *accountPool) allOutOfPoints() bool {
+	now := time.Now()
+	limMu.Lock()
+	defer limMu.Unlock()
+	for _, a := range p.accounts {
+		if !now.Before(a.lim.noPointsUntil) {
+			return false
+		}
+	}
+	return true
+}
+
+// fail ends run with ue, telling a no_points failure whether every
+// account is out.
+func (p *accountPool) fail(ue *upstreamError) (upstreamResult, error) {
+	if ue.kind == kindNoPoints {
+		ue.allOut = p.allOutOfPoints()
+	}
+	return upstreamResult{}, ue
 }
 
 // call is one attempt with one account.
@@ -369,6 +508,8 @@ type call func(ctx context.Context, a *account) (upstreamResult, *upstreamError)
 // deadline and latency. The error is an *apiError when no slot was had,
 // else the last attempt's *upstreamError.
 func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult, error) {
+	p.enter()
+	defer p.leave()
 	c := p.newChoice()
 	queued := time.Now()
 	err := acquire(ctx, p.queueTimeout, c)
@@ -400,8 +541,10 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		j.account = a.name
 		res, ue := try(ctx, a)
 		if ue == nil {
-			a.lim.release(1)
+			// points first: an account that just spent its last points
+			// rests before its slot can go to anyone (SPEC §11.5)
 			p.notePoints(a, res.info)
+			a.lim.release(1)
 			return res, nil
 		}
 		if !failsOver(ue.kind) || ctx.Err() != nil {
@@ -411,7 +554,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		p.rest(a, ue)
 		if attempt >= p.retries {
 			a.lim.release(1)
-			return upstreamResult{}, ue
+			return p.fail(ue)
 		}
 
 		// another account at once, if one that does not rest is left
@@ -427,7 +570,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 				}
 				// none freed in time: the client gets what the last
 				// account said
-				return upstreamResult{}, ue
+				return p.fail(ue)
 			}
 
 			if p.retried != nil {
@@ -444,7 +587,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		backoff := time.Duration(float64(250*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
 		if !ue.retryable || time.Until(j.deadline) < backoff {
 			a.lim.release(1)
-			return upstreamResult{}, ue
+			return p.fail(ue)
 		}
 		if p.retried != nil {
 			p.retried(ue, attempt+1, a, a)
@@ -461,10 +604,16 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 }
 
 // notePoints records the points the service reported for a's generation
-// (SPEC §11.3) and warns once when they cross below low_points.
+// (SPEC §11.3), warns once when they cross below low_points, and rests
+// the account as out of points when what is left would not pay for
+// another generation like this one (SPEC §11.5).
 func (p *accountPool) notePoints(a *account, info upstreamInfo) {
 	if info.hasPointsUsed && info.pointsUsed > 0 {
 		metricPointsUsed.WithLabelValues(a.name).Add(info.pointsUsed)
+	}
+	if info.hasPointsUsed && info.hasRemainingPoints && info.remainingPoints < info.pointsUsed {
+		p.rest(a, &upstreamError{kind: kindNoPoints}, zap.Float64("remaining_points", info.remainingPoints),
+			zap.Float64("points_used", info.pointsUsed))
 	}
 	if !info.hasRemainingPoints {
 		return

@@ -53,6 +53,7 @@ func TestUnitAccountsCaddyfile(t *testing.T) {
 					api_key {env.SD_KEY_MAIN}
 					max_concurrent 2
 					low_points 500
+					points_rest 30m
 				}
 				account spare_2 {
 					api_key sd-spare
@@ -60,13 +61,15 @@ func TestUnitAccountsCaddyfile(t *testing.T) {
 				timeout 2m
 				queue_timeout 30s
 				retries 2
+				points_rest 2h
 			}
 		}`, &UpstreamConfig{
 			Accounts: []AccountConfig{
-				{Name: "main", APIKey: "{env.SD_KEY_MAIN}", MaxConcurrent: 2, LowPoints: 500},
+				{Name: "main", APIKey: "{env.SD_KEY_MAIN}", MaxConcurrent: 2, LowPoints: 500, PointsRest: caddy.Duration(30 * time.Minute)},
 				{Name: "spare_2", APIKey: "sd-spare"},
 			},
 			Timeout: caddy.Duration(2 * time.Minute), QueueTimeout: caddy.Duration(30 * time.Second), Retries: intp(2),
+			PointsRest: caddy.Duration(2 * time.Hour),
 		}},
 		{"empty block and empty key", `zimage_gateway {
 			upstream https://sd.example/gen {
@@ -113,6 +116,8 @@ func TestUnitAccountsCaddyfile(t *testing.T) {
 		{"bad max_concurrent", up("account a {\n\tmax_concurrent -1\n}"), "invalid max_concurrent '-1'"},
 		{"zero low_points", up("account a {\n\tlow_points 0\n}"), "invalid low_points '0'"},
 		{"bad low_points", up("account a {\n\tlow_points lots\n}"), "invalid low_points 'lots'"},
+		{"zero points_rest", up("account a {\n\tpoints_rest 0\n}"), "invalid points_rest '0'"},
+		{"bad upstream points_rest", up("points_rest soon"), "invalid points_rest 'soon'"},
 		{"api_key and accounts", up("api_key k\naccount a {\n\tapi_key k1\n}"), "either api_key or account blocks, not both"},
 		{"accounts and api_key", up("account a {\n\tapi_key k1\n}\napi_key k"), "either api_key or account blocks, not both"},
 		{"max_concurrent beside accounts", up("max_concurrent 2\naccount a {\n\tapi_key k1\n}"), "max_concurrent goes inside each account block"},
@@ -151,6 +156,9 @@ func TestUnitAccountsProvisionErrors(t *testing.T) {
 		{"same key twice", base(acct("a", testAccountKeyA) + "," + acct("b", testAccountKeyA)), []string{"accounts 'a' and 'b' have the same api_key"}},
 		{"negative max_concurrent", base(`{"name":"a","api_key":"` + testAccountKeyA + `","max_concurrent":-2}`), []string{"account 'a'", "max_concurrent"}},
 		{"negative low_points", base(`{"name":"a","api_key":"` + testAccountKeyA + `","low_points":-1}`), []string{"account 'a'", "low_points"}},
+		{"negative points_rest", base(`{"name":"a","api_key":"` + testAccountKeyA + `","points_rest":-1}`), []string{"account 'a'", "points_rest"}},
+		{"negative upstream points_rest", `{"api_keys":["` + testClientKey + `"],"upstream":{"points_rest":-5,"accounts":[` + acct("a", testAccountKeyA) + `]}}`,
+			[]string{"upstream: points_rest"}},
 		{"api_key and accounts", `{"api_keys":["` + testClientKey + `"],"upstream":{"api_key":"` + testSDKey + `","accounts":[` + acct("a", testAccountKeyA) + `]}}`,
 			[]string{"either api_key or account blocks"}},
 		{"max_concurrent beside accounts", `{"api_keys":["` + testClientKey + `"],"upstream":{"max_concurrent":3,"accounts":[` + acct("a", testAccountKeyA) + `]}}`,
@@ -170,23 +178,24 @@ func TestUnitAccountsProvision(t *testing.T) {
 	unitClearEnv(t)
 	t.Setenv("ZIMAGE_UNIT_KEY_B", testAccountKeyB)
 	t.Setenv("SD_API_KEY", testSDKey) // not used once accounts are given
-	g, err := unitProvision(t, `{"api_keys":["`+testClientKey+`"],"upstream":{"url":"https://sd.example/gen","accounts":[
-		{"name":"a","api_key":"`+testAccountKeyA+`","max_concurrent":2,"low_points":100},
+	g, err := unitProvision(t, `{"api_keys":["`+testClientKey+`"],"upstream":{"url":"https://sd.example/gen","points_rest":"2h","accounts":[
+		{"name":"a","api_key":"`+testAccountKeyA+`","max_concurrent":2,"low_points":100,"points_rest":"10m"},
 		{"name":"b","api_key":"{env.ZIMAGE_UNIT_KEY_B}"},
 		{"name":"c","api_key":"`+testAccountKeyC+`","max_concurrent":1}]}}`)
 	if err != nil {
 		t.Fatal(err)
 	}
 	type got struct {
-		name, key string
-		limit     int
-		low       float64
+		name, key  string
+		limit      int
+		low        float64
+		pointsRest time.Duration
 	}
 	var accts []got
 	for _, a := range g.accounts.accounts {
-		accts = append(accts, got{a.name, a.key, unitLimit(a), a.lowPoints})
+		accts = append(accts, got{a.name, a.key, unitLimit(a), a.lowPoints, a.pointsRest})
 	}
-	want := []got{{"a", testAccountKeyA, 2, 100}, {"b", testAccountKeyB, 0, 0}, {"c", testAccountKeyC, 1, 0}}
+	want := []got{{"a", testAccountKeyA, 2, 100, 10 * time.Minute}, {"b", testAccountKeyB, 0, 0, 2 * time.Hour}, {"c", testAccountKeyC, 1, 0, 2 * time.Hour}}
 	if !reflect.DeepEqual(accts, want) {
 		t.Errorf("accounts %+v, want %+v", accts, want)
 	}
@@ -207,8 +216,12 @@ func TestUnitAccountsProvision(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a := g.accounts.accounts; len(a) != 1 || a[0].name != "default" || a[0].key != testSDKey || unitLimit(a[0]) != 3 || g.accounts.retries != 0 {
-		t.Errorf("single key: accounts %+v retries %d, want one 'default' with SD_API_KEY and limit 3", a, g.accounts.retries)
+	if a := g.accounts.accounts; len(a) != 1 || a[0].name != "default" || a[0].key != testSDKey || unitLimit(a[0]) != 3 || g.accounts.retries != 0 || a[0].pointsRest != time.Hour {
+		t.Errorf("single key: accounts %+v retries %d, want one 'default' with SD_API_KEY, limit 3 and points_rest 1h", a, g.accounts.retries)
+	}
+	g, err = unitProvision(t, `{"api_keys":["`+testClientKey+`"],"upstream":{"points_rest":"15m"}}`)
+	if err != nil || g.accounts.accounts[0].pointsRest != 15*time.Minute {
+		t.Errorf("single key with points_rest 15m: %v", err)
 	}
 }
 
@@ -365,26 +378,184 @@ func TestUnitLimiterClaims(t *testing.T) {
 	}
 }
 
-// SPEC §11.2: how long a failing account rests.
+// SPEC §11.7: the handlers of one config load that name the same account
+// share its limiter at the lower of their limits, in either order, and
+// the second one learns of the first (for the warning); a newer load's
+// limits replace an older load's, and a failed load gives them back.
+func TestUnitLimiterOneLoadLowerLimit(t *testing.T) {
+	limit := func(l *limiter) int { limMu.Lock(); defer limMu.Unlock(); return l.limitLocked() }
+	for _, tc := range []struct {
+		name        string
+		first, then int
+		want        int
+	}{
+		{"lower first", 2, 5, 2},
+		{"lower second", 5, 2, 2},
+		{"unlimited and 3", 0, 3, 3},
+		{"3 and unlimited", 3, 0, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			key := "unit|" + t.Name()
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			gen := configGeneration(ctx)
+			l, c1, other := loadLimiterIn(key, tc.first, true, gen, "site-a")
+			if other != nil {
+				t.Errorf("the first claim of a load saw another: %+v", other)
+			}
+			_, c2, other := loadLimiterIn(key, tc.then, true, gen, "site-b")
+			if other == nil || other.n != tc.first || other.name != "site-a" {
+				t.Errorf("the second claim saw %+v, want site-a's %d", other, tc.first)
+			}
+			if n := limit(l); n != tc.want {
+				t.Errorf("limit %d, want the lower, %d", n, tc.want)
+			}
+
+			// a newer load (a reload) replaces both, higher or not
+			newer, cancelNewer := context.WithCancel(context.Background())
+			defer cancelNewer()
+			_, c3, other := loadLimiterIn(key, 7, true, configGeneration(newer), "site-a")
+			if other != nil || limit(l) != 7 {
+				t.Errorf("after a newer load: limit %d, other %+v; want 7 and none", limit(l), other)
+			}
+			// which fails: the older load's lower limit is back
+			_ = dropLimiter(key, l, c3)
+			if n := limit(l); n != tc.want {
+				t.Errorf("after the newer load failed: limit %d, want %d", n, tc.want)
+			}
+			_ = dropLimiter(key, l, c1)
+			_ = dropLimiter(key, l, c2)
+			if refs, _ := limiters.References(key); refs != 0 {
+				t.Errorf("%d references left", refs)
+			}
+		})
+	}
+
+	// a load is its provisioning context, values added or not
+	ctx, cancel := context.WithCancel(context.Background())
+	child := context.WithValue(ctx, struct{}{}, 1)
+	if a, b := configGeneration(ctx), configGeneration(child); a != b {
+		t.Errorf("one load got two numbers: %d, %d", a, b)
+	}
+	other, cancelOther := context.WithCancel(context.Background())
+	defer cancelOther()
+	if a, b := configGeneration(ctx), configGeneration(other); a >= b {
+		t.Errorf("a later load got %d, not more than the earlier %d", b, a)
+	}
+	if a, b := configGeneration(context.Background()), configGeneration(context.Background()); a == b {
+		t.Errorf("contexts that cannot end share the load %d", a)
+	}
+	cancel()
+	waitFor(t, "the ended load to be forgotten", func() bool {
+		configLoads.Lock()
+		defer configLoads.Unlock()
+		_, ok := configLoads.byDone[ctx.Done()]
+		return !ok
+	})
+}
+
+// issue 15 item 7: a pool whose config was replaced keeps its limiters
+// while a generation of it runs, gives them back when the last one
+// leaves, and takes them again for one that comes later.
+func TestUnitAccountPoolHoldsLimitersWhileBusy(t *testing.T) {
+	url := "https://sd.example/" + t.Name()
+	uc := UpstreamConfig{URL: url, Accounts: []AccountConfig{{Name: "a1", APIKey: testAccountKeyA, MaxConcurrent: 2}}}
+	key := limiterKey(url, testAccountKeyA, "a1")
+	refs := func() int { n, _ := limiters.References(key); return n }
+	p := newAccountPool(uc, 1, newGeneration(), zap.NewNop())
+	p.enter()
+	p.enter()
+	if err := p.close(); err != nil || refs() != 1 {
+		t.Fatalf("closed with two generations running: %d references, %v; want 1", refs(), err)
+	}
+	p.leave()
+	if refs() != 1 {
+		t.Errorf("%d references with one generation left, want 1", refs())
+	}
+	p.leave()
+	if refs() != 0 {
+		t.Errorf("%d references after the last generation left, want 0", refs())
+	}
+	p.enter() // a late one of the replaced config
+	if refs() != 1 || unitLimit(p.accounts[0]) != 2 {
+		t.Errorf("a late generation: %d references, limit %d; want 1 and 2", refs(), unitLimit(p.accounts[0]))
+	}
+	p.leave()
+	if err := p.close(); err != nil || refs() != 0 {
+		t.Errorf("after the late one: %d references, %v; want 0", refs(), err)
+	}
+}
+
+// SPEC §11.2, §11.5: how long a failing account rests; the client's
+// Retry-After after a 429 is the same figure, in whole seconds (issue 15
+// item 6).
 func TestUnitRestFor(t *testing.T) {
 	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	for _, tc := range []struct {
-		name string
-		ue   upstreamError
-		want time.Duration
+		name       string
+		ue         upstreamError
+		pointsRest time.Duration
+		want       time.Duration
 	}{
-		{"429 with seconds", upstreamError{kind: kind429, retryAfter: "7"}, 7 * time.Second},
-		{"429 with a date", upstreamError{kind: kind429, retryAfter: now.Add(90 * time.Second).Format(http.TimeFormat)}, 90 * time.Second},
-		{"429 without Retry-After", upstreamError{kind: kind429}, 30 * time.Second},
-		{"429 Retry-After 0", upstreamError{kind: kind429, retryAfter: "0"}, time.Second},
-		{"429 Retry-After a day", upstreamError{kind: kind429, retryAfter: "86400"}, time.Hour},
-		{"429 date in the past", upstreamError{kind: kind429, retryAfter: now.Add(-time.Minute).Format(http.TimeFormat)}, time.Second},
-		{"5xx", upstreamError{kind: kind5xx, retryAfter: "99"}, 10 * time.Second},
-		{"connection error", upstreamError{kind: kindRefused}, 10 * time.Second},
-		{"blocked", upstreamError{kind: kindBlocked}, 10 * time.Second},
+		{"429 with seconds", upstreamError{kind: kind429, retryAfter: "7"}, 0, 7 * time.Second},
+		{"429 with a date", upstreamError{kind: kind429, retryAfter: now.Add(90 * time.Second).Format(http.TimeFormat)}, 0, 90 * time.Second},
+		{"429 without Retry-After", upstreamError{kind: kind429}, 0, 30 * time.Second},
+		{"429 Retry-After 0", upstreamError{kind: kind429, retryAfter: "0"}, 0, time.Second},
+		{"429 Retry-After a day", upstreamError{kind: kind429, retryAfter: "86400"}, 0, time.Hour},
+		{"429 date in the past", upstreamError{kind: kind429, retryAfter: now.Add(-time.Minute).Format(http.TimeFormat)}, 0, time.Second},
+		{"429 Retry-After 999999999", upstreamError{kind: kind429, retryAfter: "999999999"}, 0, time.Hour},
+		{"429 Retry-After that overflows nanoseconds", upstreamError{kind: kind429, retryAfter: "99999999999999"}, 0, time.Hour},
+		{"429 date a year ahead", upstreamError{kind: kind429, retryAfter: now.AddDate(1, 0, 0).Format(http.TimeFormat)}, 0, time.Hour},
+		{"5xx", upstreamError{kind: kind5xx, retryAfter: "99"}, 0, 10 * time.Second},
+		{"connection error", upstreamError{kind: kindRefused}, 0, 10 * time.Second},
+		{"blocked", upstreamError{kind: kindBlocked}, 0, 10 * time.Second},
+		{"no points, default", upstreamError{kind: kindNoPoints}, 0, time.Hour},
+		{"no points, points_rest 20m", upstreamError{kind: kindNoPoints, retryAfter: "5"}, 20 * time.Minute, 20 * time.Minute},
+		{"no points, points_rest 6h: not capped", upstreamError{kind: kindNoPoints}, 6 * time.Hour, 6 * time.Hour},
 	} {
-		if got := restFor(&tc.ue, now); got != tc.want {
+		if got := restFor(&tc.ue, tc.pointsRest, now); got != tc.want {
 			t.Errorf("%s: rest %s, want %s", tc.name, got, tc.want)
+		}
+	}
+
+	// the client's Retry-After after a 429 (computed from now, so the
+	// date forms are left to the rest table above)
+	for ra, want := range map[string]string{"7": "7", "": "30", "0": "1", "86400": "3600", "999999999": "3600", "99999999999999": "3600"} {
+		ae := (&upstreamError{kind: kind429, retryAfter: ra}).apiError(newScrubber(nil))
+		if ae.status != http.StatusTooManyRequests || ae.retryAfter != want {
+			t.Errorf("429 with Retry-After %q: status %d, Retry-After %q, want 429 and %q", ra, ae.status, ae.retryAfter, want)
+		}
+	}
+}
+
+// SPEC §11.5: the one guess at the service's words for an account out of
+// points, case-insensitive, whole words for the English ones.
+func TestUnitIsNoPoints(t *testing.T) {
+	for msg, want := range map[string]bool{
+		"积分不足":                           true,
+		"您的积分已用完，请充值":                    true,
+		"账户余额不足":                         true,
+		"Insufficient points":            true,
+		"INSUFFICIENT_POINTS":            true,
+		"insufficient_quota":             true,
+		"not enough points (0 left)":     true,
+		"Points: 0":                      true,
+		"balance too low":                true,
+		"Your balance is 0.":             true,
+		"error=insufficient":             true,
+		"":                               false,
+		"nsfw content detected":          false,
+		"upstream endpoints are busy":    false,
+		"load balancer timeout":          false,
+		"rebalanced the queue":           false,
+		"checkpoints are loading":        false,
+		"pointsless":                     false,
+		"model not found":                false,
+		"Internal Server Error":          false,
+		"rate limit exceeded, slow down": false,
+	} {
+		if got := isNoPoints(msg); got != want {
+			t.Errorf("isNoPoints(%q) = %v, want %v", msg, got, want)
 		}
 	}
 }
@@ -426,7 +597,17 @@ func TestUnitParseAnswer(t *testing.T) {
 		{"403 HTML challenge", 403, "text/html; charset=UTF-8", `<!DOCTYPE html><html><head><title>Just a moment...</title>`, want{kind: kindBlocked}},
 		{"503 HTML without a type", 503, "", "\n  <html><body>Checking your browser</body></html>", want{kind: kindBlocked}},
 		{"403 cf-mitigated", 403, "application/octet-stream", `x`, want{kind: kindBlocked}},
-		{"403 JSON error", 403, "application/json", `{"success":false,"error":"insufficient points"}`, want{kind: kindBadResponse}},
+		{"403 JSON error", 403, "application/json", `{"success":false,"error":"account suspended"}`, want{kind: kindBadResponse}},
+		{"402", 402, "application/json", `{"success":false,"error":"payment required"}`, want{kind: kindNoPoints}},
+		{"402 without a body", 402, "", ``, want{kind: kindNoPoints}},
+		{"403 insufficient points", 403, "application/json", `{"success":false,"error":"insufficient points"}`, want{kind: kindNoPoints}},
+		{"200 success false 积分不足", 200, "application/json", `{"success":false,"message":"积分不足，请充值"}`, want{kind: kindNoPoints}},
+		{"400 error object about balance", 400, "application/json", `{"error":{"message":"Balance exhausted"}}`, want{kind: kindNoPoints}},
+		{"429 insufficient_quota", 429, "application/json", `{"error":"insufficient_quota"}`, want{kind: kindNoPoints}},
+		{"500 余额", 500, "application/json", `{"error":"余额不足"}`, want{kind: kindNoPoints}},
+		{"502 load balancer", 502, "application/json", `{"error":"load balancer error"}`, want{kind: kind5xx}},
+		{"403 HTML challenge about points", 403, "text/html", `<html>points balance</html>`, want{kind: kindBlocked}},
+		{"200 not JSON", 200, "text/plain", `insufficient points`, want{kind: kindBadResponse}},
 		{"503 JSON error", 503, "application/json", `{"error":"maintenance"}`, want{kind: kind5xx}},
 		{"500 HTML", 500, "text/html", `<html>oops</html>`, want{kind: kind5xx}},
 		{"200 HTML", 200, "text/html", `<html>hi</html>`, want{kind: kindBadResponse}},
@@ -685,6 +866,9 @@ func TestAccountsFailoverKinds(t *testing.T) {
 		{"503 challenge", html(503), "", 200, kindBlocked, 10},
 		{"429 without Retry-After", failWith(429, `{"error":"slow"}`), "", 200, kind429, 30},
 		{"429, retries 0: passed on, a rests", failWith(429, `{"error":"slow"}`, "Retry-After", "5"), "retries 0", 429, kind429, 5},
+		{"429 Retry-After 999999999: rests the cap", failWith(429, `{"error":"slow"}`, "Retry-After", "999999999"), "", 200, kind429, 3600},
+		{"402: no points, rests 1h", failWith(402, `{"error":"payment required"}`), "", 200, kindNoPoints, 3600},
+		{"积分不足: no points, rests points_rest", failWith(200, `{"success":false,"message":"积分不足"}`), "points_rest 20m", 200, kindNoPoints, 1200},
 		{"400: no failover", failWith(400, `{"error":"bad prompt"}`), "", 502, "", 0},
 		{"success false: no failover", failWith(200, `{"success":false,"error":"nsfw"}`), "", 502, "", 0},
 		{"403 JSON: no failover", failWith(403, `{"error":"forbidden"}`), "", 502, "", 0},
@@ -995,5 +1179,218 @@ func TestUnitReadmeAccountsExample(t *testing.T) {
 		if got := g.authorize(unitBearer(key)).label(); got != want {
 			t.Errorf("key of %s is client %q", want, got)
 		}
+	}
+}
+
+// TestAccountsRetryAfterCapped (issue 15 item 6): the client's Retry-After
+// after the service's 429 is what the gateway does with the account, its
+// rest: the service's figure, capped at an hour; 30 s when it gives none.
+// Never the service's header as it came.
+func TestAccountsRetryAfterCapped(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, opsSite(up.endpoint(), nil, "timeout 10s\n\t\tretries 0", ""))
+	for _, tc := range []struct {
+		name, header, want string
+	}{
+		{"999999999 seconds", "999999999", "3600"},
+		{"a date next year", time.Now().AddDate(1, 0, 0).UTC().Format(http.TimeFormat), "3600"},
+		{"7 seconds", "7", "7"},
+		{"none", "", "30"},
+		{"garbage", "soon", "30"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var hdr []string
+			if tc.header != "" {
+				hdr = []string{"Retry-After", tc.header}
+			}
+			up.setHandler(failWith(429, `{"error":"slow down"}`, hdr...))
+			status, h, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("rate limited", 1300, ""))
+			if status != http.StatusTooManyRequests {
+				t.Fatalf("status %d, want 429: %s", status, body)
+			}
+			if got := h.Get("Retry-After"); got != tc.want {
+				t.Errorf("Retry-After %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestAccountsOutOfPoints (SPEC §11.5, issue 17 item 8): an answer that
+// says an account has no points left fails over at once and rests the
+// account for points_rest, counted as kind no_points; a success whose
+// remaining_points is below its points_used rests the account before it
+// is asked again; the client hears of no_points only when every account
+// is out: a 502 saying so, without Retry-After.
+func TestAccountsOutOfPoints(t *testing.T) {
+	noPoints := failWith(403, `{"success":false,"error":"Insufficient points: 0 left"}`)
+	t.Run("one out: failover and its rest", func(t *testing.T) {
+		up := newFakeUpstream(t)
+		up.setHandler(byKey(map[string]http.HandlerFunc{testAccountKeyA: noPoints}))
+		startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA, "points_rest 45m")+accountBlock("b", testAccountKeyB),
+			"timeout 10s\n\t\tpoints_rest 2h", ""))
+		before, mark := scrape(t), markLog(t)
+		for i := range 3 {
+			status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("out of points?", 1400+i, ""))
+			if status != http.StatusOK || !strings.Contains(string(body), "img.example.com/b.png") {
+				t.Fatalf("request %d: status %d, want b's image: %s", i, status, body)
+			}
+		}
+		if a, b := up.keyCalls(testAccountKeyA), up.keyCalls(testAccountKeyB); a != 1 || b != 3 {
+			t.Errorf("calls a %d, b %d; want 1 and 3 (a rests)", a, b)
+		}
+		after := scrape(t)
+		if d := after.delta(before, "caddy_zimage_upstream_errors_total", "kind", "no_points"); d != 1 {
+			t.Errorf("no_points errors counted %v, want 1", d)
+		}
+		if d := after.delta(before, "caddy_zimage_upstream_account_rests_total", "account", "a", "reason", "no_points"); d != 1 {
+			t.Errorf("no_points rests of a counted %v, want 1", d)
+		}
+		if l := mark.find(t, "image service account rests", nil); len(l) != 1 || l[0]["account"] != "a" || l[0]["rest"] != float64(45*60) {
+			t.Errorf("rest lines %v, want one of a for its points_rest, 2700s", l)
+		}
+	})
+
+	t.Run("all out: 502 no_points", func(t *testing.T) {
+		up := newFakeUpstream(t)
+		up.setHandler(byKey(map[string]http.HandlerFunc{
+			testAccountKeyA: noPoints,
+			testAccountKeyB: failWith(402, `{"success":false,"message":"余额不足"}`),
+		}))
+		startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB), "timeout 10s", ""))
+		before, mark := scrape(t), markLog(t)
+		for i := range 2 { // the second while both rest: one is still asked (a, in turn)
+			status, hdr, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("nobody has points", 1500+i, ""))
+			if status != http.StatusBadGateway {
+				t.Fatalf("request %d: status %d, want 502: %s", i, status, body)
+			}
+			if e := apiErr(t, body); e.Code != "no_points" || !strings.Contains(e.Message, "accounts have no points left") {
+				t.Errorf("request %d: error %+v, want code no_points saying the accounts have no points left", i, e)
+			}
+			if ra := hdr.Get("Retry-After"); ra != "" {
+				t.Errorf("request %d: Retry-After %q on a 502 no_points", i, ra)
+			}
+		}
+		if a, b := up.keyCalls(testAccountKeyA), up.keyCalls(testAccountKeyB); a != 2 || b != 1 {
+			t.Errorf("calls a %d, b %d; want 2 and 1", a, b)
+		}
+		if d := grewSince(t, before, "caddy_zimage_upstream_errors_total", "kind", "no_points"); d != 3 {
+			t.Errorf("no_points errors counted %v, want 3 (one per call)", d)
+		}
+		for _, name := range []string{"a", "b"} {
+			if l := mark.find(t, "image service account rests", func(l map[string]any) bool {
+				return l["reason"] == kindNoPoints && l["account"] == name && l["rest"] == float64(3600)
+			}); len(l) == 0 {
+				t.Errorf("no no_points rest line for %s", name)
+			}
+		}
+	})
+
+	t.Run("one out, the other rests after a 429: not no_points", func(t *testing.T) {
+		up := newFakeUpstream(t)
+		up.setHandler(byKey(map[string]http.HandlerFunc{
+			testAccountKeyA: failWith(429, `{"error":"slow"}`, "Retry-After", "60"),
+			testAccountKeyB: noPoints,
+		}))
+		startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB), "timeout 10s", ""))
+		// a rests after its 429 (b answers no points: out)
+		do(t, http.MethodPost, "/v1/chat/completions", chatJSON("a rests", 1550, ""))
+		status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("b is out, a rests", 1551, ""))
+		if e := apiErr(t, body); status == http.StatusBadGateway && e.Code == "no_points" {
+			t.Errorf("no_points while account a only rests after a 429: %s", body)
+		}
+	})
+
+	t.Run("remaining below used: rests before it is asked again", func(t *testing.T) {
+		up := newFakeUpstream(t)
+		up.setHandler(byKey(map[string]http.HandlerFunc{testAccountKeyA: func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprint(w, `{"success":true,"data":{"image_url":"https://img.example.com/a.png","points_used":5,"remaining_points":"3"}}`)
+		}}))
+		startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB), "timeout 10s\n\t\tpoints_rest 90m", ""))
+		before, mark := scrape(t), markLog(t)
+		want := []string{"a", "b", "b", "b"} // in turn a, b, a, b without the rest
+		for i, w := range want {
+			status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("last points", 1600+i, ""))
+			if status != http.StatusOK || !strings.Contains(string(body), "img.example.com/"+w+".png") {
+				t.Fatalf("request %d: status %d, want %s's image: %s", i, status, w, body)
+			}
+		}
+		if a := up.keyCalls(testAccountKeyA); a != 1 {
+			t.Errorf("a was asked %d times, want once: it rests after its last points", a)
+		}
+		rests := mark.find(t, "image service account rests", func(l map[string]any) bool {
+			return l["account"] == "a" && l["reason"] == kindNoPoints && l["rest"] == float64(90*60) &&
+				l["remaining_points"] == float64(3) && l["points_used"] == float64(5)
+		})
+		if len(rests) != 1 {
+			t.Errorf("%d rest lines for a's last points, want 1", len(rests))
+		}
+		if d := grewSince(t, before, "caddy_zimage_upstream_errors_total", "kind", "no_points"); d != 0 {
+			t.Errorf("no_points errors counted %v for a success", d)
+		}
+	})
+}
+
+// TestAccountsTwoSitesOneAccountLowerLimit (SPEC §11.7, issue 15 item
+// 11): two sites name the same account (same URL and key), one with
+// max_concurrent 2 and one with 5, in either order in the Caddyfile. They
+// share one limiter at the lower limit: with 7 requests at the site that
+// says 5, the fake sees 2 calls on the key and 5 wait; a warning at load
+// names the account and both values.
+func TestAccountsTwoSitesOneAccountLowerLimit(t *testing.T) {
+	hostA, hostB := fmt.Sprintf("a.localhost:%d", httpPort), fmt.Sprintf("b.localhost:%d", httpPort)
+	site := func(host, name string, limit int, up *fakeUpstream) string {
+		return fmt.Sprintf("http://%s {\n%s\n}\n", host, accountsSite(up.endpoint(),
+			accountBlock(name, testAccountKeyA, fmt.Sprintf("max_concurrent %d", limit)), "timeout 30s\n\t\tqueue_timeout 30s", ""))
+	}
+	for _, tc := range []struct {
+		name           string
+		limitA, limitB int
+	}{
+		{"lower first", 2, 5},
+		{"lower second", 5, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newFakeUpstream(t)
+			g := newGate(t)
+			up.setHandler(g.handler)
+			mark := markLog(t)
+			startCaddyRaw(t, globals()+"\n"+site(hostA, "main", tc.limitA, up)+site(hostB, "shared", tc.limitB, up))
+
+			warns := mark.find(t, "upstream account is configured twice with different max_concurrent; the lower applies, as it is one account at the service", func(l map[string]any) bool {
+				return l["level"] == "warn" && l["applies"] == float64(2)
+			})
+			if len(warns) != 1 {
+				t.Fatalf("%d warnings, want 1: %v", len(warns), warns)
+			}
+			w := warns[0]
+			got := map[any]any{w["account"]: w["max_concurrent"], w["other_account"]: w["other_max_concurrent"]}
+			if want := map[any]any{"main": float64(tc.limitA), "shared": float64(tc.limitB)}; !reflect.DeepEqual(got, want) {
+				t.Errorf("warning names %v, want both accounts with their limits %v", got, want)
+			}
+
+			// every request at the site that says 5
+			busy := hostA
+			if tc.limitB == 5 {
+				busy = hostB
+			}
+			var results []<-chan result
+			for i := range 7 {
+				results = append(results, sendAsync(http.MethodPost, "/v1/images/generations", fmt.Sprintf(`{"prompt":"two sites %d","seed":%d}`, i, 1900+i), "Host", busy))
+			}
+			waitFor(t, "2 calls on the account and 5 queued", func() bool {
+				active, _ := up.keyStats(testAccountKeyA)
+				return active == 2 && unitQueueLen() == 5
+			})
+			g.open()
+			for i, ch := range results {
+				if r := await(t, ch); r.status != http.StatusOK {
+					t.Errorf("request %d: status %d: %s", i, r.status, r.body)
+				}
+			}
+			if _, peak := up.keyStats(testAccountKeyA); peak != 2 {
+				t.Errorf("%d calls at once on the account, want the lower limit, 2", peak)
+			}
+		})
 	}
 }

@@ -49,12 +49,14 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	            api_key <key>
 //	            max_concurrent <n>
 //	            low_points <n>
+//	            points_rest <duration>
 //	        }
 //	        timeout <duration>
 //	        max_concurrent <n>
 //	        queue_timeout <duration>
 //	        retries <n>
 //	        forward_proxy_url <url>
+//	        points_rest <duration>
 //	    }
 //	    enhance [off] {
 //	        api_key <key>

@@ -19,7 +19,11 @@ import (
 // max_concurrent changes the size of the limiter in place, so the new
 // limit holds from the reload on for every request, the old config's
 // included (issue 8 item 7); a rest period (SPEC §11.2) survives the
-// reload in the same way.
+// reload in the same way. An account pool keeps its references (and its
+// claims) until its last generation has finished, even after its config
+// was replaced (accountPool.close): a reload to a config without the
+// account must not forget the slots that old requests still hold
+// (issue 15 item 7).
 var limiters = caddy.NewUsagePool()
 
 // limMu guards every limiter's counters and the one queue of waiting
@@ -32,15 +36,58 @@ var (
 	claimSeq uint64
 )
 
+// configLoads numbers the config loads in the order Caddy provisions them.
+// The handlers of one load share its provisioning context (caddy.Context
+// wraps it with values only), so its Done channel names the load.
+var configLoads struct {
+	sync.Mutex
+	seq    uint64
+	byDone map[<-chan struct{}]uint64
+}
+
+// configGeneration is the number of the config load that ctx provisions;
+// a context that cannot be cancelled is a load of its own.
+func configGeneration(ctx context.Context) uint64 {
+	done := ctx.Done()
+	configLoads.Lock()
+	defer configLoads.Unlock()
+	if done == nil {
+		configLoads.seq++
+		return configLoads.seq
+	}
+	if n, ok := configLoads.byDone[done]; ok {
+		return n
+	}
+	configLoads.seq++
+	n := configLoads.seq
+	if configLoads.byDone == nil {
+		configLoads.byDone = map[<-chan struct{}]uint64{}
+	}
+	configLoads.byDone[done] = n
+	context.AfterFunc(ctx, func() {
+		configLoads.Lock()
+		delete(configLoads.byDone, done)
+		configLoads.Unlock()
+	})
+	return n
+}
+
+// newGeneration is a load of its own, for claims that do not share their
+// limiter with siblings of the same load (the named clients).
+func newGeneration() uint64 { return configGeneration(context.Background()) }
+
 // limiter counts the generations in flight on one account (or one
 // client's requests) against its limit.
 type limiter struct {
 	inFlight int
 	// claims are the limits of the live handlers that use this limiter,
-	// oldest first. The newest is the limit: a reload provisions the new
-	// handler before it cleans up the old one, so the new limit applies at
-	// once, and a reload that fails (its handlers are cleaned up without
-	// ever serving) gives the old limit back.
+	// oldest first. The claims of the newest config load make the limit: a
+	// reload provisions the new handler before it cleans up the old one,
+	// so the new limit applies at once, and a reload that fails (its
+	// handlers are cleaned up without ever serving) gives the old limit
+	// back. Two handlers of one load that name the same account (two
+	// sites) give it the lower of their limits, whatever their order
+	// (SPEC §11.7).
 	claims []limitClaim
 	last   int // the limit once every claim is gone (requests may still hold slots)
 
@@ -48,25 +95,38 @@ type limiter struct {
 	// client limiters answer at once instead and never queue
 	queued bool
 
-	restUntil time.Time   // accounts.go: the account rests until then
-	restTimer *time.Timer // wakes the queue when the rest ends
-	lowPoints bool        // accounts.go: remaining points are below low_points
+	restUntil time.Time // accounts.go: the account rests until then
+	// accounts.go: the account rests until then for want of points
+	noPointsUntil time.Time
+	restTimer     *time.Timer // wakes the queue when the rest ends
+	lowPoints     bool        // accounts.go: remaining points are below low_points
 }
 
 type limitClaim struct {
-	id uint64
-	n  int
+	id   uint64
+	gen  uint64 // the config load (configGeneration)
+	n    int
+	name string // what the claiming handler calls it, for the warning
 }
 
 // loadLimiter returns the shared limiter under key, making it if no live
-// handler holds it, and claims the limit n (0: unlimited) for the caller.
-// The caller releases both with dropLimiter.
+// handler holds it, and claims the limit n (0: unlimited) for the caller,
+// as a load of its own. The caller releases both with dropLimiter.
 func loadLimiter(key string, n int, queued bool) (*limiter, uint64) {
+	l, id, _ := loadLimiterIn(key, n, queued, newGeneration(), "")
+	return l, id
+}
+
+// loadLimiterIn is loadLimiter for a handler of the config load gen that
+// calls the limiter name. It also returns another claim of the same load
+// with another limit, if there is one, for a warning.
+func loadLimiterIn(key string, n int, queued bool, gen uint64, name string) (*limiter, uint64, *limitClaim) {
 	val, _, _ := limiters.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return &limiter{queued: queued}, nil
 	})
 	l := val.(*limiter)
-	return l, l.claim(n)
+	id, other := l.claim(n, gen, name)
+	return l, id, other
 }
 
 // dropLimiter gives back a claim and the reference to the limiter.
@@ -76,14 +136,21 @@ func dropLimiter(key string, l *limiter, claim uint64) error {
 	return err
 }
 
-// claim makes n the limit until a newer claim or this claim's release.
-func (l *limiter) claim(n int) uint64 {
+// claim makes n the limit of the load gen until a newer load claims or
+// this claim's release; within one load the lowest claim is the limit.
+func (l *limiter) claim(n int, gen uint64, name string) (uint64, *limitClaim) {
 	limMu.Lock()
 	defer limMu.Unlock()
 	claimSeq++
-	l.claims = append(l.claims, limitClaim{id: claimSeq, n: n})
+	var other *limitClaim
+	for _, c := range l.claims {
+		if c.gen == gen && c.n != n && other == nil {
+			other = &c
+		}
+	}
+	l.claims = append(l.claims, limitClaim{id: claimSeq, gen: gen, n: n, name: name})
 	l.wakeLocked() // the limit may have grown
-	return claimSeq
+	return claimSeq, other
 }
 
 func (l *limiter) unclaim(id uint64) {
@@ -94,18 +161,29 @@ func (l *limiter) unclaim(id uint64) {
 		return
 	}
 	if len(l.claims) == 1 {
-		l.last = l.claims[0].n
+		l.last = l.limitLocked()
 	}
 	l.claims = slices.Delete(l.claims, i, i+1)
 	l.wakeLocked()
 }
 
-// limitLocked is the limit in force; 0 means unlimited.
+// limitLocked is the limit in force: the lowest of the newest load's
+// claims; 0 means unlimited.
 func (l *limiter) limitLocked() int {
-	if n := len(l.claims); n > 0 {
-		return l.claims[n-1].n
+	if len(l.claims) == 0 {
+		return l.last
 	}
-	return l.last
+	var newest uint64
+	for _, c := range l.claims {
+		newest = max(newest, c.gen)
+	}
+	limit := 0
+	for _, c := range l.claims {
+		if c.gen == newest && c.n > 0 && (limit == 0 || c.n < limit) {
+			limit = c.n
+		}
+	}
+	return limit
 }
 
 // freeLocked is how many more generations may start now; negative after

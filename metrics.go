@@ -30,7 +30,7 @@ var (
 
 	metricUpstreamErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "caddy", Subsystem: "zimage", Name: "upstream_errors_total",
-		Help: "Failed calls to the image service, by kind: timeout, refused, status_5xx, status_429, bad_response, blocked (a Cloudflare challenge).",
+		Help: "Failed calls to the image service, by kind: timeout, refused, status_5xx, status_429, bad_response, blocked (a Cloudflare challenge), no_points (the account is out of points).",
 	}, []string{"kind"})
 
 	metricInFlight = prometheus.NewGauge(prometheus.GaugeOpts{
@@ -72,7 +72,7 @@ var (
 
 	metricAccountRests = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "caddy", Subsystem: "zimage", Name: "upstream_account_rests_total",
-		Help: "Times an image service account was rested after a failure, by account and reason (status_429, status_5xx, refused, blocked).",
+		Help: "Times an image service account was rested after a failure, by account and reason (status_429, status_5xx, refused, blocked, no_points).",
 	}, []string{"account", "reason"})
 
 	// SPEC §12: clients by their names, never their keys

@@ -187,7 +187,7 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 		return err
 	}
 	secrets := append([]string(nil), keys...)
-	up, err := g.provisionUpstream(resolve)
+	up, err := g.provisionUpstream(ctx, resolve)
 	if err != nil {
 		return err
 	}

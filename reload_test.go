@@ -238,3 +238,75 @@ func TestOpsReloadLowersLimitInPlace(t *testing.T) {
 		t.Errorf("limiter references after the reload: %d, want 1", n)
 	}
 }
+
+// TestOpsReloadAccountAbsentKeepsItsSlots (issue 15 item 7): account a1
+// (max_concurrent 2) has 2 generations in flight and 6 queued when a
+// reload drops it, and a second reload brings it back with
+// max_concurrent 1. The old config's pool keeps a1's limiter while its
+// requests run, so the slots they hold still count: a1's key never has
+// more than 2 calls at once, and every call that starts after the second
+// reload finds itself alone on the key.
+func TestOpsReloadAccountAbsentKeepsItsSlots(t *testing.T) {
+	up := newFakeUpstream(t)
+	g := newGate(t)
+	var reloaded atomic.Bool
+	var mu sync.Mutex
+	var seen []int // a1's calls in flight when one arrived after the second reload
+	up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		if reloaded.Load() && r.Header.Get("Authorization") == "Bearer "+testAccountKeyA {
+			active, _ := up.keyStats(testAccountKeyA)
+			mu.Lock()
+			seen = append(seen, active)
+			mu.Unlock()
+		}
+		g.handler(w, r)
+	})
+	site := func(accounts string) string {
+		return accountsSite(up.endpoint(), accounts, "timeout 30s\n\t\tqueue_timeout 30s", "")
+	}
+	startCaddy(t, site(accountBlock("a1", testAccountKeyA, "max_concurrent 2")))
+	var results []<-chan result
+	for i := range 8 {
+		results = append(results, sendAsync(http.MethodPost, "/v1/chat/completions", chatJSON("a1 before the reloads", 1700+i, "")))
+	}
+	waitFor(t, "2 generations on a1 and 6 queued", func() bool {
+		active, _ := up.keyStats(testAccountKeyA)
+		return active == 2 && unitQueueLen() == 6
+	})
+
+	startCaddy(t, site(accountBlock("a2", testAccountKeyB, "max_concurrent 1")))
+	reloaded.Store(true)
+	startCaddy(t, site(accountBlock("a1", testAccountKeyA, "max_concurrent 1")))
+	for i := range 2 {
+		results = append(results, sendAsync(http.MethodPost, "/v1/chat/completions", chatJSON("a1 after the reloads", 1800+i, "")))
+	}
+	waitFor(t, "the new config's 2 requests to queue behind the old 6", func() bool { return unitQueueLen() == 8 })
+	if active, _ := up.keyStats(testAccountKeyA); active != 2 {
+		t.Fatalf("%d calls on a1 right after the reloads, want the 2 of before", active)
+	}
+
+	for range len(results) {
+		g.release(t)
+	}
+	for i, ch := range results {
+		if r := await(t, ch); r.status != http.StatusOK {
+			t.Errorf("request %d: status %d: %s", i, r.status, r.body)
+		}
+	}
+	if _, peak := up.keyStats(testAccountKeyA); peak != 2 {
+		t.Errorf("a1's key had %d calls at once, want at most its first limit, 2", peak)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 8 {
+		t.Errorf("%d calls on a1 after the reloads, want the 6 old and 2 new queued ones", len(seen))
+	}
+	for i, n := range seen {
+		if n > 1 {
+			t.Errorf("call %d on a1 after the reloads started with %d in flight, over the new limit of 1: %v", i, n, seen)
+		}
+	}
+	if refs, _ := limiters.References(limiterKey(up.endpoint(), testAccountKeyA, "a1")); refs != 1 {
+		t.Errorf("a1's limiter has %d references once the old requests are done, want the current config's 1", refs)
+	}
+}

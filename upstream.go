@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -73,8 +74,9 @@ const (
 	kind5xx         = "status_5xx"
 	kind429         = "status_429"
 	kindBadResponse = "bad_response"
-	kindBlocked     = "blocked"  // a Cloudflare challenge page instead of an answer (SPEC §11.4)
-	kindCanceled    = "canceled" // the client left; not counted as an upstream error
+	kindBlocked     = "blocked"   // a Cloudflare challenge page instead of an answer (SPEC §11.4)
+	kindNoPoints    = "no_points" // the account is out of points (SPEC §11.5, isNoPoints)
+	kindCanceled    = "canceled"  // the client left; not counted as an upstream error
 )
 
 // upstreamError is a failed generation, classified for the status it maps
@@ -85,6 +87,9 @@ type upstreamError struct {
 	detail     string // for the log only: the Go error chain, with addresses
 	retryAfter string
 	retryable  bool
+	// allOut is set by the account pool on a no_points failure when every
+	// account of the pool is out of points (SPEC §11.5)
+	allOut bool
 }
 
 func (e *upstreamError) Error() string { return "upstream " + e.kind + ": " + e.message }
@@ -96,12 +101,19 @@ func (e *upstreamError) apiError(scrub *scrubber) *apiError {
 	msg := truncate(scrub.Replace(e.message), maxMessageRunes)
 	switch e.kind {
 	case kind429:
-		ra := e.retryAfter
-		if ra == "" {
-			ra = "10"
-		}
+		// the client is told what the gateway itself does: the account
+		// rests this long, the service's Retry-After capped (issue 15
+		// item 6), never the service's header as it came
+		ra := retryAfterSeconds(restFor(e, 0, time.Now()))
 		return &apiError{status: http.StatusTooManyRequests, typ: "rate_limit_error", code: "rate_limit_exceeded", retryAfter: ra,
 			message: "The image service is rate limiting requests: " + msg}
+	case kindNoPoints:
+		if e.allOut {
+			// no Retry-After: while every account rests the gateway still
+			// asks them (a top-up works at once), so there is no time to name
+			return &apiError{status: http.StatusBadGateway, typ: "upstream_error", code: "no_points",
+				message: "The image service accounts have no points left (add points to an account, or add an account): " + msg}
+		}
 	case kindTimeout:
 		return &apiError{status: http.StatusGatewayTimeout, typ: "upstream_error", code: "upstream_timeout",
 			message: "The image service did not answer in time: " + msg}
@@ -231,8 +243,43 @@ func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequ
 	return parseAnswer(resp, raw)
 }
 
-// parseAnswer reads the service's answer: an image, or a classified failure.
+// parseAnswer reads the service's answer: an image, or a classified
+// failure. A failure that says the account is out of points is kind
+// no_points whatever its status (SPEC §11.5): an HTTP 402, or one whose own
+// text isNoPoints.
 func parseAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamError) {
+	res, ue := classifyAnswer(resp, raw)
+	if ue == nil || ue.kind == kindBlocked {
+		return res, ue
+	}
+	var ans upstreamAnswer
+	_ = json.Unmarshal(raw, &ans)
+	if resp.StatusCode == http.StatusPaymentRequired || isNoPoints(upstreamMessage(ans, "")) {
+		return upstreamResult{}, &upstreamError{kind: kindNoPoints, message: upstreamMessage(ans, resp.Status)}
+	}
+	return res, ue
+}
+
+// noPointsText is the one place where the gateway guesses the service's
+// words for an account out of points; see isNoPoints.
+var noPointsText = regexp.MustCompile(`(?i)积分|余额|(?:^|[^\pL])(?:points|balance|insufficient)(?:[^\pL]|$)`)
+
+// isNoPoints reports whether a failure's own text (the service's error or
+// message) says that the account has no points left (SPEC §11.5). No
+// public client shows the service's words for it, so this is a guess, and
+// one that fails safe: a failure it wrongly takes for no_points only moves
+// the request to another account at once and rests this one (a resting
+// account still serves when every account rests), and one it misses is
+// handled as its status says. It matches, case-insensitively, 积分 or 余额
+// anywhere, and the words "points", "balance" and "insufficient" when not
+// part of a longer word ("insufficient_points" and "Points:" match,
+// "endpoints" and "load balancer" do not). The README says the same.
+func isNoPoints(msg string) bool {
+	return msg != "" && noPointsText.MatchString(msg)
+}
+
+// classifyAnswer is parseAnswer by status and shape alone.
+func classifyAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamError) {
 	if isChallenge(resp, raw) {
 		// Cloudflare's "Just a moment…" page: nothing of it goes anywhere,
 		// the log's detail names the status alone (SPEC §11.4)
@@ -447,6 +494,12 @@ type UpstreamConfig struct {
 	// is answered with 429. Default: the upstream timeout.
 	QueueTimeout caddy.Duration `json:"queue_timeout,omitempty"`
 
+	// PointsRest is how long an account rests when the service says it has
+	// no points left, or when a generation's remaining_points is below its
+	// points_used (SPEC §11.5); an account block may set its own.
+	// Default: 1h.
+	PointsRest caddy.Duration `json:"points_rest,omitempty"`
+
 	// Retries is how many more attempts a generation may make after a
 	// failed one: on another account at once after a 429, a connection
 	// error or a 5xx (failover), or on the same account, after a short
@@ -469,7 +522,7 @@ type UpstreamConfig struct {
 // provisionUpstream resolves the image service settings and builds its
 // client (or the demo renderer) and the account pool with its shared
 // limiters. It returns the resolved config, whose accounts carry their keys.
-func (g *Gateway) provisionUpstream(resolve func(v, env string) string) (UpstreamConfig, error) {
+func (g *Gateway) provisionUpstream(ctx caddy.Context, resolve func(v, env string) string) (UpstreamConfig, error) {
 	var uc UpstreamConfig
 	if g.Upstream != nil {
 		uc = *g.Upstream
@@ -519,7 +572,8 @@ func (g *Gateway) provisionUpstream(resolve func(v, env string) string) (Upstrea
 		ic.client.Transport.(*http.Transport).Proxy = uc.proxy()
 		g.upstream = ic
 	}
-	g.accounts = newAccountPool(uc, retries, g.logger)
+	// the handlers of one config load share a limit per account (§11.7)
+	g.accounts = newAccountPool(uc, retries, configGeneration(ctx), g.logger)
 	return uc, nil
 }
 
@@ -544,6 +598,8 @@ func unmarshalUpstream(d *caddyfile.Dispenser) (*UpstreamConfig, error) {
 			u.Timeout, err = parseDuration(d)
 		case "queue_timeout":
 			u.QueueTimeout, err = parseDuration(d)
+		case "points_rest":
+			u.PointsRest, err = parseDuration(d)
 		case "max_concurrent":
 			u.MaxConcurrent, err = parseInt(d, 0)
 		case "forward_proxy_url":
