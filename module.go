@@ -118,6 +118,10 @@ type Gateway struct {
 	// §13). Off unless set; {} serves it at /playground.
 	Playground *PlaygroundConfig `json:"playground,omitempty"`
 
+	// Health serves the health endpoint for load balancers (SPEC §15.1),
+	// without auth. Off unless set; {} serves it at /v1/zimage/health.
+	Health *HealthConfig `json:"health,omitempty"`
+
 	clients    *clientSet // every client and the digests of its keys
 	modelsJSON []byte     // the /v1/models answer, built once
 	models     []*model
@@ -129,6 +133,7 @@ type Gateway struct {
 	enhancer   *enhancer
 	store      *imageStore // nil when the store is off
 	playground *playground // nil: off
+	health     *health     // nil: off
 	scrub      *scrubber
 	logger     *zap.Logger
 }
@@ -207,6 +212,10 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	}
 	// after the store and the models: the page says what they offer
 	if g.playground, err = g.provisionPlayground(); err != nil {
+		return err
+	}
+	// after the accounts, the store and the playground (health.go)
+	if g.health, err = g.provisionHealth(); err != nil {
 		return err
 	}
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
