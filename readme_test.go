@@ -192,7 +192,7 @@ func TestUnitReadmeCaddyfilesAdapt(t *testing.T) {
 				t.Errorf("the block has <placeholders>: fence a syntax reference as text:\n%s", src)
 			}
 			for directive, plugin := range readmeStandIns {
-				if regexp.MustCompile(`(?m)^\s*` + directive + `\b`).MatchString(src) && !strings.Contains(before[i], plugin) {
+				if regexp.MustCompile(`(?m)^\s*`+directive+`\b`).MatchString(src) && !strings.Contains(before[i], plugin) {
 					t.Errorf("the block uses %s, but the prose before it does not say it needs %s", directive, plugin)
 				}
 			}
