@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -258,5 +259,37 @@ func TestUnitHealthStore(t *testing.T) {
 	h.probe.mu.Unlock()
 	if rep, _ = h.report(t.Context()); rep.Store.State != "failing" || !strings.Contains(rep.Reason, "has not answered since") {
 		t.Errorf("a hanging check: %+v", rep)
+	}
+}
+
+// TestUnitHealthREADME: the README's health check example for Caddy's own
+// reverse_proxy adapts with an active health check on the gateway's
+// default health path, and its sample answer is the endpoint's shape.
+func TestUnitHealthREADME(t *testing.T) {
+	blocks, _, _ := readmeBlocks(t, "caddy")
+	found := false
+	for _, b := range blocks {
+		if !strings.Contains(b, "health_uri") {
+			continue
+		}
+		found = true
+		cfg := string(unitAdapt(t, b))
+		if !strings.Contains(cfg, `"active":{`) || !strings.Contains(cfg, `"uri":"`+defaultHealthPath+`"`) {
+			t.Errorf("the health_uri example does not check %s: %s", defaultHealthPath, cfg)
+		}
+	}
+	if !found {
+		t.Fatal("the README has no reverse_proxy health_uri example")
+	}
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, _ := strings.Cut(string(raw), "### Health checks")
+	dec := json.NewDecoder(strings.NewReader(fenced(t, section, "```json\n")))
+	dec.DisallowUnknownFields()
+	var rep healthReport
+	if err := dec.Decode(&rep); err != nil || rep.Status != "ok" || len(rep.Accounts) != 2 || rep.Store.State != "ok" {
+		t.Errorf("the README's sample health answer: %+v %v", rep, err)
 	}
 }
