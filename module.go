@@ -7,7 +7,7 @@
 // module.go holds the Gateway struct and the order in which its rooms are
 // provisioned; each capability lives in its own file: clients.go,
 // models.go, upstream.go and accounts.go, enhance.go, fetch.go, store.go,
-// edits.go, playground.go.
+// edits.go, playground.go, health.go.
 package zimage
 
 import (
