@@ -83,6 +83,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        on_mismatch warn|refuse
 //	    }
 //	    playground [<path>]
+//	    health [<path>]
 //	}
 //
 // A key or URL written as {$VAR} that resolves to nothing counts as unset
@@ -223,6 +224,15 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.Playground = p
+		case "health":
+			if err := once(opt); err != nil {
+				return err
+			}
+			h, err := unmarshalHealth(d)
+			if err != nil {
+				return err
+			}
+			g.Health = h
 		default:
 			return d.Errf("unrecognized zimage_gateway option '%s'", opt)
 		}

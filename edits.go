@@ -350,6 +350,10 @@ func (g *Gateway) decodeEditJSON(body *chatBody) (*editForm, *apiError) {
 	return f, nil
 }
 
+// editModelHint is the Caddyfile an error shows to add an edit model: real
+// Caddyfile syntax (a block needs its lines), adapted by a test.
+const editModelHint = "model Qwen-Image-Edit {\n\tmodel_index 19\n\tedit\n}"
+
 // editModel picks the model of an edit: the requested one if it is an edit
 // model, else the first edit model (SPEC §10.1, §10.2).
 func (g *Gateway) editModel(requested string) (*model, *apiError) {
@@ -362,7 +366,7 @@ func (g *Gateway) editModel(requested string) (*model, *apiError) {
 		}
 	}
 	return nil, &apiError{status: http.StatusBadRequest, typ: "invalid_request_error", code: "model_not_found", param: "model",
-		message: "No edit model is configured: add 'edit' to a model block (e.g. model Qwen-Image-Edit { model_index 19; edit }) to edit images"}
+		message: "No edit model is configured: add 'edit' to a model block to edit images; in the Caddyfile:\n" + editModelHint}
 }
 
 // hostSource gives the image service a URL it can download the source

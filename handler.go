@@ -80,6 +80,10 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if g.playground != nil && g.playground.serve(w, r) {
 		return nil
 	}
+	// the health endpoint: no auth, load balancers send no key (SPEC §15.1)
+	if g.health != nil && g.health.serve(w, r) {
+		return nil
+	}
 	rt, id := parseRoute(r.URL.Path)
 	switch rt {
 	case routeNone:

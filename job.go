@@ -270,7 +270,7 @@ func (g *Gateway) logGeneration(j *job, status int, failure string) {
 			zap.String("endpoint", j.endpoint),
 			zap.String("model", j.model.name),
 			zap.String("size", strconv.Itoa(j.width)+"x"+strconv.Itoa(j.height)),
-			zap.String("ratio", j.ratio),
+			zap.String("ratio", logRatio(j.ratio, j.width, j.height)),
 			zap.String("ratio_source", j.source),
 			zap.Int64("seed", j.seed),
 			zap.String("enhance", j.enhance),

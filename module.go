@@ -7,7 +7,7 @@
 // module.go holds the Gateway struct and the order in which its rooms are
 // provisioned; each capability lives in its own file: clients.go,
 // models.go, upstream.go and accounts.go, enhance.go, fetch.go, store.go,
-// edits.go, playground.go.
+// edits.go, playground.go, health.go.
 package zimage
 
 import (
@@ -127,6 +127,10 @@ type Gateway struct {
 	// §13). Off unless set; {} serves it at /playground.
 	Playground *PlaygroundConfig `json:"playground,omitempty"`
 
+	// Health serves the health endpoint for load balancers (SPEC §15.1),
+	// without auth. Off unless set; {} serves it at /v1/zimage/health.
+	Health *HealthConfig `json:"health,omitempty"`
+
 	clients    *clientSet // every client and the digests of its keys
 	modelsJSON []byte     // the /v1/models answer, built once
 	models     []*model
@@ -139,6 +143,7 @@ type Gateway struct {
 	store      *imageStore // nil when the store is off
 	uploads    *uploadBudget
 	playground *playground // nil: off
+	health     *health     // nil: off
 	scrub      *scrubber
 	logger     *zap.Logger
 }
@@ -222,6 +227,10 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	}
 	// after the store and the models: the page says what they offer
 	if g.playground, err = g.provisionPlayground(); err != nil {
+		return err
+	}
+	// after the accounts, the store and the playground (health.go)
+	if g.health, err = g.provisionHealth(); err != nil {
 		return err
 	}
 	if reg := ctx.GetMetricsRegistry(); reg != nil {

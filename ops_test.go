@@ -567,6 +567,12 @@ func TestOpsLogsGenerationLine(t *testing.T) {
 	}{
 		{"body size", "/v1/chat/completions", `{"model":"dall-e-3","seed":61,"width":1000,"height":600,"messages":[{"role":"user","content":"bodycanary fox no-enhance"}]}`,
 			"bodycanary", 61, "chat_completions", "1000x600", "Custom", "body", "skipped"},
+		// a body size that is one of the six (the playground's 16:9 button)
+		// is logged as its ratio; the markdown still says Custom (issue 16 item 8)
+		{"body size of a ratio", "/v1/chat/completions", `{"model":"dall-e-3","seed":65,"width":2048,"height":1152,"messages":[{"role":"user","content":"ratiobodycanary fox no-enhance"}]}`,
+			"ratiobodycanary", 65, "chat_completions", "2048x1152", "16:9", "body", "skipped"},
+		{"images size of a ratio", "/v1/images/generations", `{"model":"Z-Image","prompt":"imgratiocanary fox no-enhance","seed":66,"size":"2048x1152"}`,
+			"imgratiocanary", 66, "images_generations", "2048x1152", "16:9", "body", "skipped"},
 		{"user ratio", "/v1/chat/completions", chatJSON("usercanary fox ratio 16:9", 62, ""),
 			"usercanary", 62, "chat_completions", "2048x1152", "16:9", "user", "ok"},
 		{"llm ratio", "/v1/images/generations", `{"model":"DALL-E-3","prompt":"llmratiocanary fox","seed":63}`,
@@ -579,6 +585,9 @@ func TestOpsLogsGenerationLine(t *testing.T) {
 			status, _, body := do(t, http.MethodPost, tc.path, tc.body)
 			if status != http.StatusOK {
 				t.Fatalf("status %d: %s", status, body)
+			}
+			if tc.source == "body" && tc.endpoint == "chat_completions" && !strings.Contains(string(body), "**🎨 Aspect Ratio:** Custom") {
+				t.Errorf("a body size's markdown does not say Custom: %s", body)
 			}
 			lines := mark.find(t, "generation", withSeed(tc.seed))
 			if len(lines) != 1 {

@@ -414,9 +414,10 @@ func TestBrowserPlaygroundWrongKey(t *testing.T) {
 	p.open()
 	p.enterKey("sk-not-a-configured-key")
 	pgPoll[bool](p, "the key panel again", `!document.getElementById("key-panel").hidden`)
+	// sentences for a person first, the gateway's own text after (issue 16 item 2)
 	msg := pgEval[string](p, `document.getElementById("key-message").textContent`)
-	if !strings.Contains(msg, "401") || !strings.Contains(msg, "Incorrect or missing API key") {
-		t.Errorf("key panel says %q, want the 401 and the gateway's message", msg)
+	if !strings.HasPrefix(msg, "The gateway refused this key. Enter a valid client key. Incorrect or missing API key") {
+		t.Errorf("key panel says %q, want the sentences and then the gateway's message", msg)
 	}
 	if focused := pgEval[string](p, `document.activeElement.id`); focused != "key-input" {
 		t.Errorf("focus is on %q, want the key field", focused)
@@ -551,7 +552,64 @@ func TestBrowserPlaygroundEdit(t *testing.T) {
 		t.Errorf("instruction shown %q", got)
 	}
 	p.screenshots("playground-edit")
+
+	// the edit's history entry has Reuse, like a generation's (issue 16
+	// item 8): the instruction and the model go back in the edit form
+	p.set("edit-prompt", "")
+	p.do("reusing the edit", chromedp.Click(chromedp.CSS(`#history li:first-child button`)))
+	form := pgEval[map[string]string](p, `(() => ({
+		instruction: document.getElementById("edit-prompt").value,
+		model: document.getElementById("edit-model").value,
+		focus: document.activeElement.id,
+	}))()`)
+	if form["instruction"] != "make it night" || form["model"] != "Qwen-Image-Edit" || form["focus"] != "edit-prompt" {
+		t.Errorf("Reuse of the edit filled %v", form)
+	}
 	p.assertClean(nil)
+}
+
+// TestBrowserPlaygroundTypedKey (SPEC §13, issue 16 item 2): a key typed
+// into the key field is the key. Generate uses it and keeps it without a
+// save step; so do Enter and leaving the field; a reload still has it.
+func TestBrowserPlaygroundTypedKey(t *testing.T) {
+	browser := startPlaygroundBrowser(t, "")
+	stored := `JSON.parse(localStorage.getItem("zimage.playground.key") || "null")`
+
+	p := newPlaygroundTab(t, browser)
+	p.open()
+	p.do("typing the key, no save step", chromedp.WaitVisible(chromedp.ID("key-panel")), chromedp.SendKeys(chromedp.ID("key-input"), testClientKey))
+	p.generate("a kite over the dunes", "16:9", "5", "1")
+	if got := p.shownSizes("#results", 1, "a kite over the dunes"); got[0] != [2]int{2048, 1152} {
+		t.Fatalf("result %v, want the 16:9 image", got)
+	}
+	if got := pgEval[string](p, stored); got != testClientKey {
+		t.Errorf("after Generate the stored key is %q", got)
+	}
+	if hidden := pgEval[bool](p, `document.getElementById("key-panel").hidden`); !hidden {
+		t.Error("the key panel still shows after Generate used the key")
+	}
+	p.do("reloading", chromedp.Reload(), chromedp.WaitReady(chromedp.CSS(`body[data-ready="true"]`)))
+	if got := pgEval[string](p, `document.getElementById("key-button").textContent`); got != "API key ✓" {
+		t.Errorf("after a reload the key button says %q", got)
+	}
+	p.assertClean(nil)
+
+	for _, tc := range []struct {
+		name  string
+		after chromedp.Action[chromedp.Void]
+	}{
+		{"Enter", chromedp.SendKeys(chromedp.ID("key-input"), "\r")},
+		{"leaving the field", chromedp.Focus(chromedp.ID("prompt"))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPlaygroundTab(t, browser)
+			p.open()
+			p.do("typing the key", chromedp.WaitVisible(chromedp.ID("key-panel")), chromedp.SendKeys(chromedp.ID("key-input"), testClientKey), tc.after)
+			pgPoll[bool](p, "the key kept", stored+` === `+fmt.Sprintf("%q", testClientKey))
+			pgPoll[bool](p, "the model list", `document.getElementById("model").value === "Z-Image"`)
+			p.assertClean(nil)
+		})
+	}
 }
 
 // TestBrowserPlaygroundCSPEnforced is the control for the console checks

@@ -398,6 +398,13 @@ func TestUnitPlaygroundInExample(t *testing.T) {
 	if g.playground == nil || g.playground.path != "/playground" {
 		t.Fatalf("Caddyfile.example does not turn the playground on at /playground")
 	}
+	// the first command shows everything (SPEC §15.5): the page's config
+	// offers the edit panel, with the store the edits of uploads need
+	f := g.playground.files["/playground/config.json"]
+	var pc playgroundConfig
+	if f == nil || json.Unmarshal(f.body, &pc) != nil || len(pc.EditModels) == 0 || !pc.Store || !pc.Demo {
+		t.Fatalf("the example's playground config: %s, want an edit model, the store and the demo", f.body)
+	}
 }
 
 // The README's first command says where the playground is, its picture is

@@ -21,6 +21,22 @@ var ratioSizes = map[string]size{
 	"9:16": {1152, 2048},
 }
 
+// logRatio is the ratio the generation log line names (issue 16 item 8): an
+// explicit size that is exactly one of the six ratio sizes (the playground's
+// ratio buttons send them) is logged as that ratio, so the log says what was
+// asked for; the chat markdown keeps SPEC §4's "Custom" for any body size.
+func logRatio(ratio string, w, h int) string {
+	if ratio != customRatio {
+		return ratio
+	}
+	for name, sz := range ratioSizes {
+		if sz.w == w && sz.h == h {
+			return name
+		}
+	}
+	return ratio
+}
+
 // Where the size of a job came from, as logged and shown.
 const (
 	sourceBody    = "body"

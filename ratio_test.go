@@ -242,3 +242,26 @@ func TestUnitMarkdownURL(t *testing.T) {
 		})
 	}
 }
+
+// logRatio names the ratio of a body size that is exactly one of the six
+// (issue 16 item 8) and leaves every other ratio as it is.
+func TestUnitLogRatio(t *testing.T) {
+	for _, tc := range []struct {
+		ratio string
+		w, h  int
+		want  string
+	}{
+		{customRatio, 2048, 1152, "16:9"},
+		{customRatio, 1152, 2048, "9:16"},
+		{customRatio, 1920, 1280, "3:2"},
+		{customRatio, 2048, 2048, "1:1"},
+		{customRatio, 1000, 600, customRatio},
+		{customRatio, 1024, 576, customRatio}, // 16:9 in shape, not one of the six sizes
+		{"3:4", 1536, 2048, "3:4"},
+		{"", 30, 20, ""}, // an edit: no ratio
+	} {
+		if got := logRatio(tc.ratio, tc.w, tc.h); got != tc.want {
+			t.Errorf("logRatio(%q, %d, %d) = %q, want %q", tc.ratio, tc.w, tc.h, got, tc.want)
+		}
+	}
+}

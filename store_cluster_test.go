@@ -196,7 +196,9 @@ func TestStoreTwoInstancesOneStorage(t *testing.T) {
 		store {
 			storage file_system %s
 		}
-	}`, testClientKey, shared)
+		health
+	}
+	metrics /metrics`, testClientKey, shared)
 	one := startCaddyProcess(t, bin, t.TempDir(), "instance-1", site)
 	two := startCaddyProcess(t, bin, t.TempDir(), "instance-2", site)
 	ctx := t.Context()
@@ -238,5 +240,34 @@ func TestStoreTwoInstancesOneStorage(t *testing.T) {
 	}
 	if got := two.get(ctx, storeURLPath+storeTestID+".png"); got.status != 404 {
 		t.Errorf("instance 2, an id neither stored: %d, want 404", got.status)
+	}
+
+	// each instance answers its load balancer's health check for itself,
+	// without a key: its accounts and its write check on the shared storage
+	// (SPEC §15.1, issue 16 item 4)
+	for i, p := range []*caddyProcess{one, two} {
+		h := p.get(ctx, "/v1/zimage/health")
+		var rep healthReport
+		if h.err != nil || h.status != 200 || json.Unmarshal(h.body, &rep) != nil || rep.Status != "ok" ||
+			rep.Store.State != "ok" || len(rep.Accounts) != 1 || rep.Accounts[0].Resting {
+			t.Errorf("instance %d health: %d %v %s", i+1, h.status, h.err, h.body)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(shared, "zimage", "health")); err != nil {
+		t.Errorf("no write check on the shared storage: %v", err)
+	}
+	// metrics are per instance: instance 2 served the image it never stored
+	m1, m2 := parseScrape(t, one.get(ctx, "/metrics")), parseScrape(t, two.get(ctx, "/metrics"))
+	if got := m1.get("caddy_zimage_store_images_total", "result", "stored"); got != 1 {
+		t.Errorf("instance 1 stored %v images, want 1", got)
+	}
+	if got := m2.get("caddy_zimage_store_images_total", "result", "stored"); got != 0 {
+		t.Errorf("instance 2 counts %v stored images, want 0: it made none", got)
+	}
+	if got := m2.get("caddy_zimage_store_served_total", "code", "200"); got != 2 {
+		t.Errorf("instance 2 served %v images with 200, want 2", got)
+	}
+	if got := m2.get("caddy_zimage_requests_total", "endpoint", "images_generations", "model", "Z-Image", "code", "200"); got != 0 {
+		t.Errorf("instance 2 counts %v generations, want 0", got)
 	}
 }

@@ -116,6 +116,7 @@
 		$("key-input").focus();
 	}
 	function closeKey() {
+		$("key-input").value = ""; // askKey shows the key in force when it opens
 		$("key-panel").hidden = true;
 		$("key-button").setAttribute("aria-expanded", "false");
 	}
@@ -124,8 +125,22 @@
 		$("key-button").textContent = !config.key_required ? "No key needed" : has ? "API key ✓" : "Set API key";
 	}
 
+	// useTypedKey makes what is typed in the key field the key (SPEC §13):
+	// Generate, Enter or leaving the field uses it and keeps it, with no
+	// separate save step to forget. It returns the key in force.
+	function useTypedKey() {
+		if ($("key-panel").hidden) return getKey(); // the field is not in use
+		const k = $("key-input").value.trim();
+		if (k === "" || k === getKey()) return getKey();
+		save(KEY, k);
+		showKeyState();
+		hideError($("error"));
+		loadModels();
+		return k;
+	}
+
 	// refused handles a 401: the stored key is wrong, so it goes, and the
-	// page asks for another, showing the gateway's message.
+	// page asks for another in sentences, the gateway's own message after.
 	function refused(err) {
 		try {
 			localStorage.removeItem(KEY);
@@ -133,7 +148,7 @@
 			// nothing stored
 		}
 		showKeyState();
-		askKey("The gateway refused the key (401): " + err.message + " Enter a valid client key.");
+		askKey("The gateway refused this key. Enter a valid client key. " + err.message);
 	}
 
 	// ---- errors and status
@@ -293,11 +308,20 @@
 	}
 	function renderHistory() {
 		const h = history();
-		$("history").replaceChildren(...h.map((item) => card(item, { tag: "li", reuse: item.kind !== "edit" })));
+		$("history").replaceChildren(...h.map((item) => card(item, { tag: "li", reuse: true })));
 		$("history-empty").hidden = h.length > 0;
 		$("history-clear").hidden = h.length === 0;
 	}
 	function reuse(item) {
+		if (item.kind === "edit") {
+			// the instruction and the model; the source was this page's own
+			// file, which the history does not keep
+			$("edit-prompt").value = item.prompt || "";
+			if (item.model && [...$("edit-model").options].some((o) => o.value === item.model)) $("edit-model").value = item.model;
+			$("edit-status").textContent = editFile ? "" : "Pick or drop the source image again.";
+			$("edit-prompt").focus();
+			return;
+		}
 		$("prompt").value = item.prompt || "";
 		setRatio(SIZES[item.ratio] ? item.ratio : "auto");
 		$("seed").value = item.seed ?? "";
@@ -359,10 +383,11 @@
 			$("prompt").focus();
 			return;
 		}
-		if (config.key_required && !getKey()) {
+		if (config.key_required && !useTypedKey()) {
 			askKey("Enter a client key to generate.");
 			return;
 		}
+		if (!$("key-panel").hidden) closeKey();
 		const n = Number($("n").value) || 1;
 		const ratio = currentRatio();
 		const seedText = $("seed").value.trim();
@@ -468,10 +493,11 @@
 			$("edit-prompt").focus();
 			return;
 		}
-		if (config.key_required && !getKey()) {
+		if (config.key_required && !useTypedKey()) {
 			askKey("Enter a client key to edit.");
 			return;
 		}
+		if (!$("key-panel").hidden) closeKey();
 		const fd = new FormData();
 		fd.append("image", editFile, editFile.name || "image.png");
 		fd.append("prompt", prompt);
@@ -589,14 +615,13 @@
 				$("key-input").focus();
 				return;
 			}
-			save(KEY, k);
-			$("key-input").value = "";
+			if (k !== getKey()) useTypedKey();
 			closeKey();
-			showKeyState();
-			hideError($("error"));
 			$("prompt").focus();
-			loadModels();
 		});
+		// leaving the field keeps what was typed (the panel stays open, so
+		// that nothing moves under a pointer on its way to Generate)
+		$("key-input").addEventListener("change", useTypedKey);
 		$("key-forget").addEventListener("click", () => {
 			try {
 				localStorage.removeItem(KEY);
