@@ -370,6 +370,18 @@ func TestEditsDemo(t *testing.T) {
 	if status, b := getURL(t, u); status != 200 || imageSizeOf(b) != "320x200" {
 		t.Errorf("demo edit %s: %d, %s, want the source's 320x200", u, status, imageSizeOf(b))
 	}
+	// the placeholder has the size sent: a small source fitted, or the
+	// request's size (SPEC §10.1)
+	for size, want := range map[string]string{"": "96x64", "512x256": "512x256"} {
+		ct, body := multipartBody(t, [][2]string{{"prompt", "tint it"}, {"size", size}}, map[string][]byte{"image": storeTestPNG(t, 30, 20)})
+		status, _, raw := postEdit(t, ct, body)
+		if status != http.StatusOK {
+			t.Fatalf("%d %s", status, raw)
+		}
+		if status, b := getURL(t, parseImages(t, raw).Data[0].URL); status != 200 || imageSizeOf(b) != want {
+			t.Errorf("demo edit with size %q: %d, %s, want %s", size, status, imageSizeOf(b), want)
+		}
+	}
 }
 
 // Streaming the Images API (SPEC §10.5) through the SDK's streaming
