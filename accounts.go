@@ -366,10 +366,19 @@ type choice struct {
 	tried        []bool
 	allowResting bool
 	chosen       *account
+	triedBuf     [8]bool // tried's array for pools of up to 8 accounts
 }
 
 func (p *accountPool) newChoice() *choice {
-	return &choice{p: p, tried: make([]bool, len(p.accounts)), allowResting: true}
+	c := &choice{p: p, allowResting: true}
+	// one allocation per request rather than two for the usual pool
+	// (issue 17 item 11)
+	if n := len(p.accounts); n <= len(c.triedBuf) {
+		c.tried = c.triedBuf[:n]
+	} else {
+		c.tried = make([]bool, n)
+	}
+	return c
 }
 
 func (c *choice) take() bool {

@@ -7,8 +7,10 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -125,4 +127,49 @@ func provisionForBench(b *testing.B, upstreamURL string) *Gateway {
 	}
 	g.logger = zap.NewNop() // measure the handler, not the console
 	return g
+}
+
+// TestUnitGenerationLine pins the generation line of SPEC §6 byte for byte,
+// field order included: it is written through an inline object (issue 17
+// item 11), and log pipelines parse it.
+func TestUnitGenerationLine(t *testing.T) {
+	var buf strings.Builder
+	enc := zapcore.NewJSONEncoder(zapcore.EncoderConfig{MessageKey: "msg", LineEnding: "\n",
+		EncodeDuration: zapcore.SecondsDurationEncoder}) // as Caddy's
+	g := &Gateway{logger: zap.New(zapcore.NewCore(enc, zapcore.AddSync(&buf), zapcore.InfoLevel))}
+	j := &job{
+		endpoint: endpointChat, model: &model{name: "Z-Image"}, width: 2048, height: 1152,
+		ratio: "16:9", source: sourceUser, seed: 42, enhance: enhanceSkipped,
+		queueWait: 1500 * time.Microsecond, latency: 2 * time.Second,
+		client: &client{name: "alice"}, account: "main", stored: "0123abcd.png",
+		info: upstreamInfo{pointsUsed: 2, hasPointsUsed: true, remainingPoints: 98.5, hasRemainingPoints: true,
+			imageID: "img-7", modelName: "Z-Image"},
+	}
+	g.logGeneration(j, http.StatusOK, "")
+	g.logGeneration(&job{endpoint: endpointImages, model: &model{name: "Z-Image"}, ratio: "1:1", source: sourceDefault},
+		http.StatusBadGateway, "status_5xx")
+	want := `{"msg":"generation","endpoint":"chat_completions","model":"Z-Image","size":"2048x1152","ratio":"16:9","ratio_source":"user","seed":42,"enhance":"skipped","queue_wait":0.0015,"upstream_latency":2,"status":200,"client":"alice","account":"main","stored":true,"store_id":"0123abcd","points_used":2,"remaining_points":98.5,"image_id":"img-7","model_name":"Z-Image"}
+{"msg":"generation","endpoint":"images_generations","model":"Z-Image","size":"0x0","ratio":"1:1","ratio_source":"default","seed":0,"enhance":"","queue_wait":0,"upstream_latency":0,"status":502,"client":"","account":"","failure":"status_5xx"}
+`
+	if got := buf.String(); got != want {
+		t.Errorf("generation lines:\n got %s\nwant %s", got, want)
+	}
+}
+
+// TestUnitHotPathAllocations guards the allocations issue 17 item 11 took
+// out of every chat request.
+func TestUnitHotPathAllocations(t *testing.T) {
+	s := newScrubber([]string{"sk-secret-key-0123456789"})
+	prompt := strings.Repeat("A fluffy ginger cat reading an old book, warm light. ", 4)
+	for _, tc := range []struct {
+		name string
+		f    func()
+	}{
+		{"rawText of an absent field", func() { _ = rawText(nil) }},
+		{"scrubbing a prompt without a secret", func() { _ = s.Replace(prompt) }},
+	} {
+		if n := testing.AllocsPerRun(100, tc.f); n != 0 {
+			t.Errorf("%s: %v allocations, want none", tc.name, n)
+		}
+	}
 }

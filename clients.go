@@ -16,6 +16,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
@@ -98,6 +101,33 @@ type client struct {
 	lim    *limiter // its generations in flight; nil for anonymous
 	limKey string
 	claim  uint64
+
+	// served holds the client's caddy_zimage_client_requests_total
+	// children for code 200, one per entry of servedEndpoints, each made
+	// on its first use (as WithLabelValues would, so /metrics shows the
+	// same series): the hot path then skips hashing three labels and
+	// formatting the code on every request (issue 17 item 11)
+	served [len(servedEndpoints)]atomic.Pointer[prometheus.Counter]
+}
+
+// servedEndpoints are the endpoints whose answers client.served counts.
+var servedEndpoints = [...]string{endpointModels, endpointChat, endpointImages, endpointEdits}
+
+// countServed counts one answer of the client's with code 200 at endpoint.
+func (c *client) countServed(endpoint string) {
+	i := slices.Index(servedEndpoints[:], endpoint)
+	if i < 0 {
+		metricClientRequests.WithLabelValues(c.name, endpoint, "200").Inc()
+		return
+	}
+	p := c.served[i].Load()
+	if p == nil {
+		// two requests may both get here: the vec gives both the same child
+		ctr := metricClientRequests.WithLabelValues(c.name, endpoint, "200")
+		p = &ctr
+		c.served[i].Store(p)
+	}
+	(*p).Inc()
 }
 
 // label is the client's name for logs and metrics ("" when unknown).
@@ -293,8 +323,9 @@ func (rs *requestState) finish(endpoint string) {
 		rs.held = 0
 	}
 	code := rs.code
-	if code == 0 {
-		code = http.StatusOK
+	if code == 0 || code == http.StatusOK {
+		rs.client.countServed(endpoint)
+		return
 	}
 	metricClientRequests.WithLabelValues(rs.client.name, endpoint, strconv.Itoa(code)).Inc()
 }

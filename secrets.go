@@ -169,7 +169,10 @@ func (s *scrubber) find(text string, first bool) [][2]int {
 	if s == nil || len(s.forms) == 0 || text == "" {
 		return nil
 	}
-	lt := []byte(text)
+	// a prompt or a URL fits the array on the stack: scrubbing them
+	// allocates nothing unless a secret is found (issue 17 item 11)
+	var buf [512]byte
+	lt := append(buf[:0], text...)
 	lowerBytes(lt) // ASCII lower case keeps the byte offsets
 	spans := s.scan(lt, first, nil)
 	if first && len(spans) > 0 {

@@ -211,7 +211,10 @@ type upstreamAnswer struct {
 
 // generate makes one attempt with key.
 func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequest, _ string) (upstreamResult, *upstreamError) {
-	body, err := json.Marshal(req)
+	// MarshalJSON directly: json.Marshal(req) would call it and then scan
+	// and copy its output once more (compact), the largest part of the
+	// cost that round 2's MarshalJSON added per request (issue 17 item 11)
+	body, err := req.MarshalJSON()
 	if err != nil {
 		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: "encoding request: " + err.Error()}
 	}
@@ -368,6 +371,11 @@ const maxInfoRunes = 128
 // rawText is a JSON string or number as text (image_id and model_name),
 // shortened and without control characters; anything else is "".
 func rawText(raw json.RawMessage) string {
+	if len(raw) == 0 {
+		// absent: both decodes below would fail, each allocating its
+		// error, on every answer that lacks the field (issue 17 item 11)
+		return ""
+	}
 	var s string
 	if json.Unmarshal(raw, &s) != nil {
 		var n json.Number

@@ -135,7 +135,9 @@ build() {
 	fi
 	go build -o "$OUT/fake" ./bench/fake
 	go build -o "$OUT/load" ./bench/load
-	"$CADDY_BIN" list-modules 2>/dev/null | grep -qx 'http.handlers.zimage_gateway' ||
+	# grep reads the whole list: with -q it would stop at the match, and
+	# list-modules, killed by SIGPIPE, would fail the pipe (pipefail)
+	"$CADDY_BIN" list-modules 2>/dev/null | grep -x 'http.handlers.zimage_gateway' >/dev/null ||
 		die "$CADDY_BIN does not contain http.handlers.zimage_gateway"
 }
 
