@@ -448,7 +448,9 @@ func TestEditsStreamingImages(t *testing.T) {
 		t.Errorf("LibreChat's streamed request: %d %.300s", status, raw)
 	}
 
-	// a failure after the stream began is an error event
+	// a failure after the stream began is an error event (a new client:
+	// fresh connections after the reload above)
+	client = sdkFor(baseURL+"/v1/", testClientKey)
 	f.setHandler(failWith(500, `{"error":"boom"}`))
 	gen = client.Images.GenerateStreaming(ctx, openai.ImageGenerateParams{Prompt: "a cat"})
 	for gen.Next() {

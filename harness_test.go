@@ -219,7 +219,9 @@ func (rt retryClosed) RoundTrip(req *http.Request) (*http.Response, error) {
 }
 
 func closedBeforeAnswer(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
+	// EPIPE: the request was written to a connection the old server had
+	// already closed
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // startCaddy loads a Caddyfile made of the test globals and one site on
