@@ -151,24 +151,6 @@ func (g *Gateway) formError(err error, limit int64) *apiError {
 	return invalidRequest("", "The multipart body could not be read: "+truncate(err.Error(), 100))
 }
 
-// readLimited reads a part of at most limit bytes; a larger one is a 413
-// as soon as the limit is passed.
-func readLimited(r io.Reader, limit int64) ([]byte, *apiError) {
-	var buf bytes.Buffer
-	n, err := buf.ReadFrom(io.LimitReader(r, limit+1))
-	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return nil, errUploadTooLarge(limit)
-		}
-		return nil, invalidRequest("image", "The image could not be read: "+truncate(err.Error(), 100))
-	}
-	if n > limit {
-		return nil, errUploadTooLarge(limit)
-	}
-	return buf.Bytes(), nil
-}
-
 func errUploadTooLarge(limit int64) *apiError {
 	return &apiError{status: http.StatusRequestEntityTooLarge, typ: "invalid_request_error", code: "request_too_large", param: "image",
 		message: "The image is larger than the limit of " + formatBytes(limit) + " (max_upload)"}
