@@ -157,6 +157,14 @@ func (o imagesJSON) write(w http.ResponseWriter, res *output) {
 // fixed the seed and fresh random seeds otherwise. The first failure
 // cancels the others and fails the request.
 func (g *Gateway) generateN(ctx context.Context, base *job, n int) ([]*job, *apiError) {
+	if n == 1 {
+		// one image, as every chat asks for: no goroutine, context or copy
+		// of the job (the hot path, issue 17 item 11)
+		if e := g.generate(ctx, base); e != nil {
+			return nil, e
+		}
+		return []*job{base}, nil
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	jobs := make([]*job, n)
