@@ -123,14 +123,7 @@ func TestUnitAccountsCaddyfile(t *testing.T) {
 		{"max_concurrent beside accounts", up("max_concurrent 2\naccount a {\n\tapi_key k1\n}"), "max_concurrent goes inside each account block"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var g Gateway
-			err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.src))
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("error %v, want one containing %q", err, tc.want)
-			}
-			if !strings.Contains(err.Error(), "Testfile:") {
-				t.Errorf("error %q does not name the file and line", err)
-			}
+			wantCaddyfileError(t, tc.src, tc.want)
 		})
 	}
 }

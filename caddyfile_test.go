@@ -233,17 +233,7 @@ func TestUnitCaddyfileErrors(t *testing.T) {
 		{"system prompt and file", "zimage_gateway {\n\tenhance {\n\t\tsystem_prompt hi\n\t\tsystem_prompt_file /x\n\t}\n}", "either system_prompt or system_prompt_file"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var g Gateway
-			err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.src))
-			if err == nil {
-				t.Fatalf("UnmarshalCaddyfile(%q) succeeded, want an error containing %q", tc.src, tc.want)
-			}
-			if !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("error %q, want it to contain %q", err, tc.want)
-			}
-			if !strings.Contains(err.Error(), "Testfile:") {
-				t.Errorf("error %q does not name the file and line", err)
-			}
+			wantCaddyfileError(t, tc.src, tc.want)
 		})
 	}
 }

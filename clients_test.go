@@ -75,11 +75,7 @@ func TestUnitClientsCaddyfile(t *testing.T) {
 		{"bad max_concurrent", "zimage_gateway {\n\tclient a {\n\t\tmax_concurrent many\n\t}\n}", "invalid max_concurrent 'many'"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var g Gateway
-			err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.src))
-			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "Testfile:") {
-				t.Fatalf("error %v, want one at Testfile:line containing %q", err, tc.want)
-			}
+			wantCaddyfileError(t, tc.src, tc.want)
 		})
 	}
 }

@@ -93,11 +93,7 @@ func TestUnitModelIdentityCaddyfile(t *testing.T) {
 		{"upstream_name twice", "zimage_gateway {\n\tmodel A {\n\t\tupstream_name a\n\t\tupstream_name b\n\t}\n}", "upstream_name already specified"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var g Gateway
-			err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.src))
-			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "Testfile:") {
-				t.Fatalf("error %v, want one with the line that contains %q", err, tc.want)
-			}
+			wantCaddyfileError(t, tc.src, tc.want)
 		})
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // unitClearEnv unsets, for one test, every variable the worker read, so
@@ -25,6 +26,23 @@ func unitClearEnv(t *testing.T) {
 }
 
 // unitProvision fills a Gateway from a JSON handler config, as Caddy does,
+
+// wantCaddyfileError parses src and requires an error that contains want
+// and names the file and line (Testfile:N), as d.Errf errors do.
+func wantCaddyfileError(t *testing.T, src, want string) {
+	t.Helper()
+	var g Gateway
+	err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(src))
+	if err == nil {
+		t.Fatalf("UnmarshalCaddyfile(%q) succeeded, want an error containing %q", src, want)
+	}
+	if !strings.Contains(err.Error(), want) {
+		t.Fatalf("error %q, want it to contain %q", err, want)
+	}
+	if !strings.Contains(err.Error(), "Testfile:") {
+		t.Errorf("error %q does not name the file and line", err)
+	}
+}
 
 // wantProvisionError checks a load error: there is one, it names every
 // piece of want (what the user must change), and it shows no key.
