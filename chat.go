@@ -96,8 +96,11 @@ func jsonTypeName(t reflect.Type) string {
 // decodeChat parses and checks a chat completions body.
 func decodeChat(body []byte, maxPrompt int) (*chatRequest, string, *apiError) {
 	var req chatRequest
-	if e := decodeJSON(body, &req); e != nil {
-		return nil, "", e
+	if !readChat(body, &req) {
+		req = chatRequest{}
+		if e := decodeJSON(body, &req); e != nil {
+			return nil, "", e
+		}
 	}
 	prompt, param, e := chatPrompt(&req)
 	if e != nil {
@@ -107,6 +110,108 @@ func decodeChat(body []byte, maxPrompt int) (*chatRequest, string, *apiError) {
 		return nil, "", invalidRequest(param, fmt.Sprintf("The prompt is longer than %d characters", maxPrompt))
 	}
 	return &req, prompt, nil
+}
+
+// The JSON names of chatRequest's fields, in readChat's order, and of
+// the structs inside it.
+var (
+	chatFields          = []string{"model", "messages", "prompt", "stream", "stream_options", "width", "height", "cfg", "seed", "negative_prompt"}
+	chatMessageFields   = []string{"role", "content"}
+	streamOptionsFields = []string{"include_usage"}
+)
+
+// readChat is encoding/json's decoding of a chat body into req, without
+// reflection, for the bodies clients send (fastjson.go); false when it
+// gave up, and req is then to be decoded again.
+func readChat(body []byte, req *chatRequest) bool {
+	// no utf8.Valid first: the reader gives up on a string that is not
+	// UTF-8, and any other byte outside ASCII is a syntax error
+	r := jsonReader{b: body}
+	var seen uint16
+	ok := r.object(func(key []byte) bool {
+		f, ok := r.field(key, chatFields, &seen, 0)
+		if f < 0 || !ok {
+			return ok
+		}
+		if f == 8 { // seed: raw, null included
+			req.Seed, ok = r.skip(0)
+			return ok
+		}
+		if r.null() {
+			return true // nil pointers; model and stream untouched
+		}
+		switch f {
+		case 0:
+			req.Model, ok = r.str()
+		case 1:
+			req.Messages = []chatMessage{}
+			ok = r.array(func() bool {
+				var m chatMessage
+				if !r.null() && !readChatMessage(&r, &m) {
+					return false
+				}
+				req.Messages = append(req.Messages, m)
+				return true
+			})
+		case 2, 9:
+			var s string
+			if s, ok = r.str(); ok {
+				if f == 2 {
+					req.Prompt = &s
+				} else {
+					req.NegativePrompt = &s
+				}
+			}
+		case 3:
+			req.Stream, ok = r.boolean()
+		case 4:
+			req.StreamOptions = &struct {
+				IncludeUsage bool `json:"include_usage"`
+			}{}
+			var seenUsage uint16
+			ok = r.object(func(key []byte) bool {
+				f, ok := r.field(key, streamOptionsFields, &seenUsage, 1)
+				if f < 0 || !ok || r.null() {
+					return ok
+				}
+				req.StreamOptions.IncludeUsage, ok = r.boolean()
+				return ok
+			})
+		case 5, 6, 7:
+			var v float64
+			if v, ok = r.float(); ok {
+				switch f {
+				case 5:
+					req.Width = &v
+				case 6:
+					req.Height = &v
+				default:
+					req.CFG = &v
+				}
+			}
+		}
+		return ok
+	})
+	return ok && r.end()
+}
+
+// readChatMessage reads one message of a chat body for readChat.
+func readChatMessage(r *jsonReader, m *chatMessage) bool {
+	var seen uint16
+	return r.object(func(key []byte) bool {
+		f, ok := r.field(key, chatMessageFields, &seen, 1)
+		switch {
+		case f < 0 || !ok:
+			return ok
+		case f == 1:
+			m.Content, ok = r.skip(1)
+			return ok
+		case r.null():
+			return true
+		}
+		m.Role, ok = r.str()
+		return ok
+	})
 }
 
 // chatPrompt is the top-level prompt when present and non-blank, else the
@@ -140,6 +245,10 @@ func contentText(raw json.RawMessage) (string, error) {
 	}
 	switch raw[0] {
 	case '"':
+		r := jsonReader{b: raw}
+		if s, ok := r.str(); ok && r.end() {
+			return s, nil
+		}
 		var s string
 		if err := json.Unmarshal(raw, &s); err != nil {
 			return "", errors.New("Invalid message content: " + err.Error())
@@ -306,7 +415,7 @@ func (c *chatRenderer) write(w http.ResponseWriter, res *output) {
 		c.writeStream(content)
 		return
 	}
-	writeJSON(w, http.StatusOK, chatCompletion{
+	cc := chatCompletion{
 		ID:      c.id,
 		Object:  "chat.completion",
 		Created: c.created,
@@ -314,10 +423,11 @@ func (c *chatRenderer) write(w http.ResponseWriter, res *output) {
 		Choices: []chatChoice{{
 			Index:        0,
 			FinishReason: ptr("stop"),
-			Message:      &chatDelta{Role: "assistant", Content: ptr(content)},
+			Message:      &chatDelta{Role: "assistant", Content: &content},
 		}},
 		Usage: &usage{},
-	})
+	}
+	writeJSONBytes(w, http.StatusOK, cc.appendJSON(make([]byte, 0, 256+len(c.id)+len(c.requested)+len(content)+len(content)/8)))
 }
 
 // chatCompletion is both the chat.completion answer and, with Delta
@@ -347,6 +457,96 @@ type usage struct {
 	PromptTokens     int `json:"prompt_tokens"`
 	CompletionTokens int `json:"completion_tokens"`
 	TotalTokens      int `json:"total_tokens"`
+}
+
+// firstContent is the first choice's content, which sizes the buffer the
+// completion is written into.
+func (c *chatCompletion) firstContent() string {
+	if len(c.Choices) == 0 {
+		return ""
+	}
+	ch := &c.Choices[0]
+	if ch.Message != nil && ch.Message.Content != nil {
+		return *ch.Message.Content
+	}
+	if ch.Delta != nil && ch.Delta.Content != nil {
+		return *ch.Delta.Content
+	}
+	return ""
+}
+
+// appendJSON appends the chat completion (or chunk) as json.Marshal
+// writes a chatCompletion.
+func (c *chatCompletion) appendJSON(dst []byte) []byte {
+	dst = append(dst, `{"id":`...)
+	dst = appendJSONString(dst, c.ID)
+	dst = append(dst, `,"object":`...)
+	dst = appendJSONString(dst, c.Object)
+	dst = append(dst, `,"created":`...)
+	dst = strconv.AppendInt(dst, c.Created, 10)
+	dst = append(dst, `,"model":`...)
+	dst = appendJSONString(dst, c.Model)
+	dst = append(dst, `,"choices":`...)
+	if c.Choices == nil {
+		dst = append(dst, "null"...)
+	} else {
+		dst = append(dst, '[')
+		for i := range c.Choices {
+			if i > 0 {
+				dst = append(dst, ',')
+			}
+			dst = c.Choices[i].appendJSON(dst)
+		}
+		dst = append(dst, ']')
+	}
+	if u := c.Usage; u != nil {
+		dst = append(dst, `,"usage":{"prompt_tokens":`...)
+		dst = strconv.AppendInt(dst, int64(u.PromptTokens), 10)
+		dst = append(dst, `,"completion_tokens":`...)
+		dst = strconv.AppendInt(dst, int64(u.CompletionTokens), 10)
+		dst = append(dst, `,"total_tokens":`...)
+		dst = strconv.AppendInt(dst, int64(u.TotalTokens), 10)
+		dst = append(dst, '}')
+	}
+	return append(dst, '}')
+}
+
+func (c *chatChoice) appendJSON(dst []byte) []byte {
+	dst = append(dst, `{"index":`...)
+	dst = strconv.AppendInt(dst, int64(c.Index), 10)
+	if c.Message != nil {
+		dst = append(dst, `,"message":`...)
+		dst = c.Message.appendJSON(dst)
+	}
+	if c.Delta != nil {
+		dst = append(dst, `,"delta":`...)
+		dst = c.Delta.appendJSON(dst)
+	}
+	dst = append(dst, `,"finish_reason":`...)
+	if c.FinishReason == nil {
+		dst = append(dst, "null"...)
+	} else {
+		dst = appendJSONString(dst, *c.FinishReason)
+	}
+	return append(dst, '}')
+}
+
+func (d *chatDelta) appendJSON(dst []byte) []byte {
+	dst = append(dst, '{')
+	comma := false
+	if d.Role != "" {
+		dst = append(dst, `"role":`...)
+		dst = appendJSONString(dst, d.Role)
+		comma = true
+	}
+	if d.Content != nil {
+		if comma {
+			dst = append(dst, ',')
+		}
+		dst = append(dst, `"content":`...)
+		dst = appendJSONString(dst, *d.Content)
+	}
+	return append(dst, '}')
 }
 
 func ptr[T any](v T) *T { return &v }

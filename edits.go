@@ -391,23 +391,6 @@ func formN(v string) (int, *apiError) {
 	return n, nil
 }
 
-// MarshalJSON writes the service's request body: an edit carries the
-// instruction, the model, the source's URL and the size (SPEC §10.1), a
-// generation everything else.
-func (u upstreamRequest) MarshalJSON() ([]byte, error) {
-	if u.ImageSource != "" {
-		return json.Marshal(struct {
-			Prompt      string `json:"prompt"`
-			ModelIndex  int    `json:"model_index"`
-			ImageSource string `json:"image_source"`
-			Width       int    `json:"width"`
-			Height      int    `json:"height"`
-		}{u.Prompt, u.ModelIndex, u.ImageSource, u.Width, u.Height})
-	}
-	type plain upstreamRequest // without this method
-	return json.Marshal(plain(u))
-}
-
 // serveEdits answers POST /v1/images/edits (SPEC §10.1).
 func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 	var f *editForm

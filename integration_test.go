@@ -1039,6 +1039,9 @@ func TestIntegUpstreamFaults(t *testing.T) {
 			status: 502, code: "upstream_error", calls: 1},
 		{name: "empty image_url", handler: respond(200, `{"success":true,"data":{"image_url":"  "}}`),
 			status: 502, code: "upstream_error", calls: 1},
+		{name: "redirect is not followed", handler: func(w http.ResponseWriter, r *http.Request) {
+			http.Redirect(w, r, "/api/v1/generate_image?again=1", http.StatusFound)
+		}, status: 502, code: "upstream_error", msg: "302 Found, a redirect, which the gateway does not follow", calls: 1},
 		{name: "echoes the SD key", handler: func(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(500)
 			_, _ = fmt.Fprintf(w, `{"error":"invalid token %s for this account"}`, r.Header.Get("Authorization"))

@@ -73,13 +73,17 @@ func (s *sseWriter) writeLocked(b []byte) {
 
 // event writes one "data: <json>" event.
 func (s *sseWriter) event(v any) {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return
+	var buf []byte
+	if c, ok := v.(chatCompletion); ok {
+		// the chunks, without reflection (chat.go)
+		buf = c.appendJSON(append(make([]byte, 0, 256+len(c.firstContent())), "data: "...))
+	} else {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return
+		}
+		buf = append(append(make([]byte, 0, len(b)+8), "data: "...), b...)
 	}
-	buf := make([]byte, 0, len(b)+8)
-	buf = append(buf, "data: "...)
-	buf = append(buf, b...)
 	buf = append(buf, '\n', '\n')
 	s.mu.Lock()
 	s.writeLocked(buf)

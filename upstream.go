@@ -63,8 +63,55 @@ type upstreamRequest struct {
 
 	// ImageSource makes the request an edit (SPEC §10): the service
 	// downloads the source from this URL, and the body carries only the
-	// instruction and the model (see MarshalJSON in edits.go).
+	// instruction and the model (see MarshalJSON).
 	ImageSource string `json:"-"`
+}
+
+// MarshalJSON writes the image service's request body: an edit carries the
+// instruction, the model, the source's URL and the size (SPEC §10.1), a
+// generation everything else. It fails only on a cfg that is not finite,
+// as json.Marshal would.
+func (u upstreamRequest) MarshalJSON() ([]byte, error) {
+	dst := make([]byte, 0, 160+len(u.Prompt)+len(u.NegativePrompt)+len(u.ImageSource))
+	dst = append(dst, `{"prompt":`...)
+	dst = appendJSONString(dst, u.Prompt)
+	if u.ImageSource != "" {
+		dst = append(dst, `,"model_index":`...)
+		dst = strconv.AppendInt(dst, int64(u.ModelIndex), 10)
+		dst = append(dst, `,"image_source":`...)
+		dst = appendJSONString(dst, u.ImageSource)
+		dst = append(dst, `,"width":`...)
+		dst = strconv.AppendInt(dst, int64(u.Width), 10)
+		dst = append(dst, `,"height":`...)
+		dst = strconv.AppendInt(dst, int64(u.Height), 10)
+		return append(dst, '}'), nil
+	}
+	if math.IsInf(u.CFG, 0) || math.IsNaN(u.CFG) {
+		return nil, &unsupportedFloatError{u.CFG}
+	}
+	dst = append(dst, `,"width":`...)
+	dst = strconv.AppendInt(dst, int64(u.Width), 10)
+	dst = append(dst, `,"height":`...)
+	dst = strconv.AppendInt(dst, int64(u.Height), 10)
+	dst = append(dst, `,"steps":`...)
+	dst = strconv.AppendInt(dst, int64(u.Steps), 10)
+	dst = append(dst, `,"cfg":`...)
+	dst = appendJSONFloat(dst, u.CFG)
+	dst = append(dst, `,"model_index":`...)
+	dst = strconv.AppendInt(dst, int64(u.ModelIndex), 10)
+	dst = append(dst, `,"seed":`...)
+	dst = strconv.AppendInt(dst, u.Seed, 10)
+	if u.NegativePrompt != "" {
+		dst = append(dst, `,"negative_prompt":`...)
+		dst = appendJSONString(dst, u.NegativePrompt)
+	}
+	return append(dst, '}'), nil
+}
+
+type unsupportedFloatError struct{ f float64 }
+
+func (e *unsupportedFloatError) Error() string {
+	return "json: unsupported value: " + strconv.FormatFloat(e.f, 'g', -1, 64)
 }
 
 // Kinds of upstream failure, as counted in caddy_zimage_upstream_errors_total.
@@ -225,7 +272,11 @@ func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequ
 	hreq.Header.Set("Content-Type", "application/json")
 	hreq.Header.Set("Accept", "application/json")
 	hreq.Header.Set("Authorization", "Bearer "+key)
-	resp, err := c.client.Do(hreq)
+	// the transport itself, not the client: the client's redirect and
+	// deadline machinery (a copy of the headers per call) is for nothing
+	// when no redirect is followed (classifyAnswer) and the context bounds
+	// the call
+	resp, err := c.client.Transport.RoundTrip(hreq)
 	if err != nil {
 		if ctx.Err() != nil {
 			return upstreamResult{}, ctxFailure(ctx, c.timeout)
@@ -290,7 +341,11 @@ func classifyAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamE
 			detail: "HTTP " + strconv.Itoa(resp.StatusCode) + " with an HTML body"}
 	}
 	var ans upstreamAnswer
-	jsonErr := json.Unmarshal(raw, &ans)
+	var jsonErr error
+	if !readAnswer(raw, &ans) {
+		ans = upstreamAnswer{}
+		jsonErr = json.Unmarshal(raw, &ans)
+	}
 	switch {
 	case resp.StatusCode == http.StatusTooManyRequests:
 		return upstreamResult{}, &upstreamError{kind: kind429, message: upstreamMessage(ans, resp.Status),
@@ -301,6 +356,10 @@ func classifyAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamE
 			return upstreamResult{}, &upstreamError{kind: kind5xx, message: upstreamMessage(ans, resp.Status), retryable: true}
 		}
 		return upstreamResult{}, &upstreamError{kind: kind5xx, message: upstreamMessage(ans, resp.Status)}
+	case resp.StatusCode >= 300 && resp.StatusCode <= 399:
+		// the key goes only to the configured URL (newKeyedClient)
+		return upstreamResult{}, &upstreamError{kind: kindBadResponse,
+			message: "it answered " + resp.Status + ", a redirect, which the gateway does not follow: set the upstream URL to where it leads"}
 	case resp.StatusCode < 200 || resp.StatusCode > 299:
 		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: upstreamMessage(ans, resp.Status)}
 	case jsonErr != nil:
@@ -322,6 +381,66 @@ func classifyAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamE
 	res.info.imageID = rawText(ans.Data.ImageID)
 	res.info.modelName = rawText(ans.Data.ModelName)
 	return res, nil
+}
+
+// The JSON names of upstreamAnswer's fields and of its data, in
+// readAnswer's order.
+var (
+	answerFields     = []string{"success", "data", "error", "message"}
+	answerDataFields = []string{"image_url", "points_used", "remaining_points", "image_id", "model_name"}
+)
+
+// readAnswer is encoding/json's decoding of the service's answer into
+// ans, without reflection (fastjson.go); false when it gave up, and ans
+// is then to be decoded again.
+func readAnswer(raw []byte, ans *upstreamAnswer) bool {
+	r := jsonReader{b: raw}
+	var seen, seenData uint16
+	ok := r.object(func(key []byte) bool {
+		f, ok := r.field(key, answerFields, &seen, 0)
+		switch {
+		case f < 0 || !ok:
+			return ok
+		case f == 2:
+			ans.Error, ok = r.skip(0)
+			return ok
+		case r.null():
+			return true
+		}
+		switch f {
+		case 0:
+			var v bool
+			if v, ok = r.boolean(); ok {
+				ans.Success = &v
+			}
+		case 1:
+			ok = r.object(func(key []byte) bool {
+				f, ok := r.field(key, answerDataFields, &seenData, 1)
+				if f < 0 || !ok {
+					return ok
+				}
+				switch f {
+				case 0:
+					if !r.null() {
+						ans.Data.ImageURL, ok = r.str()
+					}
+				case 1:
+					ans.Data.PointsUsed, ok = r.skip(1)
+				case 2:
+					ans.Data.RemainingPoints, ok = r.skip(1)
+				case 3:
+					ans.Data.ImageID, ok = r.skip(1)
+				default:
+					ans.Data.ModelName, ok = r.skip(1)
+				}
+				return ok
+			})
+		case 3:
+			ans.Message, ok = r.str()
+		}
+		return ok
+	})
+	return ok && r.end()
 }
 
 // isChallenge tells a Cloudflare challenge (or any HTML error page) on a
@@ -376,13 +495,17 @@ func rawText(raw json.RawMessage) string {
 		// error, on every answer that lacks the field (issue 17 item 11)
 		return ""
 	}
-	var s string
-	if json.Unmarshal(raw, &s) != nil {
-		var n json.Number
-		if json.Unmarshal(raw, &n) != nil {
-			return ""
+	r := jsonReader{b: raw}
+	s, ok := r.str()
+	if !ok || !r.end() {
+		s = ""
+		if json.Unmarshal(raw, &s) != nil {
+			var n json.Number
+			if json.Unmarshal(raw, &n) != nil {
+				return ""
+			}
+			s = n.String()
 		}
-		s = n.String()
 	}
 	return truncate(stripControl(strings.TrimSpace(s)), maxInfoRunes)
 }
