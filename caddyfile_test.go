@@ -440,7 +440,7 @@ func TestUnitCaddyfileExample(t *testing.T) {
 			}
 			if !tc.wantDemo {
 				ic, ok := g.upstream.(*imageClient)
-				if !ok || ic.url != defaultUpstreamURL || g.accounts.accounts[0].key != testSDKey {
+				if !ok || ic.url.String() != defaultUpstreamURL || g.accounts.accounts[0].key != testSDKey {
 					t.Fatalf("upstream %+v, want the public service with SD_API_KEY", g.upstream)
 				}
 			}

@@ -182,8 +182,11 @@ func (t *discoverTarget) prober() func(ctx context.Context, i int) (name, points
 		tr.Proxy = http.ProxyURL(t.proxy)
 	}
 	// the key goes only where it was configured to go: no redirects
-	ic := &imageClient{url: t.url, timeout: t.timeout, client: &http.Client{Transport: tr,
-		CheckRedirect: func(*http.Request, []*http.Request) error { return errors.New("redirects are not followed") }}}
+	ic, err := newImageClient(t.url, t.timeout, &http.Client{Transport: tr,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return errors.New("redirects are not followed") }})
+	if err != nil { // checked when the target was read; never here
+		return func(context.Context, int) (string, string, string) { return "", "", err.Error() }
+	}
 	return func(ctx context.Context, i int) (string, string, string) {
 		ctx, cancel := context.WithTimeout(ctx, t.timeout)
 		defer cancel()

@@ -29,6 +29,9 @@ func FuzzUnitDetectRatio(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, in string) {
+		if triggerPattern.MatchString(in) && !mayTrigger(in) {
+			t.Fatalf("mayTrigger(%q) = false, but the trigger pattern matches: detectRatio would miss it", in)
+		}
 		ratio, rest, ok := detectRatio(in)
 		if !ok {
 			if ratio != "" || rest != in {

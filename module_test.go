@@ -180,8 +180,8 @@ func TestUnitProvisionEnvDefaults(t *testing.T) {
 		t.Fatalf("upstream %T, want the image service client", g.upstream)
 	}
 	acc := g.accounts.accounts
-	if ic.url != defaultUpstreamURL || len(acc) != 1 || acc[0].name != "default" || acc[0].key != testSDKey || ic.timeout != 180*time.Second || g.accounts.retries != 1 {
-		t.Errorf("upstream url %q timeout %s retries %d accounts %d (key from SD_API_KEY: %v)", ic.url, ic.timeout, g.accounts.retries, len(acc), acc[0].key == testSDKey)
+	if ic.url.String() != defaultUpstreamURL || len(acc) != 1 || acc[0].name != "default" || acc[0].key != testSDKey || ic.timeout != 180*time.Second || g.accounts.retries != 1 {
+		t.Errorf("upstream url %q timeout %s retries %d accounts %d (key from SD_API_KEY: %v)", ic.url.String(), ic.timeout, g.accounts.retries, len(acc), acc[0].key == testSDKey)
 	}
 	if g.accounts.limited {
 		t.Errorf("a limit without max_concurrent")
@@ -295,8 +295,8 @@ func TestUnitProvisionPlaceholders(t *testing.T) {
 		t.Errorf("client keys not resolved from placeholders")
 	}
 	ic := g.upstream.(*imageClient)
-	if key := g.accounts.accounts[0].key; ic.url != "http://127.0.0.1:1/api/v1/generate_image" || key != testSDKey {
-		t.Errorf("upstream url %q (key resolved: %v)", ic.url, key == testSDKey)
+	if key := g.accounts.accounts[0].key; ic.url.String() != "http://127.0.0.1:1/api/v1/generate_image" || key != testSDKey {
+		t.Errorf("upstream url %q (key resolved: %v)", ic.url.String(), key == testSDKey)
 	}
 	if n := unitLimit(g.accounts.accounts[0]); !g.accounts.limited || n != 2 || g.accounts.queueTimeout != 180*time.Second {
 		t.Errorf("limit %d queue timeout %s, want 2 slots and the upstream timeout", n, g.accounts.queueTimeout)
@@ -327,8 +327,8 @@ func TestUnitProvisionEmptyFallsBack(t *testing.T) {
 		t.Errorf("empty api_key values did not fall back to GATEWAY_API_KEY")
 	}
 	ic := g.upstream.(*imageClient)
-	if key := g.accounts.accounts[0].key; ic.url != defaultUpstreamURL || key != testSDKey {
-		t.Errorf("upstream url %q (key from SD_API_KEY: %v), want the defaults", ic.url, key == testSDKey)
+	if key := g.accounts.accounts[0].key; ic.url.String() != defaultUpstreamURL || key != testSDKey {
+		t.Errorf("upstream url %q (key from SD_API_KEY: %v), want the defaults", ic.url.String(), key == testSDKey)
 	}
 }
 

@@ -70,6 +70,9 @@ var (
 // the prompt holds no supported, triggered ratio; the prompt is then
 // returned unchanged.
 func detectRatio(prompt string) (ratio, rest string, ok bool) {
+	if !mayTrigger(prompt) {
+		return "", prompt, false // most prompts: no regexp run at all
+	}
 	for _, t := range triggerPattern.FindAllStringIndex(prompt, -1) {
 		ts, te := t[0], t[1]
 		// "ratios", "rational": a trigger glued to more letters is another word
@@ -92,6 +95,18 @@ func detectRatio(prompt string) (ratio, rest string, ok bool) {
 		}
 	}
 	return "", prompt, false
+}
+
+// mayTrigger reports whether prompt holds what every match of
+// triggerPattern holds: "ratio" in any case (its letters fold to ASCII
+// letters alone) or 比例.
+func mayTrigger(prompt string) bool {
+	for i := 0; i+len("ratio") <= len(prompt); i++ {
+		if prompt[i]|0x20 == 'r' && strings.EqualFold(prompt[i:i+len("ratio")], "ratio") {
+			return true
+		}
+	}
+	return strings.Contains(prompt, "比例")
 }
 
 func isLetter(c byte) bool { return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' }

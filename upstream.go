@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -178,13 +179,19 @@ func (e *upstreamError) apiError(scrub *scrubber) *apiError {
 // imageClient calls the 梦羽 generate_image endpoint, one attempt at a
 // time, with the key of the account the pool chose.
 type imageClient struct {
-	url     string
+	url     *url.URL      // parsed once, not per call
 	timeout time.Duration // for the message of a timeout
 	client  *http.Client
 }
 
-func newImageClient(u string, timeout time.Duration) *imageClient {
-	return &imageClient{url: u, timeout: timeout, client: newKeyedClient()}
+// newImageClient calls the service at u, an absolute http(s) URL
+// (checkHTTPURL), with client's transport.
+func newImageClient(u string, timeout time.Duration, client *http.Client) (*imageClient, error) {
+	parsed, err := url.Parse(u)
+	if err != nil {
+		return nil, err
+	}
+	return &imageClient{url: parsed, timeout: timeout, client: client}, nil
 }
 
 // newKeyedClient is the HTTP client for calls that carry a key in their
@@ -256,6 +263,13 @@ type upstreamAnswer struct {
 	Message string          `json:"message"`
 }
 
+// answerBuffers are what the service's answers are read into: a success
+// is a few hundred bytes.
+var answerBuffers = sync.Pool{New: func() any {
+	b := make([]byte, 0, 4<<10)
+	return &b
+}}
+
 // generate makes one attempt with key.
 func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequest, _ string) (upstreamResult, *upstreamError) {
 	// MarshalJSON directly: json.Marshal(req) would call it and then scan
@@ -265,10 +279,12 @@ func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequ
 	if err != nil {
 		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: "encoding request: " + err.Error()}
 	}
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url, bytes.NewReader(body))
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, "", bytes.NewReader(body))
 	if err != nil {
 		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: err.Error()}
 	}
+	// a transport only reads the request's URL, so all calls share one
+	hreq.URL, hreq.Host = c.url, c.url.Host
 	hreq.Header.Set("Content-Type", "application/json")
 	hreq.Header.Set("Accept", "application/json")
 	hreq.Header.Set("Authorization", "Bearer "+key)
@@ -284,7 +300,16 @@ func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequ
 		return upstreamResult{}, &upstreamError{kind: kindRefused, message: describeNetErr("the image service", err), detail: err.Error(), retryable: true}
 	}
 	defer resp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxUpstreamBody+1))
+	// read into a pooled buffer: parseAnswer keeps nothing of raw
+	bp := answerBuffers.Get().(*[]byte)
+	defer answerBuffers.Put(bp)
+	raw, err := readFull(resp.Body, (*bp)[:0])
+	if err == nil && len(raw) == cap(raw) {
+		// larger than any success: the rest, up to the limit, elsewhere
+		var rest []byte
+		rest, err = io.ReadAll(io.LimitReader(resp.Body, maxUpstreamBody+1-int64(len(raw))))
+		raw = append(raw[:len(raw):len(raw)], rest...)
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return upstreamResult{}, ctxFailure(ctx, c.timeout)
@@ -699,7 +724,10 @@ func (g *Gateway) provisionUpstream(ctx caddy.Context, resolve func(v, env strin
 		if err := checkHTTPURL(uc.URL); err != nil {
 			return uc, fmt.Errorf("zimage_gateway: upstream: %v", err)
 		}
-		ic := newImageClient(uc.URL, time.Duration(uc.Timeout))
+		ic, err := newImageClient(uc.URL, time.Duration(uc.Timeout), newKeyedClient())
+		if err != nil {
+			return uc, fmt.Errorf("zimage_gateway: upstream: %v", err)
+		}
 		ic.client.Transport.(*http.Transport).Proxy = uc.proxy()
 		g.upstream = ic
 	}
