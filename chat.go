@@ -231,7 +231,7 @@ func chatPrompt(req *chatRequest) (string, string, *apiError) {
 		if text = strings.TrimSpace(text); text == "" {
 			break
 		}
-		return text, fmt.Sprintf("messages[%d].content", i), nil
+		return text, "messages[" + strconv.Itoa(i) + "].content", nil
 	}
 	return "", "", invalidRequest("messages", "No prompt: send a user message with text (or a top-level 'prompt')")
 }
