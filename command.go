@@ -181,9 +181,9 @@ func (t *discoverTarget) prober() func(ctx context.Context, i int) (name, points
 	if t.proxy != nil {
 		tr.Proxy = http.ProxyURL(t.proxy)
 	}
-	// the key goes only where it was configured to go: no redirects
-	ic, err := newImageClient(t.url, t.timeout, &http.Client{Transport: tr,
-		CheckRedirect: func(*http.Request, []*http.Request) error { return errors.New("redirects are not followed") }})
+	// the key goes only where it was configured to go: the image client
+	// follows no redirect
+	ic, err := newImageClient(t.url, t.timeout, tr)
 	if err != nil { // checked when the target was read; never here
 		return func(context.Context, int) (string, string, string) { return "", "", err.Error() }
 	}

@@ -187,7 +187,7 @@ func TestProxyErrorsShowNoCredentials(t *testing.T) {
 func TestUnitProxyProvision(t *testing.T) {
 	unitClearEnv(t)
 	proxyOf := func(g *Gateway) (gen, dl func(*http.Request) (*url.URL, error)) {
-		return g.upstream.(*imageClient).client.Transport.(*http.Transport).Proxy,
+		return g.upstream.(*imageClient).transport.Proxy,
 			g.fetcher.client.Transport.(*http.Transport).Proxy
 	}
 	fn := func(f func(*http.Request) (*url.URL, error)) uintptr { return reflect.ValueOf(f).Pointer() }

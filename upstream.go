@@ -88,7 +88,7 @@ func (u upstreamRequest) MarshalJSON() ([]byte, error) {
 		return append(dst, '}'), nil
 	}
 	if math.IsInf(u.CFG, 0) || math.IsNaN(u.CFG) {
-		return nil, &unsupportedFloatError{u.CFG}
+		return nil, fmt.Errorf("json: unsupported value: %v", u.CFG)
 	}
 	dst = append(dst, `,"width":`...)
 	dst = strconv.AppendInt(dst, int64(u.Width), 10)
@@ -107,12 +107,6 @@ func (u upstreamRequest) MarshalJSON() ([]byte, error) {
 		dst = appendJSONString(dst, u.NegativePrompt)
 	}
 	return append(dst, '}'), nil
-}
-
-type unsupportedFloatError struct{ f float64 }
-
-func (e *unsupportedFloatError) Error() string {
-	return "json: unsupported value: " + strconv.FormatFloat(e.f, 'g', -1, 64)
 }
 
 // Kinds of upstream failure, as counted in caddy_zimage_upstream_errors_total.
@@ -181,21 +175,26 @@ func (e *upstreamError) apiError(scrub *scrubber) *apiError {
 type imageClient struct {
 	url     *url.URL      // parsed once, not per call
 	timeout time.Duration // for the message of a timeout
-	client  *http.Client
+	// the calls go straight to the transport, which follows no redirect:
+	// the key goes only where it was configured to go (classifyAnswer
+	// answers a 3xx as one), and http.Client's redirect machinery would
+	// copy the headers on every call for nothing
+	transport *http.Transport
 }
 
 // newImageClient calls the service at u, an absolute http(s) URL
-// (checkHTTPURL), with client's transport.
-func newImageClient(u string, timeout time.Duration, client *http.Client) (*imageClient, error) {
+// (checkHTTPURL), through transport.
+func newImageClient(u string, timeout time.Duration, transport *http.Transport) (*imageClient, error) {
 	parsed, err := url.Parse(u)
 	if err != nil {
 		return nil, err
 	}
-	return &imageClient{url: parsed, timeout: timeout, client: client}, nil
+	return &imageClient{url: parsed, timeout: timeout, transport: transport}, nil
 }
 
 // newKeyedClient is the HTTP client for calls that carry a key in their
-// Authorization header (the image service, the LLM): it follows no
+// Authorization header (the LLM; the image service's calls go to the
+// transport itself, see imageClient): it follows no
 // redirect at all, not even to the same host over plain HTTP, so the key
 // goes only where it was configured to go.
 func newKeyedClient() *http.Client {
@@ -209,7 +208,7 @@ func newKeyedClient() *http.Client {
 
 // closeIdle closes the client's idle keep-alive connections (and with them
 // their goroutines); calls in flight are not affected.
-func (c *imageClient) closeIdle() { c.client.CloseIdleConnections() }
+func (c *imageClient) closeIdle() { c.transport.CloseIdleConnections() }
 
 // newTransport is the transport for the image service and the LLM: keeps
 // connections warm for many concurrent generations and bounds connecting;
@@ -288,11 +287,7 @@ func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequ
 	hreq.Header.Set("Content-Type", "application/json")
 	hreq.Header.Set("Accept", "application/json")
 	hreq.Header.Set("Authorization", "Bearer "+key)
-	// the transport itself, not the client: the client's redirect and
-	// deadline machinery (a copy of the headers per call) is for nothing
-	// when no redirect is followed (classifyAnswer) and the context bounds
-	// the call
-	resp, err := c.client.Transport.RoundTrip(hreq)
+	resp, err := c.transport.RoundTrip(hreq)
 	if err != nil {
 		if ctx.Err() != nil {
 			return upstreamResult{}, ctxFailure(ctx, c.timeout)
@@ -382,7 +377,7 @@ func classifyAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamE
 		}
 		return upstreamResult{}, &upstreamError{kind: kind5xx, message: upstreamMessage(ans, resp.Status)}
 	case resp.StatusCode >= 300 && resp.StatusCode <= 399:
-		// the key goes only to the configured URL (newKeyedClient)
+		// the key goes only to the configured URL (imageClient)
 		return upstreamResult{}, &upstreamError{kind: kindBadResponse,
 			message: "it answered " + resp.Status + ", a redirect, which the gateway does not follow: set the upstream URL to where it leads"}
 	case resp.StatusCode < 200 || resp.StatusCode > 299:
@@ -724,11 +719,11 @@ func (g *Gateway) provisionUpstream(ctx caddy.Context, resolve func(v, env strin
 		if err := checkHTTPURL(uc.URL); err != nil {
 			return uc, fmt.Errorf("zimage_gateway: upstream: %v", err)
 		}
-		ic, err := newImageClient(uc.URL, time.Duration(uc.Timeout), newKeyedClient())
+		ic, err := newImageClient(uc.URL, time.Duration(uc.Timeout), newTransport())
 		if err != nil {
 			return uc, fmt.Errorf("zimage_gateway: upstream: %v", err)
 		}
-		ic.client.Transport.(*http.Transport).Proxy = uc.proxy()
+		ic.transport.Proxy = uc.proxy()
 		g.upstream = ic
 	}
 	// the handlers of one config load share a limit per account (§11.7)

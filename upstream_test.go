@@ -19,7 +19,7 @@ func TestUnitImageClientAnswerSizes(t *testing.T) {
 		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			_, _ = w.Write([]byte(body))
 		}))
-		ic, err := newImageClient(srv.URL+"/api/v1/generate_image", time.Minute, newKeyedClient())
+		ic, err := newImageClient(srv.URL+"/api/v1/generate_image", time.Minute, newTransport())
 		if err != nil {
 			t.Fatal(err)
 		}
