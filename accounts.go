@@ -473,8 +473,12 @@ func (p *accountPool) rest(a *account, ue *upstreamError, fields ...zap.Field) {
 		others = others || o != a && !o.lim.restingLocked(now)
 	}
 	rested := others && a.lim.restLocked(now.Add(d))
-	if until := now.Add(d); ue.kind == kindNoPoints && until.After(a.lim.noPointsUntil) {
+	until := now.Add(d)
+	if ue.kind == kindNoPoints && until.After(a.lim.noPointsUntil) {
 		a.lim.noPointsUntil = until
+	}
+	if rested && ue.kind == kind429 && until.After(a.lim.retryAfterUntil) {
+		a.lim.retryAfterUntil = until
 	}
 	limMu.Unlock()
 	if !rested {
@@ -483,6 +487,35 @@ func (p *accountPool) rest(a *account, ue *upstreamError, fields ...zap.Field) {
 	metricAccountRests.WithLabelValues(a.name, ue.kind).Inc()
 	p.logger.Warn("image service account rests", append([]zap.Field{
 		zap.String("account", a.name), zap.String("reason", ue.kind), zap.Duration("rest", d)}, fields...)...)
+}
+
+// answered ends the rest of a, which just made an image: whatever made
+// it rest has passed (a top-up, the end of an outage), or was never the
+// account's. Only a 429's Retry-After holds: the service said when to ask
+// again.
+func (p *accountPool) answered(a *account) {
+	now := time.Now()
+	limMu.Lock()
+	ended := a.lim.endRestLocked(now)
+	limMu.Unlock()
+	if ended {
+		p.logger.Info("image service account rests no more: it made an image", zap.String("account", a.name))
+	}
+}
+
+// contentKind marks the failures the content of a request could cause,
+// whatever the account: the words of a prompt echoed in a refusal
+// (isNoPoints guards against that, but cannot know every echo), a
+// Cloudflare rule that matches the prompt. One request rests at most one
+// account for each (accountPool.run).
+func contentKind(kind string) uint8 {
+	switch kind {
+	case kindNoPoints:
+		return 1
+	case kindBlocked:
+		return 2
+	}
+	return 0
 }
 
 // allOutOfPoints reports whether every account of the pool rests for
@@ -546,12 +579,15 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 	defer cancel()
 
 	a := c.chosen
+	var rested uint8 // the contentKinds this request rested an account for
 	for attempt := 0; ; attempt++ {
 		j.account = a.name
 		res, ue := try(ctx, a)
 		if ue == nil {
-			// points first: an account that just spent its last points
-			// rests before its slot can go to anyone (SPEC §11.5)
+			// a success ends a rest; then points: an account that just
+			// spent its last points rests (that wins) before its slot can
+			// go to anyone (SPEC §11.5)
+			p.answered(a)
 			p.notePoints(a, res.info)
 			a.lim.release(1)
 			return res, nil
@@ -560,6 +596,19 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 			a.lim.release(1)
 			return upstreamResult{}, ue
 		}
+		k := contentKind(ue.kind)
+		if rested&k != 0 {
+			// a second account fails the same way for the same request:
+			// the request is at fault (a pool of accounts all out of
+			// points still rests one per request until all rest), so
+			// no further account is tried or rested for it, and the
+			// client gets the service's answer
+			p.logger.Info("a second account failed the same way for this request; taking it for the request's fault, not the accounts'",
+				zap.String("account", a.name), zap.String("kind", ue.kind))
+			a.lim.release(1)
+			return upstreamResult{}, ue
+		}
+		rested |= k
 		p.rest(a, ue)
 		if attempt >= p.retries {
 			a.lim.release(1)

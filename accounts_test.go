@@ -8,12 +8,14 @@ package zimage
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
 	"reflect"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -551,6 +553,157 @@ func TestUnitIsNoPoints(t *testing.T) {
 			t.Errorf("isNoPoints(%q) = %v, want %v", msg, got, want)
 		}
 	}
+}
+
+// Text the client wrote is never evidence about an account: the words of
+// the out-of-points rule that the request's own texts carry are not read
+// in a failure, however the service echoed them (whole, cut, in another
+// case, with its spaces changed), while the words the service added are.
+func TestUnitIsNoPointsEchoedPrompt(t *testing.T) {
+	const long = "forbidden points and balance in a long prompt that the service cuts"
+	for _, tc := range []struct {
+		name, msg string
+		sent      []string
+		want      bool
+	}{
+		{"the prompt echoed whole", "prompt contains forbidden word: forbidden points no-enhance", []string{"forbidden points no-enhance"}, false},
+		{"the echo without the prompt to compare", "prompt contains forbidden word: forbidden points no-enhance", nil, true},
+		{"cut short", "prompt contains forbidden word: " + long[:25] + "…", []string{long}, false},
+		{"cut at both ends", "forbidden word in '…points and bal…'", []string{long}, false},
+		{"only the forbidden word", "forbidden word: points", []string{long}, false},
+		{"in capitals", "PROMPT CONTAINS: FORBIDDEN POINTS", []string{"forbidden points"}, false},
+		{"another case in the prompt", "prompt contains: balance", []string{"BALANCE of light"}, false},
+		{"spaces collapsed", "forbidden: points balance", []string{"points\n\n   balance"}, false},
+		{"spaces removed", "forbidden: points", []string{"p o i n t s"}, false},
+		{"an invisible character removed", "forbidden: points", []string{"poi\u200bnts"}, false},
+		{"full-width letters folded", "forbidden: points", []string{"ｐｏｉｎｔｓ"}, false},
+		{"积分 echoed", "违禁词：积分商城", []string{"积分商城的海报"}, false},
+		{"余额 with spaces in the prompt", "违禁词：余额", []string{"余 额"}, false},
+		{"a word of the service's beside the echo", "Insufficient points (prompt: 'sharp points')", []string{"sharp points"}, true},
+		{"the service's own words, another prompt", "积分不足，请充值", []string{"a red fox"}, true},
+		{"the prompt in the source URL", "cannot download https://img.example/points.png", []string{"edit it", "https://img.example/points.png"}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := isNoPoints(tc.msg, tc.sent...); got != tc.want {
+				t.Errorf("isNoPoints(%q, %q) = %v, want %v", tc.msg, tc.sent, got, tc.want)
+			}
+		})
+	}
+}
+
+// The answers of a service that echoes the prompt: read with the texts
+// the request sent, an echo is neither out of points nor a challenge
+// page; an HTTP 402 stays out of points whatever its text.
+func TestUnitParseAnswerEcho(t *testing.T) {
+	const prompt = "forbidden points <html> no-enhance"
+	for _, tc := range []struct {
+		name          string
+		status        int
+		ctype, body   string
+		echo, without string // the kind with the prompt sent, and without
+	}{
+		{"400 echo", 400, "application/json", `{"success":false,"message":"prompt contains forbidden word: ` + prompt + `"}`, kindBadResponse, kindNoPoints},
+		{"200 success false echo", 200, "application/json", `{"success":false,"error":{"message":"bad prompt: FORBIDDEN POINTS"}}`, kindBadResponse, kindNoPoints},
+		{"403 plain text starting with the echo", 403, "text/plain", "<html> no-enhance is forbidden", kindBadResponse, kindBlocked},
+		{"403 HTML page", 403, "text/html", "<html>forbidden</html>", kindBlocked, kindBlocked},
+		{"402 echo", 402, "application/json", `{"success":false,"message":"` + prompt + `"}`, kindNoPoints, kindNoPoints},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			resp := &http.Response{StatusCode: tc.status, Status: http.StatusText(tc.status), Header: http.Header{"Content-Type": {tc.ctype}}}
+			for sent, want := range map[string]string{prompt: tc.echo, "": tc.without} {
+				_, ue := parseAnswer(resp, []byte(tc.body), sent)
+				if ue == nil || ue.kind != want {
+					t.Errorf("sent %q: failure %+v, want kind %s", sent, ue, want)
+				}
+			}
+		})
+	}
+}
+
+// A success ends an account's rest, whatever made it (the account may
+// have been topped up, or never been at fault), except what a 429 asked
+// for: its Retry-After holds.
+func TestUnitSuccessEndsRest(t *testing.T) {
+	resting := func(a *account) (bool, time.Duration) {
+		limMu.Lock()
+		defer limMu.Unlock()
+		return a.lim.restingLocked(time.Now()), time.Until(a.lim.restUntil).Round(time.Second)
+	}
+	for _, tc := range []struct {
+		name  string
+		rests []upstreamError
+		want  time.Duration // the rest left after the success; 0: none
+	}{
+		{"5xx", []upstreamError{{kind: kind5xx}}, 0},
+		{"blocked", []upstreamError{{kind: kindBlocked}}, 0},
+		{"no points", []upstreamError{{kind: kindNoPoints}}, 0},
+		{"429", []upstreamError{{kind: kind429, retryAfter: "60"}}, 60 * time.Second},
+		{"429, then out of points", []upstreamError{{kind: kind429, retryAfter: "60"}, {kind: kindNoPoints}}, 60 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := unitAccountPool(0, 0)
+			a := p.accounts[0]
+			for _, ue := range tc.rests {
+				p.rest(a, &ue)
+			}
+			if r, _ := resting(a); !r {
+				t.Fatal("the account does not rest")
+			}
+			p.answered(a)
+			r, left := resting(a)
+			if r != (tc.want > 0) || r && left != tc.want {
+				t.Errorf("after a success: resting %v for %s, want %s", r, left, tc.want)
+			}
+			if p.allOutOfPoints() {
+				t.Error("the pool is still out of points")
+			}
+		})
+	}
+}
+
+// One request rests at most one account for a kind its content could
+// cause: a pool of three accounts that all answer no points is all
+// resting after three requests, each of which rests one, and only the
+// third tells the client that every account is out.
+func TestUnitOneRequestRestsOneAccount(t *testing.T) {
+	for _, kind := range []string{kindNoPoints, kindBlocked} {
+		t.Run(kind, func(t *testing.T) {
+			p := unitAccountPool(0, 0, 0)
+			p.retries = 2
+			for i, want := range []struct {
+				tries  int
+				allOut bool
+			}{{2, false}, {2, false}, {1, kind == kindNoPoints}} {
+				tries := 0
+				_, err := p.run(t.Context(), &job{}, func(ctx context.Context, a *account) (upstreamResult, *upstreamError) {
+					tries++
+					return upstreamResult{}, &upstreamError{kind: kind, message: "no"}
+				})
+				var ue *upstreamError
+				if !errors.As(err, &ue) || ue.kind != kind || ue.allOut != want.allOut || tries != want.tries {
+					t.Errorf("request %d: %d tries, error %+v; want %d tries, kind %s, all out %v", i+1, tries, err, want.tries, kind, want.allOut)
+				}
+				resting := 0
+				limMu.Lock()
+				for _, a := range p.accounts {
+					if a.lim.restingLocked(time.Now()) {
+						resting++
+					}
+				}
+				limMu.Unlock()
+				if w := min(i+1, 2+btoi(kind == kindNoPoints)); resting != w {
+					t.Errorf("after request %d: %d accounts rest, want %d", i+1, resting, w)
+				}
+			}
+		})
+	}
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // SPEC §11.3, §11.4: the service's answer, read: points as numbers or
@@ -1243,7 +1396,7 @@ func TestAccountsOutOfPoints(t *testing.T) {
 		}
 	})
 
-	t.Run("all out: 502 no_points", func(t *testing.T) {
+	t.Run("all out: 502 no_points once every account rests", func(t *testing.T) {
 		up := newFakeUpstream(t)
 		up.setHandler(byKey(map[string]http.HandlerFunc{
 			testAccountKeyA: noPoints,
@@ -1251,23 +1404,27 @@ func TestAccountsOutOfPoints(t *testing.T) {
 		}))
 		startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB), "timeout 10s", ""))
 		before, mark := scrape(t), markLog(t)
-		for i := range 2 { // the second while both rest: one is still asked (a, in turn)
+		// the first rests a, and b failing the same way makes it the
+		// request's failure (b does not rest for it); the second rests b;
+		// the third, while both rest, still asks one (a, in turn)
+		for i, code := range []string{"upstream_error", "no_points", "no_points"} {
 			status, hdr, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("nobody has points", 1500+i, ""))
 			if status != http.StatusBadGateway {
 				t.Fatalf("request %d: status %d, want 502: %s", i, status, body)
 			}
-			if e := apiErr(t, body); e.Code != "no_points" || !strings.Contains(e.Message, "accounts have no points left") {
-				t.Errorf("request %d: error %+v, want code no_points saying the accounts have no points left", i, e)
+			e := apiErr(t, body)
+			if e.Code != code || code == "no_points" && !strings.Contains(e.Message, "accounts have no points left") || code != "no_points" && !strings.Contains(e.Message, "余额不足") {
+				t.Errorf("request %d: error %+v, want code %s", i, e, code)
 			}
 			if ra := hdr.Get("Retry-After"); ra != "" {
 				t.Errorf("request %d: Retry-After %q on a 502 no_points", i, ra)
 			}
 		}
-		if a, b := up.keyCalls(testAccountKeyA), up.keyCalls(testAccountKeyB); a != 2 || b != 1 {
-			t.Errorf("calls a %d, b %d; want 2 and 1", a, b)
+		if a, b := up.keyCalls(testAccountKeyA), up.keyCalls(testAccountKeyB); a != 2 || b != 2 {
+			t.Errorf("calls a %d, b %d; want 2 and 2", a, b)
 		}
-		if d := grewSince(t, before, "caddy_zimage_upstream_errors_total", "kind", "no_points"); d != 3 {
-			t.Errorf("no_points errors counted %v, want 3 (one per call)", d)
+		if d := grewSince(t, before, "caddy_zimage_upstream_errors_total", "kind", "no_points"); d != 4 {
+			t.Errorf("no_points errors counted %v, want 4 (one per call)", d)
 		}
 		for _, name := range []string{"a", "b"} {
 			if l := mark.find(t, "image service account rests", func(l map[string]any) bool {
@@ -1385,5 +1542,177 @@ func TestAccountsTwoSitesOneAccountLowerLimit(t *testing.T) {
 				t.Errorf("%d calls at once on the account, want the lower limit, 2", peak)
 			}
 		})
+	}
+}
+
+// hostileFake is a fake service whose answers depend on the prompt, as a
+// service that echoes the prompt in its refusals and a Cloudflare rule
+// that matches a word would: a prompt with "forbidden" gets a 400 that
+// echoes it (through echo, which may cut it or change its case), a prompt
+// with "cfmarker" a Cloudflare-like HTML page; any other an image named
+// after the account.
+func hostileFake(echo func(prompt string) string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var body upstreamRequest
+		_ = json.NewDecoder(r.Body).Decode(&body)
+		switch {
+		case strings.Contains(body.Prompt, "forbidden"):
+			failWith(http.StatusBadRequest, string(must(json.Marshal(map[string]any{
+				"success": false, "message": "prompt contains forbidden word: " + echo(body.Prompt)}))))(w, r)
+		case strings.Contains(body.Prompt, "cfmarker"):
+			w.Header().Set("Content-Type", "text/html; charset=UTF-8")
+			w.WriteHeader(http.StatusForbidden)
+			fmt.Fprint(w, `<!DOCTYPE html><html><head><title>Attention Required! | Cloudflare</title></head><body>Sorry, you have been blocked. insufficient points balance</body></html>`)
+		default:
+			writeImage(w, "https://img.example.com/"+keyNames[strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")]+".png")
+		}
+	}
+}
+
+// threeAccountsWithHealth starts a gateway of three accounts a, b and c on
+// up, with the health endpoint on.
+func threeAccountsWithHealth(t *testing.T, up *fakeUpstream) {
+	startCaddy(t, accountsSite(up.endpoint(),
+		accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB)+accountBlock("c", testAccountKeyC), "timeout 10s", "health"))
+}
+
+// TestAccountsHostilePromptRestsNoAccount: one client's prompt cannot
+// take the pool down. A service that echoes the prompt in a refusal
+// (whole, cut, in capitals) makes no account rest, though the prompt
+// says "points": the client gets the service's refusal, health stays 200
+// and the next ordinary request is served at its first attempt. A
+// Cloudflare page for a word of the prompt rests the first account that
+// met it and no other: the second account failing the same way makes it
+// the request's failure.
+func TestAccountsHostilePromptRestsNoAccount(t *testing.T) {
+	const prompt = "forbidden points no-enhance"
+	for _, tc := range []struct {
+		name, prompt string
+		echo         func(string) string
+		code         string
+		calls, rests int
+	}{
+		{"echoed whole", prompt, func(p string) string { return p }, "upstream_error", 1, 0},
+		{"echoed cut", prompt, func(p string) string { return p[:len("forbidden poin")] + "ts…" }, "upstream_error", 1, 0},
+		{"echoed in capitals, spaces doubled", "forbidden Points\tand balance", func(p string) string {
+			return strings.ReplaceAll(strings.ToUpper(p), "\t", "  ")
+		}, "upstream_error", 1, 0},
+		{"a Cloudflare page for a word", "a cfmarker cat", nil, "upstream_blocked", 2, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newFakeUpstream(t)
+			up.setHandler(hostileFake(tc.echo))
+			threeAccountsWithHealth(t, up)
+			before, mark := scrape(t), markLog(t)
+
+			status, hdr, body := do(t, http.MethodPost, "/v1/images/generations", `{"model":"Z-Image","prompt":`+string(must(json.Marshal(tc.prompt)))+`}`)
+			e := itWantErr(t, status, hdr, body, http.StatusBadGateway, tc.code)
+			if tc.code == "upstream_error" && !strings.Contains(e.Message, "prompt contains forbidden word") {
+				t.Errorf("message %q, want the service's refusal", e.Message)
+			}
+			if n := len(up.Calls()); n != tc.calls {
+				t.Errorf("the hostile request made %d calls, want %d", n, tc.calls)
+			}
+			var rests float64
+			for _, name := range []string{"a", "b", "c"} {
+				for _, kind := range []string{kindNoPoints, kindBlocked} {
+					rests += grewSince(t, before, "caddy_zimage_upstream_account_rests_total", "account", name, "reason", kind)
+				}
+			}
+			if int(rests) != tc.rests || len(mark.find(t, "image service account rests", nil)) != tc.rests {
+				t.Errorf("%v accounts rested, want %d", rests, tc.rests)
+			}
+			if status, _, body, _ := healthGet(t, http.MethodGet, "/v1/zimage/health"); status != http.StatusOK {
+				t.Errorf("health after the hostile request: %d %s", status, body)
+			}
+
+			calls := len(up.Calls())
+			if status, _, body := do(t, http.MethodPost, "/v1/images/generations", `{"model":"Z-Image","prompt":"a quiet lake"}`); status != http.StatusOK {
+				t.Fatalf("the next ordinary request: %d %s", status, body)
+			}
+			if n := len(up.Calls()) - calls; n != 1 {
+				t.Errorf("the next ordinary request made %d calls, want 1: the first account it asked served it", n)
+			}
+		})
+	}
+}
+
+// TestAccountsSuccessEndsRest: an account that answered out of points
+// rests, but once it makes an image (asked while every account rests) the
+// rest is over: the next request goes to it rather than to the account
+// still out, and health is 200 again.
+func TestAccountsSuccessEndsRest(t *testing.T) {
+	var toppedUp atomic.Bool
+	up := newFakeUpstream(t)
+	up.setHandler(byKey(map[string]http.HandlerFunc{
+		testAccountKeyA: func(w http.ResponseWriter, r *http.Request) {
+			if !toppedUp.Load() {
+				failWith(http.StatusForbidden, `{"success":false,"error":"Insufficient points"}`)(w, r)
+				return
+			}
+			writeImage(w, "https://img.example.com/a.png")
+		},
+		testAccountKeyB: failWith(http.StatusPaymentRequired, `{"success":false,"message":"余额不足"}`),
+	}))
+	startCaddy(t, accountsSite(up.endpoint(), accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB), "timeout 10s", "health"))
+	mark := markLog(t)
+	for i, code := range []string{"upstream_error", "no_points"} { // a rests, then b
+		status, hdr, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("both out", 1700+i, ""))
+		itWantErr(t, status, hdr, body, http.StatusBadGateway, code)
+	}
+	if status, _, body, _ := healthGet(t, http.MethodGet, "/v1/zimage/health"); status != http.StatusServiceUnavailable {
+		t.Fatalf("health while both rest: %d %s", status, body)
+	}
+
+	toppedUp.Store(true)
+	for i := range 3 {
+		status, _, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("a again", 1710+i, ""))
+		if status != http.StatusOK || !strings.Contains(string(body), "img.example.com/a.png") {
+			t.Fatalf("request %d after the top-up: %d, want a's image: %s", i, status, body)
+		}
+	}
+	if status, _, body, rep := healthGet(t, http.MethodGet, "/v1/zimage/health"); status != http.StatusOK || rep.Accounts[0].Resting || !rep.Accounts[1].Resting {
+		t.Errorf("health after a's image: %d %s, want 200 with b alone resting", status, body)
+	}
+	if a, b := up.keyCalls(testAccountKeyA), up.keyCalls(testAccountKeyB); a != 4 || b != 2 {
+		t.Errorf("calls a %d, b %d; want 4 and 2: b rests, a no more", a, b)
+	}
+	if l := mark.find(t, "image service account rests no more: it made an image", nil); len(l) != 1 || l[0]["account"] != "a" {
+		t.Errorf("lines of a rest ended: %v, want one for a", l)
+	}
+}
+
+// TestAccountsAllOutRestInNRequests: three accounts all truly out of
+// points (saying so in three ways) are all resting after three requests,
+// each of which rests one account; the first two get the service's
+// answer, and only the third, when every account rests, no_points.
+func TestAccountsAllOutRestInNRequests(t *testing.T) {
+	up := newFakeUpstream(t)
+	up.setHandler(byKey(map[string]http.HandlerFunc{
+		testAccountKeyA: failWith(http.StatusForbidden, `{"success":false,"error":"Insufficient points: 0 left"}`),
+		testAccountKeyB: failWith(http.StatusPaymentRequired, `{"success":false,"message":"payment required"}`),
+		testAccountKeyC: failWith(http.StatusOK, `{"success":false,"message":"积分不足"}`),
+	}))
+	threeAccountsWithHealth(t, up)
+	before := scrape(t)
+	for i, want := range []struct {
+		code  string
+		calls int
+	}{{"upstream_error", 2}, {"upstream_error", 2}, {"no_points", 1}} {
+		calls := len(up.Calls())
+		status, hdr, body := do(t, http.MethodPost, "/v1/chat/completions", chatJSON("nobody has points", 1800+i, ""))
+		itWantErr(t, status, hdr, body, http.StatusBadGateway, want.code)
+		if n := len(up.Calls()) - calls; n != want.calls {
+			t.Errorf("request %d made %d calls, want %d", i+1, n, want.calls)
+		}
+	}
+	after := scrape(t)
+	for _, name := range []string{"a", "b", "c"} {
+		if d := after.delta(before, "caddy_zimage_upstream_account_rests_total", "account", name, "reason", kindNoPoints); d != 1 {
+			t.Errorf("account %s rested %v times, want once", name, d)
+		}
+	}
+	if status, _, body, _ := healthGet(t, http.MethodGet, "/v1/zimage/health"); status != http.StatusServiceUnavailable {
+		t.Errorf("health with every account out: %d %s", status, body)
 	}
 }

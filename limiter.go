@@ -96,6 +96,9 @@ type limiter struct {
 	queued bool
 
 	restUntil time.Time // accounts.go: the account rests until then
+	// accounts.go: the account rests at least until then after a 429,
+	// as the service asked; a success does not end this part
+	retryAfterUntil time.Time
 	// accounts.go: the account rests until then for want of points
 	noPointsUntil time.Time
 	restTimer     *time.Timer // wakes the queue when the rest ends
@@ -252,6 +255,30 @@ func (l *limiter) restLocked(until time.Time) bool {
 }
 
 func (l *limiter) restingLocked(now time.Time) bool { return now.Before(l.restUntil) }
+
+// endRestLocked ends the account's rest after a success, and its rest for
+// want of points, but not a 429's (retryAfterUntil). It reports whether a
+// rest was shortened.
+func (l *limiter) endRestLocked(now time.Time) bool {
+	l.noPointsUntil = time.Time{}
+	keep := l.retryAfterUntil
+	if !keep.After(now) {
+		keep = time.Time{}
+	}
+	if !l.restUntil.After(now) || !l.restUntil.After(keep) {
+		return false
+	}
+	l.restUntil = time.Time{}
+	if l.restTimer != nil {
+		l.restTimer.Stop()
+		l.restTimer = nil
+	}
+	if !keep.IsZero() {
+		l.restLocked(keep)
+	}
+	wakeLocked() // waiters may take this account now
+	return true
+}
 
 // chooser decides, under limMu, which slot a generation may take: the
 // account pool (accounts.go) implements the choice of SPEC §11.1.

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -166,8 +167,8 @@ func TestProxyErrorsShowNoCredentials(t *testing.T) {
 	closed.Close()
 	startCaddy(t, opsSite(up.endpoint(), nil, "timeout 5s\n\t\tretries 0\n\t\tforward_proxy_url "+closedURL, ""))
 	status, hdr, raw = do(t, http.MethodPost, "/v1/chat/completions", itChatBody(t, "a cat"))
-	e = itWantErr(t, status, hdr, raw, http.StatusBadGateway, "upstream_error")
-	if e.Message != "The image service failed: the forward proxy (forward_proxy_url) refused the connection" {
+	e = itWantErr(t, status, hdr, raw, http.StatusBadGateway, "upstream_proxy")
+	if e.Message != "The image service was not reached: the forward proxy (forward_proxy_url) refused the connection" {
 		t.Errorf("message %q", e.Message)
 	}
 	if secrets.contains(string(raw)) {
@@ -278,5 +279,130 @@ func TestUnitReadmeReachingTheService(t *testing.T) {
 	if len(adapted) != 2 || !strings.Contains(adapted[0], `"forward_proxy_url":"{env.ZIMAGE_PROXY_URL}"`) ||
 		!strings.Contains(adapted[1], `"url":"https://zimage-relay.example.workers.dev/api/v1/generate_image"`) {
 		t.Errorf("adapted %d blocks: %s", len(adapted), adapted)
+	}
+}
+
+// garbage answers a proxy request, or a CONNECT, with bytes that are not
+// HTTP.
+func garbage(w http.ResponseWriter, r *http.Request) {
+	conn, buf, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	buf.WriteString("SSH-2.0-OpenSSH_9.6 \x00\x01 not a proxy\r\n\r\n")
+	buf.Flush()
+}
+
+// proxyAuthRequired answers a proxy request, or a CONNECT, with 407.
+func proxyAuthRequired(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Proxy-Authenticate", `Basic realm="proxy"`)
+	http.Error(w, "credentials "+r.Header.Get("Proxy-Authorization")+" refused", http.StatusProxyAuthRequired)
+}
+
+// TestProxyFaultsAreNotTheAccounts: a forward proxy that answers 407 or
+// bytes that are not HTTP, to a plain-http service's calls and to the
+// CONNECT of an https one, is the proxy's fault: a 502 upstream_proxy
+// that names forward_proxy_url (never its credentials), counted as kind
+// proxy, with no other account tried and none resting.
+func TestProxyFaultsAreNotTheAccounts(t *testing.T) {
+	userinfo := testProxyUser + ":" + testProxyPass
+	secrets := newScrubber([]string{testProxyPass, userinfo, base64.StdEncoding.EncodeToString([]byte(userinfo))})
+	for _, tc := range []struct {
+		name    string
+		https   bool
+		fail    http.HandlerFunc
+		message string
+	}{
+		{"http service, 407", false, proxyAuthRequired, "the forward proxy (forward_proxy_url) refused the request: 407 Proxy Authentication Required; check the user and password it is given"},
+		{"http service, garbage", false, garbage, "the forward proxy (forward_proxy_url) answered something that is not HTTP"},
+		{"https service, CONNECT 407", true, proxyAuthRequired, "the forward proxy (forward_proxy_url) refused the request: 407 Proxy Authentication Required; check the user and password it is given"},
+		{"https service, CONNECT 403", true, func(w http.ResponseWriter, r *http.Request) { http.Error(w, "no", http.StatusForbidden) },
+			"the forward proxy (forward_proxy_url) refused the request: 403 Forbidden"},
+		{"https service, CONNECT garbage", true, garbage, "the forward proxy (forward_proxy_url) answered something that is not HTTP"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			px := newFakeProxy(t)
+			px.setFail(tc.fail)
+			up := newFakeUpstream(t)
+			endpoint := up.endpoint()
+			if tc.https {
+				// never reached: the proxy refuses the tunnel
+				endpoint = "https://sd.example.invalid/api/v1/generate_image"
+			}
+			startCaddy(t, accountsSite(endpoint, accountBlock("a", testAccountKeyA)+accountBlock("b", testAccountKeyB),
+				"timeout 10s\n\t\tforward_proxy_url "+px.proxyURL(), "health"))
+			before, mark := scrape(t), markLog(t)
+
+			status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", itChatBody(t, "a cat"))
+			e := itWantErr(t, status, hdr, raw, http.StatusBadGateway, "upstream_proxy")
+			if e.Message != "The image service was not reached: "+tc.message {
+				t.Errorf("message %q, want the proxy's fault: %q", e.Message, tc.message)
+			}
+			if secrets.contains(string(raw)) {
+				t.Errorf("the answer carries the proxy's credentials: %s", raw)
+			}
+			if n := len(px.Seen()); n != 1 {
+				t.Errorf("the proxy saw %d requests, want 1: no other account is tried for the proxy's fault", n)
+			}
+			after := scrape(t)
+			if d := after.delta(before, "caddy_zimage_upstream_errors_total", "kind", "proxy"); d != 1 {
+				t.Errorf("errors of kind proxy counted %v, want 1", d)
+			}
+			if l := mark.find(t, "image service account rests", nil); len(l) != 0 {
+				t.Errorf("accounts rested for the proxy's fault: %v", l)
+			}
+			if status, _, body, rep := healthGet(t, http.MethodGet, "/v1/zimage/health"); status != http.StatusOK || rep.Accounts[0].Resting || rep.Accounts[1].Resting {
+				t.Errorf("health after the proxy's fault: %d %s", status, body)
+			}
+			for _, l := range mark.lines(t) {
+				if b, _ := json.Marshal(l); secrets.contains(string(b)) {
+					t.Errorf("a log line carries the proxy's credentials: %s", secrets.Replace(string(b)))
+				}
+			}
+		})
+	}
+}
+
+// TestProxyTunnelServiceFaultIsTheService: through a proxy that opens the
+// tunnel, a failure of the service itself (here its TLS certificate,
+// which the gateway does not trust) is the service's, not the proxy's.
+func TestProxyTunnelServiceFaultIsTheService(t *testing.T) {
+	svc := httptest.NewTLSServer(http.NotFoundHandler())
+	t.Cleanup(svc.Close)
+	px := newFakeProxy(t)
+	px.setFail(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodConnect {
+			http.Error(w, "CONNECT only", http.StatusMethodNotAllowed)
+			return
+		}
+		to, err := net.Dial("tcp", r.Host)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		defer to.Close()
+		conn, buf, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		buf.WriteString("HTTP/1.1 200 Connection established\r\n\r\n")
+		buf.Flush()
+		go io.Copy(to, buf)
+		io.Copy(conn, to)
+	})
+	startCaddy(t, opsSite(svc.URL+"/api/v1/generate_image", nil, "timeout 10s\n\t\tretries 0\n\t\tforward_proxy_url "+px.proxyURL(), "")+"\nmetrics /metrics")
+	before := scrape(t)
+	status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", itChatBody(t, "a cat"))
+	e := itWantErr(t, status, hdr, raw, http.StatusBadGateway, "upstream_error")
+	if e.Message != "The image service failed: the TLS connection to the image service failed" {
+		t.Errorf("message %q", e.Message)
+	}
+	if d := grewSince(t, before, "caddy_zimage_upstream_errors_total", "kind", "refused"); d != 1 {
+		t.Errorf("errors of kind refused counted %v, want 1", d)
+	}
+	if seen := px.Seen(); len(seen) != 1 || seen[0].method != http.MethodConnect {
+		t.Errorf("the proxy saw %+v, want one CONNECT", seen)
 	}
 }

@@ -11,14 +11,16 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -118,6 +120,7 @@ const (
 	kindBadResponse = "bad_response"
 	kindBlocked     = "blocked"   // a Cloudflare challenge page instead of an answer (SPEC §11.4)
 	kindNoPoints    = "no_points" // the account is out of points (SPEC §11.5, isNoPoints)
+	kindProxy       = "proxy"     // the forward proxy failed, no account's fault (imageClient.proxyFailure)
 	kindCanceled    = "canceled"  // the client left; not counted as an upstream error
 )
 
@@ -161,6 +164,9 @@ func (e *upstreamError) apiError(scrub *scrubber) *apiError {
 			message: "The image service did not answer in time: " + msg}
 	case kindCanceled:
 		return &apiError{status: 499, typ: "invalid_request_error", code: "client_closed_request", message: "The client closed the request"}
+	case kindProxy:
+		return &apiError{status: http.StatusBadGateway, typ: "upstream_error", code: "upstream_proxy",
+			message: "The image service was not reached: " + msg}
 	case kindBlocked:
 		// the message is ours alone: the challenge page is never passed on
 		return &apiError{status: http.StatusBadGateway, typ: "upstream_error", code: "upstream_blocked",
@@ -180,16 +186,108 @@ type imageClient struct {
 	// answers a 3xx as one), and http.Client's redirect machinery would
 	// copy the headers on every call for nothing
 	transport *http.Transport
+
+	// proxy is the proxy the transport sends the calls through (nil for
+	// none), fixed for the one URL the client calls; proxyName is what
+	// its errors call it
+	proxy     *url.URL
+	proxyName string
 }
 
+// Names of the proxy in the errors that blame it.
+const (
+	proxyNameConfigured  = "the forward proxy (forward_proxy_url)"
+	proxyNameEnvironment = "the forward proxy (HTTPS_PROXY or HTTP_PROXY of the environment)"
+)
+
 // newImageClient calls the service at u, an absolute http(s) URL
-// (checkHTTPURL), through transport.
+// (checkHTTPURL), through transport, whose Proxy is set already; a
+// client whose proxy comes from the environment should say so in
+// proxyName.
 func newImageClient(u string, timeout time.Duration, transport *http.Transport) (*imageClient, error) {
 	parsed, err := url.Parse(u)
 	if err != nil {
 		return nil, err
 	}
-	return &imageClient{url: parsed, timeout: timeout, transport: transport}, nil
+	c := &imageClient{url: parsed, timeout: timeout, transport: transport, proxyName: proxyNameConfigured}
+	if transport.Proxy != nil {
+		c.proxy, _ = transport.Proxy(&http.Request{Method: http.MethodPost, URL: parsed, Header: http.Header{}})
+	}
+	if c.proxy != nil && transport.OnProxyConnectResponse == nil {
+		transport.OnProxyConnectResponse = refuseProxyConnect
+	}
+	return c, nil
+}
+
+// proxyRefusal is a forward proxy's answer other than 200 to the CONNECT
+// of an https call: it refused to open the tunnel to the service.
+type proxyRefusal struct{ status int }
+
+func (e *proxyRefusal) Error() string {
+	msg := "refused the request: " + strconv.Itoa(e.status) + " " + http.StatusText(e.status)
+	if e.status == http.StatusProxyAuthRequired {
+		msg += "; check the user and password it is given"
+	}
+	return msg
+}
+
+// refuseProxyConnect turns a refused CONNECT into a proxyRefusal, which
+// names the status (Go's own error would carry the proxy's reason
+// phrase, whatever the proxy wrote there).
+func refuseProxyConnect(_ context.Context, _ *url.URL, _ *http.Request, res *http.Response) error {
+	if res.StatusCode != http.StatusOK {
+		return &proxyRefusal{status: res.StatusCode}
+	}
+	return nil
+}
+
+// tunnelTrace watches an https call through a proxy: whether the
+// transport got past the proxy's CONNECT (the service's TLS handshake
+// began, or a connection came from the pool), which tells the proxy's
+// failures from the service's.
+type tunnelTrace struct {
+	tlsStarts atomic.Int32
+	gotConn   atomic.Bool
+}
+
+func (tt *tunnelTrace) trace() *httptrace.ClientTrace {
+	return &httptrace.ClientTrace{
+		TLSHandshakeStart: func() { tt.tlsStarts.Add(1) },
+		GotConn:           func(httptrace.GotConnInfo) { tt.gotConn.Store(true) },
+	}
+}
+
+// proxyFailure classifies a call through the proxy that got no answer:
+// the proxy's fault (kind proxy) when the proxy itself failed, else nil.
+// Through a proxy to a plain-http URL every byte comes from the proxy,
+// so every such failure is the proxy's; to an https URL only those
+// before the tunnel to the service was open (the dial of the proxy, its
+// answer to CONNECT), as what follows is the service's TLS.
+func (c *imageClient) proxyFailure(err error, tt *tunnelTrace) *upstreamError {
+	if c.proxy == nil {
+		return nil
+	}
+	var refusal *proxyRefusal
+	if errors.As(err, &refusal) {
+		return &upstreamError{kind: kindProxy, message: c.proxyName + " " + refusal.Error(), detail: err.Error()}
+	}
+	var oe *net.OpError
+	proxys := c.url.Scheme != "https" || // plain http: the proxy answers
+		errors.As(err, &oe) && oe.Op == "proxyconnect" || // its dial, its TLS
+		tt != nil && !tt.gotConn.Load() && int(tt.tlsStarts.Load()) <= proxyTLSHandshakes(c.proxy) // its CONNECT
+	if !proxys {
+		return nil
+	}
+	return &upstreamError{kind: kindProxy, message: describeNetErr(c.proxyName, err), detail: err.Error()}
+}
+
+// proxyTLSHandshakes is how many TLS handshakes a call makes with proxy
+// itself before the tunnel: one with an https proxy.
+func proxyTLSHandshakes(proxy *url.URL) int {
+	if proxy.Scheme == "https" {
+		return 1
+	}
+	return 0
 }
 
 // newKeyedClient is the HTTP client for calls that carry a key in their
@@ -287,14 +385,28 @@ func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequ
 	hreq.Header.Set("Content-Type", "application/json")
 	hreq.Header.Set("Accept", "application/json")
 	hreq.Header.Set("Authorization", "Bearer "+key)
+	var tt *tunnelTrace
+	if c.proxy != nil && c.url.Scheme == "https" {
+		tt = new(tunnelTrace)
+		hreq = hreq.WithContext(httptrace.WithClientTrace(ctx, tt.trace()))
+	}
 	resp, err := c.transport.RoundTrip(hreq)
 	if err != nil {
 		if ctx.Err() != nil {
 			return upstreamResult{}, ctxFailure(ctx, c.timeout)
 		}
+		if ue := c.proxyFailure(err, tt); ue != nil {
+			return upstreamResult{}, ue
+		}
 		return upstreamResult{}, &upstreamError{kind: kindRefused, message: describeNetErr("the image service", err), detail: err.Error(), retryable: true}
 	}
 	defer resp.Body.Close()
+	if c.proxy != nil && resp.StatusCode == http.StatusProxyAuthRequired {
+		// only a proxy answers 407: the configured one wants (other)
+		// credentials
+		return upstreamResult{}, &upstreamError{kind: kindProxy,
+			message: c.proxyName + " " + (&proxyRefusal{status: resp.StatusCode}).Error()}
+	}
 	// read into a pooled buffer: parseAnswer keeps nothing of raw
 	bp := answerBuffers.Get().(*[]byte)
 	defer answerBuffers.Put(bp)
@@ -314,52 +426,137 @@ func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequ
 	if len(raw) > maxUpstreamBody {
 		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: fmt.Sprintf("answer larger than %d bytes", maxUpstreamBody)}
 	}
-	return parseAnswer(resp, raw)
+	return parseAnswer(resp, raw, req.Prompt, req.NegativePrompt, req.ImageSource)
 }
 
 // parseAnswer reads the service's answer: an image, or a classified
 // failure. A failure that says the account is out of points is kind
 // no_points whatever its status (SPEC §11.5): an HTTP 402, or one whose own
-// text isNoPoints.
-func parseAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamError) {
+// text isNoPoints. sent are the texts the request carried (its prompt
+// as sent, the source image's URL), which the service may echo in its
+// errors: they are no evidence about the account (isNoPoints,
+// isChallenge).
+func parseAnswer(resp *http.Response, raw []byte, sent ...string) (upstreamResult, *upstreamError) {
+	if isChallenge(resp, raw, sent...) {
+		// Cloudflare's "Just a moment…" page: nothing of it goes anywhere,
+		// the log's detail names the status alone (SPEC §11.4)
+		return upstreamResult{}, &upstreamError{kind: kindBlocked, message: "Cloudflare challenge page",
+			detail: "HTTP " + strconv.Itoa(resp.StatusCode) + " with an HTML body"}
+	}
 	res, ue := classifyAnswer(resp, raw)
-	if ue == nil || ue.kind == kindBlocked {
+	if ue == nil {
 		return res, ue
 	}
 	var ans upstreamAnswer
 	_ = json.Unmarshal(raw, &ans)
-	if resp.StatusCode == http.StatusPaymentRequired || isNoPoints(upstreamMessage(ans, "")) {
+	if resp.StatusCode == http.StatusPaymentRequired || isNoPoints(upstreamMessage(ans, ""), sent...) {
 		return upstreamResult{}, &upstreamError{kind: kindNoPoints, message: upstreamMessage(ans, resp.Status)}
 	}
 	return res, ue
 }
 
-// noPointsText is the one place where the gateway guesses the service's
-// words for an account out of points; see isNoPoints.
-var noPointsText = regexp.MustCompile(`(?i)积分|余额|(?:^|[^\pL])(?:points|balance|insufficient)(?:[^\pL]|$)`)
+// The words the gateway takes for the service saying that an account has
+// no points left: 积分 (points) and 余额 (balance) anywhere, the English
+// ones as whole words. This and isChallenge are the one place where the
+// gateway reads the service's words for a kind of failure; see
+// isNoPoints.
+var (
+	noPointsHan     = [...]string{"积分", "余额"}
+	noPointsEnglish = [...]string{"points", "balance", "insufficient"}
+)
 
 // isNoPoints reports whether a failure's own text (the service's error or
 // message) says that the account has no points left (SPEC §11.5). No
 // public client shows the service's words for it, so this is a guess, and
 // one that fails safe: a failure it wrongly takes for no_points only moves
 // the request to another account at once and rests this one (a resting
-// account still serves when every account rests), and one it misses is
-// handled as its status says. It matches, case-insensitively, 积分 or 余额
-// anywhere, and the words "points", "balance" and "insufficient" when not
-// part of a longer word ("insufficient_points" and "Points:" match,
-// "endpoints" and "load balancer" do not). The README says the same.
-func isNoPoints(msg string) bool {
-	return msg != "" && noPointsText.MatchString(msg)
+// account still serves when every account rests; a request rests at most
+// one account so: accountPool.run), and one it misses is handled as its
+// status says. It matches, case-insensitively, 积分 or 余额 anywhere, and
+// the words "points", "balance" and "insufficient" when not part of a
+// longer word ("insufficient_points" and "Points:" match, "endpoints" and
+// "load balancer" do not). The README says the same.
+//
+// A word that one of sent (the texts the request carried: its prompt as
+// sent to the service) contains is not read: the service may echo the
+// prompt in its errors ("prompt contains a forbidden word: …"), whole,
+// cut at any length, in another case or with its spaces changed, and a
+// word the client wrote says nothing about the account. So the echo of
+// "forbidden points" is no evidence, and neither is a real "insufficient
+// points" for a prompt that says "insufficient points": that request gets
+// the service's failure, and the next one that reaches the account rests
+// it.
+func isNoPoints(msg string, sent ...string) bool {
+	return noPointsWords(msg, false)&^carriedWords(sent) != 0
+}
+
+// noPointsWords is the set of the words of the rule that s says (bit i:
+// noPointsHan then noPointsEnglish), whole English words only, or any
+// occurrence when anywhere is set.
+func noPointsWords(s string, anywhere bool) (said uint) {
+	for i, w := range noPointsHan {
+		if strings.Contains(s, w) {
+			said |= 1 << i
+		}
+	}
+	word := func(run string) {
+		for i, w := range noPointsEnglish {
+			if strings.EqualFold(run, w) || anywhere && strings.Contains(run, w) {
+				said |= 1 << (len(noPointsHan) + i)
+			}
+		}
+	}
+	if anywhere {
+		word(s)
+		return said
+	}
+	start := -1
+	for i, r := range s {
+		switch letter := unicode.IsLetter(r); {
+		case letter && start < 0:
+			start = i
+		case !letter && start >= 0:
+			word(s[start:i])
+			start = -1
+		}
+	}
+	if start >= 0 {
+		word(s[start:])
+	}
+	return said
+}
+
+// carriedWords is the set of the rule's words that any of sent contains
+// anywhere, read the way an echo may have changed it: in lower case, with
+// full-width letters as ASCII and without spaces, control or invisible
+// formatting characters (so "POI NTS" and "ｐｏｉｎｔｓ" carry "points").
+func carriedWords(sent []string) (carried uint) {
+	for _, s := range sent {
+		if s == "" {
+			continue
+		}
+		carried |= noPointsWords(foldEcho(s), true)
+	}
+	return carried
+}
+
+// foldEcho is s lower-cased, full-width ASCII folded to ASCII, and
+// without spaces, control and format characters: what an echo of s could
+// have become.
+func foldEcho(s string) string {
+	return strings.Map(func(r rune) rune {
+		switch {
+		case unicode.IsSpace(r) || unicode.IsControl(r) || unicode.Is(unicode.Cf, r):
+			return -1
+		case r >= '！' && r <= '～':
+			r -= '！' - '!'
+		}
+		return unicode.ToLower(r)
+	}, s)
 }
 
 // classifyAnswer is parseAnswer by status and shape alone.
 func classifyAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamError) {
-	if isChallenge(resp, raw) {
-		// Cloudflare's "Just a moment…" page: nothing of it goes anywhere,
-		// the log's detail names the status alone (SPEC §11.4)
-		return upstreamResult{}, &upstreamError{kind: kindBlocked, message: "Cloudflare challenge page",
-			detail: "HTTP " + strconv.Itoa(resp.StatusCode) + " with an HTML body"}
-	}
 	var ans upstreamAnswer
 	var jsonErr error
 	if !readAnswer(raw, &ans) {
@@ -466,8 +663,10 @@ func readAnswer(raw []byte, ans *upstreamAnswer) bool {
 // isChallenge tells a Cloudflare challenge (or any HTML error page) on a
 // 403 or 503 from the service's own answers, which are JSON: Cloudflare
 // marks its challenges with cf-mitigated, and its pages are HTML. A 403
-// with a JSON body is the service's own refusal, a normal error.
-func isChallenge(resp *http.Response, raw []byte) bool {
+// with a JSON body is the service's own refusal, a normal error. A body
+// sniffed as HTML whose mark one of sent carries (a prompt that begins
+// "<html" echoed at the start of a plain-text error) is not.
+func isChallenge(resp *http.Response, raw []byte, sent ...string) bool {
 	if resp.StatusCode != http.StatusForbidden && resp.StatusCode != http.StatusServiceUnavailable {
 		return false
 	}
@@ -481,6 +680,17 @@ func isChallenge(resp *http.Response, raw []byte) bool {
 	head = head[:min(len(head), 16)]
 	for _, p := range []string{"<!doctype html", "<html", "<head", "<!--"} {
 		if len(head) >= len(p) && strings.EqualFold(string(head[:len(p)]), p) {
+			return !carriedMark(sent, p)
+		}
+	}
+	return false
+}
+
+// carriedMark reports whether any of sent carries mark, read as
+// carriedWords reads them.
+func carriedMark(sent []string, mark string) bool {
+	for _, s := range sent {
+		if strings.Contains(foldEcho(s), strings.ReplaceAll(mark, " ", "")) {
 			return true
 		}
 	}
@@ -578,7 +788,7 @@ func describeNetErr(party string, err error) string {
 	var oe *net.OpError
 	var certErr *tls.CertificateVerificationError
 	var recErr tls.RecordHeaderError
-	if errors.As(err, &oe) && oe.Op == "proxyconnect" {
+	if errors.As(err, &oe) && oe.Op == "proxyconnect" && !strings.HasPrefix(party, "the forward proxy") {
 		// Go names a failed connection to forward_proxy_url so; the
 		// operator should look at the proxy, not at the party behind it
 		party = "the forward proxy (forward_proxy_url)"
@@ -592,6 +802,10 @@ func describeNetErr(party string, err error) string {
 		return "the host name of " + party + " could not be resolved"
 	case errors.As(err, &certErr), errors.As(err, &recErr):
 		return "the TLS connection to " + party + " failed"
+	case strings.Contains(err.Error(), "malformed HTTP"):
+		// net/http's words for an answer that is not HTTP (its error has
+		// no type to test)
+		return party + " answered something that is not HTTP"
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
 		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
 		return party + " closed the connection"
@@ -719,11 +933,15 @@ func (g *Gateway) provisionUpstream(ctx caddy.Context, resolve func(v, env strin
 		if err := checkHTTPURL(uc.URL); err != nil {
 			return uc, fmt.Errorf("zimage_gateway: upstream: %v", err)
 		}
-		ic, err := newImageClient(uc.URL, time.Duration(uc.Timeout), newTransport())
+		tr := newTransport()
+		tr.Proxy = uc.proxy()
+		ic, err := newImageClient(uc.URL, time.Duration(uc.Timeout), tr)
 		if err != nil {
 			return uc, fmt.Errorf("zimage_gateway: upstream: %v", err)
 		}
-		ic.transport.Proxy = uc.proxy()
+		if uc.ForwardProxyURL == "" {
+			ic.proxyName = proxyNameEnvironment
+		}
 		g.upstream = ic
 	}
 	// the handlers of one config load share a limit per account (§11.7)
