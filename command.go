@@ -187,6 +187,9 @@ func (t *discoverTarget) prober() func(ctx context.Context, i int) (name, points
 	if err != nil { // checked when the target was read; never here
 		return func(context.Context, int) (string, string, string) { return "", "", err.Error() }
 	}
+	if t.proxy == nil {
+		ic.proxyName = proxyNameEnvironment
+	}
 	return func(ctx context.Context, i int) (string, string, string) {
 		ctx, cancel := context.WithTimeout(ctx, t.timeout)
 		defer cancel()

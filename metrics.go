@@ -30,7 +30,7 @@ var (
 
 	metricUpstreamErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "caddy", Subsystem: "zimage", Name: "upstream_errors_total",
-		Help: "Failed calls to the image service, by kind: timeout, refused, status_5xx, status_429, bad_response, blocked (a Cloudflare challenge), no_points (the account is out of points).",
+		Help: "Failed calls to the image service, by kind: timeout, refused, status_5xx, status_429, bad_response, blocked (a Cloudflare challenge), no_points (the account is out of points), proxy (the forward proxy failed).",
 	}, []string{"kind"})
 
 	metricInFlight = prometheus.NewGauge(prometheus.GaugeOpts{
