@@ -151,7 +151,7 @@ func TestScrubberEncodedForms(t *testing.T) {
 		"https://img.example.com/a%20b.png?x=%E7%8C%AB",
 		b64([]byte("Bearer sk-client-other-key-000")),
 		b64([]byte("nothing secret at all, only a long enough text")),
-		pctEncode("sk-client", false, all) + " 7f3a9", // under half of the key
+		pctEncode("sk-client", false, all) + " 7f3a9",                                    // under half of the key
 		hex.EncodeToString([]byte(key[:9])) + " " + hex.EncodeToString([]byte(key[11:])), // two pieces under half
 		"sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
 	} {
