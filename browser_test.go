@@ -406,7 +406,6 @@ func TestBrowserCORSStreamHelper(t *testing.T) {
 		t.Fatal("README.md has no caddy block with the (cors) snippet")
 	}
 	browser := startBrowser(t)
-	page := servePage(t, streamHelperPage)
 	startCaddyRaw(t, fmt.Sprintf(`%s
 
 %s
@@ -421,30 +420,75 @@ func TestBrowserCORSStreamHelper(t *testing.T) {
 }
 `, globals(), snippet, httpPort, testClientKey))
 
-	tab, cancel := chromedp.NewContext(browser)
-	defer cancel()
-	q := url.Values{"gw": {baseURL}, "key": {testClientKey}, "prompt": {"a red bicycle"}}
-	if err := chromedp.Do(tab,
-		chromedp.Navigate(page.URL+"/?"+q.Encode()),
-		chromedp.WaitReady(chromedp.ID("done")),
-	); err != nil {
-		t.Fatalf("running the page: %v", err)
-	}
-	text, err := chromedp.Run(tab, chromedp.TextContent(chromedp.ID("result")))
-	if err != nil {
-		t.Fatalf("reading the page's result: %v", err)
-	}
-	var res pageResult
-	if err := json.Unmarshal([]byte(text), &res); err != nil {
-		t.Fatalf("the page wrote no result JSON (%v): %q", err, text)
-	}
-	seen.Lock()
-	seen.WriteString(res.Raw)
-	seen.Unlock()
-	if res.FetchError != "" || res.Status != http.StatusOK {
-		t.Fatalf("the stream helper's request through the README's snippet: status %d, fetch error %q (a header the snippet does not allow?), body %.300s", res.Status, res.FetchError, res.Raw)
-	}
-	if !strings.Contains(res.Raw, "chat.completion.chunk") || !strings.Contains(res.Raw, demoPath) || !strings.HasSuffix(strings.TrimSpace(res.Raw), "data: [DONE]") {
-		t.Errorf("the page did not read a whole event stream with the image: %.600s", res.Raw)
-	}
+	t.Run("its headers replayed", func(t *testing.T) {
+		res := runPage(t, browser, servePage(t, streamHelperPage), testClientKey, "a red bicycle")
+		if res.FetchError != "" || res.Status != http.StatusOK {
+			t.Fatalf("the stream helper's request through the README's snippet: status %d, fetch error %q (a header the snippet does not allow?), body %.300s", res.Status, res.FetchError, res.Raw)
+		}
+		if !strings.Contains(res.Raw, "chat.completion.chunk") || !strings.Contains(res.Raw, demoPath) || !strings.HasSuffix(strings.TrimSpace(res.Raw), "data: [DONE]") {
+			t.Errorf("the page did not read a whole event stream with the image: %.600s", res.Raw)
+		}
+	})
+
+	// the npm package itself, served to the page from a local copy
+	// (npm install openai; ZIMAGE_OPENAI_JS=…/node_modules/openai)
+	t.Run("the openai npm package", func(t *testing.T) {
+		dir := os.Getenv("ZIMAGE_OPENAI_JS")
+		if dir == "" {
+			t.Skip("ZIMAGE_OPENAI_JS is not set: npm install openai, then set it to node_modules/openai to run the SDK's own stream() in the browser")
+		}
+		if _, err := os.Stat(dir + "/index.mjs"); err != nil {
+			t.Fatalf("ZIMAGE_OPENAI_JS=%s is not the openai package's directory: %v", dir, err)
+		}
+		files := http.StripPrefix("/openai/", http.FileServer(http.Dir(dir)))
+		page := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if strings.HasPrefix(r.URL.Path, "/openai/") {
+				if strings.HasSuffix(r.URL.Path, ".mjs") {
+					w.Header().Set("Content-Type", "text/javascript")
+				}
+				files.ServeHTTP(w, r)
+				return
+			}
+			w.Header().Set("Content-Type", "text/html; charset=utf-8")
+			_, _ = w.Write([]byte(sdkStreamPage))
+		}))
+		t.Cleanup(page.Close)
+		res := runPage(t, browser, page, testClientKey, "a red bicycle")
+		if res.FetchError != "" || res.Status != http.StatusOK {
+			t.Fatalf("the SDK's chat.completions.stream() through the README's snippet: %+v", res)
+		}
+		if !strings.Contains(res.Raw, demoPath) {
+			t.Errorf("the SDK's stream did not carry the image: %.600s", res.Raw)
+		}
+	})
 }
+
+// sdkStreamPage runs the openai npm package's chat.completions.stream()
+// against the gateway on another origin and writes the text it streamed
+// into #result (status 200 when the stream ended well), as browserPage does.
+const sdkStreamPage = `<!doctype html>
+<html><head><meta charset="utf-8"><title>zimage openai SDK test</title></head>
+<body>
+<pre id="result"></pre>
+<script type="module">
+import OpenAI from "/openai/index.mjs";
+const q = new URLSearchParams(location.search);
+const out = {};
+try {
+	const client = new OpenAI({apiKey: q.get("key"), baseURL: q.get("gw") + "/v1", dangerouslyAllowBrowser: true, maxRetries: 0});
+	const stream = client.chat.completions.stream({model: "Z-Image", messages: [{role: "user", content: q.get("prompt")}]});
+	let text = "";
+	for await (const chunk of stream) text += (chunk.choices[0] && chunk.choices[0].delta && chunk.choices[0].delta.content) || "";
+	out.status = 200;
+	out.raw = text;
+} catch (e) {
+	out.fetchError = String(e);
+} finally {
+	document.getElementById("result").textContent = JSON.stringify(out);
+	const done = document.createElement("div");
+	done.id = "done";
+	document.body.appendChild(done);
+}
+</script>
+</body></html>
+`
