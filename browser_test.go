@@ -36,7 +36,14 @@ func corsSnippet(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lines := strings.SplitAfter(string(raw), "\n")
+	return corsSnippetIn(t, "Caddyfile.example", string(raw))
+}
+
+// corsSnippetIn returns the `(cors) { ... }` block of text (a file, or the
+// README's caddy blocks), from its opening line to its closing brace.
+func corsSnippetIn(t *testing.T, what, text string) string {
+	t.Helper()
+	lines := strings.SplitAfter(text, "\n")
 	for i, line := range lines {
 		if strings.TrimRight(line, " \t\r\n") != "(cors) {" {
 			continue
@@ -48,9 +55,9 @@ func corsSnippet(t *testing.T) string {
 				return strings.TrimRight(strings.Join(lines[i:j+1], ""), "\n")
 			}
 		}
-		t.Fatal("Caddyfile.example: the (cors) snippet is not closed")
+		t.Fatalf("%s: the (cors) snippet is not closed", what)
 	}
-	t.Fatal("Caddyfile.example: no top-level '(cors) {' snippet")
+	t.Fatalf("%s: no top-level '(cors) {' snippet", what)
 	return ""
 }
 
@@ -59,7 +66,7 @@ func corsSnippet(t *testing.T) string {
 // cannot drift apart.
 func TestBrowserCORSSnippetInREADME(t *testing.T) {
 	snippet := corsSnippet(t)
-	for _, want := range []string{"Access-Control-Allow-Origin", "Authorization, Content-Type", "X-Stainless-Timeout"} {
+	for _, want := range []string{"Access-Control-Allow-Origin", `Access-Control-Allow-Headers "Authorization, *"`} {
 		if !strings.Contains(snippet, want) {
 			t.Fatalf("the (cors) snippet extracted from Caddyfile.example lacks %q:\n%s", want, snippet)
 		}
@@ -157,13 +164,18 @@ type pageResult struct {
 // gateway is addressed as localhost: two origins, so every fetch is a
 // cross-origin request with a CORS preflight.
 func newPageServer(t *testing.T) *httptest.Server {
+	return servePage(t, browserPage)
+}
+
+// servePage serves html at / on 127.0.0.1 (see newPageServer).
+func servePage(t *testing.T, html string) *httptest.Server {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/" {
 			http.NotFound(w, r)
 			return
 		}
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
-		_, _ = w.Write([]byte(browserPage))
+		_, _ = w.Write([]byte(html))
 	}))
 	t.Cleanup(srv.Close)
 	return srv
@@ -324,3 +336,159 @@ func TestBrowserNeedsCORS(t *testing.T) {
 			res.Status, res.FetchError)
 	}
 }
+
+// streamHelperPage replays, with fetch from another origin, the request
+// the openai npm package (v5) makes for chat.completions.stream() in a
+// browser: its stream helper adds X-Stainless-Helper-Method to the
+// headers every call carries (the X-Stainless-* platform headers, Accept,
+// and OpenAI-Organization / OpenAI-Project when the client is configured
+// with them). It reads the whole event stream and writes what happened
+// into #result, as browserPage does.
+const streamHelperPage = `<!doctype html>
+<html><head><meta charset="utf-8"><title>zimage stream helper test</title></head>
+<body>
+<pre id="result"></pre>
+<script>
+async function run() {
+	const q = new URLSearchParams(location.search);
+	const out = {};
+	try {
+		const resp = await fetch(q.get("gw") + "/v1/chat/completions", {
+			method: "POST",
+			headers: {
+				"Accept": "application/json",
+				"Content-Type": "application/json",
+				"Authorization": "Bearer " + q.get("key"),
+				"OpenAI-Organization": "org-test",
+				"OpenAI-Project": "proj_test",
+				"X-Stainless-Lang": "js",
+				"X-Stainless-Package-Version": "5.23.2",
+				"X-Stainless-OS": "Unknown",
+				"X-Stainless-Arch": "unknown",
+				"X-Stainless-Runtime": "browser:chrome",
+				"X-Stainless-Runtime-Version": "141.0.0",
+				"X-Stainless-Retry-Count": "0",
+				"X-Stainless-Timeout": "600",
+				"X-Stainless-Helper-Method": "stream",
+			},
+			body: JSON.stringify({model: "Z-Image", stream: true, messages: [{role: "user", content: q.get("prompt")}]}),
+		});
+		out.status = resp.status;
+		out.raw = await resp.text();
+	} catch (e) {
+		out.fetchError = String(e);
+	} finally {
+		document.getElementById("result").textContent = JSON.stringify(out);
+		const done = document.createElement("div");
+		done.id = "done";
+		document.body.appendChild(done);
+	}
+}
+run();
+</script>
+</body></html>
+`
+
+// TestBrowserCORSStreamHelper: the CORS snippet as the README shows it
+// (taken from README.md, so the README cannot drift) lets a page on
+// another origin make the request of the openai JS SDK's stream helper,
+// X-Stainless-Helper-Method and all, and read the streamed answer.
+func TestBrowserCORSStreamHelper(t *testing.T) {
+	blocks, _, _ := readmeBlocks(t, "caddy")
+	snippet := ""
+	for _, b := range blocks {
+		if strings.Contains(b, "(cors) {") {
+			snippet = corsSnippetIn(t, "README.md", b)
+			break
+		}
+	}
+	if snippet == "" {
+		t.Fatal("README.md has no caddy block with the (cors) snippet")
+	}
+	browser := startBrowser(t)
+	startCaddyRaw(t, fmt.Sprintf(`%s
+
+%s
+
+:%d {
+	import cors
+	zimage_gateway {
+		api_key %s
+		upstream demo
+		enhance off
+	}
+}
+`, globals(), snippet, httpPort, testClientKey))
+
+	t.Run("its headers replayed", func(t *testing.T) {
+		res := runPage(t, browser, servePage(t, streamHelperPage), testClientKey, "a red bicycle")
+		if res.FetchError != "" || res.Status != http.StatusOK {
+			t.Fatalf("the stream helper's request through the README's snippet: status %d, fetch error %q (a header the snippet does not allow?), body %.300s", res.Status, res.FetchError, res.Raw)
+		}
+		if !strings.Contains(res.Raw, "chat.completion.chunk") || !strings.Contains(res.Raw, demoPath) || !strings.HasSuffix(strings.TrimSpace(res.Raw), "data: [DONE]") {
+			t.Errorf("the page did not read a whole event stream with the image: %.600s", res.Raw)
+		}
+	})
+
+	// the npm package itself, served to the page from a local copy
+	// (npm install openai; ZIMAGE_OPENAI_JS=…/node_modules/openai)
+	t.Run("the openai npm package", func(t *testing.T) {
+		dir := os.Getenv("ZIMAGE_OPENAI_JS")
+		if dir == "" {
+			t.Skip("ZIMAGE_OPENAI_JS is not set: npm install openai, then set it to node_modules/openai to run the SDK's own stream() in the browser")
+		}
+		if _, err := os.Stat(dir + "/index.mjs"); err != nil {
+			t.Fatalf("ZIMAGE_OPENAI_JS=%s is not the openai package's directory: %v", dir, err)
+		}
+		files := http.StripPrefix("/openai/", http.FileServer(http.Dir(dir)))
+		page := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if strings.HasPrefix(r.URL.Path, "/openai/") {
+				if strings.HasSuffix(r.URL.Path, ".mjs") {
+					w.Header().Set("Content-Type", "text/javascript")
+				}
+				files.ServeHTTP(w, r)
+				return
+			}
+			w.Header().Set("Content-Type", "text/html; charset=utf-8")
+			_, _ = w.Write([]byte(sdkStreamPage))
+		}))
+		t.Cleanup(page.Close)
+		res := runPage(t, browser, page, testClientKey, "a red bicycle")
+		if res.FetchError != "" || res.Status != http.StatusOK {
+			t.Fatalf("the SDK's chat.completions.stream() through the README's snippet: %+v", res)
+		}
+		if !strings.Contains(res.Raw, demoPath) {
+			t.Errorf("the SDK's stream did not carry the image: %.600s", res.Raw)
+		}
+	})
+}
+
+// sdkStreamPage runs the openai npm package's chat.completions.stream()
+// against the gateway on another origin and writes the text it streamed
+// into #result (status 200 when the stream ended well), as browserPage does.
+const sdkStreamPage = `<!doctype html>
+<html><head><meta charset="utf-8"><title>zimage openai SDK test</title></head>
+<body>
+<pre id="result"></pre>
+<script type="module">
+import OpenAI from "/openai/index.mjs";
+const q = new URLSearchParams(location.search);
+const out = {};
+try {
+	const client = new OpenAI({apiKey: q.get("key"), baseURL: q.get("gw") + "/v1", dangerouslyAllowBrowser: true, maxRetries: 0});
+	const stream = client.chat.completions.stream({model: "Z-Image", messages: [{role: "user", content: q.get("prompt")}]});
+	let text = "";
+	for await (const chunk of stream) text += (chunk.choices[0] && chunk.choices[0].delta && chunk.choices[0].delta.content) || "";
+	out.status = 200;
+	out.raw = text;
+} catch (e) {
+	out.fetchError = String(e);
+} finally {
+	document.getElementById("result").textContent = JSON.stringify(out);
+	const done = document.createElement("div");
+	done.id = "done";
+	document.body.appendChild(done);
+}
+</script>
+</body></html>
+`

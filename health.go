@@ -10,6 +10,7 @@ package zimage
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -30,25 +31,33 @@ const (
 	// the stored images
 	defaultHealthPath = "/v1/zimage/health"
 
-	// the store's write check: a tiny write under {prefix}/health, made at
-	// most once per healthStoreEvery by whichever probe finds the last
-	// result stale (probes never queue up on the storage), bounded by
-	// healthStoreTimeout; a result older than healthStoreStale (the
-	// refresh hangs) counts as a failure
+	// the store's write check: a tiny write under {prefix}/health, made by
+	// a loop of its own every healthStoreEvery while health is on, so that
+	// a probe at any interval reads a fresh result (balancers probe every
+	// 30 s, once a minute or once an hour) and probes never write to the
+	// storage themselves; each write is bounded by healthStoreTimeout. A
+	// result older than healthStoreStale means the loop's write hangs,
+	// and counts as a failure
 	healthStoreEvery   = 10 * time.Second
 	healthStoreTimeout = 5 * time.Second
 	healthStoreStale   = 3 * healthStoreEvery
 	// how long the first probe waits for the first check
 	healthStoreFirstWait = 3 * time.Second
+
+	// healthDegradedAfter generations in a row that failed on every
+	// account they tried make the status "degraded": still 200, since a
+	// generation can start, but the service has not been delivering
+	healthDegradedAfter = 3
 )
 
 // HealthConfig turns on the health endpoint: GET or HEAD <path>, without
 // auth, answers 200 {"status":"ok",…} when a generation could start now
 // (some upstream account is not resting, and the store, if on, can write)
-// and 503 {"status":"unavailable","reason":…} otherwise. The body names
-// the accounts (resting until when, points remaining when known) and the
-// store's state; never a key or a prompt. It makes no upstream call.
-// Off unless set.
+// and 503 {"status":"unavailable","reason":…} otherwise; "degraded" (200)
+// when the last generations in a row all failed. The body names the
+// accounts (resting until when, points remaining when known), the store's
+// state and the upstream as last seen; never a key or a prompt. It makes
+// no upstream call. Off unless set.
 type HealthConfig struct {
 	// Path is where the endpoint answers, exactly (no prefix match). It
 	// must be absolute and clean, and must not be one of the gateway's own
@@ -64,6 +73,17 @@ type health struct {
 	probe  *storeProbe // nil with the store off
 	now    func() time.Time
 	logger *zap.Logger
+
+	// what the generations of this handler last met at the service
+	seenMu sync.Mutex
+	seen   upstreamSeen
+}
+
+// upstreamSeen is the upstream as the handler's generations last saw it.
+type upstreamSeen struct {
+	lastSuccess, lastFailure time.Time
+	lastFailureKind          string
+	consecutiveFailures      int
 }
 
 // unmarshalHealth parses `health [<path>]`.
@@ -122,18 +142,77 @@ func (g *Gateway) provisionHealth() (*health, error) {
 	}
 	h := &health{path: p, pool: g.accounts, store: g.store, now: time.Now, logger: g.logger}
 	if g.store != nil {
-		h.probe = &storeProbe{}
+		h.probe = newStoreProbe(g.store, time.Now, g.logger)
+		t := time.NewTicker(healthStoreEvery)
+		go func() {
+			defer t.Stop()
+			h.probe.run(t.C) // a tick that comes while a write runs is dropped
+		}()
 	}
 	return h, nil
+}
+
+// stop ends the store's write check loop (Cleanup); nil-safe.
+func (h *health) stop() {
+	if h != nil && h.probe != nil {
+		h.probe.stop()
+	}
+}
+
+// noteGeneration records how a generation ended at the service: err is
+// what the account pool's run (and the image URL's check) returned. A
+// generation that never reached an account (no slot in time) or whose
+// client left tells nothing about the service. Nil-safe: health may be off.
+func (h *health) noteGeneration(err error) {
+	if h == nil {
+		return
+	}
+	kind := ""
+	if err != nil {
+		var ae *apiError
+		var ue *upstreamError
+		switch {
+		case errors.As(err, &ae):
+			return
+		case errors.As(err, &ue):
+			if ue.kind == kindCanceled {
+				return
+			}
+			kind = ue.kind
+		default:
+			kind = kindBadResponse
+		}
+	}
+	now := h.now()
+	h.seenMu.Lock()
+	defer h.seenMu.Unlock()
+	if kind == "" {
+		h.seen.lastSuccess, h.seen.consecutiveFailures = now, 0
+		return
+	}
+	h.seen.lastFailure, h.seen.lastFailureKind = now, kind
+	h.seen.consecutiveFailures++
 }
 
 // healthReport is the body of the health endpoint. Nothing in it is a
 // secret: account names, times, counts and states.
 type healthReport struct {
-	Status   string          `json:"status"` // ok | unavailable
+	Status   string          `json:"status"` // ok | degraded | unavailable
 	Reason   string          `json:"reason,omitempty"`
 	Accounts []healthAccount `json:"accounts"`
 	Store    healthStore     `json:"store"`
+	Upstream healthUpstream  `json:"upstream"`
+}
+
+// healthUpstream is upstreamSeen in the body: times null until the first
+// generation that ended so, and the failure's kind as counted in
+// caddy_zimage_upstream_errors_total (never its message, which may quote
+// the prompt).
+type healthUpstream struct {
+	LastSuccess         *time.Time `json:"last_success"`
+	LastFailure         *time.Time `json:"last_failure"`
+	LastFailureKind     string     `json:"last_failure_kind"`
+	ConsecutiveFailures int        `json:"consecutive_failures"`
 }
 
 type healthAccount struct {
@@ -167,7 +246,7 @@ func (h *health) serve(w http.ResponseWriter, r *http.Request) bool {
 	hdr.Set("Cache-Control", "no-store")
 	hdr.Set("Content-Length", strconv.Itoa(len(body)))
 	code := http.StatusOK
-	if rep.Status != "ok" {
+	if rep.Status == "unavailable" {
 		code = http.StatusServiceUnavailable
 		if retryAfter > 0 {
 			hdr.Set("Retry-After", retryAfterSeconds(retryAfter))
@@ -209,7 +288,19 @@ func (h *health) report(ctx context.Context) (rep healthReport, retryAfter time.
 	rep.Store = healthStore{State: "off"}
 	var storeErr string
 	if h.probe != nil {
-		rep.Store, storeErr = h.probe.state(ctx, h.store, now, h.logger)
+		rep.Store, storeErr = h.probe.state(ctx, now)
+	}
+	h.seenMu.Lock()
+	seen := h.seen
+	h.seenMu.Unlock()
+	rep.Upstream = healthUpstream{LastFailureKind: seen.lastFailureKind, ConsecutiveFailures: seen.consecutiveFailures}
+	if !seen.lastSuccess.IsZero() {
+		t := seen.lastSuccess.UTC().Truncate(time.Second)
+		rep.Upstream.LastSuccess = &t
+	}
+	if !seen.lastFailure.IsZero() {
+		t := seen.lastFailure.UTC().Truncate(time.Second)
+		rep.Upstream.LastFailure = &t
 	}
 	switch {
 	case !awake:
@@ -218,6 +309,9 @@ func (h *health) report(ctx context.Context) (rep healthReport, retryAfter time.
 		retryAfter = firstWake.Sub(now)
 	case storeErr != "":
 		rep.Status, rep.Reason = "unavailable", storeErr
+	case seen.consecutiveFailures >= healthDegradedAfter:
+		rep.Status = "degraded"
+		rep.Reason = fmt.Sprintf("the last %d generations failed on every account they tried (the last: %s)", seen.consecutiveFailures, seen.lastFailureKind)
 	default:
 		rep.Status = "ok"
 	}
@@ -249,32 +343,59 @@ func pointsRemaining() map[string]float64 {
 	return out
 }
 
-// storeProbe caches the result of the store's write check, so that
-// health probes, however frequent, write to the storage at most once per
-// healthStoreEvery, one write at a time, each bounded in time.
+// storeProbe runs the store's write check on its own schedule and keeps
+// its last result for the probes: however frequent or rare the probes,
+// the storage sees one write per tick, one at a time, each bounded in time.
 type storeProbe struct {
-	mu      sync.Mutex
-	at      time.Time     // when the last check ended; zero: none yet
-	err     error         // its result
-	running chan struct{} // closed when the running check ends; nil: none runs
+	store  *imageStore
+	now    func() time.Time
+	logger *zap.Logger
+
+	mu  sync.Mutex
+	at  time.Time // when the last check ended; zero: none yet
+	err error     // its result
+
+	first    chan struct{} // closed when the first check has ended
+	quit     chan struct{} // closed by stop
+	done     chan struct{} // closed when run has returned
+	stopOnce sync.Once
+}
+
+func newStoreProbe(s *imageStore, now func() time.Time, logger *zap.Logger) *storeProbe {
+	return &storeProbe{store: s, now: now, logger: logger,
+		first: make(chan struct{}), quit: make(chan struct{}), done: make(chan struct{})}
+}
+
+// run checks at once, then at every tick, until stop.
+func (p *storeProbe) run(tick <-chan time.Time) {
+	defer close(p.done)
+	p.check()
+	close(p.first)
+	for {
+		select {
+		case <-p.quit:
+			return
+		case <-tick:
+			p.check()
+		}
+	}
+}
+
+// stop ends run; a write in progress finishes (it is bounded) first.
+func (p *storeProbe) stop() {
+	p.stopOnce.Do(func() { close(p.quit) })
 }
 
 // state returns the store's state for the report and, when it cannot
-// write, the reason. A stale result starts a new check in the background
-// and is used meanwhile; only the first probe waits for a check (briefly).
-func (p *storeProbe) state(ctx context.Context, s *imageStore, now time.Time, logger *zap.Logger) (healthStore, string) {
-	p.mu.Lock()
-	if p.running == nil && now.Sub(p.at) >= healthStoreEvery {
-		p.running = make(chan struct{})
-		go p.check(s, logger)
-	}
-	done := p.running
-	first := p.at.IsZero()
-	p.mu.Unlock()
-	if first && done != nil {
+// write, the reason. Only a probe that comes before the first check has
+// ended waits for it (briefly).
+func (p *storeProbe) state(ctx context.Context, now time.Time) (healthStore, string) {
+	select {
+	case <-p.first:
+	default:
 		t := time.NewTimer(healthStoreFirstWait)
 		select {
-		case <-done:
+		case <-p.first:
 		case <-ctx.Done():
 		case <-t.C:
 		}
@@ -296,21 +417,18 @@ func (p *storeProbe) state(ctx context.Context, s *imageStore, now time.Time, lo
 }
 
 // check writes one small key, {prefix}/health, and records the result.
-// It has a context of its own: a probe that leaves does not cut it short.
-func (p *storeProbe) check(s *imageStore, logger *zap.Logger) {
+func (p *storeProbe) check() {
 	ctx, cancel := context.WithTimeout(context.Background(), healthStoreTimeout)
 	defer cancel()
-	stamp := time.Now().UTC().Format(time.RFC3339Nano)
-	err := s.storage.Store(ctx, s.prefix+"/health", []byte(stamp+"\n"))
+	stamp := p.now().UTC().Format(time.RFC3339Nano)
+	err := p.store.storage.Store(ctx, p.store.prefix+"/health", []byte(stamp+"\n"))
 	if err == nil && ctx.Err() != nil {
 		err = ctx.Err()
 	}
-	if err != nil && logger != nil {
-		logger.Warn("health: the store cannot write", zap.String("key", s.prefix+"/health"), zap.Error(err))
+	if err != nil && p.logger != nil {
+		p.logger.Warn("health: the store cannot write", zap.String("key", p.store.prefix+"/health"), zap.Error(err))
 	}
 	p.mu.Lock()
-	p.at, p.err = time.Now(), err
-	close(p.running)
-	p.running = nil
+	p.at, p.err = p.now(), err
 	p.mu.Unlock()
 }

@@ -1,6 +1,6 @@
 package zimage
 
-// The health endpoint (SPEC §15.1, issue 16 item 3): parsing, the answer
+// The health endpoint: parsing, the answer
 // through a real Caddy with accounts that work and accounts that rest, HEAD,
 // no key in any form, and the store's write check.
 
@@ -12,6 +12,8 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -198,67 +200,189 @@ zimage_gateway {
 	}
 }
 
-// failingStorage is a storage whose writes fail.
-type failingStorage struct {
+// countingStorage counts its writes and fails them while fail is set;
+// the store's check loop writes from its own goroutine.
+type countingStorage struct {
 	certmagic.Storage
-	writes int
+	writes atomic.Int64
+	fail   atomic.Bool
 }
 
-func (f *failingStorage) Store(context.Context, string, []byte) error {
-	f.writes++
-	return errors.New("disk full at /secret/path")
+func (c *countingStorage) Store(ctx context.Context, key string, v []byte) error {
+	c.writes.Add(1)
+	if c.fail.Load() {
+		return errors.New("disk full at /secret/path")
+	}
+	return c.Storage.Store(ctx, key, v)
 }
 
-// TestUnitHealthStore: a store that cannot write makes the instance
-// unavailable, without the storage's error text in the body; probes in
-// quick succession write once, and a stale result starts one new check.
+// waitUntil polls cond until it holds, failing the test after 10 s.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 10s for %s", what)
+		}
+	}
+}
+
+// TestUnitHealthStore: the store's write check runs on its own schedule,
+// so probes as far apart as a balancer's (35 s here, on a clock the test
+// moves, ticked every 10 s) read a fresh result and answer 200; probes
+// never write themselves; a store that cannot write makes the instance
+// unavailable without the storage's error text in the body; a check that
+// hangs counts as a failure; stop ends the loop.
 func TestUnitHealthStore(t *testing.T) {
-	fs := &failingStorage{Storage: &certmagic.FileStorage{Path: t.TempDir()}}
-	g := &Gateway{accounts: unitPool(), store: newImageStore(fs, "zimage", 0, 1<<20, "", nil), Health: &HealthConfig{}}
+	cs := &countingStorage{Storage: &certmagic.FileStorage{Path: t.TempDir()}}
+	var clockMu sync.Mutex
+	now := time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC)
+	clock := func() time.Time { clockMu.Lock(); defer clockMu.Unlock(); return now }
+	advance := func(d time.Duration) { clockMu.Lock(); now = now.Add(d); clockMu.Unlock() }
+	st := newImageStore(cs, "zimage", 0, 1<<20, "", nil)
+	p := newStoreProbe(st, clock, nil)
+	h := &health{pool: unitPool(), store: st, now: clock, probe: p}
+	tick := make(chan time.Time)
+	go p.run(tick)
+	defer func() {
+		p.stop()
+		select {
+		case <-p.done:
+		case <-time.After(10 * time.Second):
+			t.Error("the check loop did not end on stop")
+		}
+	}()
+	checkedAt := func() time.Time { p.mu.Lock(); defer p.mu.Unlock(); return p.at }
+	// one tick of the loop, 10 s later: the test waits for its write
+	step := func() {
+		advance(healthStoreEvery)
+		tick <- clock()
+		waitUntil(t, "the check", func() bool { return checkedAt().Equal(clock()) })
+	}
+
+	if rep, _ := h.report(t.Context()); rep.Status != "ok" || rep.Store.State != "ok" || !rep.Store.CheckedAt.Equal(clock()) {
+		t.Fatalf("first probe: %+v", rep)
+	}
+	for probe := range 3 {
+		step()
+		step()
+		step()
+		advance(5 * time.Second) // 35 s after the last probe
+		rep, _ := h.report(t.Context())
+		if rep.Status != "ok" || rep.Reason != "" || rep.Store.State != "ok" || !rep.Store.CheckedAt.Equal(clock().Add(-5*time.Second)) {
+			t.Fatalf("probe %d, 35 s after the one before: %+v", probe+2, rep)
+		}
+	}
+	writes := cs.writes.Load()
+	if writes != 1+9 {
+		t.Errorf("%d writes for the first check and nine ticks", writes)
+	}
+	for range 5 {
+		_, _ = h.report(t.Context())
+	}
+	if n := cs.writes.Load(); n != writes {
+		t.Errorf("five probes wrote %d times; the loop alone writes", n-writes)
+	}
+	if _, err := cs.Load(t.Context(), "zimage/health"); err != nil {
+		t.Errorf("the check wrote no zimage/health: %v", err)
+	}
+
+	// a store that cannot write
+	cs.fail.Store(true)
+	step()
+	rep, _ := h.report(t.Context())
+	if rep.Status != "unavailable" || rep.Store.State != "failing" || rep.Reason != "the store cannot write to its storage" {
+		t.Fatalf("failing store: %+v", rep)
+	}
+	if b, _ := json.Marshal(rep); strings.Contains(string(b), "secret") || strings.Contains(string(b), "disk full") {
+		t.Fatalf("the storage's error reached the body: %s", b)
+	}
+	cs.fail.Store(false)
+	step()
+	if rep, _ = h.report(t.Context()); rep.Status != "ok" {
+		t.Fatalf("after the store recovered: %+v", rep)
+	}
+	// no check has ended for longer than three ticks: the write hangs
+	advance(healthStoreStale + time.Second)
+	if rep, _ = h.report(t.Context()); rep.Store.State != "failing" || !strings.Contains(rep.Reason, "has not answered since") {
+		t.Errorf("a hanging check: %+v", rep)
+	}
+}
+
+// TestUnitHealthProvisionLoop: with the store on, provisioning health
+// starts the write check loop, which writes before any probe comes, and
+// stop (Cleanup) ends it; with the store off there is no loop.
+func TestUnitHealthProvisionLoop(t *testing.T) {
+	cs := &countingStorage{Storage: &certmagic.FileStorage{Path: t.TempDir()}}
+	g := &Gateway{accounts: unitPool(), store: newImageStore(cs, "zimage", 0, 1<<20, "", nil), Health: &HealthConfig{}}
 	h, err := g.provisionHealth()
 	if err != nil {
 		t.Fatal(err)
 	}
-	now := time.Now()
-	h.now = func() time.Time { return now }
-	for range 3 {
-		rep, _ := h.report(t.Context())
-		if rep.Status != "unavailable" || rep.Store.State != "failing" || rep.Reason != "the store cannot write to its storage" {
-			t.Fatalf("%+v", rep)
+	waitUntil(t, "a write without a probe", func() bool { return cs.writes.Load() > 0 })
+	g.health = h
+	if err := g.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-h.probe.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Cleanup did not end the check loop")
+	}
+	g = &Gateway{accounts: unitPool(), Health: &HealthConfig{}}
+	if h, err = g.provisionHealth(); err != nil || h.probe != nil {
+		t.Fatalf("without a store: %+v %v", h, err)
+	}
+	h.stop()
+}
+
+// TestHealthUpstreamSeen: the body reports the upstream as the
+// generations last saw it; three generations in a row that failed make
+// the status degraded, still 200 (a generation can start); a success
+// ends it. The service's message, which quotes the prompt, never reaches
+// the body.
+func TestHealthUpstreamSeen(t *testing.T) {
+	up := newFakeUpstream(t)
+	const prompt = "a lighthouse named quasimodo-7781"
+	up.setHandler(failWith(400, `{"success":false,"message":"refused: `+prompt+`"}`))
+	startCaddy(t, accountsSite(up.endpoint(), accountBlock("seen-a", testAccountKeyA)+accountBlock("seen-b", testAccountKeyB), "", "health"))
+
+	status, _, body, rep := healthGet(t, http.MethodGet, "/v1/zimage/health")
+	if status != 200 || rep.Status != "ok" || rep.Upstream != (healthUpstream{}) || !strings.Contains(string(body), `"upstream":{"last_success":null,"last_failure":null,"last_failure_kind":"","consecutive_failures":0}`) {
+		t.Fatalf("before any generation: %d %s", status, body)
+	}
+	for i := 1; i <= 4; i++ {
+		if status, _, body := do(t, http.MethodPost, "/v1/images/generations", `{"model":"Z-Image","prompt":"`+prompt+`"}`); status != 502 {
+			t.Fatalf("generation %d: %d %s", i, status, body)
 		}
-		if b, _ := json.Marshal(rep); strings.Contains(string(b), "secret") || strings.Contains(string(b), "disk full") {
-			t.Fatalf("the storage's error reached the body: %s", b)
+		status, _, body, rep := healthGet(t, http.MethodGet, "/v1/zimage/health")
+		want := "ok"
+		if i >= 3 {
+			want = "degraded"
+		}
+		if status != 200 || rep.Status != want || rep.Upstream.ConsecutiveFailures != i || rep.Upstream.LastFailureKind != kindBadResponse ||
+			rep.Upstream.LastFailure == nil || rep.Upstream.LastSuccess != nil {
+			t.Fatalf("after %d failed generations: %d %s", i, status, body)
+		}
+		if want == "degraded" && !strings.Contains(rep.Reason, "failed on every account") {
+			t.Errorf("degraded without its reason: %s", body)
+		}
+		if strings.Contains(string(body), "quasimodo") || strings.Contains(string(body), "refused") {
+			t.Fatalf("the health body carries the service's message or the prompt: %s", body)
 		}
 	}
-	if fs.writes != 1 {
-		t.Errorf("%d writes for three probes, want one", fs.writes)
+	// HEAD agrees with GET
+	if status, _, _, _ := healthGet(t, http.MethodHead, "/v1/zimage/health"); status != 200 {
+		t.Errorf("HEAD while degraded: %d", status)
 	}
 
-	// a writable store: ok once a fresh check has run
-	ok := newImageStore(&certmagic.FileStorage{Path: t.TempDir()}, "zimage", 0, 1<<20, "", nil)
-	h.store = ok
-	h.probe.at = now.Add(-healthStoreEvery) // stale: the next probe checks again
-	done := func() chan struct{} { h.probe.mu.Lock(); defer h.probe.mu.Unlock(); return h.probe.running }
-	rep, _ := h.report(t.Context()) // answers with the stale result meanwhile
-	if rep.Store.State != "failing" {
-		t.Errorf("while the new check runs: %+v", rep)
+	up.setHandler(func(w http.ResponseWriter, r *http.Request) { writeImage(w, "https://img.example.com/seen.png") })
+	if status, _, body := do(t, http.MethodPost, "/v1/images/generations", `{"model":"Z-Image","prompt":"`+prompt+`"}`); status != 200 {
+		t.Fatalf("a generation that works: %d %s", status, body)
 	}
-	if ch := done(); ch != nil {
-		<-ch
-	}
-	if rep, _ = h.report(t.Context()); rep.Status != "ok" || rep.Store.State != "ok" {
-		t.Errorf("after a good check: %+v", rep)
-	}
-	if _, err := ok.storage.Load(t.Context(), "zimage/health"); err != nil {
-		t.Errorf("the check wrote no zimage/health: %v", err)
-	}
-	// a check that has not answered for long counts as a failure
-	now = now.Add(healthStoreStale + time.Second)
-	h.probe.mu.Lock()
-	h.probe.running = make(chan struct{}) // one hangs
-	h.probe.mu.Unlock()
-	if rep, _ = h.report(t.Context()); rep.Store.State != "failing" || !strings.Contains(rep.Reason, "has not answered since") {
-		t.Errorf("a hanging check: %+v", rep)
+	status, _, body, rep = healthGet(t, http.MethodGet, "/v1/zimage/health")
+	if status != 200 || rep.Status != "ok" || rep.Reason != "" || rep.Upstream.ConsecutiveFailures != 0 || rep.Upstream.LastSuccess == nil ||
+		rep.Upstream.LastFailure == nil || rep.Upstream.LastFailureKind != kindBadResponse {
+		t.Fatalf("after a success: %d %s", status, body)
 	}
 }
 
@@ -289,7 +413,7 @@ func TestUnitHealthREADME(t *testing.T) {
 	dec := json.NewDecoder(strings.NewReader(fenced(t, section, "```json\n")))
 	dec.DisallowUnknownFields()
 	var rep healthReport
-	if err := dec.Decode(&rep); err != nil || rep.Status != "ok" || len(rep.Accounts) != 2 || rep.Store.State != "ok" {
+	if err := dec.Decode(&rep); err != nil || rep.Status != "ok" || len(rep.Accounts) != 2 || rep.Store.State != "ok" || rep.Upstream.LastSuccess == nil {
 		t.Errorf("the README's sample health answer: %+v %v", rep, err)
 	}
 }

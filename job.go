@@ -216,6 +216,7 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 		// hand the key to every reader of the answer (issue 8)
 		err = &upstreamError{kind: kindBadResponse, message: "the image service answered an image URL that carries a secret; it is not passed on"}
 	}
+	g.health.noteGeneration(err) // the upstream as last seen (health.go)
 
 	if err != nil {
 		var ae *apiError

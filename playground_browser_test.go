@@ -644,3 +644,101 @@ func TestBrowserPlaygroundCSPEnforced(t *testing.T) {
 		t.Errorf("violations seen: inline script %v, foreign image %v; want both", seenScript, seenImg)
 	}
 }
+
+// TestBrowserPlaygroundRefusedKeyWhileTyping: a person types a wrong key,
+// presses Tab and goes on typing the prompt while the page checks the key.
+// The gateway's 401 must neither pull focus back to the key field nor
+// clear it (what they type would land in the key field and be sent as the
+// key), and its message stays on the page until a new key is tried, also
+// after Generate finds no usable key.
+func TestBrowserPlaygroundRefusedKeyWhileTyping(t *testing.T) {
+	browser := startPlaygroundBrowser(t, "")
+	const wrong = "sk-not-a-configured-key"
+	const apiMessage = "Incorrect or missing API key"
+	refusal := `document.getElementById("key-message").textContent.includes(` + fmt.Sprintf("%q", apiMessage) + `)`
+	// every Authorization header the page sends, from its first call; the
+	// answers wait until the test calls window.release(), so that the key's
+	// check is still running while the person types
+	const recordAuth = `(() => {
+		window.sentAuth = [];
+		const held = new Promise((resolve) => (window.release = resolve));
+		const f = window.fetch;
+		window.fetch = (u, init = {}) => {
+			window.sentAuth.push(new Headers(init.headers || {}).get("Authorization") || "");
+			return f(u, init).then((r) => held.then(() => r));
+		};
+	})()`
+	only401 := func(m chromedp.ConsoleMessage) bool {
+		return m.Source == "network" && strings.Contains(m.Text, "status of 401")
+	}
+
+	t.Run("typing goes on where it was", func(t *testing.T) {
+		p := newPlaygroundTab(t, browser)
+		p.open()
+		pgEval[chromedp.Void](p, recordAuth)
+		p.do("typing a wrong key, Tab and the prompt's first words",
+			chromedp.WaitVisible(chromedp.ID("key-panel")),
+			chromedp.SendKeys(chromedp.ID("key-input"), wrong),
+			chromedp.KeyEvent("\t"),
+			chromedp.SendKeys(chromedp.ID("prompt"), "a lighthouse"),
+		)
+		pgEval[chromedp.Void](p, `window.release()`) // the 401 comes in while the prompt is being typed
+		pgPoll[bool](p, "the key's refusal", refusal)
+		p.do("typing on", chromedp.KeyEvent(" at dusk"))
+		if got := pgEval[string](p, `document.getElementById("prompt").value`); got != "a lighthouse at dusk" {
+			t.Errorf("the prompt field holds %q: typing was moved elsewhere", got)
+		}
+		if got := pgEval[string](p, `document.activeElement.id`); got != "prompt" {
+			t.Errorf("focus is on %q, want it left in the prompt", got)
+		}
+		if got := pgEval[string](p, `document.getElementById("key-input").value`); got != wrong {
+			t.Errorf("the key field holds %q, want what was typed in it, untouched", got)
+		}
+		p.do("pressing Enter in the prompt", chromedp.KeyEvent("\r"))
+		pgPoll[bool](p, "the page asking for a key in the key field", `document.activeElement.id === "key-input"`)
+		if !pgEval[bool](p, refusal) {
+			t.Errorf("after Enter the key panel says %q, without the gateway's message", pgEval[string](p, `document.getElementById("key-message").textContent`))
+		}
+		for _, a := range pgEval[[]string](p, `window.sentAuth`) {
+			if strings.Contains(a, "lighthouse") || strings.Contains(a, "dusk") {
+				t.Errorf("the prompt was sent as the key: %q", a)
+			}
+		}
+		if n := pgEval[int](p, `window.sentAuth.filter((a) => a === "Bearer `+wrong+`").length`); n != 1 {
+			t.Errorf("the refused key was sent %d times, want once", n)
+		}
+		p.assertClean(only401)
+	})
+
+	t.Run("the gateway's message stays", func(t *testing.T) {
+		p := newPlaygroundTab(t, browser)
+		p.open()
+		p.do("typing a wrong key, Tab and a prompt",
+			chromedp.WaitVisible(chromedp.ID("key-panel")),
+			chromedp.SendKeys(chromedp.ID("key-input"), wrong),
+			chromedp.KeyEvent("\t"),
+			chromedp.SendKeys(chromedp.ID("prompt"), "a red bicycle"),
+		)
+		pgPoll[bool](p, "the key's refusal", refusal)
+		p.do("pressing Generate", chromedp.Click(chromedp.ID("generate")))
+		msg := pgPoll[string](p, "the page asking for a key to generate",
+			`(() => { const m = document.getElementById("key-message").textContent; return m.includes("to generate") && m; })()`)
+		if !strings.Contains(msg, apiMessage) || !strings.HasPrefix(msg, "The gateway refused this key.") {
+			t.Errorf("the key panel says %q, want the refusal with the gateway's message", msg)
+		}
+		if got := pgEval[string](p, `document.activeElement.id`); got != "key-input" {
+			t.Errorf("after Generate without a usable key focus is on %q, want the key field", got)
+		}
+		if n := pgEval[int](p, `document.querySelectorAll("#results img.shot").length`); n != 0 {
+			t.Errorf("%d images after a refused key", n)
+		}
+		// a new key is the next attempt: the message goes, the image comes
+		p.set("key-input", "")
+		p.do("typing a good key and pressing Generate",
+			chromedp.SendKeys(chromedp.ID("key-input"), testClientKey),
+			chromedp.Click(chromedp.ID("generate")),
+		)
+		p.shownSizes("#results", 1, "a red bicycle")
+		p.assertClean(only401)
+	})
+}

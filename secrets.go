@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"net/url"
 	"sort"
@@ -31,7 +32,10 @@ const gramLen = 8
 //     bytes start at one of three offsets in a 3-byte group, and at each
 //     the characters that carry its bits alone are fixed, so those three
 //     runs are forms like the others (issue 15 item 8);
-//   - in any letter case (percent-escapes and keys alike);
+//   - hex of its bytes, in either case, run together (as %x prints it) or
+//     a byte apart (as % x and debug dumps print it): a service's debug
+//     output echoed a key this way;
+//   - in any letter case (percent-escapes, hex and keys alike);
 //   - cut: any piece of a text form at least half its length (and at
 //     least 8 characters, or the whole of a shorter one) counts, so a key
 //     that a party shortened still goes.
@@ -106,8 +110,24 @@ func textForms(k string) []string {
 		unquote(string(js)),
 		unquote(plain.String()),
 		strings.ReplaceAll(unquote(plain.String()), "/", `\/`), // PHP and others escape slashes
+		// hex: a piece of the key is a piece of its hex; upper case is
+		// found as every form is, by lower-casing the text
+		hex.EncodeToString([]byte(k)),
+		spacedHex(k),
 	}
 	return forms
+}
+
+// spacedHex is k's bytes in hex, a space between bytes.
+func spacedHex(k string) string {
+	b := make([]byte, 0, 3*len(k))
+	for i := 0; i < len(k); i++ {
+		if i > 0 {
+			b = append(b, ' ')
+		}
+		b = hex.AppendEncode(b, []byte{k[i]})
+	}
+	return string(b)
 }
 
 // base64Forms are the runs of base64 characters that k fixes wherever it

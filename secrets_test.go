@@ -2,6 +2,7 @@ package zimage
 
 import (
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -127,6 +128,13 @@ func TestScrubberEncodedForms(t *testing.T) {
 		{"base64url of a JSON holding the key", base64.RawURLEncoding.EncodeToString([]byte(`{"token":"` + testOddKey + `"}`)), ""},
 		{"base64 of Bearer <key>, percent-encoded", "a=" + url.QueryEscape(b64([]byte("Bearer "+testOddKey))), "a="},
 		{"upper-case base64 text", "x " + strings.ToUpper(b64([]byte("Bearer "+key))), "x "},
+		{"hex, lower case", "debug: key=" + hex.EncodeToString([]byte(key)) + " end", " end"},
+		{"hex, upper case", "KEY " + strings.ToUpper(hex.EncodeToString([]byte(key))), "KEY "},
+		{"hex of Bearer <key>", "auth=" + fmt.Sprintf("%x", "Bearer "+key) + "&", "auth="},
+		{"hex of the odd key", "t=" + fmt.Sprintf("%X", testOddKey), "t="},
+		{"hex a byte apart", "dump: " + fmt.Sprintf("% x", key) + " |", " |"},
+		{"hex a byte apart, upper case", "dump: " + fmt.Sprintf("% X", testOddKey), "dump: "},
+		{"half of the key in hex", "k " + hex.EncodeToString([]byte(key[:10])) + "…", "k "},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if !s.contains(tc.in) {
@@ -143,7 +151,9 @@ func TestScrubberEncodedForms(t *testing.T) {
 		"https://img.example.com/a%20b.png?x=%E7%8C%AB",
 		b64([]byte("Bearer sk-client-other-key-000")),
 		b64([]byte("nothing secret at all, only a long enough text")),
-		pctEncode("sk-client", false, all) + " 7f3a9", // under half of the key
+		pctEncode("sk-client", false, all) + " 7f3a9",                                    // under half of the key
+		hex.EncodeToString([]byte(key[:9])) + " " + hex.EncodeToString([]byte(key[11:])), // two pieces under half
+		"sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
 	} {
 		if s.contains(in) || s.Replace(in) != in {
 			t.Errorf("text without a secret changed: %q → %q", in, s.Replace(in))
@@ -179,6 +189,8 @@ func BenchmarkScrubber(b *testing.B) {
 		{"plain", strings.Repeat("a cat on a roof, golden hour, 35mm, soft light, ", 20)},
 		// a text with escapes is decoded and scanned again (issue 15 item 8)
 		{"escaped", strings.Repeat("https://img.example.com/a%20cat%2C%20golden%20hour.png?x=1&", 20)},
+		// hex digests look like the keys' hex forms to the first filter
+		{"hex", strings.Repeat("https://img.example.com/zimage/images/9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08.png ", 10)},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			b.SetBytes(int64(len(bc.text)))
@@ -330,41 +342,43 @@ func TestSecretsInUpstreamErrors(t *testing.T) {
 }
 
 // TestSecretsEncodedThroughCaddy: a service that echoes the key it was
-// sent percent-encoded and as base64 of "Bearer <key>" (its Authorization
-// header), in its error message and in its image URL: neither reaches the
-// client or the log (issue 15 item 8).
+// sent percent-encoded, as base64 of "Bearer <key>" (its Authorization
+// header) and in hex (either case, as a debug dump prints it), in its
+// error message and in its image URL: none reaches the client or the log.
 func TestSecretsEncodedThroughCaddy(t *testing.T) {
 	up := newFakeUpstream(t)
 	all := func(int) bool { return true }
-	echoes := func(r *http.Request) (pct, b64 string) {
+	echoes := func(r *http.Request) (pct, b64, hx string) {
 		key := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
-		return pctEncode(key, true, all), base64.StdEncoding.EncodeToString([]byte(r.Header.Get("Authorization")))
+		return pctEncode(key, true, all), base64.StdEncoding.EncodeToString([]byte(r.Header.Get("Authorization"))), hex.EncodeToString([]byte(key))
 	}
 	startCaddy(t, gatewaySite(up, nil, ""))
 	sc := newScrubber(testSecrets)
 
 	up.setHandler(func(w http.ResponseWriter, r *http.Request) {
-		pct, b64 := echoes(r)
+		pct, b64, hx := echoes(r)
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusBadRequest)
 		json.NewEncoder(w).Encode(map[string]any{"success": false,
-			"error": "invalid key " + pct + " (header " + b64 + ")"})
+			"error": "invalid key " + pct + " (header " + b64 + "; key bytes " + hx + ", " + strings.ToUpper(hx) + ")"})
 	})
 	status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", itChatBody(t, "a cat"))
 	e := itWantErr(t, status, hdr, raw, http.StatusBadGateway, "upstream_error")
-	if !strings.HasPrefix(e.Message, "The image service failed: invalid key [redacted] (header ") || strings.Count(e.Message, redacted) != 2 {
+	if !strings.HasPrefix(e.Message, "The image service failed: invalid key [redacted] (header ") || strings.Count(e.Message, redacted) != 4 {
 		t.Errorf("message %q", e.Message)
 	}
 	if sc.contains(string(raw)) {
 		t.Errorf("the answer carries a secret: %s", raw)
 	}
 
-	for _, form := range []string{"percent", "base64"} {
+	for _, form := range []string{"percent", "base64", "hex", "HEX"} {
 		up.setHandler(func(w http.ResponseWriter, r *http.Request) {
-			pct, b64 := echoes(r)
+			pct, b64, hx := echoes(r)
 			writeUpstreamOK(w, map[string]string{
 				"percent": "https://img.example.com/1.png?k=" + pct,
 				"base64":  "https://img.example.com/1.png?auth=" + url.QueryEscape(b64),
+				"hex":     "https://img.example.com/1.png?k=" + hx,
+				"HEX":     "https://img.example.com/" + strings.ToUpper(hx) + ".png",
 			}[form])
 		})
 		status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", itChatBody(t, "a cat"))

@@ -39,6 +39,29 @@
 		return e;
 	}
 
+	// The page moves focus only in answer to what the person just did; a
+	// 401 that comes back while they have moved on to another field (Tab
+	// from the key field, then typing the prompt) must not pull focus or
+	// clear anything, or what they type next would land in the key field
+	// and be sent as the key. personAt is when they last went into a field
+	// to type or typed themselves; focus the page gives (focusOn) and
+	// buttons do not count.
+	let ownFocus = null;
+	let personAt = 0;
+	function focusOn(e) {
+		ownFocus = e;
+		e.focus();
+		ownFocus = null;
+	}
+	const typedIn = (e) => e && (e.tagName === "TEXTAREA" ||
+		(e.tagName === "INPUT" && ["text", "password", "search", "number", "email", "url", "tel"].includes(e.type)));
+	document.addEventListener("focusin", (e) => {
+		if (e.target !== ownFocus && typedIn(e.target)) personAt = performance.now();
+	});
+	document.addEventListener("input", (e) => {
+		if (e.isTrusted) personAt = performance.now();
+	});
+
 	let config = { edit_models: [], store: false, enhance: true, demo: false, key_required: true };
 	let defaultModel = "";
 	let running = null; // the AbortController of the generation in flight
@@ -81,6 +104,7 @@
 	// APIError carrying the gateway's own message (the OpenAI error envelope).
 	async function api(path, init = {}) {
 		const headers = new Headers(init.headers || {});
+		const sentAt = performance.now();
 		const key = getKey();
 		if (key) headers.set("Authorization", "Bearer " + key);
 		let resp;
@@ -99,7 +123,10 @@
 		}
 		if (!resp.ok) {
 			const msg = body && body.error && body.error.message;
-			throw new APIError(resp.status, msg || (resp.status + " " + resp.statusText + (text ? ": " + text.slice(0, 300) : "")));
+			const err = new APIError(resp.status, msg || (resp.status + " " + resp.statusText + (text ? ": " + text.slice(0, 300) : "")));
+			err.sentAt = sentAt;
+			err.key = key;
+			throw err;
 		}
 		if (body === null) throw new APIError(resp.status, "The gateway answered something that is not JSON");
 		return body;
@@ -107,13 +134,21 @@
 
 	// ---- the key
 
-	function askKey(message) {
+	// askKey opens the key panel with message and puts focus in the field:
+	// for a person who asked for it (the key button, Generate without a
+	// key). The field shows the key in force when the panel opens; an open
+	// panel keeps what is typed in it, and a refused key is selected, so
+	// that typing replaces it.
+	function askKey(message, focus = true) {
+		const opening = $("key-panel").hidden;
 		$("key-panel").hidden = false;
 		$("key-button").setAttribute("aria-expanded", "true");
 		$("key-message").textContent = message ||
 			"Enter one of this gateway's client keys. It stays in this browser and is sent only to this site.";
-		$("key-input").value = getKey();
-		$("key-input").focus();
+		if (opening) $("key-input").value = getKey();
+		if (!focus) return;
+		focusOn($("key-input"));
+		if (refusedKey && $("key-input").value.trim() === refusedKey) $("key-input").select();
 	}
 	function closeKey() {
 		$("key-input").value = ""; // askKey shows the key in force when it opens
@@ -131,7 +166,11 @@
 	function useTypedKey() {
 		if ($("key-panel").hidden) return getKey(); // the field is not in use
 		const k = $("key-input").value.trim();
-		if (k === "" || k === getKey()) return getKey();
+		// the key the gateway just refused is not tried again
+		if (k === "" || k === getKey() || k === refusedKey) return getKey();
+		refusedKey = "";
+		refusal = "";
+		$("key-input").removeAttribute("aria-invalid");
 		save(KEY, k);
 		showKeyState();
 		hideError($("error"));
@@ -140,15 +179,32 @@
 	}
 
 	// refused handles a 401: the stored key is wrong, so it goes, and the
-	// page asks for another in sentences, the gateway's own message after.
+	// page asks for another in sentences, the gateway's own message after,
+	// which stays until a new key is tried. Focus goes to the key field only
+	// if the person has not moved to another field or typed since the call
+	// was made; the field is never cleared under them.
+	let refusedKey = ""; // the key the gateway refused last
+	let refusal = ""; // the gateway's message for it
 	function refused(err) {
 		try {
 			localStorage.removeItem(KEY);
 		} catch {
 			// nothing stored
 		}
+		refusedKey = err.key || "";
+		refusal = err.message;
+		$("key-input").setAttribute("aria-invalid", "true");
 		showKeyState();
-		askKey("The gateway refused this key. Enter a valid client key. " + err.message);
+		const a = document.activeElement;
+		const elsewhere = typedIn(a) && a !== $("key-input") && personAt >= err.sentAt;
+		askKey(keyRequest("use the gateway"), !elsewhere);
+	}
+	// keyRequest asks for a key to do what, with the gateway's message for
+	// the key it refused, if one was.
+	function keyRequest(what) {
+		if (!refusal) return "Enter a client key to " + what + ".";
+		return "The gateway refused this key. Enter a valid client key" +
+			(what === "use the gateway" ? "." : " to " + what + ".") + " " + refusal;
 	}
 
 	// ---- errors and status
@@ -319,14 +375,14 @@
 			$("edit-prompt").value = item.prompt || "";
 			if (item.model && [...$("edit-model").options].some((o) => o.value === item.model)) $("edit-model").value = item.model;
 			$("edit-status").textContent = editFile ? "" : "Pick or drop the source image again.";
-			$("edit-prompt").focus();
+			focusOn($("edit-prompt"));
 			return;
 		}
 		$("prompt").value = item.prompt || "";
 		setRatio(SIZES[item.ratio] ? item.ratio : "auto");
 		$("seed").value = item.seed ?? "";
 		if (item.model && [...$("model").options].some((o) => o.value === item.model)) $("model").value = item.model;
-		$("prompt").focus();
+		focusOn($("prompt"));
 	}
 
 	// showResults brings the results into view where they are below the
@@ -380,11 +436,11 @@
 		const prompt = $("prompt").value.trim();
 		if (!prompt) {
 			showError(box, "Write a prompt first.");
-			$("prompt").focus();
+			focusOn($("prompt"));
 			return;
 		}
 		if (config.key_required && !useTypedKey()) {
-			askKey("Enter a client key to generate.");
+			askKey(keyRequest("generate"));
 			return;
 		}
 		if (!$("key-panel").hidden) closeKey();
@@ -398,7 +454,7 @@
 			seed = Number(seedText);
 			if (!Number.isInteger(seed) || seed < 0 || seed + n > SEED_LIMIT) {
 				showError(box, "The seed must be a whole number from 0 to " + (SEED_LIMIT - n) + ".");
-				$("seed").focus();
+				focusOn($("seed"));
 				return;
 			}
 		}
@@ -484,17 +540,17 @@
 		if (running) return;
 		if (!editFile) {
 			showError(box, "Choose or drop an image first.");
-			$("edit-file").focus();
+			focusOn($("edit-file"));
 			return;
 		}
 		const prompt = $("edit-prompt").value.trim();
 		if (!prompt) {
 			showError(box, "Write an instruction first.");
-			$("edit-prompt").focus();
+			focusOn($("edit-prompt"));
 			return;
 		}
 		if (config.key_required && !useTypedKey()) {
-			askKey("Enter a client key to edit.");
+			askKey(keyRequest("edit"));
 			return;
 		}
 		if (!$("key-panel").hidden) closeKey();
@@ -612,12 +668,17 @@
 			const k = $("key-input").value.trim();
 			if (!k) {
 				$("key-message").textContent = "The key is empty: paste one of the gateway's client keys.";
-				$("key-input").focus();
+				focusOn($("key-input"));
+				return;
+			}
+			if (k === refusedKey) {
+				// the key just refused: say so again rather than send it again
+				askKey(keyRequest("use the gateway"));
 				return;
 			}
 			if (k !== getKey()) useTypedKey();
 			closeKey();
-			$("prompt").focus();
+			focusOn($("prompt"));
 		});
 		// leaving the field keeps what was typed (the panel stays open, so
 		// that nothing moves under a pointer on its way to Generate)
@@ -629,6 +690,9 @@
 				// nothing stored
 			}
 			$("key-input").value = "";
+			refusedKey = "";
+			refusal = "";
+			$("key-input").removeAttribute("aria-invalid");
 			showKeyState();
 			askKey("The key is forgotten. Enter a key to use the gateway.");
 		});
@@ -636,7 +700,7 @@
 		$("history-clear").addEventListener("click", () => {
 			storeHistory([]);
 			renderHistory();
-			$("prompt").focus();
+			focusOn($("prompt"));
 		});
 
 		$("edit-file").addEventListener("change", () => setEditFile($("edit-file").files[0]));
