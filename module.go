@@ -88,6 +88,14 @@ type Gateway struct {
 	// queue_timeout, then is answered 429. Default: twice max_upload.
 	MaxUploadMemory int64 `json:"max_upload_memory,omitempty"`
 
+	// MinUploadRate is the slowest an upload (an edit, or a chat body
+	// larger than max_body) may arrive, in bytes a second: a body that
+	// sends less in a 10 s window, counted from its first 10 s on, is cut
+	// with 408 and its share of the upload memory returned, so that slow
+	// clients cannot hold the upload memory. -1 turns it off.
+	// Default: 64 KiB (65536).
+	MinUploadRate int64 `json:"min_upload_rate,omitempty"`
+
 	// MaxPromptLength is the longest prompt accepted, in characters (runes);
 	// longer prompts are answered with 400. Default: 20000.
 	MaxPromptLength int `json:"max_prompt_length,omitempty"`
@@ -141,7 +149,7 @@ type Gateway struct {
 	fetcher    *imageFetcher
 	enhancer   *enhancer
 	store      *imageStore // nil when the store is off
-	uploads    *uploadBudget
+	uploads    *uploadPool
 	playground *playground // nil: off
 	health     *health     // nil: off
 	scrub      *scrubber
@@ -250,6 +258,7 @@ func (g *Gateway) Cleanup() error {
 	if g.store != nil {
 		g.store.stop() // the sweeper; stored images stay
 	}
+	g.cleanupUploads() // uploads in flight keep their shares
 	if ic, ok := g.upstream.(*imageClient); ok {
 		ic.closeIdle()
 	}
