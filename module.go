@@ -83,9 +83,11 @@ type Gateway struct {
 	MaxUpload int64 `json:"max_upload,omitempty"`
 
 	// MaxUploadMemory is the most bytes of uploads (edits, and chat bodies
-	// with an image) held in memory at once, while they are read, decoded
-	// and stored; an upload that does not fit waits up to the upstream's
-	// queue_timeout, then is answered 429. Default: twice max_upload.
+	// with an image) this handler's requests hold in memory at once, while
+	// they are read, decoded and stored. The Caddy process has one budget
+	// for all its handlers, as large as the largest of their values; an
+	// upload that does not fit waits up to the upstream's queue_timeout,
+	// then is answered 429. Default: twice max_upload.
 	MaxUploadMemory int64 `json:"max_upload_memory,omitempty"`
 
 	// MinUploadRate is the slowest an upload (an edit, or a chat body
