@@ -147,6 +147,23 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.MaxUploadMemory = n
+		case "min_upload_rate":
+			if err := once(opt); err != nil {
+				return err
+			}
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			if v == "off" {
+				g.MinUploadRate = -1
+				continue
+			}
+			n, err := humanize.ParseBytes(strings.TrimSuffix(v, "/s"))
+			if err != nil || n == 0 || n > 1<<30 {
+				return d.Errf("zimage_gateway: invalid min_upload_rate '%s': want bytes a second such as 64KiB (or 64KiB/s), or off", v)
+			}
+			g.MinUploadRate = int64(n)
 		case "max_prompt_length":
 			if err := once(opt); err != nil {
 				return err

@@ -327,7 +327,7 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 	// (SPEC §10.2); one without is held to max_body (uploads.go)
 	body, e := g.readChatBody(w, r)
 	if e != nil {
-		g.fail(w, endpointChat, "", e)
+		g.failBody(w, r, endpointChat, e)
 		return
 	}
 	defer body.release()

@@ -58,7 +58,7 @@ type editForm struct {
 // parseEditForm reads the multipart body of /v1/images/edits as it
 // arrives: the image within max_upload (413 beyond, without reading the
 // rest), other fields within 64 KiB each.
-func (g *Gateway) parseEditForm(w http.ResponseWriter, r *http.Request) (*editForm, *apiError) {
+func (g *Gateway) parseEditForm(w http.ResponseWriter, r *http.Request, up *upload) (*editForm, *apiError) {
 	mt, params, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if err != nil || mt != "multipart/form-data" || params["boundary"] == "" {
 		return nil, &apiError{status: http.StatusUnsupportedMediaType, typ: "invalid_request_error", code: "unsupported_media_type",
@@ -94,7 +94,7 @@ func (g *Gateway) parseEditForm(w http.ResponseWriter, r *http.Request) (*editFo
 				}
 				continue
 			}
-			b, e := readUpload(r, p, g.MaxUpload)
+			b, e := readUpload(r, up, p, g.MaxUpload)
 			if e != nil {
 				return nil, e
 			}
@@ -400,15 +400,18 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 		f, up, e = g.parseEditJSON(w, r)
 	} else {
 		// the client's limit and the upload budget, before the body is
-		// read (uploads.go); held until the source is stored
+		// read (uploads.go): a probe of it, then its size once the probe
+		// has arrived; held until the source is stored
 		limit := g.MaxUpload + 1<<20
-		if up, e = g.admitUpload(r, limit, errTooLarge(limit)); e == nil {
-			f, e = g.parseEditForm(w, r)
+		slow := g.meterBody(w, r)
+		if up, e = g.admitUpload(r, limit, min(uploadSize(r, limit)-1, uploadProbe), slow, errTooLarge(limit)); e == nil {
+			f, e = g.parseEditForm(w, r, up)
 		}
+		slow.finish()
 	}
 	defer up.release()
 	if e != nil {
-		g.fail(w, endpointEdits, "", e)
+		g.failBody(w, r, endpointEdits, e)
 		return
 	}
 	if f.prompt == "" {

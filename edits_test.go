@@ -610,7 +610,7 @@ func FuzzEditsForm(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte) {
 		r := httptest.NewRequest(http.MethodPost, "/v1/images/edits", bytes.NewReader(body))
 		r.Header.Set("Content-Type", "multipart/form-data; boundary=fuzzboundary")
-		form, e := g.parseEditForm(httptest.NewRecorder(), r)
+		form, e := g.parseEditForm(httptest.NewRecorder(), r, nil)
 		if (form == nil) == (e == nil) {
 			t.Fatalf("parseEditForm = %v, %v", form, e)
 		}

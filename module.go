@@ -83,10 +83,20 @@ type Gateway struct {
 	MaxUpload int64 `json:"max_upload,omitempty"`
 
 	// MaxUploadMemory is the most bytes of uploads (edits, and chat bodies
-	// with an image) held in memory at once, while they are read, decoded
-	// and stored; an upload that does not fit waits up to the upstream's
-	// queue_timeout, then is answered 429. Default: twice max_upload.
+	// with an image) this handler's requests hold in memory at once, while
+	// they are read, decoded and stored. The Caddy process has one budget
+	// for all its handlers, as large as the largest of their values; an
+	// upload that does not fit waits up to the upstream's queue_timeout,
+	// then is answered 429. Default: twice max_upload.
 	MaxUploadMemory int64 `json:"max_upload_memory,omitempty"`
+
+	// MinUploadRate is the slowest an upload (an edit, or a chat body
+	// larger than max_body) may arrive, in bytes a second: a body that
+	// sends less in a 10 s window, counted from its first 10 s on, is cut
+	// with 408 and its share of the upload memory returned, so that slow
+	// clients cannot hold the upload memory. -1 turns it off.
+	// Default: 64 KiB (65536).
+	MinUploadRate int64 `json:"min_upload_rate,omitempty"`
 
 	// MaxPromptLength is the longest prompt accepted, in characters (runes);
 	// longer prompts are answered with 400. Default: 20000.
@@ -141,7 +151,7 @@ type Gateway struct {
 	fetcher    *imageFetcher
 	enhancer   *enhancer
 	store      *imageStore // nil when the store is off
-	uploads    *uploadBudget
+	uploads    *uploadPool
 	playground *playground // nil: off
 	health     *health     // nil: off
 	scrub      *scrubber
@@ -251,6 +261,7 @@ func (g *Gateway) Cleanup() error {
 		g.store.stop() // the sweeper; stored images stay
 	}
 	g.health.stop() // the store's write check loop
+	g.cleanupUploads() // uploads in flight keep their shares
 	if ic, ok := g.upstream.(*imageClient); ok {
 		ic.closeIdle()
 	}

@@ -1,16 +1,31 @@
 package zimage
 
-// Upload memory (issue 15, items 2 and 3): how the bodies that carry an
-// image to edit are read. An edit's multipart body and a chat body with a
-// data: URL are the only requests larger than max_body, and each may be
-// tens of MiB; read as they arrive, thirty of them held 1.5–2.5 GB.
+// Upload memory: how the bodies that carry an image to edit are read. An
+// edit's multipart body and a chat body with a data: URL are the only
+// requests larger than max_body, and each may be tens of MiB; read as they
+// arrive, thirty of them held 1.5–2.5 GB.
 //
 // So an upload is admitted before its body is read: first the client's
 // own max_concurrent (a client at its limit is refused without a byte of
-// its body read), then a share of max_upload_memory, a budget shared by
-// every upload of the handler, charged with what the request will hold
-// (its Content-Length, else the most it may send). An upload that finds
-// the budget spent waits up to the upstream's queue_timeout, then 429.
+// its body read), then a share of the upload budget. The budget is one
+// for the whole process (every site, every handler, across reloads: two
+// sites each taking their full share would double the memory), as large
+// as the largest max_upload_memory among the loaded handlers; a handler's
+// own max_upload_memory caps what its requests hold at once. An upload
+// that finds the budget spent waits up to the upstream's queue_timeout,
+// then 429.
+//
+// An upload is charged for what it holds, not for what it announces: a
+// multipart edit is admitted with a probe (its first 64 KiB), and only
+// once those have arrived does it reserve the rest of its Content-Length
+// (else max_upload) and get a buffer that large; a chat body's first
+// max_body bytes are its probe, read before it is known to be an upload.
+// A client that announces 20 MB and sends a byte a second thus holds 64
+// KiB. The reservation is taken whole rather than grown as bytes arrive:
+// uploads that each hold part of what they need and wait for the rest
+// would deadlock the budget, whereas a reserved upload always finishes.
+// Bodies must also keep up min_upload_rate (slowBody): a client that
+// stalls after its probe holds its reservation for at most two windows.
 // The budget is held while the body is read, decoded and stored; the job
 // then waits for its upstream slot holding only the stored name.
 //
@@ -27,16 +42,18 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/semaphore"
 )
 
 // defaultUploadMemoryUploads is max_upload_memory's default in uploads
@@ -52,9 +69,31 @@ const defaultUploadMemoryUploads = 2
 // place; shorter ones are left to the JSON decoder (decodeDataURL).
 const minExtract = 16 << 10
 
+// uploadProbe is what a multipart upload holds before it has shown that
+// it sends: a client must send this much before it reserves its size.
+const uploadProbe = 64 << 10
+
+// defaultMinUploadRate is min_upload_rate's default, in bytes a second.
+const defaultMinUploadRate = 64 << 10
+
+// uploadRateWindow is the window over which min_upload_rate is judged;
+// the first window is free, so the earliest cut comes after two. A
+// variable so that tests can judge in milliseconds.
+var uploadRateWindow = 10 * time.Second
+
+// The lingering close of a refused upload: a 413 answered while the
+// client is still sending, followed by a close, makes the kernel reset
+// the connection, and a client that reads its answer only after sending
+// (most do) sees "connection reset" instead of the 413. So the rest of the
+// body is read and discarded first, up to these bounds.
+const (
+	lingerBytes = 64 << 20
+	lingerTime  = 10 * time.Second
+)
+
 var metricUploadMemory = prometheus.NewGauge(prometheus.GaugeOpts{
 	Namespace: "caddy", Subsystem: "zimage", Name: "upload_memory_bytes",
-	Help: "Bytes of max_upload_memory held by uploads being read, decoded and stored.",
+	Help: "Bytes of the upload budget held by uploads being read, decoded and stored.",
 })
 
 func init() {
@@ -62,15 +101,144 @@ func init() {
 	collectors = append(collectors, metricUploadMemory)
 }
 
-// uploadBudget is a handler's max_upload_memory.
-type uploadBudget struct {
-	sem  *semaphore.Weighted
+// uploadMemory is the process's one upload budget.
+var uploadMemory memBudget
+
+// memBudget is the upload budget of the process: the pools of the loaded
+// handlers, what they hold, and the requests waiting for a share.
+type memBudget struct {
+	mu    sync.Mutex
+	held  int64
+	pools []*uploadPool // the live handlers'; the budget is the largest
+	last  int64         // the size once every pool is gone (requests may still hold shares)
+	queue []*memWaiter  // first come, first served
+}
+
+// uploadPool is one handler's part of the budget: its max_upload_memory
+// caps what its requests hold at once.
+type uploadPool struct {
 	size int64
+	held int64         // under uploadMemory.mu
 	wait time.Duration // the upstream's queue_timeout
 }
 
-// provisionUploads checks max_upload_memory, fills its default and makes
-// the budget; after the upstream, whose queue_timeout it waits.
+type memWaiter struct {
+	p    *uploadPool
+	n    int64
+	grow bool // a reservation of an admitted upload, not an admission
+	ch   chan struct{}
+	done bool
+}
+
+func (b *memBudget) sizeLocked() int64 {
+	if len(b.pools) == 0 {
+		return b.last
+	}
+	var n int64
+	for _, p := range b.pools {
+		n = max(n, p.size)
+	}
+	return n
+}
+
+func (b *memBudget) fitsLocked(p *uploadPool, n int64) bool {
+	return b.held+n <= b.sizeLocked() && p.held+n <= p.size
+}
+
+// register adds a handler's pool: the budget grows to its size if larger.
+func (b *memBudget) register(p *uploadPool) {
+	b.mu.Lock()
+	b.pools = append(b.pools, p)
+	b.wakeLocked()
+	b.mu.Unlock()
+}
+
+// unregister removes a pool whose handler is cleaned up; its requests
+// still in flight give their shares back as before.
+func (b *memBudget) unregister(p *uploadPool) {
+	b.mu.Lock()
+	if len(b.pools) == 1 && b.pools[0] == p {
+		b.last = p.size
+	}
+	b.pools = slices.DeleteFunc(b.pools, func(q *uploadPool) bool { return q == p })
+	b.wakeLocked()
+	b.mu.Unlock()
+}
+
+// wakeLocked serves the queue in order. Admissions do not overtake one
+// another (a large upload is not starved by small ones), but a waiting
+// reservation is served past an admission that does not fit: it belongs
+// to an upload already holding its probe, which frees all once read.
+func (b *memBudget) wakeLocked() {
+	kept := b.queue[:0]
+	blocked := false
+	for _, w := range b.queue {
+		if (w.grow || !blocked) && b.fitsLocked(w.p, w.n) {
+			b.takeLocked(w.p, w.n)
+			w.done = true
+			close(w.ch)
+			continue
+		}
+		blocked = blocked || !w.grow
+		kept = append(kept, w)
+	}
+	clear(b.queue[len(kept):])
+	b.queue = kept
+}
+
+func (b *memBudget) takeLocked(p *uploadPool, n int64) {
+	b.held += n
+	p.held += n
+	metricUploadMemory.Add(float64(n))
+}
+
+// take takes n bytes for a request of p, waiting up to p.wait.
+func (b *memBudget) take(ctx context.Context, p *uploadPool, n int64, grow bool) *apiError {
+	b.mu.Lock()
+	if b.fitsLocked(p, n) && (grow || !slices.ContainsFunc(b.queue, func(w *memWaiter) bool { return !w.grow })) {
+		b.takeLocked(p, n)
+		b.mu.Unlock()
+		return nil
+	}
+	w := &memWaiter{p: p, n: n, grow: grow, ch: make(chan struct{})}
+	b.queue = append(b.queue, w)
+	b.mu.Unlock()
+
+	t := time.NewTimer(p.wait)
+	defer t.Stop()
+	var e *apiError
+	select {
+	case <-w.ch:
+		return nil
+	case <-ctx.Done():
+		e = &apiError{status: 499, typ: "invalid_request_error", code: "client_closed_request", message: "The client closed the request"}
+	case <-t.C:
+		e = errQueueFull(retryAfterSeconds(p.wait))
+		e.message = "The gateway is reading as many uploads as max_upload_memory allows; retry later"
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if w.done {
+		// served as the wait ended: the share is the caller's
+		return nil
+	}
+	b.queue = slices.DeleteFunc(b.queue, func(q *memWaiter) bool { return q == w })
+	b.wakeLocked() // an admission behind it may fit now
+	return e
+}
+
+func (b *memBudget) give(p *uploadPool, n int64) {
+	b.mu.Lock()
+	b.held -= n
+	p.held -= n
+	metricUploadMemory.Sub(float64(n))
+	b.wakeLocked()
+	b.mu.Unlock()
+}
+
+// provisionUploads checks max_upload_memory and min_upload_rate, fills
+// their defaults and adds the handler's pool to the process's budget;
+// after the upstream, whose queue_timeout it waits.
 func (g *Gateway) provisionUploads() error {
 	if g.MaxUploadMemory < 0 {
 		return fmt.Errorf("zimage_gateway: max_upload_memory must be positive, got %d", g.MaxUploadMemory)
@@ -82,19 +250,35 @@ func (g *Gateway) provisionUploads() error {
 		return fmt.Errorf("zimage_gateway: max_upload_memory (%s) is smaller than max_upload (%s), so one upload could never be read: raise max_upload_memory or lower max_upload",
 			formatBytes(g.MaxUploadMemory), formatBytes(g.MaxUpload))
 	}
+	switch {
+	case g.MinUploadRate == 0:
+		g.MinUploadRate = defaultMinUploadRate
+	case g.MinUploadRate < -1:
+		return fmt.Errorf("zimage_gateway: min_upload_rate must be positive bytes a second (or -1: off), got %d", g.MinUploadRate)
+	}
 	wait := defaultUpstreamTimeout
 	if g.accounts != nil && g.accounts.queueTimeout > 0 {
 		wait = g.accounts.queueTimeout
 	}
-	g.uploads = &uploadBudget{sem: semaphore.NewWeighted(g.MaxUploadMemory), size: g.MaxUploadMemory, wait: wait}
+	g.uploads = &uploadPool{size: g.MaxUploadMemory, wait: wait}
+	uploadMemory.register(g.uploads)
 	return nil
+}
+
+// cleanupUploads takes the handler's pool out of the budget.
+func (g *Gateway) cleanupUploads() {
+	if g.uploads != nil {
+		uploadMemory.unregister(g.uploads)
+		g.uploads = nil
+	}
 }
 
 // upload is one request's share of the budget. Its methods accept nil: a
 // body within max_body holds none.
 type upload struct {
-	b *uploadBudget
-	n int64
+	p    *uploadPool
+	n    int64
+	body *slowBody // paused while the upload waits for its reservation
 }
 
 // release gives the share back; a second call does nothing.
@@ -102,57 +286,77 @@ func (u *upload) release() {
 	if u == nil || u.n == 0 {
 		return
 	}
-	u.b.sem.Release(u.n)
-	metricUploadMemory.Sub(float64(u.n))
+	uploadMemory.give(u.p, u.n)
 	u.n = 0
 }
 
-// hold takes charge bytes of the budget (all of it at most: a request
-// larger than the budget reads alone), waiting up to queue_timeout.
-func (b *uploadBudget) hold(r *http.Request, charge int64) (*upload, *apiError) {
-	n := max(1, min(charge, b.size))
-	ctx, cancel := context.WithTimeout(r.Context(), b.wait)
-	defer cancel()
-	if err := b.sem.Acquire(ctx, n); err != nil {
-		if r.Context().Err() != nil {
-			return nil, &apiError{status: 499, typ: "invalid_request_error", code: "client_closed_request", message: "The client closed the request"}
-		}
-		e := errQueueFull(retryAfterSeconds(b.wait))
-		e.message = "The gateway is reading as many uploads as max_upload_memory allows; retry later"
-		return nil, e
+// reserve raises the share to size bytes (at most the handler's whole
+// pool: a request larger than it reads alone), waiting up to
+// queue_timeout; the client's rate is not judged meanwhile.
+func (u *upload) reserve(r *http.Request, size int64) *apiError {
+	if u == nil {
+		return nil
 	}
-	metricUploadMemory.Add(float64(n))
-	return &upload{b: b, n: n}, nil
+	n := min(size, u.p.size) - u.n
+	if n <= 0 {
+		return nil
+	}
+	u.body.pause()
+	defer u.body.resume()
+	if e := uploadMemory.take(r.Context(), u.p, n, true); e != nil {
+		return e
+	}
+	u.n += n
+	return nil
 }
 
 // admitUpload admits a request whose body is an upload of at most limit
-// bytes, before any of it is read: a body announced larger is a 413 at
-// once, a client at its max_concurrent a 429 at once (one slot is taken
-// now; the job takes the rest of its n, admitClient), then the budget.
-func (g *Gateway) admitUpload(r *http.Request, limit int64, tooLarge *apiError) (*upload, *apiError) {
+// bytes: a body announced larger is a 413 at once, a client at its
+// max_concurrent a 429 at once (one slot is taken now; the job takes the
+// rest of its n, admitClient), then charge bytes of the budget (at least
+// one, at most the handler's pool), waiting up to queue_timeout.
+func (g *Gateway) admitUpload(r *http.Request, limit, charge int64, body *slowBody, tooLarge *apiError) (*upload, *apiError) {
 	if r.ContentLength > limit {
 		return nil, tooLarge
 	}
 	if e := admitClient(r, 1); e != nil {
 		return nil, e
 	}
-	charge := limit
-	if r.ContentLength >= 0 {
-		charge = r.ContentLength
+	u := &upload{p: g.uploads, body: body}
+	n := max(1, min(charge, u.p.size))
+	body.pause()
+	defer body.resume()
+	if e := uploadMemory.take(r.Context(), u.p, n, false); e != nil {
+		return nil, e
 	}
-	return g.uploads.hold(r, charge)
+	u.n = n
+	return u, nil
 }
 
-// readUpload reads an uploaded file within limit bytes, into one buffer
-// of the size the request announced: a buffer grown as the bytes arrive
-// leaves up to four times the image behind as garbage.
-func readUpload(r *http.Request, part io.Reader, limit int64) ([]byte, *apiError) {
-	size := limit + 1
+// uploadSize is how large an upload's buffer must be: its Content-Length
+// and one byte to see that it ends, else limit and one.
+func uploadSize(r *http.Request, limit int64) int64 {
 	if r.ContentLength >= 0 {
-		size = min(size, r.ContentLength+1)
+		return min(limit+1, r.ContentLength+1)
 	}
-	buf := make([]byte, 0, size)
+	return limit + 1
+}
+
+// readUpload reads an uploaded file within limit bytes: its first
+// uploadProbe bytes into a small buffer, then, once the share is reserved
+// for the size the request announced, into one buffer of that size (a
+// buffer grown as the bytes arrive leaves up to four times the image
+// behind as garbage).
+func readUpload(r *http.Request, up *upload, part io.Reader, limit int64) ([]byte, *apiError) {
+	size := uploadSize(r, limit)
+	buf := make([]byte, 0, min(size, uploadProbe))
 	for {
+		if len(buf) == cap(buf) && int64(cap(buf)) < size {
+			if e := up.reserve(r, size-1); e != nil {
+				return nil, e
+			}
+			buf = append(make([]byte, 0, size), buf...)
+		}
 		if len(buf) == cap(buf) {
 			if int64(len(buf)) > limit {
 				return nil, errUploadTooLarge(limit)
@@ -191,7 +395,189 @@ func readUploadError(err error, limit int64) *apiError {
 	if errors.As(err, &mbe) {
 		return errUploadTooLarge(limit)
 	}
+	if errors.Is(err, errUploadTooSlow) {
+		return tooSlow()
+	}
 	return invalidRequest("image", "The image could not be read: "+truncate(err.Error(), 100))
+}
+
+// errUploadTooSlow is what a body cut for its rate reads.
+var errUploadTooSlow = errors.New("the request body arrives slower than min_upload_rate")
+
+func tooSlow() *apiError {
+	return &apiError{status: http.StatusRequestTimeout, typ: "invalid_request_error", code: "request_timeout",
+		message: "The request body arrived too slowly: send uploads faster than min_upload_rate"}
+}
+
+// slowBody is a request body that is cut when it arrives below
+// min_upload_rate: a body that sends less than rate × window in a window
+// (the first window is free) reads errUploadTooSlow from then on. A
+// client that sends nothing at all is cut too: a timer checks each
+// window as it ends and makes the pending read fail through the
+// connection's read deadline. Its methods accept nil (no rate is judged).
+type slowBody struct {
+	io.ReadCloser
+	rc     *http.ResponseController
+	quota  int64 // bytes a window
+	window time.Duration
+
+	mu        sync.Mutex
+	from, end time.Time // the window being judged; bytes before from are free
+	n         int64     // bytes in it so far
+	timer     *time.Timer
+	paused    bool
+	cut, done bool
+}
+
+// meterBody makes r's body a slowBody, unless min_upload_rate is off.
+func (g *Gateway) meterBody(w http.ResponseWriter, r *http.Request) *slowBody {
+	if g.MinUploadRate <= 0 {
+		return nil
+	}
+	win := uploadRateWindow
+	now := time.Now()
+	b := &slowBody{ReadCloser: r.Body, rc: http.NewResponseController(w), window: win,
+		quota: int64(float64(g.MinUploadRate) * win.Seconds()), from: now.Add(win), end: now.Add(2 * win)}
+	b.timer = time.AfterFunc(2*win, b.check)
+	r.Body = b
+	return b
+}
+
+func (b *slowBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.cut {
+		return n, errUploadTooSlow
+	}
+	if b.done {
+		return n, err
+	}
+	now := time.Now()
+	if !b.rollLocked(now) {
+		b.cutLocked()
+		return n, errUploadTooSlow
+	}
+	if !now.Before(b.from) {
+		b.n += int64(n)
+	}
+	if err != nil {
+		b.finishLocked()
+	}
+	return n, err
+}
+
+// rollLocked judges the windows that ended by now; false: one fell short.
+func (b *slowBody) rollLocked(now time.Time) bool {
+	for !now.Before(b.end) {
+		if b.n < b.quota {
+			return false
+		}
+		b.from, b.end, b.n = b.end, b.end.Add(b.window), 0
+	}
+	return true
+}
+
+// check runs as a window ends, whether or not a read is pending.
+func (b *slowBody) check() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.done || b.paused || b.cut {
+		return
+	}
+	now := time.Now()
+	if !b.rollLocked(now) {
+		b.cutLocked()
+		return
+	}
+	b.timer.Reset(b.end.Sub(now))
+}
+
+// cutLocked cuts the body: a read waiting for the client fails now.
+func (b *slowBody) cutLocked() {
+	b.cut = true
+	b.finishLocked()
+	_ = b.rc.SetReadDeadline(time.Now())
+}
+
+func (b *slowBody) finishLocked() {
+	b.done = true
+	b.timer.Stop()
+}
+
+// finish ends the judging once the handler has read what it needs; the
+// connection keeps no deadline of ours (net/http reads it in the
+// background while the request runs, and a deadline there would cancel
+// the request).
+func (b *slowBody) finish() {
+	if b == nil {
+		return
+	}
+	b.mu.Lock()
+	b.finishLocked()
+	b.mu.Unlock()
+}
+
+// pause stops the judging while the gateway, not the client, holds the
+// body back (waiting for the budget); resume starts a new window then.
+func (b *slowBody) pause() {
+	if b == nil {
+		return
+	}
+	b.mu.Lock()
+	b.paused = true
+	b.timer.Stop()
+	b.mu.Unlock()
+}
+
+func (b *slowBody) resume() {
+	if b == nil {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.paused = false
+	if b.done {
+		return
+	}
+	now := time.Now()
+	if now.After(b.from) {
+		b.from, b.end, b.n = now, now.Add(b.window), 0
+	}
+	b.timer.Reset(b.end.Sub(now))
+}
+
+// failBody answers an error met while reading an upload. A body cut for
+// its rate or refused as too large is left unread, so the connection is
+// closed after the answer; before that, the rest of a too-large body is
+// read and discarded (a lingering close, bounded by lingerBytes and
+// lingerTime), so that a client still sending reads its 413 instead of a
+// reset.
+func (g *Gateway) failBody(w http.ResponseWriter, r *http.Request, endpoint string, e *apiError) {
+	if e.status != http.StatusRequestEntityTooLarge && e.status != http.StatusRequestTimeout {
+		g.fail(w, endpoint, "", e)
+		return
+	}
+	w.Header().Set("Connection", "close")
+	// a client that waits for 100 Continue has sent nothing: reading
+	// would invite the body. HTTP/2 resets the stream, not the connection.
+	linger := e.status == http.StatusRequestEntityTooLarge && r.ProtoMajor == 1 &&
+		!strings.EqualFold(r.Header.Get("Expect"), "100-continue") && r.ContentLength <= lingerBytes
+	rc := http.NewResponseController(w)
+	if linger {
+		// else net/http closes as soon as the answer is written
+		linger = rc.EnableFullDuplex() == nil
+	}
+	g.fail(w, endpoint, "", e)
+	if !linger {
+		return
+	}
+	_ = rc.Flush()
+	if b, ok := r.Body.(*slowBody); ok {
+		b.finish()
+	}
+	_ = rc.SetReadDeadline(time.Now().Add(lingerTime))
+	_, _ = io.CopyN(io.Discard, r.Body, lingerBytes)
 }
 
 // chatBody is a chat request's body as read: the JSON (its large data:
@@ -214,11 +600,18 @@ func (b *chatBody) release() {
 // any JSON body. Beyond, it can only be a chat with an image to edit: the
 // bytes read so far must show an image part ("image_url" or a data:image
 // URL), else it is a 413 without reading the rest; then it is an upload,
-// admitted (client, budget) before another byte is read.
+// admitted (client, budget: its whole size, for its first max_body bytes
+// have shown that it sends) before another byte is read. A body that may
+// be larger than max_body is judged for its rate (slowBody).
 func (g *Gateway) readChatBody(w http.ResponseWriter, r *http.Request) (*chatBody, *apiError) {
 	limit := max(g.MaxBody, g.MaxUpload/3*4+g.MaxBody) // base64 and the rest
 	if r.ContentLength > limit {
 		return nil, g.errChatTooLarge()
+	}
+	var slow *slowBody
+	if r.ContentLength < 0 || r.ContentLength > g.MaxBody {
+		slow = g.meterBody(w, r)
+		defer slow.finish()
 	}
 	body := http.MaxBytesReader(w, r.Body, limit)
 	headSize := g.MaxBody + 1
@@ -235,13 +628,10 @@ func (g *Gateway) readChatBody(w http.ResponseWriter, r *http.Request) (*chatBod
 	if !looksLikeImage(head) {
 		return nil, g.errChatTooLarge()
 	}
-	up, e := g.admitUpload(r, limit, g.errChatTooLarge())
+	size := uploadSize(r, limit)
+	up, e := g.admitUpload(r, limit, size-1, slow, g.errChatTooLarge())
 	if e != nil {
 		return nil, e
-	}
-	size := limit + 1
-	if r.ContentLength >= 0 {
-		size = r.ContentLength + 1
 	}
 	buf := append(make([]byte, 0, size), head...)
 	if buf, err = readFull(body, buf); err != nil {
@@ -253,6 +643,12 @@ func (g *Gateway) readChatBody(w http.ResponseWriter, r *http.Request) (*chatBod
 		return nil, g.errChatTooLarge()
 	}
 	js, urls := extractDataURLs(buf)
+	if urls == nil {
+		// an upload's data: URLs are read in place or refused, never
+		// decoded whole outside the budget (dataURLs.dataURL)
+		urls = &dataURLs{}
+	}
+	urls.upload = true
 	return &chatBody{json: js, urls: urls, up: up, upload: true}, nil
 }
 
@@ -277,6 +673,9 @@ func chatReadError(err error, g *Gateway) *apiError {
 	if errors.As(err, &mbe) {
 		return g.errChatTooLarge()
 	}
+	if errors.Is(err, errUploadTooSlow) {
+		return tooSlow()
+	}
 	return invalidRequest("", "Could not read the request body: "+truncate(err.Error(), 100))
 }
 
@@ -291,16 +690,23 @@ func looksLikeImage(b []byte) bool {
 type dataURLs struct {
 	prefix string // of the references that stand for them in the JSON
 	images [][]byte
+	// upload: the body was an upload, so any data: URL too large for the
+	// JSON decoder to copy harmlessly has been read in place or is refused
+	upload bool
 }
 
 // dataURL decodes a data: URL of a chat message: a reference to one the
 // body's reader decoded, or any other through decodeDataURL.
 func (x *dataURLs) dataURL(s string, limit int64, param string) (*sourceImage, *apiError) {
-	if x == nil || !strings.HasPrefix(s, x.prefix) {
-		return decodeDataURL(s, limit, param)
+	var i int
+	var err error
+	if x != nil && x.prefix != "" && strings.HasPrefix(s, x.prefix) {
+		i, err = strconv.Atoi(s[len(x.prefix):])
 	}
-	i, err := strconv.Atoi(s[len(x.prefix):])
-	if err != nil || i < 0 || i >= len(x.images) {
+	if x == nil || x.prefix == "" || !strings.HasPrefix(s, x.prefix) || err != nil || i < 0 || i >= len(x.images) {
+		if x != nil && x.upload && len(s) >= minExtract {
+			return nil, invalidRequest(param, "The data: URL could not be read: send it as a JSON string \"data:image/png;base64,…\" (no JSON escapes in its type), in the field \"url\" of the image_url part")
+		}
 		return decodeDataURL(s, limit, param)
 	}
 	b := x.images[i]
@@ -343,8 +749,9 @@ func extractDataURLs(body []byte) ([]byte, *dataURLs) {
 		}
 		s := body[i+1 : end]
 		if isKey(body, end+1) {
-			// "url" of a chat's image part, "image_url" of a JSON edit
-			urlValue = string(s) == "url" || string(s) == "image_url"
+			// "url" of a chat's image part, "image_url" of a JSON edit,
+			// matched as encoding/json matches them
+			urlValue = keyIs(s, "url") || keyIs(s, "image_url")
 		} else if urlValue {
 			urlValue = false
 			if p := dataURLPayload(s); p >= 0 {
@@ -375,6 +782,24 @@ func extractDataURLs(body []byte) ([]byte, *dataURLs) {
 		prev = sp.to
 	}
 	return append(out, body[prev:]...), x
+}
+
+// keyIs tells whether the raw JSON key s names the field name as
+// encoding/json decides: after its escapes, case-insensitively ("URL" is
+// "url"). A key that differs otherwise is not read here, and the image it
+// carries is refused (dataURLs.dataURL) rather than decoded whole.
+func keyIs(s []byte, name string) bool {
+	if bytes.IndexByte(s, '\\') < 0 {
+		return bytes.EqualFold(s, []byte(name))
+	}
+	if len(s) > 6*len(name) {
+		return false // longer than name with every letter escaped
+	}
+	var k string
+	if json.Unmarshal(append(append([]byte{'"'}, s...), '"'), &k) != nil {
+		return false
+	}
+	return strings.EqualFold(k, name)
 }
 
 // stringEnd is the index of the quote that ends the JSON string starting

@@ -1,11 +1,13 @@
 package zimage
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -165,7 +167,9 @@ func TestUploadsBudget(t *testing.T) {
 	ct, body := multipartBody(t, [][2]string{{"prompt", "x"}}, map[string][]byte{"image": paddedPNG(t, 900<<10)})
 	held := func() float64 { return scrape(t).values["caddy_zimage_upload_memory_bytes{}"] }
 	base := held()
-	a, b := newHeldBody(body.Bytes(), 100), newHeldBody(body.Bytes(), 100)
+	// past their first 64 KiB, the two have shown that they send and
+	// reserve their whole size
+	a, b := newHeldBody(body.Bytes(), 300<<10), newHeldBody(body.Bytes(), 300<<10)
 	ra, rb := postHeld("/v1/images/edits", ct, testClientKey, a), postHeld("/v1/images/edits", ct, testClientKey, b)
 	want := base + float64(2*body.Len())
 	waitFor(t, "two uploads holding the budget", func() bool { return held() == want })
@@ -365,5 +369,272 @@ func TestUnitUploadsConfig(t *testing.T) {
 	_, err = unitProvision(t, `{"no_auth":true,"upstream":{"url":"demo"},"max_upload":10485760,"max_upload_memory":1048576}`)
 	if err == nil || !strings.Contains(err.Error(), "max_upload_memory (1 MiB) is smaller than max_upload (10 MiB)") {
 		t.Errorf("too small: %v", err)
+	}
+}
+
+// rawRequest opens a connection to the test server and sends a POST's
+// head with the client key; the caller sends the body on conn.
+func rawRequest(t *testing.T, host, path, ct string, length int) net.Conn {
+	t.Helper()
+	conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", httpPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	if host == "" {
+		host = "localhost"
+	}
+	if _, err := fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n",
+		path, host, testClientKey, ct, length); err != nil {
+		t.Fatal(err)
+	}
+	return conn
+}
+
+// readRaw reads the answer to a rawRequest.
+func readRaw(conn net.Conn) result {
+	conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		return result{err: err}
+	}
+	defer resp.Body.Close()
+	if resp.Close {
+		// ReadResponse takes the header out and says so here
+		resp.Header.Set("Connection", "close")
+	}
+	raw, err := io.ReadAll(resp.Body)
+	return result{status: resp.StatusCode, header: resp.Header, body: raw, err: err}
+}
+
+// crawl sends a multipart edit that announces length bytes, sends the
+// head of its image part and then one byte every `every`; its answer
+// comes on the channel.
+func crawl(t *testing.T, length int, every time.Duration) <-chan result {
+	t.Helper()
+	const boundary = "crawl"
+	conn := rawRequest(t, "", "/v1/images/edits", "multipart/form-data; boundary="+boundary, length)
+	head := "--" + boundary + "\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\nContent-Type: image/png\r\n\r\n"
+	if _, err := io.WriteString(conn, head); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	t.Cleanup(func() { close(stop) })
+	go func() {
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		for sent := len(head); sent < length; sent++ {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			if _, err := conn.Write([]byte{'x'}); err != nil {
+				return
+			}
+		}
+	}()
+	ch := make(chan result, 1)
+	go func() { ch <- readRaw(conn) }()
+	return ch
+}
+
+// Three clients that announce 20 MB and send a byte a second hold only
+// what they sent (a 64 KiB probe each), so a normal 19 MiB edit beside
+// them is read and answered at once, while they still crawl.
+func TestUploadsCrawlersHoldWhatTheySent(t *testing.T) {
+	f := newEditFake(t)
+	startCaddy(t, opsSite(f.endpoint(), nil, "timeout 10s\n\t\tqueue_timeout 3s", fmt.Sprintf(`model Z-Image
+	model Edit {
+		model_index 19
+		edit
+	}
+	store {
+		storage file_system %s
+	}`, t.TempDir()))+"\nmetrics /metrics")
+	held := func() float64 { return scrape(t).values["caddy_zimage_upload_memory_bytes{}"] }
+	base := held()
+	var crawlers []<-chan result
+	for range 3 {
+		crawlers = append(crawlers, crawl(t, 20_000_000, time.Second))
+	}
+	waitFor(t, "three crawling uploads admitted", func() bool { return held() == base+3*uploadProbe })
+
+	ct, body := multipartBody(t, [][2]string{{"prompt", "make it night"}}, map[string][]byte{"image": paddedPNG(t, 19<<20)})
+	if status, _, raw := postEdit(t, ct, body); status != http.StatusOK {
+		t.Fatalf("a 19 MiB edit beside three crawling uploads: %d %s", status, raw)
+	}
+	for i, ch := range crawlers {
+		select {
+		case r := <-ch:
+			t.Errorf("crawler %d answered before the edit's end: %d %s %v", i, r.status, r.body, r.err)
+		default:
+		}
+	}
+	if got := held(); got != base+3*uploadProbe {
+		t.Errorf("upload_memory_bytes %v after the edit, want the crawlers' %v", got, base+3*uploadProbe)
+	}
+}
+
+// A body that sends less than min_upload_rate over a window, after a
+// first window that is free, is cut with 408 and its share returned. The
+// window is shortened here; in service it is 10 s.
+func TestUploadsMinimumRate(t *testing.T) {
+	old := uploadRateWindow
+	uploadRateWindow = 100 * time.Millisecond
+	t.Cleanup(func() { uploadRateWindow = old })
+	f := newEditFake(t)
+	editSite(t, f, "on", "")
+	held := func() float64 { return scrape(t).values["caddy_zimage_upload_memory_bytes{}"] }
+	base := held()
+
+	start := time.Now()
+	r := <-crawl(t, 20_000_000, 10*time.Millisecond)
+	if r.err != nil || r.status != http.StatusRequestTimeout || !strings.EqualFold(r.header.Get("Connection"), "close") {
+		t.Fatalf("crawling upload: %d %v %v %s", r.status, r.err, r.header, r.body)
+	}
+	if e := apiErr(t, r.body); !strings.Contains(e.Message, "min_upload_rate") {
+		t.Errorf("message %q", e.Message)
+	}
+	if d := time.Since(start); d < 2*uploadRateWindow {
+		t.Errorf("cut after %v, within the first two windows", d)
+	}
+	waitFor(t, "the crawler's share returned", func() bool { return held() == base })
+
+	// a client that sends nothing after its head is cut too
+	conn := rawRequest(t, "", "/v1/chat/completions", "application/json", 20_000_000)
+	if r := readRaw(conn); r.status != http.StatusRequestTimeout {
+		t.Errorf("silent chat body: %d %v %s", r.status, r.err, r.body)
+	}
+
+	// a fast upload is not
+	ct, body := multipartBody(t, [][2]string{{"prompt", "x"}}, map[string][]byte{"image": paddedPNG(t, 3<<20)})
+	if status, _, raw := postEdit(t, ct, body); status != http.StatusOK {
+		t.Errorf("fast upload: %d %s", status, raw)
+	}
+
+	var g Gateway
+	if err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser("zimage_gateway {\n min_upload_rate 1MiB/s\n}")); err != nil || g.MinUploadRate != 1<<20 {
+		t.Errorf("parsed %d, %v", g.MinUploadRate, err)
+	}
+	if err := new(Gateway).UnmarshalCaddyfile(caddyfile.NewTestDispenser("zimage_gateway {\n min_upload_rate off\n}")); err != nil {
+		t.Errorf("off: %v", err)
+	}
+	if err := new(Gateway).UnmarshalCaddyfile(caddyfile.NewTestDispenser("zimage_gateway {\n min_upload_rate slow\n}")); err == nil || !strings.Contains(err.Error(), "min_upload_rate") {
+		t.Errorf("bad rate: %v", err)
+	}
+}
+
+// Two sites share one upload budget: the process's, as large as the
+// largest max_upload_memory. Two uploads on one site hold it all; an
+// upload to the other site waits, then gets 429.
+func TestUploadsOneBudgetForTwoSites(t *testing.T) {
+	up := newFakeUpstream(t)
+	g := newGate(t)
+	up.setHandler(g.handler)
+	dir := t.TempDir()
+	site := func(host, mem string) string {
+		return fmt.Sprintf("http://%s:%d {\n%s\n}\n", host, httpPort, opsSite(up.endpoint(), nil, "timeout 10s\n\t\tqueue_timeout 1s", fmt.Sprintf(`max_upload 1MiB
+	max_upload_memory %s
+	model Z-Image
+	model Edit {
+		model_index 19
+		edit
+	}
+	store {
+		storage file_system %s
+	}`, mem, dir))+"\nmetrics /metrics")
+	}
+	startCaddyRaw(t, globals()+"\n"+site("one.localhost", "2MiB")+site("two.localhost", "1MiB"))
+	held := func() float64 { return scrape(t, "one.localhost").values["caddy_zimage_upload_memory_bytes{}"] }
+	base := held()
+	ct, body := multipartBody(t, [][2]string{{"prompt", "x"}}, map[string][]byte{"image": paddedPNG(t, 900<<10)})
+	send := func(host string, b *heldBody) <-chan result {
+		ch := make(chan result, 1)
+		go func() {
+			defer b.let()
+			conn := rawRequest(t, host, "/v1/images/edits", ct, len(b.data))
+			go io.Copy(conn, b)
+			r := readRaw(conn)
+			b.let()
+			ch <- r
+		}()
+		return ch
+	}
+	a, b := newHeldBody(body.Bytes(), 300<<10), newHeldBody(body.Bytes(), 300<<10)
+	ra, rb := send("one.localhost", a), send("one.localhost", b)
+	waitFor(t, "two uploads of the first site holding the budget", func() bool { return held() == base+float64(2*body.Len()) })
+
+	c := newHeldBody(body.Bytes(), 512<<10)
+	r := await(t, send("two.localhost", c))
+	if r.status != http.StatusTooManyRequests || c.waited.Load() {
+		t.Errorf("the second site's upload: %d (waited for: %v) %s", r.status, c.waited.Load(), r.body)
+	}
+	a.let()
+	b.let()
+	waitFor(t, "both edits at the service", func() bool { return up.active.Load() == 2 })
+	g.open()
+	for _, ch := range []<-chan result{ra, rb} {
+		if r := await(t, ch); r.status != http.StatusOK {
+			t.Errorf("held upload: %d %s", r.status, r.body)
+		}
+	}
+	if got := held(); got != base {
+		t.Errorf("upload_memory_bytes %v at the end, want %v", got, base)
+	}
+}
+
+// A chat image part keyed "URL" (encoding/json matches keys without
+// regard to case) is read in place like "url", not decoded whole by the
+// JSON decoder; a data: URL the in-place reader cannot read in an upload
+// is refused rather than decoded outside the budget.
+func TestUploadsImageKeyCase(t *testing.T) {
+	b64 := base64.StdEncoding.EncodeToString(paddedPNG(t, 64<<10))
+	for _, key := range []string{`"URL"`, `"Url"`, `"\u0055RL"`, `"IMAGE_URL"`} {
+		body := []byte(`{"images":[{` + key + `:"data:image/png;base64,` + b64 + `"}]}`)
+		if key != `"IMAGE_URL"` {
+			body = []byte(`{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{` + key + `:"data:image/png;base64,` + b64 + `"}}]}]}`)
+		}
+		js, urls := extractDataURLs(bytes.Clone(body))
+		if urls == nil || len(urls.images) != 1 || len(js) > 1000 {
+			t.Errorf("key %s: not read in place (%d bytes of JSON left)", key, len(js))
+		}
+	}
+
+	f := newEditFake(t)
+	editSite(t, f, "on", "")
+	src := paddedPNG(t, 3<<20)
+	body := strings.Replace(chatWithImage(t, "make it night", "data:image/png;base64,"+base64.StdEncoding.EncodeToString(src)), `"url"`, `"URL"`, 1)
+	itOK(t, body)
+	if _, sources := f.got(); len(sources) == 0 || !bytes.Equal(sources[len(sources)-1], src) {
+		t.Errorf("the service did not get the image sent under \"URL\"")
+	}
+	escaped := strings.Replace(body, "data:image/png", `data:image\u002fpng`, 1)
+	status, hdr, raw := do(t, http.MethodPost, "/v1/chat/completions", escaped)
+	itWantErr(t, status, hdr, raw, 400, "invalid_request")
+}
+
+// A body over the limit gets its 413 even when the client reads its answer
+// only after sending the whole body: the gateway answers, then reads and
+// discards the rest before it closes, so the kernel has nothing to reset.
+func TestUploadsTooLargeIsAnswered(t *testing.T) {
+	f := newEditFake(t)
+	editSite(t, f, "on", "")
+	junk := bytes.Repeat([]byte("0123456789abcdef"), (30<<20)/16)
+	for _, c := range []struct{ path, ct string }{
+		{"/v1/images/edits", "multipart/form-data; boundary=x"},
+		{"/v1/chat/completions", "application/json"},
+	} {
+		for i := range 20 {
+			conn := rawRequest(t, "", c.path, c.ct, len(junk))
+			if _, err := conn.Write(junk); err != nil {
+				t.Fatalf("%s, try %d: sending the body: %v", c.path, i, err)
+			}
+			r := readRaw(conn)
+			conn.Close()
+			if r.err != nil || r.status != http.StatusRequestEntityTooLarge || !strings.EqualFold(r.header.Get("Connection"), "close") {
+				t.Fatalf("%s, try %d: %d %v %v %s", c.path, i, r.status, r.err, r.header, r.body)
+			}
+		}
 	}
 }

@@ -10,6 +10,14 @@
 //	go build -o /tmp/caddy ./cmd/caddy
 //	go run ./bench/uploadmem -caddy /tmp/caddy -mode edits
 //	go run ./bench/uploadmem -caddy /tmp/caddy -mode chat
+//	go run ./bench/uploadmem -caddy /tmp/caddy -mode edits -crawlers 3
+//	go run ./bench/uploadmem -caddy /tmp/caddy -mode edits -sites 2
+//	go run ./bench/uploadmem -caddy /tmp/caddy -mode chat -key URL
+//
+// -crawlers keeps that many uploads crawling beside the burst (each
+// announces 20 MB and sends a byte a second); -sites spreads the burst
+// over that many sites of one Caddy, each with its own gateway; -key is
+// the key of the chat image part's URL.
 package main
 
 import (
@@ -28,6 +36,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -44,6 +53,9 @@ func main() {
 	maxConc := flag.Int("max-concurrent", 4, "the upstream's max_concurrent")
 	delay := flag.Duration("delay", 3*time.Second, "how long a generation takes")
 	extra := flag.String("extra", "", "more lines for the zimage_gateway block (e.g. max_upload_memory 64MiB)")
+	crawlers := flag.Int("crawlers", 0, "uploads that crawl beside the burst (20 MB announced, a byte a second)")
+	sites := flag.Int("sites", 1, "sites the burst is spread over, each with its own gateway")
+	key := flag.String("key", "url", "chat mode: the key of the image part's URL")
 	flag.Parse()
 	if *caddyBin == "" {
 		proc.Fail("-caddy is required")
@@ -77,13 +89,15 @@ func main() {
 	dir, err := os.MkdirTemp("", "uploadmem-")
 	proc.Check(err)
 	defer os.RemoveAll(dir)
-	cfg := fmt.Sprintf(`{
+	cfg := `{
 	admin off
 	log {
 		level ERROR
 	}
 }
-http://127.0.0.1:%d {
+`
+	for i := range *sites {
+		cfg += fmt.Sprintf(`http://site%d.localhost:%d {
 	zimage_gateway {
 		api_key sk-bench
 		upstream http://%s/api/v1/generate_image {
@@ -103,7 +117,8 @@ http://127.0.0.1:%d {
 		%s
 	}
 }
-`, port, fl.Addr(), *maxConc, filepath.Join(dir, "store"), *extra)
+`, i, port, fl.Addr(), *maxConc, filepath.Join(dir, "store"), *extra)
+	}
 	cf := filepath.Join(dir, "Caddyfile")
 	proc.Check(os.WriteFile(cf, []byte(cfg), 0o600))
 	cmd := exec.Command(*caddyBin, "run", "--config", cf, "--adapter", "caddyfile")
@@ -113,7 +128,7 @@ http://127.0.0.1:%d {
 	proc.Check(cmd.Start())
 	defer cmd.Process.Kill()
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	proc.WaitUp(base)
+	proc.WaitUp(base + "/site0") // any answer: Caddy is up
 
 	// one body, built beforehand and sent by every request, so the
 	// clients' own work is not in the measured time
@@ -134,12 +149,15 @@ http://127.0.0.1:%d {
 			map[string]any{"type": "image_url", "image_url": map[string]any{"url": "data:image/png;base64," + base64.StdEncoding.EncodeToString(src)}},
 		}}
 		body, _ = json.Marshal(map[string]any{"model": "Z-Image", "messages": []any{msg}})
+		body = []byte(strings.Replace(string(body), `"url":"data:`, `"`+*key+`":"data:`, 1))
 		ct, path = "application/json", "/v1/chat/completions"
 	default:
 		proc.Fail("-mode is edits or chat")
 	}
+	var sent atomic.Int64
 	send := func() (int, error) {
 		req, _ := http.NewRequest(http.MethodPost, base+path, bytes.NewReader(body))
+		req.Host = fmt.Sprintf("site%d.localhost:%d", sent.Add(1)%int64(*sites), port)
 		req.Header.Set("Authorization", "Bearer sk-bench")
 		req.Header.Set("Content-Type", ct)
 		resp, err := http.DefaultClient.Do(req)
@@ -178,6 +196,11 @@ http://127.0.0.1:%d {
 			}
 		}
 	}()
+	var crawled []net.Conn
+	for range *crawlers {
+		crawled = append(crawled, crawl(port, path, ct))
+	}
+	time.Sleep(500 * time.Millisecond) // the crawlers admitted
 	start := time.Now()
 	var wg sync.WaitGroup
 	var ok, limited, bad atomic.Int64
@@ -200,10 +223,18 @@ http://127.0.0.1:%d {
 	}
 	wg.Wait()
 	wall := time.Since(start)
+	crawlersAnswered := 0
+	for _, c := range crawled {
+		c.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+		if n, _ := c.Read(make([]byte, 1)); n > 0 {
+			crawlersAnswered++
+		}
+		c.Close()
+	}
 	close(stop)
 	sampler.Wait()
-	fmt.Printf("mode=%s clients=%d image=%.1fMiB body=%.1fMiB max_concurrent=%d delay=%v: %d ok, %d 429, %d other in %.1fs; RSS baseline %.1f MB, peak %.1f MB, rise %.1f MB\n",
-		*mode, *clients, float64(len(src))/(1<<20), float64(len(body))/(1<<20), *maxConc, *delay,
+	fmt.Printf("mode=%s key=%s sites=%d crawlers=%d (answered during the burst: %d) clients=%d image=%.1fMiB body=%.1fMiB max_concurrent=%d delay=%v: %d ok, %d 429, %d other in %.1fs; RSS baseline %.1f MB, peak %.1f MB, rise %.1f MB\n",
+		*mode, *key, *sites, *crawlers, crawlersAnswered, *clients, float64(len(src))/(1<<20), float64(len(body))/(1<<20), *maxConc, *delay,
 		ok.Load(), limited.Load(), bad.Load(), wall.Seconds(), proc.MB(baseline), proc.MB(peak.Load()), proc.MB(peak.Load()-baseline))
 	if v := firstErr.Load(); v != nil {
 		fmt.Println("first error:", v)
@@ -224,4 +255,21 @@ func noisePNG(side int) []byte {
 	var b bytes.Buffer
 	proc.Check((&png.Encoder{CompressionLevel: png.NoCompression}).Encode(&b, img))
 	return b.Bytes()
+}
+
+// crawl opens an upload that announces 20 MB and sends its head and then
+// a byte a second, until its connection is closed.
+func crawl(port int, path, ct string) net.Conn {
+	c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	proc.Check(err)
+	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: site0.localhost:%d\r\nAuthorization: Bearer sk-bench\r\nContent-Type: %s\r\nContent-Length: 20000000\r\n\r\n", path, port, ct)
+	go func() {
+		for {
+			if _, err := c.Write([]byte{'-'}); err != nil {
+				return
+			}
+			time.Sleep(time.Second)
+		}
+	}()
+	return c
 }
