@@ -37,8 +37,8 @@ type chatRequest struct {
 }
 
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
+	Role    string         `json:"role"`
+	Content messageContent `json:"content"`
 }
 
 // decodeJSON unmarshals a request body, turning decoder errors into 400s
@@ -96,11 +96,8 @@ func jsonTypeName(t reflect.Type) string {
 // decodeChat parses and checks a chat completions body.
 func decodeChat(body []byte, maxPrompt int) (*chatRequest, string, *apiError) {
 	var req chatRequest
-	if !readChat(body, &req) {
-		req = chatRequest{}
-		if e := decodeJSON(body, &req); e != nil {
-			return nil, "", e
-		}
+	if e := decodeJSON(body, &req); e != nil {
+		return nil, "", e
 	}
 	prompt, param, e := chatPrompt(&req)
 	if e != nil {
@@ -110,108 +107,6 @@ func decodeChat(body []byte, maxPrompt int) (*chatRequest, string, *apiError) {
 		return nil, "", invalidRequest(param, fmt.Sprintf("The prompt is longer than %d characters", maxPrompt))
 	}
 	return &req, prompt, nil
-}
-
-// The JSON names of chatRequest's fields, in readChat's order, and of
-// the structs inside it.
-var (
-	chatFields          = []string{"model", "messages", "prompt", "stream", "stream_options", "width", "height", "cfg", "seed", "negative_prompt"}
-	chatMessageFields   = []string{"role", "content"}
-	streamOptionsFields = []string{"include_usage"}
-)
-
-// readChat is encoding/json's decoding of a chat body into req, without
-// reflection, for the bodies clients send (fastjson.go); false when it
-// gave up, and req is then to be decoded again.
-func readChat(body []byte, req *chatRequest) bool {
-	// no utf8.Valid first: the reader gives up on a string that is not
-	// UTF-8, and any other byte outside ASCII is a syntax error
-	r := jsonReader{b: body}
-	var seen uint16
-	ok := r.object(func(key []byte) bool {
-		f, ok := r.field(key, chatFields, &seen, 0)
-		if f < 0 || !ok {
-			return ok
-		}
-		if f == 8 { // seed: raw, null included
-			req.Seed, ok = r.skip(0)
-			return ok
-		}
-		if r.null() {
-			return true // nil pointers; model and stream untouched
-		}
-		switch f {
-		case 0:
-			req.Model, ok = r.str()
-		case 1:
-			req.Messages = []chatMessage{}
-			ok = r.array(func() bool {
-				var m chatMessage
-				if !r.null() && !readChatMessage(&r, &m) {
-					return false
-				}
-				req.Messages = append(req.Messages, m)
-				return true
-			})
-		case 2, 9:
-			var s string
-			if s, ok = r.str(); ok {
-				if f == 2 {
-					req.Prompt = &s
-				} else {
-					req.NegativePrompt = &s
-				}
-			}
-		case 3:
-			req.Stream, ok = r.boolean()
-		case 4:
-			req.StreamOptions = &struct {
-				IncludeUsage bool `json:"include_usage"`
-			}{}
-			var seenUsage uint16
-			ok = r.object(func(key []byte) bool {
-				f, ok := r.field(key, streamOptionsFields, &seenUsage, 1)
-				if f < 0 || !ok || r.null() {
-					return ok
-				}
-				req.StreamOptions.IncludeUsage, ok = r.boolean()
-				return ok
-			})
-		case 5, 6, 7:
-			var v float64
-			if v, ok = r.float(); ok {
-				switch f {
-				case 5:
-					req.Width = &v
-				case 6:
-					req.Height = &v
-				default:
-					req.CFG = &v
-				}
-			}
-		}
-		return ok
-	})
-	return ok && r.end()
-}
-
-// readChatMessage reads one message of a chat body for readChat.
-func readChatMessage(r *jsonReader, m *chatMessage) bool {
-	var seen uint16
-	return r.object(func(key []byte) bool {
-		f, ok := r.field(key, chatMessageFields, &seen, 1)
-		switch {
-		case f < 0 || !ok:
-			return ok
-		case f == 1:
-			m.Content, ok = r.skip(1)
-			return ok
-		case r.null():
-			return true
-		}
-		m.Role, ok = r.str()
-		return ok
-	})
 }
 
 // chatPrompt is the top-level prompt when present and non-blank, else the
@@ -224,7 +119,7 @@ func chatPrompt(req *chatRequest) (string, string, *apiError) {
 		if req.Messages[i].Role != "user" {
 			continue
 		}
-		text, err := contentText(req.Messages[i].Content)
+		text, err := req.Messages[i].Content.text()
 		if err != nil {
 			return "", "", invalidRequest(fmt.Sprintf("messages[%d].content", i), err.Error())
 		}
@@ -236,41 +131,121 @@ func chatPrompt(req *chatRequest) (string, string, *apiError) {
 	return "", "", invalidRequest("messages", "No prompt: send a user message with text (or a top-level 'prompt')")
 }
 
-// contentText reads a message content: a string, or an array of parts whose
-// text parts are joined by a space (image parts are ignored).
-func contentText(raw json.RawMessage) (string, error) {
-	raw = bytes.TrimSpace(raw)
-	if len(raw) == 0 || string(raw) == "null" {
-		return "", nil
-	}
-	switch raw[0] {
+// messageContent is a message's content, decoded once with the body: a
+// string, or an array of content parts (text, image_url, and others the
+// gateway ignores). A content of any other shape is no error of the body:
+// it is one only in the message the prompt comes from (chatPrompt), and
+// OpenAI clients send all kinds of content in the messages before it.
+type messageContent struct {
+	str     string
+	parts   []contentPart
+	isParts bool
+	invalid bool // neither a string, nor null, nor an array of part objects
+}
+
+// contentPart is one part of an array content. Its text and image_url
+// are checked apart: a malformed one spoils only what reads it (the
+// prompt, or the image of an edit).
+type contentPart struct {
+	Type     string    `json:"type"`
+	Text     partText  `json:"text"`
+	ImageURL partImage `json:"image_url"`
+}
+
+// partText is a part's text; bad when it was not a string (or null).
+type partText struct {
+	s   string
+	bad bool
+}
+
+// partImage is a part's image_url: set when it was an object, url its
+// url; bad when it was not an object with a string url.
+type partImage struct {
+	set bool
+	url string
+	bad bool
+}
+
+// errContentShape is the error of a content that is neither a string nor
+// an array of content parts.
+var errContentShape = errors.New("Invalid message content: expected a string or an array of content parts")
+
+// UnmarshalJSON reads a content without failing the body (messageContent).
+// encoding/json calls it with the value's bytes, already checked to be
+// valid JSON, null included; a key given twice replaces the content.
+func (c *messageContent) UnmarshalJSON(b []byte) error {
+	*c = messageContent{}
+	switch b[0] {
+	case 'n':
 	case '"':
-		r := jsonReader{b: raw}
-		if s, ok := r.str(); ok && r.end() {
-			return s, nil
-		}
-		var s string
-		if err := json.Unmarshal(raw, &s); err != nil {
-			return "", errors.New("Invalid message content: " + err.Error())
-		}
-		return s, nil
+		c.invalid = json.Unmarshal(b, &c.str) != nil
 	case '[':
-		var parts []struct {
-			Type string `json:"type"`
-			Text string `json:"text"`
-		}
-		if err := json.Unmarshal(raw, &parts); err != nil {
-			return "", errors.New("Invalid message content: expected a string or an array of content parts")
-		}
-		texts := make([]string, 0, len(parts))
-		for _, p := range parts {
-			if p.Type == "text" && strings.TrimSpace(p.Text) != "" {
-				texts = append(texts, p.Text)
-			}
-		}
-		return strings.Join(texts, " "), nil
+		c.isParts = true
+		c.invalid = json.Unmarshal(b, &c.parts) != nil
+	default:
+		c.invalid = true
 	}
-	return "", errors.New("Invalid message content: expected a string or an array of content parts")
+	return nil
+}
+
+// UnmarshalJSON reads a part's text as a string field would be read: null
+// leaves it as it was, and a value of another type spoils it for good.
+func (t *partText) UnmarshalJSON(b []byte) error {
+	if json.Unmarshal(b, &t.s) != nil {
+		t.bad = true
+	}
+	return nil
+}
+
+// UnmarshalJSON reads a part's image_url as a pointer to a struct with a
+// string url would be read: null unsets it, an object fills it (keeping
+// a url given before when it has none), anything else spoils it for good.
+func (p *partImage) UnmarshalJSON(b []byte) error {
+	if b[0] == 'n' {
+		p.set, p.url = false, ""
+		return nil
+	}
+	v := struct {
+		URL string `json:"url"`
+	}{p.url}
+	if json.Unmarshal(b, &v) != nil {
+		p.bad = true
+	}
+	p.set, p.url = true, v.URL
+	return nil
+}
+
+// text is the content as the prompt: the string, or the text parts that
+// are not blank joined by a space (image parts are ignored).
+func (c *messageContent) text() (string, error) {
+	if c.invalid {
+		return "", errContentShape
+	}
+	if !c.isParts {
+		return c.str, nil
+	}
+	texts := make([]string, 0, len(c.parts))
+	for _, p := range c.parts {
+		if p.Text.bad {
+			return "", errContentShape
+		}
+		if p.Type == "text" && strings.TrimSpace(p.Text.s) != "" {
+			texts = append(texts, p.Text.s)
+		}
+	}
+	return strings.Join(texts, " "), nil
+}
+
+// badImage reports whether a part's image_url was malformed. The content
+// then holds no image to edit, and the request is a generation from its
+// text, as when the client sends no image at all.
+func (c *messageContent) badImage() bool {
+	for i := range c.parts {
+		if c.parts[i].ImageURL.bad {
+			return true
+		}
+	}
+	return false
 }
 
 // parseSeed accepts an integer, an integral number or an integer in a

@@ -1,7 +1,6 @@
 package zimage
 
 import (
-	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -207,26 +206,17 @@ func (g *Gateway) chatImage(req *chatRequest) (*sourceImage, *apiError) {
 		if req.Messages[i].Role != "user" {
 			continue
 		}
-		raw := bytes.TrimSpace(req.Messages[i].Content)
-		if len(raw) == 0 || raw[0] != '[' {
-			return nil, nil
-		}
-		var parts []struct {
-			Type     string `json:"type"`
-			ImageURL *struct {
-				URL string `json:"url"`
-			} `json:"image_url"`
-		}
-		if err := json.Unmarshal(raw, &parts); err != nil {
-			return nil, nil // contentText reports a malformed content
+		c := &req.Messages[i].Content
+		if !c.isParts || c.invalid || c.badImage() {
+			return nil, nil // chatPrompt reports a malformed content
 		}
 		param := fmt.Sprintf("messages[%d].content", i)
-		for k := len(parts) - 1; k >= 0; k-- {
-			p := parts[k]
-			if p.Type != "image_url" || p.ImageURL == nil {
+		for k := len(c.parts) - 1; k >= 0; k-- {
+			p := &c.parts[k]
+			if p.Type != "image_url" || !p.ImageURL.set {
 				continue
 			}
-			u := strings.TrimSpace(p.ImageURL.URL)
+			u := strings.TrimSpace(p.ImageURL.url)
 			if strings.HasPrefix(strings.ToLower(u), "data:") {
 				// decoded in place in the body (uploads.go)
 				return req.dataURLs.dataURL(u, g.MaxUpload, param)

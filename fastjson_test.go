@@ -2,6 +2,7 @@ package zimage
 
 import (
 	"encoding/json"
+	"fmt"
 	"math"
 	"reflect"
 	"strings"
@@ -158,110 +159,138 @@ func FuzzJSONAppend(f *testing.F) {
 	})
 }
 
-// Bodies as clients send them, and the corners of encoding/json's
-// decoding: readChat must decode what json.Unmarshal decodes, or give up.
-var chatBodies = []struct {
-	body string
-	fast bool // readChat must read it itself (the shapes clients send)
-}{
-	{`{"model":"Z-Image","messages":[{"role":"user","content":"a cat no-enhance"}]}`, true},
-	{`{"model":"Z-Image","messages":[{"role":"system","content":"You are helpful."},{"role":"user","content":"a cat 16:9"}],"stream":true,"stream_options":{"include_usage":true},"temperature":0.7,"top_p":1,"max_tokens":null}`, true},
-	{`{"messages":[{"role":"user","content":[{"type":"text","text":"a cat"},{"type":"image_url","image_url":{"url":"https://x.example/a.png","detail":"auto"}}]}],"model":"z-image"}`, true},
-	{" \n{\"model\" : \"Z-Image\" , \"prompt\":\"\\u732b \\ud83d\\udc08 \\\"q\\\" \\/ \\n\\t\",\"width\":1024,\"height\":7.68e2,\"cfg\":-0.5,\"seed\":\"42\",\"negative_prompt\":null} \r\n", true},
-	{`{"model":null,"messages":null,"prompt":null,"stream":null,"stream_options":null,"width":null,"seed":null}`, true},
-	{`{"messages":[null,{"role":null,"content":null,"name":"x"},{}],"stream_options":{"include_usage":null,"x":[1,{"y":[]}]}}`, true},
-	{`{"prompt":"lone \ud800 surrogate \udc00 and \ud800\u0041"}`, true},
-	{`{"seed":-0.0e+3,"cfg":1E400}`, false},
-	{`{"Model":"Z-Image"}`, false},
-	{`{"model":"a","model":"b"}`, false},
-	{`{"mod\u0065l":"Z-Image"}`, false},
-	{`{"ſtream":true}`, false},
-	{`{"stream":"yes"}`, false},
-	{`{"width":"1024"}`, false},
-	{`{"messages":{"role":"user"}}`, false},
-	{`{"messages":["a cat"]}`, false},
-	{`{"model":"Z-Image"} {}`, false},
-	{`{"model":"Z-Image",}`, false},
-	{`{"width":01}`, false},
-	{`{"width":1.}`, false},
-	{`{"x":[1,2,]}`, false},
-	{`{"x":tru}`, false},
-	{"{\"prompt\":\"a\x01b\"}", false},
-	{`null`, false},
-	{`[]`, false},
-	{``, false},
-	{`{"prompt":"\x"}`, false},
-	{`{"x":` + strings.Repeat("[", 100) + strings.Repeat("]", 100) + `}`, false},
-}
-
-// checkRead reads body with read and, when it read it, with json.Unmarshal:
-// both must give the same value.
-func checkRead[T any](t *testing.T, body []byte, read func([]byte, *T) bool) bool {
+// fillTagged sets every field of v that encoding/json reads or writes
+// (exported, not tagged "-") to a value that is not its zero, through
+// pointers, slices and structs, each string and number different and the
+// strings full of what must be escaped. A kind it does not know fails the
+// test, so that a new field of a new kind is not left zero unnoticed.
+func fillTagged(t *testing.T, v reflect.Value, n *int) {
 	t.Helper()
-	var fast, slow T
-	if !read(body, &fast) {
-		return false
-	}
-	if err := json.Unmarshal(body, &slow); err != nil {
-		t.Fatalf("read %q, json.Unmarshal: %v", body, err)
-	}
-	if !reflect.DeepEqual(fast, slow) {
-		t.Fatalf("read %q\n got %+v\nwant %+v", body, fast, slow)
-	}
-	return true
-}
-
-func TestReadChat(t *testing.T) {
-	for _, tc := range chatBodies {
-		if got := checkRead(t, []byte(tc.body), readChat); got != tc.fast {
-			t.Errorf("readChat(%q) read it: %v, want %v", tc.body, got, tc.fast)
+	*n++
+	switch v.Kind() {
+	case reflect.String:
+		v.SetString(fmt.Sprintf("s%d <&\"\\\n\u2028猫>", *n))
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		v.SetInt(int64(-*n))
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		v.SetUint(uint64(*n))
+	case reflect.Float32, reflect.Float64:
+		v.SetFloat(float64(*n) + 0.25)
+	case reflect.Bool:
+		v.SetBool(true)
+	case reflect.Pointer:
+		v.Set(reflect.New(v.Type().Elem()))
+		fillTagged(t, v.Elem(), n)
+	case reflect.Slice:
+		v.Set(reflect.MakeSlice(v.Type(), 2, 2))
+		for i := range 2 {
+			fillTagged(t, v.Index(i), n)
 		}
-	}
-}
-
-var answerBodies = []struct {
-	body string
-	fast bool
-}{
-	{`{"success":true,"data":{"image_url":"https://img.example/x.png"}}`, true},
-	{`{"success":true,"data":{"image_url":"https://img.example/x.png","points_used":2,"remaining_points":"98.5","image_id":12345,"model_name":"Z-Image","prompt":"a cat","width":1024}}`, true},
-	{`{"success":false,"error":{"message":"余额不足","code":402},"message":null}`, true},
-	{`{"success":false,"error":"insufficient points","data":null}`, true},
-	{`{"success":null,"message":"\u8bf7\u7a0d\u540e"}`, true},
-	{`{"success":"true"}`, false},
-	{`{"data":{"image_url":5}}`, false},
-	{`{"Success":true}`, false},
-	{`{"data":{"image_url":"a","image_url":"b"}}`, false},
-	{`{"success":true,"data":{"image_url":`, false},
-	{`<html>Just a moment...</html>`, false},
-}
-
-func TestReadAnswer(t *testing.T) {
-	for _, tc := range answerBodies {
-		if got := checkRead(t, []byte(tc.body), readAnswer); got != tc.fast {
-			t.Errorf("readAnswer(%q) read it: %v, want %v", tc.body, got, tc.fast)
-		}
-	}
-}
-
-// FuzzReadJSON holds the readers to encoding/json on any input: what they
-// read, they read as json.Unmarshal does.
-func FuzzReadJSON(f *testing.F) {
-	for _, tc := range chatBodies {
-		f.Add([]byte(tc.body))
-	}
-	for _, tc := range answerBodies {
-		f.Add([]byte(tc.body))
-	}
-	f.Fuzz(func(t *testing.T, body []byte) {
-		checkRead(t, body, readChat)
-		checkRead(t, body, readAnswer)
-		r := jsonReader{b: body}
-		if s, ok := r.str(); ok && r.end() {
-			var want string
-			if err := json.Unmarshal(body, &want); err != nil || s != want {
-				t.Fatalf("str(%q) = %q, json.Unmarshal: %q, %v", body, s, want, err)
+	case reflect.Struct:
+		for i := range v.NumField() {
+			if f := v.Type().Field(i); f.IsExported() && f.Tag.Get("json") != "-" {
+				fillTagged(t, v.Field(i), n)
 			}
 		}
-	})
+	default:
+		t.Fatalf("fillTagged: a %s field; teach fillTagged its kind", v.Type())
+	}
+}
+
+// filled is a T with every tagged field set (fillTagged).
+func filled[T any](t *testing.T) T {
+	var v T
+	n := 0
+	fillTagged(t, reflect.ValueOf(&v).Elem(), &n)
+	return v
+}
+
+// The writers are held to what encoding/json reads back: a field added to
+// a written type and not to its writer comes back zero and fails here,
+// instead of being dropped from every answer.
+func TestJSONAppendWritesEveryField(t *testing.T) {
+	c := filled[chatCompletion](t)
+	checkReadBack(t, "chatCompletion.appendJSON", c, c.appendJSON(nil))
+	u := filled[upstreamRequest](t)
+	body, err := u.MarshalJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkReadBack(t, "upstreamRequest.MarshalJSON (a generation)", u, body)
+
+	// an edit carries the source and, of the generation's fields, all
+	// but these (the service ignores them in an edit)
+	editOmits := map[string]bool{"steps": true, "cfg": true, "seed": true, "negative_prompt": true}
+	u.ImageSource = "https://gw.example/v1/zimage/images/a.png?x=<1>&y=2"
+	body, err = u.MarshalJSON()
+	var edit map[string]any
+	if err != nil || json.Unmarshal(body, &edit) != nil {
+		t.Fatalf("upstreamRequest.MarshalJSON (an edit) = %s, %v", body, err)
+	}
+	if edit["image_source"] != u.ImageSource {
+		t.Errorf("edit body %s: image_source %v, want %q", body, edit["image_source"], u.ImageSource)
+	}
+	var generation map[string]any
+	_ = json.Unmarshal(mustMarshalGeneration(t, u), &generation)
+	for name, v := range generation {
+		if got, ok := edit[name]; editOmits[name] == ok || (ok && !reflect.DeepEqual(got, v)) {
+			t.Errorf("edit body %s: %q is %v (present %v), want it %s", body, name, got, ok, map[bool]string{true: "left out", false: fmt.Sprint(v)}[editOmits[name]])
+		}
+	}
+}
+
+// checkReadBack reads written back with encoding/json into a T, which
+// must give want.
+func checkReadBack[T any](t *testing.T, writer string, want T, written []byte) {
+	t.Helper()
+	var back T
+	if err := json.Unmarshal(written, &back); err != nil {
+		t.Fatalf("%s wrote %s: %v", writer, written, err)
+	}
+	if path := firstDiff(reflect.ValueOf(back), reflect.ValueOf(want), reflect.TypeFor[T]().Name()); path != "" {
+		t.Errorf("%s wrote %s\n%s reads back different from the value written: is it written?", writer, written, path)
+	}
+}
+
+// firstDiff names the first field in which a and b differ, "" if none.
+func firstDiff(a, b reflect.Value, path string) string {
+	switch a.Kind() {
+	case reflect.Pointer:
+		if a.IsNil() || b.IsNil() {
+			break
+		}
+		return firstDiff(a.Elem(), b.Elem(), path)
+	case reflect.Slice:
+		if a.Len() != b.Len() {
+			break
+		}
+		for i := range a.Len() {
+			if d := firstDiff(a.Index(i), b.Index(i), fmt.Sprintf("%s[%d]", path, i)); d != "" {
+				return d
+			}
+		}
+		return ""
+	case reflect.Struct:
+		for i := range a.NumField() {
+			if d := firstDiff(a.Field(i), b.Field(i), path+"."+a.Type().Field(i).Name); d != "" {
+				return d
+			}
+		}
+		return ""
+	}
+	if reflect.DeepEqual(a.Interface(), b.Interface()) {
+		return ""
+	}
+	return path
+}
+
+// mustMarshalGeneration is u's body as a generation.
+func mustMarshalGeneration(t *testing.T, u upstreamRequest) []byte {
+	t.Helper()
+	u.ImageSource = ""
+	b, err := u.MarshalJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -1,7 +1,11 @@
 package zimage
 
 import (
+	"bytes"
+	"encoding/json"
+	"fmt"
 	"net/http"
+	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
@@ -202,6 +206,122 @@ func FuzzUnitMarkdownURL(f *testing.F) {
 		line := "![" + altText(in) + "](" + out + ")"
 		if strings.Count(line, "](") != 1 || strings.Contains(out, ")") {
 			t.Fatalf("image line %q does not parse as one image", line)
+		}
+	})
+}
+
+// refContent is a message's content read as the gateway read it before it
+// was decoded once with the body: kept raw, then decoded by encoding/json
+// into one struct for the prompt and into another for the image of an
+// edit. messageContent must read every message the same.
+type refContent struct {
+	text    string
+	textErr bool
+	images  []string // "type|set|url" of each part, nil when not an edit's content
+}
+
+func readRefContent(raw json.RawMessage) refContent {
+	var ref refContent
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || string(raw) == "null" {
+		return ref
+	}
+	switch raw[0] {
+	case '"':
+		ref.textErr = json.Unmarshal(raw, &ref.text) != nil
+	case '[':
+		var parts []struct {
+			Type string `json:"type"`
+			Text string `json:"text"`
+		}
+		if json.Unmarshal(raw, &parts) != nil {
+			ref.textErr = true
+		}
+		var texts []string
+		for _, p := range parts {
+			if p.Type == "text" && strings.TrimSpace(p.Text) != "" {
+				texts = append(texts, p.Text)
+			}
+		}
+		if !ref.textErr {
+			ref.text = strings.Join(texts, " ")
+		}
+		var images []struct {
+			Type     string `json:"type"`
+			ImageURL *struct {
+				URL string `json:"url"`
+			} `json:"image_url"`
+		}
+		if json.Unmarshal(raw, &images) == nil {
+			ref.images = []string{}
+			for _, p := range images {
+				url := ""
+				if p.ImageURL != nil {
+					url = p.ImageURL.URL
+				}
+				ref.images = append(ref.images, fmt.Sprintf("%s|%v|%s", p.Type, p.ImageURL != nil, url))
+			}
+		}
+	default:
+		ref.textErr = true
+	}
+	return ref
+}
+
+func readContent(c *messageContent) refContent {
+	var got refContent
+	text, err := c.text()
+	got.text, got.textErr = text, err != nil
+	if c.isParts && !c.invalid && !c.badImage() {
+		got.images = []string{}
+		for _, p := range c.parts {
+			got.images = append(got.images, fmt.Sprintf("%s|%v|%s", p.Type, p.ImageURL.set, p.ImageURL.url))
+		}
+	}
+	return got
+}
+
+// FuzzUnitMessageContent holds messageContent to the two decodes it
+// replaced, on any message: its keys in any case, given twice, its
+// values of any type.
+func FuzzUnitMessageContent(f *testing.F) {
+	for _, s := range []string{
+		`{"role":"user","content":"a cat"}`, `{"role":"user","content":null}`, `{"role":"user"}`,
+		`{"role":"user","content":5}`, `{"role":"user","content":{"text":"a"}}`, `{"role":"user","content":["a"]}`,
+		`{"role":"user","content":[{"type":"text","text":"a cat"},{"type":"image_url","image_url":{"url":"https://x/a.png","detail":"auto"}}]}`,
+		`{"role":"user","content":[{"type":"text","text":5},{"type":"image_url","image_url":{"url":"https://x/a.png"}}]}`,
+		`{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":"https://x/a.png"}]}`,
+		`{"role":"user","content":[{"type":"image_url","image_url":{"url":5}}]}`,
+		`{"role":"user","content":[{"type":"image_url","image_url":{"URL":"u","url":null}}]}`,
+		`{"role":"user","content":[{"type":"image_url","image_url":{"url":"a"},"image_url":{}}]}`,
+		`{"role":"user","content":[{"type":"image_url","image_url":{"url":"a"},"image_url":null}]}`,
+		`{"role":"user","content":[{"type":"text","text":5,"text":"a"}]}`, `{"role":"user","content":[{"text":"a","Text":null}]}`,
+		`{"role":"user","content":[null,{},{"type":5}]}`, `{"role":"user","content":"a","content":[{"type":"text","text":"b"}]}`,
+		`{"role":"user","Content":"a","CONTENT":null}`, `{"role":"user","content":"\ud800 \u00e9 \xff"}`,
+		`{"role":5,"content":"a"}`, `null`,
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, message string) {
+		body := []byte(`{"messages":[` + message + `]}`)
+		if !json.Valid(body) {
+			return
+		}
+		var req chatRequest
+		var ref struct {
+			Messages []struct {
+				Role    string          `json:"role"`
+				Content json.RawMessage `json:"content"`
+			} `json:"messages"`
+		}
+		errNew, errRef := json.Unmarshal(body, &req), json.Unmarshal(body, &ref)
+		if (errNew == nil) != (errRef == nil) || len(req.Messages) != len(ref.Messages) {
+			t.Fatalf("%s: decoded %d messages, %v; before: %d, %v", body, len(req.Messages), errNew, len(ref.Messages), errRef)
+		}
+		for i := range req.Messages {
+			if got, want := readContent(&req.Messages[i].Content), readRefContent(ref.Messages[i].Content); !reflect.DeepEqual(got, want) {
+				t.Fatalf("%s: content read as %+v, before as %+v", body, got, want)
+			}
 		}
 	})
 }

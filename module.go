@@ -260,7 +260,7 @@ func (g *Gateway) Cleanup() error {
 	if g.store != nil {
 		g.store.stop() // the sweeper; stored images stay
 	}
-	g.health.stop() // the store's write check loop
+	g.health.stop()    // the store's write check loop
 	g.cleanupUploads() // uploads in flight keep their shares
 	if ic, ok := g.upstream.(*imageClient); ok {
 		ic.closeIdle()

@@ -345,19 +345,60 @@ func ctxFailure(ctx context.Context, timeout time.Duration) *upstreamError {
 }
 
 // upstreamAnswer is the service's reply; error texts come in several shapes.
-// The optional parts of data are raw, so that a type the gateway did not
-// expect there never turns a success into a failure.
+// The optional parts of data read what they can and never fail, so that a
+// type the gateway did not expect there never turns a success into a
+// failure.
 type upstreamAnswer struct {
 	Success *bool `json:"success"`
 	Data    struct {
-		ImageURL        string          `json:"image_url"`
-		PointsUsed      json.RawMessage `json:"points_used"`
-		RemainingPoints json.RawMessage `json:"remaining_points"`
-		ImageID         json.RawMessage `json:"image_id"`
-		ModelName       json.RawMessage `json:"model_name"`
+		ImageURL        string       `json:"image_url"`
+		PointsUsed      answerPoints `json:"points_used"`
+		RemainingPoints answerPoints `json:"remaining_points"`
+		ImageID         answerText   `json:"image_id"`
+		ModelName       answerText   `json:"model_name"`
 	} `json:"data"`
-	Error   json.RawMessage `json:"error"`
-	Message string          `json:"message"`
+	Error   answerError `json:"error"`
+	Message string      `json:"message"`
+}
+
+// answerPoints is a number of points: a JSON number or a numeric string
+// (the service has sent both); anything else, or nothing, is absent.
+type answerPoints struct {
+	n  float64
+	ok bool
+}
+
+func (p *answerPoints) UnmarshalJSON(b []byte) error {
+	p.n, p.ok = parsePoints(b)
+	return nil
+}
+
+// answerText is image_id or model_name, for the log (rawText).
+type answerText string
+
+func (t *answerText) UnmarshalJSON(b []byte) error {
+	*t = answerText(rawText(b))
+	return nil
+}
+
+// answerError is the text of the answer's error: the string itself, or
+// the message of an object; "" for anything else.
+type answerError string
+
+func (e *answerError) UnmarshalJSON(b []byte) error {
+	var s string
+	var obj struct {
+		Message string `json:"message"`
+	}
+	switch {
+	case json.Unmarshal(b, &s) == nil && s != "":
+		*e = answerError(s)
+	case json.Unmarshal(b, &obj) == nil:
+		*e = answerError(obj.Message)
+	default:
+		*e = ""
+	}
+	return nil
 }
 
 // answerBuffers are what the service's answers are read into: a success
@@ -443,12 +484,14 @@ func parseAnswer(resp *http.Response, raw []byte, sent ...string) (upstreamResul
 		return upstreamResult{}, &upstreamError{kind: kindBlocked, message: "Cloudflare challenge page",
 			detail: "HTTP " + strconv.Itoa(resp.StatusCode) + " with an HTML body"}
 	}
-	res, ue := classifyAnswer(resp, raw)
+	// decoded once, for the classification and the no_points check alike;
+	// an HTML page only costs the decoder its first byte
+	var ans upstreamAnswer
+	jsonErr := json.Unmarshal(raw, &ans)
+	res, ue := classifyAnswer(resp, raw, ans, jsonErr)
 	if ue == nil {
 		return res, ue
 	}
-	var ans upstreamAnswer
-	_ = json.Unmarshal(raw, &ans)
 	if resp.StatusCode == http.StatusPaymentRequired || isNoPoints(upstreamMessage(ans, ""), sent...) {
 		return upstreamResult{}, &upstreamError{kind: kindNoPoints, message: upstreamMessage(ans, resp.Status)}
 	}
@@ -555,14 +598,9 @@ func foldEcho(s string) string {
 	}, s)
 }
 
-// classifyAnswer is parseAnswer by status and shape alone.
-func classifyAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamError) {
-	var ans upstreamAnswer
-	var jsonErr error
-	if !readAnswer(raw, &ans) {
-		ans = upstreamAnswer{}
-		jsonErr = json.Unmarshal(raw, &ans)
-	}
+// classifyAnswer is parseAnswer by status and shape alone; ans is raw
+// decoded, jsonErr what decoding it gave.
+func classifyAnswer(resp *http.Response, raw []byte, ans upstreamAnswer, jsonErr error) (upstreamResult, *upstreamError) {
 	switch {
 	case resp.StatusCode == http.StatusTooManyRequests:
 		return upstreamResult{}, &upstreamError{kind: kind429, message: upstreamMessage(ans, resp.Status),
@@ -593,71 +631,11 @@ func classifyAnswer(resp *http.Response, raw []byte) (upstreamResult, *upstreamE
 		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: "answer has an image_url that is not an http(s) URL"}
 	}
 	res := upstreamResult{imageURL: imageURL}
-	res.info.pointsUsed, res.info.hasPointsUsed = parsePoints(ans.Data.PointsUsed)
-	res.info.remainingPoints, res.info.hasRemainingPoints = parsePoints(ans.Data.RemainingPoints)
-	res.info.imageID = rawText(ans.Data.ImageID)
-	res.info.modelName = rawText(ans.Data.ModelName)
+	res.info.pointsUsed, res.info.hasPointsUsed = ans.Data.PointsUsed.n, ans.Data.PointsUsed.ok
+	res.info.remainingPoints, res.info.hasRemainingPoints = ans.Data.RemainingPoints.n, ans.Data.RemainingPoints.ok
+	res.info.imageID = string(ans.Data.ImageID)
+	res.info.modelName = string(ans.Data.ModelName)
 	return res, nil
-}
-
-// The JSON names of upstreamAnswer's fields and of its data, in
-// readAnswer's order.
-var (
-	answerFields     = []string{"success", "data", "error", "message"}
-	answerDataFields = []string{"image_url", "points_used", "remaining_points", "image_id", "model_name"}
-)
-
-// readAnswer is encoding/json's decoding of the service's answer into
-// ans, without reflection (fastjson.go); false when it gave up, and ans
-// is then to be decoded again.
-func readAnswer(raw []byte, ans *upstreamAnswer) bool {
-	r := jsonReader{b: raw}
-	var seen, seenData uint16
-	ok := r.object(func(key []byte) bool {
-		f, ok := r.field(key, answerFields, &seen, 0)
-		switch {
-		case f < 0 || !ok:
-			return ok
-		case f == 2:
-			ans.Error, ok = r.skip(0)
-			return ok
-		case r.null():
-			return true
-		}
-		switch f {
-		case 0:
-			var v bool
-			if v, ok = r.boolean(); ok {
-				ans.Success = &v
-			}
-		case 1:
-			ok = r.object(func(key []byte) bool {
-				f, ok := r.field(key, answerDataFields, &seenData, 1)
-				if f < 0 || !ok {
-					return ok
-				}
-				switch f {
-				case 0:
-					if !r.null() {
-						ans.Data.ImageURL, ok = r.str()
-					}
-				case 1:
-					ans.Data.PointsUsed, ok = r.skip(1)
-				case 2:
-					ans.Data.RemainingPoints, ok = r.skip(1)
-				case 3:
-					ans.Data.ImageID, ok = r.skip(1)
-				default:
-					ans.Data.ModelName, ok = r.skip(1)
-				}
-				return ok
-			})
-		case 3:
-			ans.Message, ok = r.str()
-		}
-		return ok
-	})
-	return ok && r.end()
 }
 
 // isChallenge tells a Cloudflare challenge (or any HTML error page) on a
@@ -697,9 +675,8 @@ func carriedMark(sent []string, mark string) bool {
 	return false
 }
 
-// parsePoints reads a number of points: a JSON number or a numeric string
-// (the service has sent both); anything else, or nothing, is absent.
-func parsePoints(raw json.RawMessage) (float64, bool) {
+// parsePoints reads a number of points (answerPoints).
+func parsePoints(raw []byte) (float64, bool) {
 	s := strings.TrimSpace(string(raw))
 	if u, err := strconv.Unquote(s); err == nil && strings.HasPrefix(s, `"`) {
 		s = strings.TrimSpace(u)
@@ -719,23 +696,14 @@ const maxInfoRunes = 128
 
 // rawText is a JSON string or number as text (image_id and model_name),
 // shortened and without control characters; anything else is "".
-func rawText(raw json.RawMessage) string {
-	if len(raw) == 0 {
-		// absent: both decodes below would fail, each allocating its
-		// error, on every answer that lacks the field (issue 17 item 11)
-		return ""
-	}
-	r := jsonReader{b: raw}
-	s, ok := r.str()
-	if !ok || !r.end() {
-		s = ""
-		if json.Unmarshal(raw, &s) != nil {
-			var n json.Number
-			if json.Unmarshal(raw, &n) != nil {
-				return ""
-			}
-			s = n.String()
+func rawText(raw []byte) string {
+	var s string
+	if json.Unmarshal(raw, &s) != nil {
+		var n json.Number
+		if json.Unmarshal(raw, &n) != nil {
+			return ""
 		}
+		s = n.String()
 	}
 	return truncate(stripControl(strings.TrimSpace(s)), maxInfoRunes)
 }
@@ -745,16 +713,8 @@ func rawText(raw json.RawMessage) string {
 // scrubbing, in apiError.
 func upstreamMessage(ans upstreamAnswer, fallback string) string {
 	msg := ans.Message
-	if len(ans.Error) > 0 {
-		var s string
-		var obj struct {
-			Message string `json:"message"`
-		}
-		if json.Unmarshal(ans.Error, &s) == nil && s != "" {
-			msg = s
-		} else if json.Unmarshal(ans.Error, &obj) == nil && obj.Message != "" {
-			msg = obj.Message
-		}
+	if ans.Error != "" {
+		msg = string(ans.Error)
 	}
 	msg = strings.TrimSpace(msg)
 	if msg == "" {
