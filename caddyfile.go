@@ -81,7 +81,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        edit
 //	        upstream_name <name>
 //	        on_mismatch warn|refuse
+//	        default_response_format url|b64_json|both
 //	    }
+//	    list_aliases
+//	    default_response_format url|b64_json|both
 //	    playground [<path>]
 //	    health [<path>]
 //	}
@@ -232,6 +235,23 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 			}
 			g.Models = append(g.Models, m)
+		case "list_aliases":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			g.ListAliases = true
+		case "default_response_format":
+			if err := once(opt); err != nil {
+				return err
+			}
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			if _, err := parseDefaultFormat(v); err != nil {
+				return d.Errf("zimage_gateway: %v", err)
+			}
+			g.DefaultResponseFormat = v
 		case "playground":
 			if err := once(opt); err != nil {
 				return err

@@ -49,6 +49,7 @@ type sourceImage struct {
 // editForm is a parsed /v1/images/edits request, multipart or JSON.
 type editForm struct {
 	prompt, model, format, n, size string
+	quality, background            string // echoed in the answer
 	stream                         bool
 	source                         *sourceImage
 	ignored                        int // images after the first (SPEC §10.1)
@@ -128,9 +129,14 @@ func (g *Gateway) parseEditForm(w http.ResponseWriter, r *http.Request, up *uplo
 			f.stream = v == "true" || v == "1"
 		case "size":
 			f.size = v
+		case "quality":
+			f.quality = v
+		case "background":
+			f.background = v
 		}
-		// quality, background, input_fidelity, output_format,
-		// partial_images, user…: accepted and ignored (§10.1)
+		// input_fidelity, output_format, output_compression, moderation,
+		// partial_images, user…: accepted and ignored (the gateway does
+		// not transcode)
 	}
 	if f.source == nil {
 		return nil, invalidRequest("image", "'image' is required: send the image to edit as a file in the field 'image'")
@@ -258,6 +264,8 @@ type editJSONRequest struct {
 	N              *int   `json:"n"`
 	Size           string `json:"size"`
 	ResponseFormat string `json:"response_format"`
+	Quality        string `json:"quality"`
+	Background     string `json:"background"`
 	Stream         bool   `json:"stream"`
 }
 
@@ -284,7 +292,8 @@ func (g *Gateway) decodeEditJSON(body *chatBody) (*editForm, *apiError) {
 	if e := decodeJSON(body.json, &req); e != nil {
 		return nil, e
 	}
-	f := &editForm{prompt: strings.TrimSpace(req.Prompt), model: req.Model, format: req.ResponseFormat, size: req.Size, stream: req.Stream}
+	f := &editForm{prompt: strings.TrimSpace(req.Prompt), model: req.Model, format: req.ResponseFormat, size: req.Size, stream: req.Stream,
+		quality: req.Quality, background: req.Background}
 	if req.N != nil {
 		f.n = strconv.Itoa(*req.N)
 	}
@@ -418,7 +427,12 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointEdits, m.name, e)
 		return
 	}
-	format, e := parseFormat(f.format)
+	format, e := g.parseFormat(f.format, m, f.model)
+	if e != nil {
+		g.fail(w, endpointEdits, m.name, e)
+		return
+	}
+	look, e := parseLook(f.quality, f.background)
 	if e != nil {
 		g.fail(w, endpointEdits, m.name, e)
 		return
@@ -430,7 +444,7 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointEdits, m.name, e)
 		return
 	}
-	g.run(w, r, j, n, g.imagesRenderer(f.stream, format))
+	g.run(w, r, j, n, g.imagesRenderer(f.stream, format, look))
 }
 
 // newEditJob makes the job of an edit: the instruction as the prompt (no

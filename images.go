@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -15,14 +16,19 @@ import (
 )
 
 // imagesRequest is the OpenAI Images API body plus the gateway's
-// extensions (seed, cfg, negative_prompt). Fields the gateway cannot use
-// (quality, style, user, background, output_format, …) are ignored.
+// extensions (seed, cfg, negative_prompt). quality and background are
+// echoed in the answer, as OpenAI's answers carry them; the other fields of
+// today's API (output_format, output_compression, moderation, style, user,
+// partial_images, …) are accepted and ignored: the service makes one kind
+// of image and the gateway does not transcode it.
 type imagesRequest struct {
 	Prompt         *string         `json:"prompt"`
 	Model          string          `json:"model"`
 	N              *int            `json:"n"`
 	Size           string          `json:"size"`
 	ResponseFormat string          `json:"response_format"`
+	Quality        string          `json:"quality"`
+	Background     string          `json:"background"`
 	Seed           json.RawMessage `json:"seed"`
 	CFG            *float64        `json:"cfg"`
 	NegativePrompt *string         `json:"negative_prompt"`
@@ -31,26 +37,75 @@ type imagesRequest struct {
 
 const maxImagesN = 4
 
-type imagesResponse struct {
-	Created int64       `json:"created"`
-	Data    []imageData `json:"data"`
+// The forms of an image in an answer: its URL, its bytes in base64, or
+// both (only as a default: a request asks for one or the other).
+const (
+	formatURL  = "url"
+	formatB64  = "b64_json"
+	formatBoth = "both"
+)
+
+// parseDefaultFormat reads default_response_format.
+func parseDefaultFormat(s string) (string, error) {
+	switch f := strings.TrimSpace(s); f {
+	case "", formatURL, formatB64, formatBoth:
+		return f, nil
+	}
+	return "", fmt.Errorf("default_response_format must be url, b64_json or both, got %q", s)
 }
 
-type imageData struct {
-	URL           string `json:"url,omitempty"`
-	B64JSON       string `json:"b64_json,omitempty"`
-	RevisedPrompt string `json:"revised_prompt"`
-}
-
-// parseFormat reads response_format: url (the default) or b64_json.
-func parseFormat(s string) (string, *apiError) {
+// parseFormat reads response_format. A request without one gets the
+// model's default_response_format, else the gateway's, else what clients
+// of today's API expect: OpenAI's gpt-image models always answer b64_json
+// and SDKs send those names without response_format, then read b64_json
+// only; for any other name both forms, so a client that reads either
+// works.
+func (g *Gateway) parseFormat(s string, m *model, requested string) (string, *apiError) {
 	switch f := strings.ToLower(strings.TrimSpace(s)); f {
 	case "":
-		return "url", nil
-	case "url", "b64_json":
+		switch {
+		case m.defaultFormat != "":
+			return m.defaultFormat, nil
+		case g.DefaultResponseFormat != "":
+			return g.DefaultResponseFormat, nil
+		}
+		name := strings.ToLower(strings.TrimSpace(requested))
+		if strings.HasPrefix(name, "gpt-image-") || strings.HasPrefix(name, "chatgpt-image-") {
+			return formatB64, nil
+		}
+		return formatBoth, nil
+	case formatURL, formatB64:
 		return f, nil
 	}
 	return "", invalidRequest("response_format", "response_format must be \"url\" or \"b64_json\"")
+}
+
+// imageLook is what an image answer reports of the images beside them, as
+// OpenAI's answers do: quality and background as asked (the service has
+// neither setting, so nothing else can be said of them).
+type imageLook struct {
+	quality, background string
+}
+
+// parseLook reads quality and background. Only OpenAI's values are
+// accepted: they are echoed in the answer.
+func parseLook(quality, background string) (imageLook, *apiError) {
+	l := imageLook{quality: strings.ToLower(strings.TrimSpace(quality)), background: strings.ToLower(strings.TrimSpace(background))}
+	switch l.quality {
+	case "":
+		l.quality = "auto"
+	case "auto", "low", "medium", "high", "standard", "hd":
+	default:
+		return l, invalidRequest("quality", "quality must be auto, low, medium, high, standard or hd")
+	}
+	switch l.background {
+	case "":
+		l.background = "auto"
+	case "auto", "transparent", "opaque":
+	default:
+		return l, invalidRequest("background", "background must be auto, transparent or opaque")
+	}
+	return l, nil
 }
 
 // parseSize reads "WxH"; "auto" or "" leave the size to the ratio rules.
@@ -103,7 +158,12 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointImages, m.name, invalidRequest("n", fmt.Sprintf("n must be between 1 and %d", maxImagesN)))
 		return
 	}
-	format, e := parseFormat(req.ResponseFormat)
+	format, e := g.parseFormat(req.ResponseFormat, m, req.Model)
+	if e != nil {
+		g.fail(w, endpointImages, m.name, e)
+		return
+	}
+	look, e := parseLook(req.Quality, req.Background)
 	if e != nil {
 		g.fail(w, endpointImages, m.name, e)
 		return
@@ -120,36 +180,62 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	g.run(w, r, j, n, g.imagesRenderer(req.Stream, format))
+	g.run(w, r, j, n, g.imagesRenderer(req.Stream, format, look))
 }
 
 // imagesRenderer is the way out of the Images API (generations and
-// edits): a JSON answer with URLs or base64, or a stream of events.
-func (g *Gateway) imagesRenderer(stream bool, format string) renderer {
+// edits): a JSON answer with URLs, base64 or both, or a stream of events.
+func (g *Gateway) imagesRenderer(stream bool, format string, look imageLook) renderer {
 	if stream {
-		return &imagesStream{interval: time.Duration(g.StreamKeepalive)}
+		return &imagesStream{interval: time.Duration(g.StreamKeepalive), look: look}
 	}
-	return imagesJSON{b64: format == "b64_json"}
+	return imagesJSON{format: format, look: look}
 }
 
-// imagesJSON answers {"created","data":[{"url"|"b64_json","revised_prompt"}]}
-// (SPEC §5, §10.1).
-type imagesJSON struct{ b64 bool }
+// imagesJSON answers {"created","data":[{"url","b64_json","revised_prompt"}],
+// "size","output_format","quality","background"}, each image with the
+// forms asked for.
+type imagesJSON struct {
+	format string
+	look   imageLook
+}
 
-func (o imagesJSON) needBytes() bool                               { return o.b64 }
+func (o imagesJSON) needBytes() bool                               { return o.format != formatURL }
 func (imagesJSON) begin(http.ResponseWriter, *job)                 {}
 func (imagesJSON) fail(w http.ResponseWriter, _ *job, e *apiError) { writeError(w, e) }
 
 func (o imagesJSON) write(w http.ResponseWriter, res *output) {
-	if o.b64 {
-		writeB64Answer(w, res.jobs, res.images)
-		return
+	writeImagesAnswer(w, res, o.format != formatB64, o.format != formatURL, o.look)
+}
+
+// heldSize is the size an answer reports of an image: the real one when
+// the gateway held its bytes (the service has answered other sizes than
+// asked), else the size asked of the service.
+func heldSize(j *job) string {
+	w, h := j.width, j.height
+	if j.gotWidth > 0 {
+		w, h = j.gotWidth, j.gotHeight
 	}
-	data := make([]imageData, len(res.jobs))
-	for i, j := range res.jobs {
-		data[i] = imageData{URL: j.imageURL, RevisedPrompt: j.prompt}
+	return strconv.Itoa(w) + "x" + strconv.Itoa(h)
+}
+
+// heldFormat is the format an answer reports of an image: the real one
+// when the gateway holds its bytes (img, or the store's copy, whose name
+// carries it), else png, the service's usual format.
+func heldFormat(j *job, img []byte) string {
+	ext := ""
+	if img != nil {
+		ext, _, _ = sniffImage(img)
+	} else if j.stored != "" {
+		ext = strings.TrimPrefix(path.Ext(j.stored), ".")
 	}
-	writeJSON(w, http.StatusOK, imagesResponse{Created: time.Now().Unix(), Data: data})
+	switch ext {
+	case "jpg", "jpeg":
+		return "jpeg"
+	case "webp":
+		return "webp"
+	}
+	return "png"
 }
 
 // generateN runs n generations of one enhanced job in parallel (each waits
@@ -210,17 +296,40 @@ func rootCause(errs []*apiError) *apiError {
 	return first
 }
 
-// writeB64Answer writes the images answer with each image's base64 encoded
-// straight into the response, so an image is held once, as its bytes, and
-// never again as a base64 string and its JSON encoding (issue 8).
-func writeB64Answer(w http.ResponseWriter, jobs []*job, images [][]byte) {
+// writeImagesAnswer writes the images answer with each image's base64
+// encoded straight into the response, so an image is held once, as its
+// bytes, and never again as a base64 string and its JSON encoding (the
+// memory of a burst of b64_json answers stays within the download slots).
+func writeImagesAnswer(w http.ResponseWriter, res *output, withURL, withB64 bool, look imageLook) {
 	head := []byte(`{"created":` + strconv.FormatInt(time.Now().Unix(), 10) + `,"data":[`)
-	tails := make([][]byte, len(jobs))
-	total := len(head) + len("]}")
-	for i, j := range jobs {
+	var first []byte
+	if withB64 {
+		first = res.images[0]
+	}
+	foot, _ := json.Marshal(struct {
+		Size         string `json:"size"`
+		OutputFormat string `json:"output_format"`
+		Quality      string `json:"quality"`
+		Background   string `json:"background"`
+	}{heldSize(res.jobs[0]), heldFormat(res.jobs[0], first), look.quality, look.background})
+	foot[0] = ','
+	// each item is pre, the base64 when asked for, and post
+	pre, post := make([][]byte, len(res.jobs)), make([][]byte, len(res.jobs))
+	total := len(head) + len("]") + len(foot)
+	for i, j := range res.jobs {
+		b := []byte{'{'}
+		if withURL {
+			u, _ := json.Marshal(j.imageURL)
+			b = append(append(append(b, `"url":`...), u...), ',')
+		}
+		if withB64 {
+			b = append(b, `"b64_json":"`...)
+			post[i] = []byte(`",`)
+			total += base64.StdEncoding.EncodedLen(len(res.images[i]))
+		}
 		p, _ := json.Marshal(j.prompt)
-		tails[i] = append([]byte(`","revised_prompt":`), append(p, '}')...)
-		total += len(`{"b64_json":"`) + base64.StdEncoding.EncodedLen(len(images[i])) + len(tails[i])
+		pre[i], post[i] = b, append(append(append(post[i], `"revised_prompt":`...), p...), '}')
+		total += len(pre[i]) + len(post[i])
 		if i > 0 {
 			total++
 		}
@@ -231,16 +340,19 @@ func writeB64Answer(w http.ResponseWriter, jobs []*job, images [][]byte) {
 	w.WriteHeader(http.StatusOK)
 	bw := bufio.NewWriterSize(w, 32<<10)
 	bw.Write(head)
-	for i := range jobs {
+	for i := range res.jobs {
 		if i > 0 {
 			bw.WriteByte(',')
 		}
-		bw.WriteString(`{"b64_json":"`)
-		enc := base64.NewEncoder(base64.StdEncoding, bw)
-		enc.Write(images[i])
-		enc.Close()
-		bw.Write(tails[i])
+		bw.Write(pre[i])
+		if withB64 {
+			enc := base64.NewEncoder(base64.StdEncoding, bw)
+			enc.Write(res.images[i])
+			enc.Close()
+		}
+		bw.Write(post[i])
 	}
-	bw.WriteString("]}")
+	bw.WriteByte(']')
+	bw.Write(foot)
 	_ = bw.Flush() // a client that left is not an error to report
 }

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"image"
 	"image/color"
+	"image/jpeg"
 	"image/png"
 	"io"
 	"net/http"
@@ -595,4 +596,184 @@ func TestImagesSDKError(t *testing.T) {
 	if !errors.As(err, &oe) || oe.StatusCode != http.StatusTooManyRequests || oe.Code != "rate_limit_exceeded" || !strings.Contains(oe.Message, "quota exceeded") {
 		t.Fatalf("error %v, want a 429 API error naming the upstream's message", err)
 	}
+}
+
+// The answer form without response_format: OpenAI's gpt-image names get
+// b64_json only (as OpenAI answers them, and as SDKs that send them without
+// response_format read them), any other name both forms; an explicit value
+// is honoured exactly, and default_response_format (gateway, then model)
+// replaces the default.
+func TestImagesDefaultFormat(t *testing.T) {
+	f := newEditFake(t)
+	models := "model Z-Image {\n\t\talias gpt-image-1 ChatGPT-Image-Latest dall-e-3\n\t}\n\tmodel Z-Url {\n\t\tdefault_response_format url\n\t}\n\tmodel Qwen-Image-Edit {\n\t\tmodel_index 19\n\t\tedit\n\t}\n\t"
+	startCaddy(t, gatewaySite(f.fakeUpstream, nil, models+fmt.Sprintf("store {\n\t\tstorage file_system %s\n\t}", t.TempDir())))
+	forms := func(raw []byte) string {
+		a := parseImages(t, raw)
+		var keys []string
+		for k := range a.raw.Data[0] {
+			if k != "revised_prompt" {
+				keys = append(keys, k)
+			}
+		}
+		sort.Strings(keys)
+		if d := a.Data[0]; d.B64JSON != "" {
+			if b, err := base64.StdEncoding.DecodeString(d.B64JSON); err != nil || !bytes.Equal(b, f.result) {
+				t.Errorf("b64_json is not the image (%v)", err)
+			}
+		}
+		return strings.Join(keys, "+")
+	}
+	for _, tc := range []struct{ model, format, want string }{
+		{"", "", "b64_json+url"},
+		{"dall-e-3", "", "b64_json+url"},
+		{"gpt-image-1", "", "b64_json"},
+		{"chatgpt-image-latest", "", "b64_json"},
+		{"gpt-image-1", "url", "url"},
+		{"Z-Image", "b64_json", "b64_json"},
+		{"Z-Url", "", "url"},
+		{"Z-Url", "b64_json", "b64_json"},
+	} {
+		body := fmt.Sprintf(`{"prompt":"a cat","model":%q`, tc.model)
+		if tc.format != "" {
+			body += fmt.Sprintf(`,"response_format":%q`, tc.format)
+		}
+		status, _, raw := do(t, http.MethodPost, "/v1/images/generations", body+"}")
+		if status != http.StatusOK {
+			t.Fatalf("%s: %d %s", body, status, raw)
+		}
+		if got := forms(raw); got != tc.want {
+			t.Errorf("generation %s}: %s, want %s", body, got, tc.want)
+		}
+	}
+	// edits, in both forms: the Vercel AI SDK sends every edit without
+	// response_format
+	for _, tc := range []struct{ model, want string }{{"", "b64_json+url"}, {"gpt-image-1", "b64_json"}} {
+		ct, body := multipartBody(t, [][2]string{{"prompt", "make it night"}, {"model", tc.model}}, map[string][]byte{"image": storeTestPNG(t, 10, 10)})
+		status, _, raw := postEdit(t, ct, body)
+		if status != http.StatusOK {
+			t.Fatalf("edit: %d %s", status, raw)
+		}
+		if got := forms(raw); got != tc.want {
+			t.Errorf("multipart edit on %q: %s, want %s", tc.model, got, tc.want)
+		}
+		js := fmt.Sprintf(`{"prompt":"make it night","model":%q,"images":[{"image_url":"data:image/png;base64,%s"}]}`, tc.model, base64.StdEncoding.EncodeToString(storeTestPNG(t, 10, 10)))
+		status, _, raw = postEdit(t, "application/json", strings.NewReader(js))
+		if status != http.StatusOK {
+			t.Fatalf("edit: %d %s", status, raw)
+		}
+		if got := forms(raw); got != tc.want {
+			t.Errorf("JSON edit on %q: %s, want %s", tc.model, got, tc.want)
+		}
+	}
+
+	// the gateway's default, under a model's own
+	startCaddy(t, gatewaySite(f.fakeUpstream, nil, "default_response_format url\n\t"+models))
+	for model, want := range map[string]string{"gpt-image-1": "url", "Z-Image": "url"} {
+		status, _, raw := do(t, http.MethodPost, "/v1/images/generations", fmt.Sprintf(`{"prompt":"a cat","model":%q}`, model))
+		if status != http.StatusOK {
+			t.Fatalf("%d %s", status, raw)
+		}
+		if got := forms(raw); got != want {
+			t.Errorf("default_response_format url, %s: %s, want %s", model, got, want)
+		}
+	}
+	status, _, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","response_format":"both"}`)
+	if status != http.StatusBadRequest || !strings.Contains(string(raw), `"param":"response_format"`) {
+		t.Errorf("response_format both: %d %s, want a 400 (a request asks for one form)", status, raw)
+	}
+}
+
+// Image answers carry size, output_format, quality and background at the
+// top level, as OpenAI's do: the real size and format when the gateway
+// holds the bytes, else the size asked and png; quality and background as
+// asked. Today's request fields are accepted. Read with the official SDK,
+// whose types have these fields, for generations and edits, plain and
+// streamed.
+func TestImagesAnswerFields(t *testing.T) {
+	f := newEditFake(t)
+	f.result = storeTestJPEG(t, 24, 16)
+	editSite(t, f, "on", "")
+	client := sdkFor(baseURL+"/v1/", testClientKey)
+	ctx := context.Background()
+	newer := []option.RequestOption{option.WithJSONSet("style", "vivid"), option.WithJSONSet("input_fidelity", "high")}
+
+	gen, err := client.Images.Generate(ctx, openai.ImageGenerateParams{
+		Prompt: "a cat", Size: openai.ImageGenerateParamsSize1024x1024,
+		Quality: openai.ImageGenerateParamsQualityHigh, Background: openai.ImageGenerateParamsBackgroundOpaque,
+		OutputFormat: openai.ImageGenerateParamsOutputFormatWebP, OutputCompression: openai.Int(80),
+		Moderation: openai.ImageGenerateParamsModerationLow, User: openai.String("u1"),
+	}, newer...)
+	if err != nil {
+		t.Fatalf("Images.Generate: %v", err)
+	}
+	// the store holds the bytes: the real size and format, not the 1024x1024 asked
+	if gen.Size != "24x16" || gen.OutputFormat != "jpeg" || gen.Quality != "high" || gen.Background != "opaque" {
+		t.Errorf("generation answer: size %q, output_format %q, quality %q, background %q", gen.Size, gen.OutputFormat, gen.Quality, gen.Background)
+	}
+	edit, err := client.Images.Edit(ctx, openai.ImageEditParams{
+		Image:  openai.ImageEditParamsImageUnion{OfFile: openai.File(bytes.NewReader(storeTestPNG(t, 10, 10)), "a.png", "image/png")},
+		Prompt: "make it night", InputFidelity: openai.ImageEditParamsInputFidelityHigh,
+		OutputFormat: openai.ImageEditParamsOutputFormatPNG, User: openai.String("u1"),
+		Background: openai.ImageEditParamsBackgroundTransparent,
+	})
+	if err != nil {
+		t.Fatalf("Images.Edit: %v", err)
+	}
+	if edit.Size != "24x16" || edit.OutputFormat != "jpeg" || edit.Quality != "auto" || edit.Background != "transparent" {
+		t.Errorf("edit answer: size %q, output_format %q, quality %q, background %q", edit.Size, edit.OutputFormat, edit.Quality, edit.Background)
+	}
+
+	st := client.Images.GenerateStreaming(ctx, openai.ImageGenerateParams{Prompt: "a cat", Quality: openai.ImageGenerateParamsQualityLow, Background: openai.ImageGenerateParamsBackgroundOpaque})
+	for st.Next() {
+		c := st.Current().AsImageGenerationCompleted()
+		if c.Size != "24x16" || c.OutputFormat != "jpeg" || c.Quality != "low" || c.Background != "opaque" {
+			t.Errorf("generation completed event: size %q, output_format %q, quality %q, background %q", c.Size, c.OutputFormat, c.Quality, c.Background)
+		}
+	}
+	if err := st.Err(); err != nil {
+		t.Fatal(err)
+	}
+	est := client.Images.EditStreaming(ctx, openai.ImageEditParams{
+		Image:   openai.ImageEditParamsImageUnion{OfFile: openai.File(bytes.NewReader(storeTestPNG(t, 10, 10)), "a.png", "image/png")},
+		Prompt:  "make it night",
+		Quality: openai.ImageEditParamsQualityMedium,
+	})
+	for est.Next() {
+		c := est.Current().AsImageEditCompleted()
+		if c.Size != "24x16" || c.OutputFormat != "jpeg" || c.Quality != "medium" || c.Background != "auto" {
+			t.Errorf("edit completed event: size %q, output_format %q, quality %q, background %q", c.Size, c.OutputFormat, c.Quality, c.Background)
+		}
+	}
+	if err := est.Err(); err != nil {
+		t.Fatal(err)
+	}
+
+	// without the bytes (no store, url asked): the size asked, png
+	startCaddy(t, gatewaySite(f.fakeUpstream, nil, ""))
+	status, _, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","size":"512x768","response_format":"url"}`)
+	var top struct{ Size, OutputFormat, Quality, Background string }
+	json.Unmarshal(raw, &struct {
+		Size         *string `json:"size"`
+		OutputFormat *string `json:"output_format"`
+		Quality      *string `json:"quality"`
+		Background   *string `json:"background"`
+	}{&top.Size, &top.OutputFormat, &top.Quality, &top.Background})
+	if status != 200 || top.Size != "512x768" || top.OutputFormat != "png" || top.Quality != "auto" || top.Background != "auto" {
+		t.Errorf("url answer without the bytes: %d %+v", status, top)
+	}
+	for _, body := range []string{`{"prompt":"a cat","quality":"ultra"}`, `{"prompt":"a cat","background":"pink"}`} {
+		if status, _, raw := do(t, http.MethodPost, "/v1/images/generations", body); status != http.StatusBadRequest {
+			t.Errorf("%s: %d %s, want 400", body, status, raw)
+		}
+	}
+}
+
+// storeTestJPEG is a w×h JPEG.
+func storeTestJPEG(t testing.TB, w, h int) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	if err := jpeg.Encode(&b, image.NewRGBA(image.Rect(0, 0, w, h)), nil); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
 }

@@ -64,6 +64,11 @@ type ModelConfig struct {
 	// model_mismatch instead of the image. Both count
 	// caddy_zimage_model_mismatch_total. Default: warn.
 	OnMismatch string `json:"on_mismatch,omitempty"`
+
+	// DefaultResponseFormat is how this model's images are answered by the
+	// Images API when a request gives no response_format: "url",
+	// "b64_json" or "both". Default: the gateway's default_response_format.
+	DefaultResponseFormat string `json:"default_response_format,omitempty"`
 }
 
 // The values of on_mismatch (SPEC §14.1).
@@ -83,7 +88,8 @@ type model struct {
 	cfg            float64
 	negativePrompt string
 	created        int64
-	edit           bool // an edit model (SPEC §10)
+	edit           bool   // an edit model (SPEC §10)
+	defaultFormat  string // default_response_format; "" = the gateway's
 
 	// model identity (SPEC §14.1): the service's name of the model and its
 	// normalised form ("" = no check); warned is set by the first mismatch,
@@ -101,6 +107,10 @@ func (g *Gateway) provisionModels() error {
 	if len(cfgs) == 0 {
 		// the one default model is the service's Z-Image (SPEC §14)
 		cfgs = []ModelConfig{{Name: defaultModelName, UpstreamName: defaultModelName}}
+	}
+	var err error
+	if g.DefaultResponseFormat, err = parseDefaultFormat(g.DefaultResponseFormat); err != nil {
+		return fmt.Errorf("zimage_gateway: %v", err)
 	}
 	now := time.Now().Unix()
 	g.models = make([]*model, 0, len(cfgs))
@@ -140,6 +150,9 @@ func (g *Gateway) provisionModels() error {
 		if err := m.provisionIdentity(mc); err != nil {
 			return err
 		}
+		if m.defaultFormat, err = parseDefaultFormat(mc.DefaultResponseFormat); err != nil {
+			return fmt.Errorf("zimage_gateway: model %s: %v", name, err)
+		}
 		for _, n := range append([]string{name}, mc.Aliases...) {
 			key := strings.ToLower(strings.TrimSpace(n))
 			if key == "" {
@@ -153,10 +166,16 @@ func (g *Gateway) provisionModels() error {
 		g.models = append(g.models, m)
 	}
 	list := modelList{Object: "list", Data: make([]modelObject, 0, len(g.models))}
-	for _, m := range g.models {
+	for i, m := range g.models {
 		list.Data = append(list.Data, m.object())
+		if g.ListAliases && i < len(g.Models) {
+			for _, a := range g.Models[i].Aliases {
+				if a = strings.TrimSpace(a); a != "" {
+					list.Data = append(list.Data, m.objectAs(a))
+				}
+			}
+		}
 	}
-	var err error
 	g.modelsJSON, err = json.Marshal(list)
 	return err
 }
@@ -296,6 +315,12 @@ func unmarshalModel(d *caddyfile.Dispenser) (ModelConfig, error) {
 				return m, d.ArgErr()
 			}
 			m.Edit = true
+		case "default_response_format":
+			if m.DefaultResponseFormat, err = singleArg(d); err == nil {
+				if _, perr := parseDefaultFormat(m.DefaultResponseFormat); perr != nil {
+					return m, d.Errf("zimage_gateway: model %s: %v", m.Name, perr)
+				}
+			}
 		default:
 			return m, d.Errf("unrecognized zimage_gateway model option '%s'", opt)
 		}
@@ -306,21 +331,31 @@ func unmarshalModel(d *caddyfile.Dispenser) (ModelConfig, error) {
 	return m, nil
 }
 
-// modelObject is one entry of /v1/models.
+// modelObject is one entry of /v1/models. SupportedEndpointTypes is New
+// API's convention, which Cherry Studio's "New API" provider reads to put
+// a model on its painting page ("image-generation") as well as in chat.
 type modelObject struct {
-	ID      string `json:"id"`
-	Object  string `json:"object"`
-	Created int64  `json:"created"`
-	OwnedBy string `json:"owned_by"`
+	ID                     string   `json:"id"`
+	Object                 string   `json:"object"`
+	Created                int64    `json:"created"`
+	OwnedBy                string   `json:"owned_by"`
+	SupportedEndpointTypes []string `json:"supported_endpoint_types"`
 }
+
+// endpointTypes are what every model serves: the Images API, chat
+// completions and the Responses API.
+var endpointTypes = []string{"image-generation", "openai", "openai-response"}
 
 type modelList struct {
 	Object string        `json:"object"`
 	Data   []modelObject `json:"data"`
 }
 
-func (m *model) object() modelObject {
-	return modelObject{ID: m.name, Object: "model", Created: m.created, OwnedBy: "sd-exacg-gateway"}
+func (m *model) object() modelObject { return m.objectAs(m.name) }
+
+// objectAs is the model's entry under one of its names.
+func (m *model) objectAs(id string) modelObject {
+	return modelObject{ID: id, Object: "model", Created: m.created, OwnedBy: "sd-exacg-gateway", SupportedEndpointTypes: endpointTypes}
 }
 
 func (g *Gateway) serveModels(w http.ResponseWriter) {
@@ -330,13 +365,24 @@ func (g *Gateway) serveModels(w http.ResponseWriter) {
 }
 
 func (g *Gateway) serveModel(w http.ResponseWriter, id string) {
-	// aliases resolve too, but the object names the model as listed
+	// aliases resolve too, but the object names the model as listed:
+	// under the alias when aliases are listed
 	m := g.lookupModel(id)
 	if m == nil || strings.TrimSpace(id) == "" {
 		g.fail(w, endpointModels, "", errModelNotFound(id))
 		return
 	}
-	writeJSON(w, http.StatusOK, m.object())
+	obj := m.object()
+	if g.ListAliases {
+		for _, mc := range g.Models {
+			for _, a := range mc.Aliases {
+				if strings.EqualFold(strings.TrimSpace(a), strings.TrimSpace(id)) {
+					obj = m.objectAs(strings.TrimSpace(a))
+				}
+			}
+		}
+	}
+	writeJSON(w, http.StatusOK, obj)
 	metricRequests.WithLabelValues(endpointModels, m.name, "200").Inc()
 }
 

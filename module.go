@@ -115,6 +115,19 @@ type Gateway struct {
 	// model, "Z-Image", with model_index 5, 8 steps and cfg 7.0.
 	Models []ModelConfig `json:"models,omitempty"`
 
+	// ListAliases lists each model's aliases in /v1/models as models of
+	// their own. Default: off, since clients show every entry of the list
+	// as a model to pick.
+	ListAliases bool `json:"list_aliases,omitempty"`
+
+	// DefaultResponseFormat is how the Images API answers a request that
+	// gives no response_format: "url", "b64_json" or "both" (each image
+	// with its URL and its base64). Default: b64_json for a model named
+	// gpt-image-* or chatgpt-image-* (as OpenAI answers those, and as the
+	// SDKs that send no response_format for them expect), both otherwise.
+	// A model's own default_response_format comes first.
+	DefaultResponseFormat string `json:"default_response_format,omitempty"`
+
 	// ImageHosts lists extra image hosts (besides the upstream URL's
 	// origin) from which images may be downloaded, for b64_json and the
 	// store: "host" is that host on ports 80 (http) and 443 (https) only,

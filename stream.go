@@ -169,6 +169,7 @@ func (c *chatRenderer) writeStream(content string) {
 // no partial images: partial_images is accepted and none are sent.
 type imagesStream struct {
 	interval time.Duration
+	look     imageLook
 	kind     string // image_generation or image_edit
 	sse      *sseWriter
 }
@@ -197,17 +198,9 @@ func (s *imagesStream) write(w http.ResponseWriter, res *output) {
 	s.sse.stop()
 	created := strconv.FormatInt(time.Now().Unix(), 10)
 	for i, img := range res.images {
-		ext, _, _ := sniffImage(img)
-		format := map[string]string{"jpg": "jpeg"}[ext]
-		if format == "" {
-			format = ext
-		}
-		width, height := imageSize(img, ext)
-		if width == 0 {
-			width, height = res.jobs[i].width, res.jobs[i].height
-		}
-		tail := `","created_at":` + created + `,"size":"` + strconv.Itoa(width) + "x" + strconv.Itoa(height) +
-			`","output_format":"` + format + `","quality":"auto","background":"auto"` +
+		j := res.jobs[i]
+		tail := `","created_at":` + created + `,"size":"` + heldSize(j) +
+			`","output_format":"` + heldFormat(j, img) + `","quality":"` + s.look.quality + `","background":"` + s.look.background + `"` +
 			`,"usage":{"input_tokens":0,"output_tokens":0,"total_tokens":0,` +
 			`"input_tokens_details":{"image_tokens":0,"text_tokens":0}}}`
 		s.sse.eventWith(s.kind+".completed", func(w *bufio.Writer) {
