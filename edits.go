@@ -444,6 +444,7 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, endpointEdits, m.name, e)
 		return
 	}
+	j.bytesOptional = format == formatBoth && !f.stream
 	g.run(w, r, j, n, g.imagesRenderer(f.stream, format, look))
 }
 

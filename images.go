@@ -180,6 +180,7 @@ func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	j.bytesOptional = format == formatBoth && !req.Stream
 	g.run(w, r, j, n, g.imagesRenderer(req.Stream, format, look))
 }
 
@@ -302,16 +303,20 @@ func rootCause(errs []*apiError) *apiError {
 // memory of a burst of b64_json answers stays within the download slots).
 func writeImagesAnswer(w http.ResponseWriter, res *output, withURL, withB64 bool, look imageLook) {
 	head := []byte(`{"created":` + strconv.FormatInt(time.Now().Unix(), 10) + `,"data":[`)
-	var first []byte
-	if withB64 {
-		first = res.images[0]
+	// a download that failed for an answer with both forms leaves that
+	// image without its base64
+	held := func(i int) []byte {
+		if withB64 && res.images != nil {
+			return res.images[i]
+		}
+		return nil
 	}
 	foot, _ := json.Marshal(struct {
 		Size         string `json:"size"`
 		OutputFormat string `json:"output_format"`
 		Quality      string `json:"quality"`
 		Background   string `json:"background"`
-	}{heldSize(res.jobs[0]), heldFormat(res.jobs[0], first), look.quality, look.background})
+	}{heldSize(res.jobs[0]), heldFormat(res.jobs[0], held(0)), look.quality, look.background})
 	foot[0] = ','
 	// each item is pre, the base64 when asked for, and post
 	pre, post := make([][]byte, len(res.jobs)), make([][]byte, len(res.jobs))
@@ -322,10 +327,10 @@ func writeImagesAnswer(w http.ResponseWriter, res *output, withURL, withB64 bool
 			u, _ := json.Marshal(j.imageURL)
 			b = append(append(append(b, `"url":`...), u...), ',')
 		}
-		if withB64 {
+		if img := held(i); img != nil {
 			b = append(b, `"b64_json":"`...)
 			post[i] = []byte(`",`)
-			total += base64.StdEncoding.EncodedLen(len(res.images[i]))
+			total += base64.StdEncoding.EncodedLen(len(img))
 		}
 		p, _ := json.Marshal(j.prompt)
 		pre[i], post[i] = b, append(append(append(post[i], `"revised_prompt":`...), p...), '}')
@@ -345,9 +350,9 @@ func writeImagesAnswer(w http.ResponseWriter, res *output, withURL, withB64 bool
 			bw.WriteByte(',')
 		}
 		bw.Write(pre[i])
-		if withB64 {
+		if img := held(i); img != nil {
 			enc := base64.NewEncoder(base64.StdEncoding, bw)
-			enc.Write(res.images[i])
+			enc.Write(img)
 			enc.Close()
 		}
 		bw.Write(post[i])

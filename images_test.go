@@ -677,7 +677,23 @@ func TestImagesDefaultFormat(t *testing.T) {
 			t.Errorf("default_response_format url, %s: %s, want %s", model, got, want)
 		}
 	}
-	status, _, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","response_format":"both"}`)
+	// both forms without being asked for them by name: an image the gateway
+	// cannot download (its host is not allowed) goes out with its URL
+	// alone, as it did before the default had base64; asked for b64_json,
+	// the request fails; streamed, it fails as an error event
+	f.setHandler(func(w http.ResponseWriter, r *http.Request) { writeUpstreamOK(w, "https://img.example.com/a.png") })
+	startCaddy(t, gatewaySite(f.fakeUpstream, nil, models))
+	status, _, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat"}`)
+	if status != http.StatusOK || forms(raw) != "url" || parseImages(t, raw).Data[0].URL != "https://img.example.com/a.png" {
+		t.Errorf("both forms, image not downloadable: %d %s, want the URL alone", status, raw)
+	}
+	if status, _, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","model":"gpt-image-1"}`); status != http.StatusBadGateway {
+		t.Errorf("b64_json, image not downloadable: %d %s, want 502", status, raw)
+	}
+	if status, _, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","stream":true}`); status != http.StatusOK || !strings.Contains(string(raw), "event: error\n") {
+		t.Errorf("streamed, image not downloadable: %d %s, want an error event", status, raw)
+	}
+	status, _, raw = do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","response_format":"both"}`)
 	if status != http.StatusBadRequest || !strings.Contains(string(raw), `"param":"response_format"`) {
 		t.Errorf("response_format both: %d %s, want a 400 (a request asks for one form)", status, raw)
 	}

@@ -55,6 +55,11 @@ type job struct {
 	imageURL string
 	stored   string // the store's name of the image ("<id>.<ext>"), when copied
 
+	// the answer uses the image's bytes when they can be downloaded and
+	// goes out with the URL alone otherwise (an Images API answer with
+	// both forms, which the client did not ask for by name)
+	bytesOptional bool
+
 	// the size of the image the service returned, when the gateway held
 	// its bytes (the store's copy, a b64_json download); 0 otherwise
 	gotWidth, gotHeight int

@@ -809,7 +809,10 @@ func (g *Gateway) keep(ctx context.Context, r *http.Request, jobs []*job, needBy
 	if g.store == nil && !needBytes {
 		return nil, release, nil
 	}
-	images, errs, release, e := g.downloadAll(ctx, jobs, needBytes)
+	// bytes that are only nice to have (an answer with both forms) do not
+	// fail the request: the image goes out with its URL alone
+	failFast := needBytes && !jobs[0].bytesOptional
+	images, errs, release, e := g.downloadAll(ctx, jobs, failFast)
 	if e == nil {
 		for i, j := range jobs {
 			if images[i] != nil {
@@ -819,12 +822,14 @@ func (g *Gateway) keep(ctx context.Context, r *http.Request, jobs []*job, needBy
 		}
 	}
 	if e != nil {
-		if needBytes {
+		if failFast {
 			return nil, func() {}, e
 		}
 		// no slot in time: every copy failed, the answer goes on
 		for _, j := range jobs {
-			g.copyFailed(j, e.message)
+			if g.store != nil {
+				g.copyFailed(j, e.message)
+			}
 		}
 		return nil, func() {}, nil
 	}
