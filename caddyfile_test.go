@@ -35,6 +35,14 @@ func TestUnitCaddyfileParse(t *testing.T) {
 				edit
 			}
 		}`, Gateway{MaxUpload: 5 << 20, MaxDownloads: 12, Models: []ModelConfig{{Name: "Qwen-Image-Edit", ModelIndex: intp(19), Edit: true}}}},
+		{"answer forms and listed aliases", `zimage_gateway {
+			default_response_format url
+			list_aliases
+			model Z-Image {
+				alias gpt-image-1
+				default_response_format b64_json
+			}
+		}`, Gateway{DefaultResponseFormat: "url", ListAliases: true, Models: []ModelConfig{{Name: "Z-Image", Aliases: []string{"gpt-image-1"}, DefaultResponseFormat: "b64_json"}}}},
 		{"empty block", "zimage_gateway {\n}", Gateway{}},
 		{"two keys", `zimage_gateway {
 			api_key k1 k2
@@ -176,6 +184,9 @@ func TestUnitCaddyfileErrors(t *testing.T) {
 		name, src, want string
 	}{
 		{"unknown option", "zimage_gateway {\n\tapi_keys k\n}", "unrecognized zimage_gateway option 'api_keys'"},
+		{"bad default_response_format", "zimage_gateway {\n\tdefault_response_format base64\n}", "default_response_format must be url, b64_json or both"},
+		{"bad model default_response_format", "zimage_gateway {\n\tmodel A {\n\t\tdefault_response_format png\n\t}\n}", "model A: default_response_format must be url, b64_json or both"},
+		{"list_aliases with an argument", "zimage_gateway {\n\tlist_aliases on\n}", "wrong argument count"},
 		{"unknown upstream option", "zimage_gateway {\n\tupstream {\n\t\tkey k\n\t}\n}", "unrecognized zimage_gateway upstream option 'key'"},
 		{"unknown enhance option", "zimage_gateway {\n\tenhance {\n\t\tbase https://x\n\t}\n}", "unrecognized zimage_gateway enhance option 'base'"},
 		{"unknown model option", "zimage_gateway {\n\tmodel A {\n\t\tsampler euler\n\t}\n}", "unrecognized zimage_gateway model option 'sampler'"},

@@ -211,8 +211,13 @@ func TestIntegModelsList(t *testing.T) {
 			now := float64(time.Now().Unix())
 			for i, want := range []string{"Z-Image", "Z-Turbo"} {
 				m, _ := data[i].(map[string]any)
-				if got := strings.Join(itKeys(m), ","); got != "created,id,object,owned_by" {
+				if got := strings.Join(itKeys(m), ","); got != "created,id,object,owned_by,supported_endpoint_types" {
 					t.Errorf("entry %d keys %s: %s", i, got, body)
+				}
+				// New API's convention, which Cherry Studio's painting page
+				// reads (its first entry) to offer the model for images
+				if got := fmt.Sprint(m["supported_endpoint_types"]); got != "[image-generation openai openai-response]" {
+					t.Errorf("entry %d supported_endpoint_types %s", i, got)
 				}
 				created, _ := m["created"].(float64)
 				if m["id"] != want || m["object"] != "model" || m["owned_by"] != "sd-exacg-gateway" || created <= 0 || created > now {
@@ -226,6 +231,39 @@ func TestIntegModelsList(t *testing.T) {
 	}
 	if n := len(up.Calls()); n != 0 {
 		t.Errorf("listing models called the upstream %d times", n)
+	}
+}
+
+// With list_aliases on, each alias is listed as a model of its own, after
+// its model, and /v1/models/{alias} names it as listed.
+func TestIntegModelsListAliases(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, itSite(up, itConfig{gateway: "list_aliases\n\t" + itTwoModels}))
+	status, _, body := do(t, http.MethodGet, "/v1/models", "")
+	var list struct {
+		Data []struct {
+			ID    string   `json:"id"`
+			Types []string `json:"supported_endpoint_types"`
+		} `json:"data"`
+	}
+	if err := json.Unmarshal(body, &list); err != nil || status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	var ids []string
+	for _, m := range list.Data {
+		ids = append(ids, m.ID)
+		if len(m.Types) != 3 {
+			t.Errorf("%s: supported_endpoint_types %v", m.ID, m.Types)
+		}
+	}
+	if got := strings.Join(ids, ","); got != "Z-Image,dall-e-3,Z-Turbo" {
+		t.Errorf("listed %s, want Z-Image,dall-e-3,Z-Turbo", got)
+	}
+	for path, want := range map[string]string{"/v1/models/DALL-E-3": "dall-e-3", "/v1/models/z-image": "Z-Image"} {
+		status, _, body := do(t, http.MethodGet, path, "")
+		if m := itObject(t, body); status != http.StatusOK || m["id"] != want {
+			t.Errorf("%s: %d %s, want id %s", path, status, body, want)
+		}
 	}
 }
 
@@ -256,8 +294,11 @@ func TestIntegModelGet(t *testing.T) {
 				t.Fatalf("status %d: %s", status, body)
 			}
 			m := itObject(t, body)
-			if got := strings.Join(itKeys(m), ","); got != "created,id,object,owned_by" {
+			if got := strings.Join(itKeys(m), ","); got != "created,id,object,owned_by,supported_endpoint_types" {
 				t.Errorf("keys %s", got)
+			}
+			if got := fmt.Sprint(m["supported_endpoint_types"]); got != "[image-generation openai openai-response]" {
+				t.Errorf("supported_endpoint_types %s", got)
 			}
 			if m["id"] != tc.wantID || m["object"] != "model" || m["owned_by"] != "sd-exacg-gateway" {
 				t.Errorf("got %s, want the model object of %s", body, tc.wantID)

@@ -330,3 +330,27 @@ func TestUnitReadmeModelIdentity(t *testing.T) {
 		}
 	}
 }
+
+// default_response_format in the JSON config: resolved once, a wrong value
+// refused at load naming what to write.
+func TestUnitDefaultResponseFormatProvision(t *testing.T) {
+	unitClearEnv(t)
+	g, err := unitProvision(t, `{"no_auth":true,"upstream":{"url":"demo"},"default_response_format":"b64_json","models":[{"name":"A"},{"name":"B","default_response_format":"url"}]}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ model, asked, want string }{
+		{"A", "", formatB64}, {"B", "", formatURL}, {"B", "b64_json", formatB64}, {"A", "URL", formatURL},
+	} {
+		if got, e := g.parseFormat(tc.asked, g.lookupModel(tc.model), tc.model); e != nil || got != tc.want {
+			t.Errorf("model %s, response_format %q: %q %v, want %q", tc.model, tc.asked, got, e, tc.want)
+		}
+	}
+	for cfg, want := range map[string][]string{
+		`{"default_response_format":"png"}`:                            {"default_response_format must be url, b64_json or both", `"png"`},
+		`{"models":[{"name":"A","default_response_format":"base64"}]}`: {"model A", "default_response_format must be url, b64_json or both"},
+	} {
+		_, err := unitProvision(t, strings.Replace(cfg, `{`, `{"no_auth":true,"upstream":{"url":"demo"},`, 1))
+		wantProvisionError(t, err, want)
+	}
+}
