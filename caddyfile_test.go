@@ -2,6 +2,9 @@ package zimage
 
 import (
 	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"reflect"
 	"regexp"
@@ -501,4 +504,57 @@ func unitFindHandler(t *testing.T, cfg []byte, name string) json.RawMessage {
 		t.Fatalf("no %s handler in %s", name, cfg)
 	}
 	return found
+}
+
+// Caddyfile.example, run as a newcomer runs it (its port moved to the
+// suite's free port, its admin endpoint and logs to the suite's): it
+// answers on every name of the loopback interface, and a host it does not
+// serve gets a 404 that says where the gateway is, never Caddy's empty 200
+// (which OpenAI SDKs take for an empty answer without an error).
+func TestExampleAnswersEveryLoopbackName(t *testing.T) {
+	src, err := os.ReadFile("Caddyfile.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := string(src)
+	const adminBlock = "{\n\tadmin localhost:2019\n}\n"
+	if !strings.Contains(cfg, adminBlock) || !strings.Contains(cfg, ":8080") {
+		t.Fatalf("Caddyfile.example has no global block %q or no port 8080: adapt this test", adminBlock)
+	}
+	cfg = strings.Replace(cfg, adminBlock, globals()+"\n", 1)
+	cfg = strings.ReplaceAll(cfg, ":8080", fmt.Sprintf(":%d", httpPort))
+	t.Setenv("SD_UPSTREAM", "demo")
+	t.Setenv("GATEWAY_API_KEY", testClientKey)
+	t.Setenv("ENHANCE_OPENAI_API_KEY", "")
+	startCaddyRaw(t, cfg)
+
+	get := func(dial, host, path string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://%s:%d%s", dial, httpPort, path), nil)
+		req.Host = fmt.Sprintf("%s:%d", host, httpPort)
+		req.Header.Set("Authorization", "Bearer "+testClientKey)
+		resp, err := testClient(10 * time.Second).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	for _, tc := range []struct{ dial, host string }{
+		{"127.0.0.1", "localhost"}, {"127.0.0.1", "127.0.0.1"}, {"[::1]", "[::1]"}, {"127.0.0.1", "[::1]"},
+	} {
+		if status, body := get(tc.dial, tc.host, "/v1/models"); status != http.StatusOK || !strings.Contains(body, `"id":"Z-Image"`) {
+			t.Errorf("GET /v1/models with Host %s: %d %q", tc.host, status, body)
+		}
+	}
+	if status, body := get("127.0.0.1", "127.0.0.1", "/"); status != http.StatusNotFound || !strings.Contains(body, "/playground") {
+		t.Errorf("GET / with Host 127.0.0.1: %d %q, want the example's 404", status, body)
+	}
+	for _, host := range []string{"example.org", "192.168.1.2"} {
+		status, body := get("127.0.0.1", host, "/v1/models")
+		if status != http.StatusNotFound || !strings.Contains(body, fmt.Sprintf("http://127.0.0.1:%d", httpPort)) {
+			t.Errorf("GET /v1/models with Host %s: %d %q, want a 404 naming the base URLs", host, status, body)
+		}
+	}
 }

@@ -109,6 +109,12 @@ func TestUnitDistServiceUnit(t *testing.T) {
 	if !strings.Contains(string(cfg), `"`+vars["ZIMAGE_SITE"]+`"`) {
 		t.Errorf("the site is not %s: %s", vars["ZIMAGE_SITE"], cfg)
 	}
+	// a path the gateway passes on gets a 404 that says so, never Caddy's
+	// empty 200
+	names := unitHandlerNames(cfg)
+	if gi, ri := unitIndexOf(names, "zimage_gateway"), unitIndexOf(names, "static_response"); gi < 0 || ri < gi || !strings.Contains(string(cfg), `"status_code":404`) {
+		t.Errorf("handlers %v: want the gateway, then a catch-all respond 404", names)
+	}
 	var g Gateway
 	if err := json.Unmarshal(unitFindHandler(t, cfg, "zimage_gateway"), &g); err != nil {
 		t.Fatal(err)
