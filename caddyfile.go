@@ -24,7 +24,7 @@ func init() {
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	g := new(Gateway)
 	err := g.UnmarshalCaddyfile(h.Dispenser)
-	return g, err
+	return g, withoutModulePrefix(err)
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:

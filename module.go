@@ -181,7 +181,8 @@ func (Gateway) CaddyModule() caddy.ModuleInfo {
 
 // Provision resolves placeholders and environment defaults once, then builds
 // the clients, the limiter and the metrics; ServeHTTP only reads the result.
-func (g *Gateway) Provision(ctx caddy.Context) error {
+func (g *Gateway) Provision(ctx caddy.Context) (err error) {
+	defer func() { err = withoutModulePrefix(err) }()
 	g.logger = ctx.Logger()
 	repl := caddy.NewReplacer()
 	resolve := func(v, env string) string {
@@ -263,6 +264,29 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	}
 	return nil
 }
+
+// modulePrefix begins the errors of the config's parts, so that each one
+// names the module when read on its own (a unit test, a log line).
+const modulePrefix = "zimage_gateway: "
+
+// withoutModulePrefix drops modulePrefix from an error that reaches Caddy,
+// whose own chain names the module already ("provision
+// http.handlers.zimage_gateway: …", "parsing caddyfile tokens for
+// 'zimage_gateway': …"): said twice, the name buries the message.
+func withoutModulePrefix(err error) error {
+	if err == nil || !strings.HasPrefix(err.Error(), modulePrefix) {
+		return err
+	}
+	return trimmedError{msg: strings.TrimPrefix(err.Error(), modulePrefix), err: err}
+}
+
+type trimmedError struct {
+	msg string
+	err error
+}
+
+func (e trimmedError) Error() string { return e.msg }
+func (e trimmedError) Unwrap() error { return e.err }
 
 // Cleanup releases what Provision made: its claims on the shared limiters
 // and the idle connections of its HTTP clients. Caddy calls it as soon as

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
@@ -97,17 +98,17 @@ func TestUnitProvisionErrors(t *testing.T) {
 		want      []string
 	}{
 		{"no client key", `{"upstream":{"url":"demo"}}`, nil,
-			[]string{"zimage_gateway", "api_key", "GATEWAY_API_KEY", "no_auth"}},
+			[]string{"api_key", "GATEWAY_API_KEY", "no_auth"}},
 		{"client key resolves empty", `{"api_keys":["{env.ZIMAGE_UNIT_EMPTY}",""],"upstream":{"url":"demo"}}`, nil,
 			[]string{"api_key", "GATEWAY_API_KEY", "no_auth"}},
 		{"no upstream key", `{"api_keys":["` + testClientKey + `"]}`, nil,
-			[]string{"zimage_gateway", "upstream", "api_key", "SD_API_KEY", "upstream demo"}},
+			[]string{"upstream", "api_key", "SD_API_KEY", "upstream demo"}},
 		{"upstream key resolves empty", `{"api_keys":["` + testClientKey + `"],"upstream":{"api_key":"{env.ZIMAGE_UNIT_EMPTY}"}}`, nil,
 			[]string{"SD_API_KEY", "upstream demo"}},
 		{"max_downloads below n", `{"no_auth":true,"upstream":{"url":"demo"},"max_downloads":3}`, nil,
-			[]string{"zimage_gateway", "max_downloads", "at least 4"}},
+			[]string{"max_downloads", "at least 4"}},
 		{"duplicate model", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"Z-Image"},{"name":"z-image"}]}`, nil,
-			[]string{"zimage_gateway", "model", "duplicate", "z-image"}},
+			[]string{"model", "duplicate", "z-image"}},
 		{"duplicate alias", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"A","aliases":["dall-e-3"]},{"name":"B","aliases":["DALL-E-3"]}]}`, nil,
 			[]string{"duplicate", "DALL-E-3"}},
 		{"alias equals another model", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"A"},{"name":"B","aliases":["a"]}]}`, nil,
@@ -121,7 +122,7 @@ func TestUnitProvisionErrors(t *testing.T) {
 		{"model cfg zero", `{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"A","cfg":0}]}`, nil,
 			[]string{"model A", "cfg"}},
 		{"bad upstream URL scheme", `{"api_keys":["` + testClientKey + `"],"upstream":{"url":"ftp://sd.example/gen","api_key":"` + testSDKey + `"}}`, nil,
-			[]string{"zimage_gateway", "upstream", "invalid URL"}},
+			[]string{"upstream", "invalid URL"}},
 		{"upstream URL not absolute", `{"api_keys":["` + testClientKey + `"],"upstream":{"url":"sd.example/gen","api_key":"` + testSDKey + `"}}`, nil,
 			[]string{"upstream", "invalid URL"}},
 		{"upstream URL unparsable", `{"api_keys":["` + testClientKey + `"],"upstream":{"url":"http://[::1","api_key":"` + testSDKey + `"}}`, nil,
@@ -135,7 +136,7 @@ func TestUnitProvisionErrors(t *testing.T) {
 		{"negative max_concurrent", `{"no_auth":true,"upstream":{"url":"demo","max_concurrent":-1}}`, nil,
 			[]string{"upstream", "max_concurrent"}},
 		{"bad enhance base_url", `{"api_keys":["` + testClientKey + `"],"upstream":{"api_key":"` + testSDKey + `"},"enhance":{"api_key":"` + testLLMKey + `","base_url":"api.openai.com/v1"}}`, nil,
-			[]string{"zimage_gateway", "enhance", "base_url"}},
+			[]string{"enhance", "base_url"}},
 		{"bad enhance base_url from env", `{"api_keys":["` + testClientKey + `"],"upstream":{"api_key":"` + testSDKey + `"}}`,
 			map[string]string{"ENHANCE_OPENAI_API_KEY": testLLMKey, "ENHANCE_OPENAI_BASE_URL": "file:///etc"}, []string{"enhance", "base_url"}},
 		{"both system prompts", `{"no_auth":true,"upstream":{"url":"demo"},"enhance":{"api_key":"` + testLLMKey + `","system_prompt":"x","system_prompt_file":"/x"}}`, nil,
@@ -454,4 +455,27 @@ func unitURL(t *testing.T, s string) *url.URL {
 		t.Fatal(err)
 	}
 	return u
+}
+
+// A load error, as Caddy reports it, names the module once: Caddy's own
+// chain already says "provision http.handlers.zimage_gateway" or "parsing
+// caddyfile tokens for 'zimage_gateway'".
+func TestUnitLoadErrorNamesModuleOnce(t *testing.T) {
+	unitClearEnv(t)
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+	defer cancel()
+	for _, raw := range []string{
+		`{"no_auth":true,"upstream":{"url":"demo"},"models":[{"name":"A","cfg":99}]}`,
+		`{"no_auth":true,"upstream":{"url":"demo"},"store":{"storage":{"module":"nosuch"}}}`,
+		`{"no_auth":true,"upstream":{"url":"demo"},"default_response_format":"png"}`,
+	} {
+		_, err := ctx.LoadModuleByID("http.handlers.zimage_gateway", json.RawMessage(raw))
+		if err == nil || strings.Count(err.Error(), "zimage_gateway:") != 1 {
+			t.Errorf("loading %s: %v, want an error naming zimage_gateway once", raw, err)
+		}
+	}
+	_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(":80 {\n\tzimage_gateway {\n\t\tmodel A {\n\t\t\ton_mismatch block\n\t\t}\n\t}\n}\n"), nil)
+	if err == nil || strings.Count(err.Error(), "zimage_gateway") != 1 || !strings.Contains(err.Error(), "model A: invalid on_mismatch") {
+		t.Errorf("adapting: %v, want an error naming zimage_gateway once", err)
+	}
 }

@@ -195,7 +195,7 @@ func TestUnitStoreProvisionErrors(t *testing.T) {
 		want        []string
 	}{
 		{"unknown storage module", `{"storage":{"module":"nosuch"}}`, nil,
-			[]string{"zimage_gateway: store: storage", "caddy.storage.nosuch"}},
+			[]string{"store: storage", "caddy.storage.nosuch"}},
 		{"storage module config error", `{"storage":{"module":"file_system","root":5}}`, nil,
 			[]string{"store: storage"}},
 		{"negative max_age", `{"max_age":-1}`, nil, []string{"store", "max_age"}},
