@@ -70,14 +70,25 @@ setup is wrong. No key is ever printed.`,
 			cmd.Flags().Int("to", discoverTo, "Last model_index")
 			cmd.Flags().Int("steps", 0, "Sampling steps (default: the config's first model's, else 8)")
 			cmd.Flags().BoolP("yes", "y", false, "Make the generations (each costs points)")
-			cmd.RunE = caddycmd.WrapCommandFuncForCobra(func(fs caddycmd.Flags) (int, error) {
+			// not caddycmd.WrapCommandFuncForCobra: it logs the error as a
+			// JSON log line, and this command's errors are read by a
+			// person at a terminal, as plain lines beside its table
+			cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+				fs := caddycmd.Flags{FlagSet: cmd.Flags()}
 				ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt)
 				defer stop()
-				return runZimageModels(ctx, discoverOptions{
+				_, err := runZimageModels(ctx, discoverOptions{
 					config: fs.String("config"), adapter: fs.String("adapter"), upstream: fs.String("upstream"),
 					from: fs.Int("from"), to: fs.Int("to"), steps: fs.Int("steps"), yes: fs.Bool("yes"),
 				}, cmd.OutOrStdout())
-			})
+				if err != nil {
+					// the exit status is 1 (Caddy's main exits 1 on any
+					// error), and cobra prints neither "Error:" nor the usage
+					cmd.SilenceErrors, cmd.SilenceUsage = true, true
+					fmt.Fprintln(cmd.ErrOrStderr(), err.Error())
+				}
+				return err
+			}
 		},
 	})
 }

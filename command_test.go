@@ -291,3 +291,23 @@ func writeFile(t *testing.T, path, s string) {
 		t.Fatal(err)
 	}
 }
+
+// The command's errors are plain lines on stderr, for the person at the
+// terminal, not JSON log lines; the exit status is still a failure.
+func TestUnitZimageModelsErrorLine(t *testing.T) {
+	unitClearEnv(t)
+	reg := caddycmd.Commands()["zimage-models"]
+	cmd := &cobra.Command{Use: reg.Name}
+	reg.CobraFunc(cmd)
+	var out, errOut bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetErr(&errOut)
+	cmd.SetArgs([]string{"--upstream", "demo", "--from", "5", "--to", "1"})
+	if err := cmd.Execute(); err == nil {
+		t.Fatal("--from 5 --to 1 succeeded")
+	}
+	want := "zimage-models: --from and --to must give 0 ≤ from ≤ to and at most 100 indexes, got 5…1\n"
+	if errOut.String() != want {
+		t.Errorf("stderr %q, want the plain line %q", errOut.String(), want)
+	}
+}
