@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"image"
 	"image/color"
+	_ "image/jpeg" // an edit's source, shown in its placeholder
 	"image/png"
 	"net/http"
 	"net/url"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -35,7 +37,14 @@ func (demoGenerator) generate(ctx context.Context, _ string, req upstreamRequest
 			w, h = max(minSide, w*maxSide/s), max(minSide, h*maxSide/s)
 		}
 		w, h = max(w, minSide), max(h, minSide)
-		return upstreamResult{imageURL: fmt.Sprintf("%s%s%dx%d.png?seed=%d&edit=1", origin, demoPath, w, h, req.Seed)}, nil
+		u := fmt.Sprintf("%s%s%dx%d.png?seed=%d&edit=1", origin, demoPath, w, h, req.Seed)
+		// a source in the store is named, so the placeholder can show it
+		if su, err := url.Parse(req.ImageSource); err == nil {
+			if name := path.Base(su.Path); isStoreName(name) {
+				u += "&src=" + name
+			}
+		}
+		return upstreamResult{imageURL: u}, nil
 	}
 	res := upstreamResult{imageURL: fmt.Sprintf("%s%s%dx%d.png?seed=%d", origin, demoPath, req.Width, req.Height, req.Seed)}
 	// the demo names the model that ran, as the service does, so that the
@@ -101,13 +110,12 @@ func demoProbe(i int) (name string, points float64, failure string) {
 
 // serveDemoImage answers GET /v1/zimage-demo/<W>x<H>.png?seed=N without
 // auth: browsers load images without the API key.
-func serveDemoImage(w http.ResponseWriter, r *http.Request, name string) {
+func (g *Gateway) serveDemoImage(w http.ResponseWriter, r *http.Request, name string) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		writeError(w, errMethod(r.Method, "GET"))
 		return
 	}
-	seed, _ := strconv.ParseInt(r.URL.Query().Get("seed"), 10, 64)
-	b, ok := demoImage(name, seed, r.URL.Query().Get("edit") == "1")
+	b, ok := g.demoImage(r.Context(), name, r.URL.Query())
 	if !ok {
 		writeError(w, errNotFound(r.URL.Path))
 		return
@@ -121,8 +129,9 @@ func serveDemoImage(w http.ResponseWriter, r *http.Request, name string) {
 	}
 }
 
-// demoImageForURL renders the placeholder a demo URL names, for b64_json.
-func demoImageForURL(s string) ([]byte, bool) {
+// demoImageForURL renders the placeholder a demo URL names, for b64_json
+// and the store's copy.
+func (g *Gateway) demoImageForURL(ctx context.Context, s string) ([]byte, bool) {
 	u, err := url.Parse(s)
 	if err != nil {
 		return nil, false
@@ -131,8 +140,7 @@ func demoImageForURL(s string) ([]byte, bool) {
 	if !ok {
 		return nil, false
 	}
-	seed, _ := strconv.ParseInt(u.Query().Get("seed"), 10, 64)
-	return demoImage(name, seed, u.Query().Get("edit") == "1")
+	return g.demoImage(ctx, name, u.Query())
 }
 
 // demoPalettes give each seed one of a few looks, so that distinct seeds
@@ -144,8 +152,13 @@ var demoPalettes = [][2]color.RGBA{
 	{{0x6d, 0x4c, 0x1f, 0xff}, {0xf5, 0xd0, 0x8a, 0xff}},
 }
 
-// demoEditPalette tints the placeholders of edits.
+// demoEditPalette tints the placeholders of edits: the source's dark
+// tones become the first colour, its light tones the second.
 var demoEditPalette = [2]color.RGBA{{0x5b, 0x2b, 0x9e, 0xff}, {0xd9, 0xb8, 0xfc, 0xff}}
+
+// demoMaxSourcePixels bounds the source an edit's placeholder decodes
+// (4096×4096, 64 MiB as RGBA); a larger one gets the stripes.
+const demoMaxSourcePixels = 4096 * 4096
 
 var (
 	demoCacheMu sync.Mutex
@@ -154,9 +167,14 @@ var (
 
 const demoCacheMax = 32
 
-// demoImage renders (and caches) a striped PNG of the size named "WxH.png",
-// tinted for an edit.
-func demoImage(name string, seed int64, edit bool) ([]byte, bool) {
+// demoImage renders the placeholder named "WxH.png": an edit's source,
+// scaled to that size and tinted, when the source is in the store and
+// decodes (PNG or JPEG: the standard library has no WebP decoder), else
+// stripes in the seed's palette (the edit palette for an edit). A band
+// along the top edge shows the seed's bits, so that two seeds never give
+// the same bytes: the store keeps identical bytes once, and n images
+// would come back as one URL n times.
+func (g *Gateway) demoImage(ctx context.Context, name string, q url.Values) ([]byte, bool) {
 	dims, ok := strings.CutSuffix(name, ".png")
 	if !ok {
 		return nil, false
@@ -170,12 +188,19 @@ func demoImage(name string, seed int64, edit bool) ([]byte, bool) {
 	if err1 != nil || err2 != nil || w < minSide || h < minSide || w > maxSide || h > maxSide {
 		return nil, false
 	}
+	seed, _ := strconv.ParseInt(q.Get("seed"), 10, 64)
+	edit := q.Get("edit") == "1"
+	if src := q.Get("src"); edit && isStoreName(src) {
+		if img := g.demoSource(ctx, src); img != nil {
+			return encodeDemo(tintedSource(img, w, h, seed))
+		}
+	}
 	pal := int(uint64(seed) % uint64(len(demoPalettes)))
 	colors := demoPalettes[pal]
 	if edit {
 		pal, colors = -1, demoEditPalette
 	}
-	key := fmt.Sprintf("%dx%d/%d", w, h, pal)
+	key := fmt.Sprintf("%dx%d/%d/%d", w, h, pal, seed)
 	demoCacheMu.Lock()
 	b, hit := demoCache[key]
 	demoCacheMu.Unlock()
@@ -193,12 +218,16 @@ func demoImage(name string, seed int64, edit bool) ([]byte, bool) {
 			}
 		}
 	}
-	var buf bytes.Buffer
-	enc := png.Encoder{CompressionLevel: png.BestSpeed}
-	if err := enc.Encode(&buf, img); err != nil {
+	drawSeedBand(w, h, seed, func(x, y int, on bool) {
+		img.Pix[y*img.Stride+x] = 0
+		if on {
+			img.Pix[y*img.Stride+x] = 1
+		}
+	})
+	b, ok = encodeDemo(img)
+	if !ok {
 		return nil, false
 	}
-	b = buf.Bytes()
 	demoCacheMu.Lock()
 	if len(demoCache) >= demoCacheMax {
 		clear(demoCache) // placeholders are cheap to redraw
@@ -206,4 +235,79 @@ func demoImage(name string, seed int64, edit bool) ([]byte, bool) {
 	demoCache[key] = b
 	demoCacheMu.Unlock()
 	return b, true
+}
+
+// drawSeedBand sets the pixels of a band along the top edge: 31 cells, one
+// per bit of the seed, on or off.
+func drawSeedBand(w, h int, seed int64, set func(x, y int, on bool)) {
+	const bits = 31
+	cell := w / bits
+	for y := range max(2, h/64) {
+		for x := range cell * bits {
+			set(x, y, seed>>(x/cell)&1 == 1)
+		}
+	}
+}
+
+func encodeDemo(img image.Image) ([]byte, bool) {
+	var buf bytes.Buffer
+	enc := png.Encoder{CompressionLevel: png.BestSpeed}
+	if err := enc.Encode(&buf, img); err != nil {
+		return nil, false
+	}
+	return buf.Bytes(), true
+}
+
+// isStoreName tells whether name is the name of an image in the store.
+func isStoreName(name string) bool {
+	_, ok := parseStoreName(name)
+	return ok
+}
+
+// demoSource decodes an edit's source from the store, or gives nil: no
+// store, no such image, a format the standard library does not decode
+// (WebP), or a source too large to decode for a placeholder.
+func (g *Gateway) demoSource(ctx context.Context, name string) image.Image {
+	if g.store == nil {
+		return nil
+	}
+	b, err := g.store.storage.Load(ctx, g.store.dir+name)
+	if err != nil {
+		return nil
+	}
+	cfg, _, err := image.DecodeConfig(bytes.NewReader(b))
+	if err != nil || cfg.Width <= 0 || cfg.Height <= 0 || cfg.Width*cfg.Height > demoMaxSourcePixels {
+		return nil
+	}
+	img, _, err := image.Decode(bytes.NewReader(b))
+	if err != nil {
+		return nil
+	}
+	return img
+}
+
+// tintedSource is src scaled to w×h (nearest pixel) with its lightness
+// mapped onto the edit palette, and the seed's band on top.
+func tintedSource(src image.Image, w, h int, seed int64) *image.RGBA {
+	out := image.NewRGBA(image.Rect(0, 0, w, h))
+	b := src.Bounds()
+	dark, light := demoEditPalette[0], demoEditPalette[1]
+	mix := func(a, b uint8, l uint32) uint8 { return uint8((uint32(a)*(255-l) + uint32(b)*l) / 255) }
+	for y := range h {
+		sy := b.Min.Y + y*b.Dy()/h
+		for x := range w {
+			r, g, bl, _ := src.At(b.Min.X+x*b.Dx()/w, sy).RGBA()
+			l := (299*r + 587*g + 114*bl) / 1000 >> 8 // 0…255
+			i := out.PixOffset(x, y)
+			out.Pix[i], out.Pix[i+1], out.Pix[i+2], out.Pix[i+3] = mix(dark.R, light.R, l), mix(dark.G, light.G, l), mix(dark.B, light.B, l), 0xff
+		}
+	}
+	drawSeedBand(w, h, seed, func(x, y int, on bool) {
+		c := dark
+		if on {
+			c = light
+		}
+		out.SetRGBA(x, y, c)
+	})
+	return out
 }

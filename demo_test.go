@@ -6,10 +6,12 @@ package zimage
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"image"
-	_ "image/png"
+	"image/color"
+	"image/png"
 	"io/fs"
 	"net/http"
 	"os"
@@ -128,6 +130,83 @@ func TestUnitDemoNamesModel(t *testing.T) {
 		res, ue := demoGenerator{}.generate(t.Context(), "", upstreamRequest{Width: 64, Height: 64, ModelIndex: tc.index}, "http://x")
 		if ue != nil || res.info.modelName != tc.want {
 			t.Errorf("index %d: model_name %q (%v), want %q", tc.index, res.info.modelName, ue, tc.want)
+		}
+	}
+}
+
+// The demo's edit placeholder shows its source: the stored source scaled
+// to the size sent and tinted (dark stays dark, light stays light); n 2
+// gives two different pictures, for edits and for generations without a
+// seed (the store keeps identical bytes once: the same picture would come
+// back as one URL twice). A WebP source, which the standard library does
+// not decode, gets the stripes.
+func TestDemoEditShowsSource(t *testing.T) {
+	t.Setenv("SD_API_KEY", "")
+	startCaddy(t, strings.Replace(demoTestSite(), "enhance off", fmt.Sprintf("enhance off\n\tmodel Z-Image\n\tmodel Qwen-Image-Edit {\n\t\tmodel_index 19\n\t\tedit\n\t}\n\tstore {\n\t\tstorage file_system %s\n\t}", t.TempDir()), 1))
+	// 40×20: the left half black, the right half white
+	src := image.NewGray(image.Rect(0, 0, 40, 20))
+	for y := range 20 {
+		for x := 20; x < 40; x++ {
+			src.Pix[y*src.Stride+x] = 0xff
+		}
+	}
+	var pngSrc bytes.Buffer
+	png.Encode(&pngSrc, src)
+	decode := func(u string) image.Image {
+		t.Helper()
+		status, b := getURL(t, u)
+		img, _, err := image.Decode(bytes.NewReader(b))
+		if status != http.StatusOK || err != nil {
+			t.Fatalf("%s: %d %v", u, status, err)
+		}
+		return img
+	}
+	near := func(c color.Color, want color.RGBA) bool {
+		r, g, b, _ := c.RGBA()
+		d := func(a uint32, w uint8) int { return max(int(a>>8)-int(w), int(w)-int(a>>8)) }
+		return d(r, want.R) < 8 && d(g, want.G) < 8 && d(b, want.B) < 8
+	}
+
+	ct, body := multipartBody(t, [][2]string{{"prompt", "make it night"}, {"n", "2"}, {"response_format", "url"}}, map[string][]byte{"image": pngSrc.Bytes()})
+	status, _, raw := postEdit(t, ct, body)
+	if status != http.StatusOK {
+		t.Fatalf("%d %s", status, raw)
+	}
+	a := parseImages(t, raw)
+	if len(a.Data) != 2 || a.Data[0].URL == a.Data[1].URL {
+		t.Fatalf("n 2 edit: %+v, want two different URLs", a.Data)
+	}
+	for _, d := range a.Data {
+		img := decode(d.URL)
+		// 40×20 fitted into 64…2048: 128×64
+		if b := img.Bounds(); b.Dx() != 128 || b.Dy() != 64 {
+			t.Fatalf("placeholder %v, want the size sent, 128x64", b)
+		}
+		if left, right := img.At(10, 40), img.At(110, 40); !near(left, demoEditPalette[0]) || !near(right, demoEditPalette[1]) {
+			t.Errorf("placeholder pixels %v (left) %v (right), want the source's black and white tinted %v and %v", left, right, demoEditPalette[0], demoEditPalette[1])
+		}
+	}
+
+	// WebP: the stripes, in the edit palette
+	webp := []byte("RIFF\x00\x00\x00\x00WEBPVP8L\x00\x00\x00\x00\x2f")
+	webp = binary.LittleEndian.AppendUint32(webp, uint32(64-1)|uint32(64-1)<<14)
+	webp = append(webp, make([]byte, 10)...)
+	ct, body = multipartBody(t, [][2]string{{"prompt", "make it night"}, {"response_format", "url"}}, map[string][]byte{"image": webp})
+	if status, _, raw = postEdit(t, ct, body); status != http.StatusOK {
+		t.Fatalf("%d %s", status, raw)
+	}
+	img := decode(parseImages(t, raw).Data[0].URL)
+	if !near(img.At(2, 40), demoEditPalette[0]) || !near(img.At(63, 40), demoEditPalette[1]) {
+		t.Errorf("a WebP source's placeholder: %v %v, want the edit palette's stripes", img.At(2, 40), img.At(63, 40))
+	}
+
+	// generations: n 2 without a seed, several times (four palettes: two
+	// seeds shared one a quarter of the time)
+	for range 8 {
+		status, _, raw := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"a cat","n":2,"size":"64x64","response_format":"url"}`)
+		a := parseImages(t, raw)
+		if status != http.StatusOK || len(a.Data) != 2 || a.Data[0].URL == a.Data[1].URL {
+			t.Fatalf("n 2 generation: %d %+v, want two different URLs", status, a.Data)
 		}
 	}
 }

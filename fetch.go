@@ -267,7 +267,7 @@ func earliestDeadline(jobs []*job) (time.Time, bool) {
 // The caller holds a download slot.
 func (g *Gateway) download(ctx context.Context, j *job) ([]byte, *apiError) {
 	if _, demo := g.upstream.(demoGenerator); demo {
-		if b, ok := demoImageForURL(j.imageURL); ok {
+		if b, ok := g.demoImageForURL(ctx, j.imageURL); ok {
 			return b, nil
 		}
 	}

@@ -90,7 +90,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return next.ServeHTTP(w, r)
 	case routeDemoImage:
 		if _, demo := g.upstream.(demoGenerator); demo {
-			serveDemoImage(w, r, id)
+			g.serveDemoImage(w, r, id)
 			return nil
 		}
 		rt = routeUnknown
