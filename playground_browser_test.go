@@ -516,11 +516,12 @@ func TestBrowserPlaygroundEdit(t *testing.T) {
 		edit
 	}`, t.TempDir())))
 
+	// a photo's odd size, whose reduced ratio (80:73) nobody reads
 	src := filepath.Join(t.TempDir(), "source.png")
-	img := image.NewRGBA(image.Rect(0, 0, 640, 480))
-	for y := range 480 {
-		for x := range 640 {
-			img.Set(x, y, color.RGBA{uint8(x * 255 / 640), uint8(y * 255 / 480), 0xa0, 0xff})
+	img := image.NewRGBA(image.Rect(0, 0, 1280, 1168))
+	for y := range 1168 {
+		for x := range 1280 {
+			img.Set(x, y, color.RGBA{uint8(x * 255 / 1280), uint8(y * 255 / 1168), 0xa0, 0xff})
 		}
 	}
 	var buf bytes.Buffer
@@ -542,11 +543,14 @@ func TestBrowserPlaygroundEdit(t *testing.T) {
 		chromedp.Click(chromedp.ID("edit-submit")),
 	)
 	sizes := p.shownSizes("#results .card.pair", 2, "make it night") // the source and the edit, side by side
-	if sizes[0] != [2]int{640, 480} {
-		t.Errorf("source shown at %v, want 640×480", sizes[0])
+	if sizes[0] != [2]int{1280, 1168} {
+		t.Errorf("source shown at %v, want 1280×1168", sizes[0])
 	}
-	if sizes[1] != [2]int{640, 480} {
-		t.Errorf("edit shown at %v, want the source's 640×480", sizes[1])
+	if sizes[1] != [2]int{1280, 1168} {
+		t.Errorf("edit shown at %v, want the source's 1280×1168", sizes[1])
+	}
+	if got := pgEval[string](p, `document.querySelector("#results .card.pair .meta").textContent`); !strings.HasPrefix(got, "edit · ≈1:1 · 1280×1168") {
+		t.Errorf("edit's label %q, want the nearest of the six ratios, ≈1:1, and the size", got)
 	}
 	if got := pgEval[string](p, `document.querySelector("#results .card.pair .prompt").textContent`); got != "make it night" {
 		t.Errorf("instruction shown %q", got)

@@ -247,11 +247,21 @@
 		while (b) [a, b] = [b, a % b];
 		return a;
 	}
-	// ratioOf names a size: one of the six when it is one, else W:H reduced.
+	// ratioOf names a size: one of the six when it is one, W:H reduced when
+	// that is a ratio people know (4:3, 21:9, 16:10), else the nearest of the
+	// six with "≈" (an edit keeps its source's size: 1280×1168 is "≈1:1",
+	// not 80:73).
 	function ratioOf(w, h) {
 		for (const [r, [sw, sh]] of Object.entries(SIZES)) if (sw === w && sh === h) return r;
 		const d = gcd(w, h) || 1;
-		return w / d + ":" + h / d;
+		const [a, b] = [w / d, h / d];
+		if ((a <= 5 && b <= 5) || ["16:9", "9:16", "21:9", "9:21", "8:5", "5:8"].includes(a + ":" + b)) return a + ":" + b;
+		let best = "1:1";
+		for (const [r, [sw, sh]] of Object.entries(SIZES)) {
+			const [bw, bh] = SIZES[best];
+			if (Math.abs(Math.log((w / h) * (sh / sw))) < Math.abs(Math.log((w / h) * (bh / bw)))) best = r;
+		}
+		return "\u2248" + best;
 	}
 	function fileName(item) {
 		const m = /\.(png|jpe?g|webp|gif)(?:$|[?#])/i.exec(item.url || "");
