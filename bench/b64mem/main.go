@@ -39,6 +39,7 @@ func main() {
 	size := flag.Int("size", 8<<20, "bytes per image")
 	maxConc := flag.Int("max-concurrent", 4, "the upstream's max_concurrent")
 	delay := flag.Duration("delay", 200*time.Millisecond, "how long a generation takes")
+	format := flag.String("format", "b64_json", `the response_format sent; "none" sends none, so the gateway's default applies`)
 	proxy := flag.Bool("reverse-proxy", false, "measure Caddy's reverse_proxy passing the same images instead (n GETs per client)")
 	flag.Parse()
 	if *caddyBin == "" {
@@ -107,7 +108,10 @@ http://127.0.0.1:%d {
 
 	// warm up: one request of the same shape, so the baseline includes the
 	// code paths, pools and TLS-free connections a steady gateway has
-	body := fmt.Sprintf(`{"prompt":"a cat","n":%d,"response_format":"b64_json"}`, *n)
+	body := fmt.Sprintf(`{"prompt":"a cat","n":%d,"response_format":%q}`, *n, *format)
+	if *format == "none" {
+		body = fmt.Sprintf(`{"prompt":"a cat","n":%d}`, *n)
+	}
 	if *proxy {
 		post = func(base, _ string, n int, img []byte) error { return getN(base, n, img) }
 	}
@@ -166,7 +170,8 @@ http://127.0.0.1:%d {
 	}
 }
 
-// post sends one request and checks that every image decodes to img.
+// post sends one request and checks that every image decodes to img (or,
+// for a request without response_format b64_json, comes by URL).
 var post = postB64
 
 // getN fetches the image n times in parallel through the proxy.
@@ -207,6 +212,7 @@ func postB64(base, body string, n int, img []byte) error {
 	var ans struct {
 		Data []struct {
 			B64JSON string `json:"b64_json"`
+			URL     string `json:"url"`
 		} `json:"data"`
 	}
 	if resp.StatusCode != http.StatusOK {
@@ -220,6 +226,9 @@ func postB64(base, body string, n int, img []byte) error {
 		return fmt.Errorf("%d images, want %d", len(ans.Data), n)
 	}
 	for _, d := range ans.Data {
+		if d.B64JSON == "" && d.URL != "" && !strings.Contains(body, "b64_json") {
+			continue // an answer by URL alone, which is what was asked
+		}
 		b, err := base64.StdEncoding.DecodeString(d.B64JSON)
 		if err != nil || !bytes.Equal(b, img) {
 			return fmt.Errorf("an image does not decode to the served bytes (%v)", err)
