@@ -13,9 +13,11 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"net"
 	"net/http"
@@ -46,10 +48,14 @@ func main() {
 		proc.Fail("-caddy is required")
 	}
 
-	// one image, served for every URL: a PNG signature and random bytes
+	// one image, served for every URL: a PNG signature and a header that
+	// parses (1024×1024), as the gateway checks every image it returns,
+	// then random bytes
 	img := make([]byte, *size)
 	rand.Read(img)
-	copy(img, "\x89PNG\r\n\x1a\n")
+	hdr := []byte("\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\x00\x00\x04\x00\x00\x00\x04\x00\x08\x06\x00\x00\x00")
+	hdr = binary.BigEndian.AppendUint32(hdr, crc32.ChecksumIEEE(hdr[12:]))
+	copy(img, hdr)
 	var downloads atomic.Int64
 	fake := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodGet {
