@@ -238,6 +238,11 @@ type accountPool struct {
 	// so that it shows in the log and caddy_zimage_upstream_errors_total
 	// even when the next attempt succeeds
 	retried func(ue *upstreamError, attempt int, from, to *account)
+
+	// coord shares the accounts' slots and rests with a cluster; nil
+	// without coordination (coordination.go)
+	coord     coordinator
+	stopShare []func()
 }
 
 // limiterKey identifies an account across handlers and reloads: the
@@ -366,7 +371,8 @@ type choice struct {
 	tried        []bool
 	allowResting bool
 	chosen       *account
-	triedBuf     [8]bool // tried's array for pools of up to 8 accounts
+	lease        slotLease // the chosen account's slot across a cluster (coordination.go)
+	triedBuf     [8]bool   // tried's array for pools of up to 8 accounts
 }
 
 func (p *accountPool) newChoice() *choice {
@@ -484,6 +490,7 @@ func (p *accountPool) rest(a *account, ue *upstreamError, fields ...zap.Field) {
 	if !rested {
 		return
 	}
+	p.sharedRest(a, now.Add(d))
 	metricAccountRests.WithLabelValues(a.name, ue.kind).Inc()
 	p.logger.Warn("image service account rests", append([]zap.Field{
 		zap.String("account", a.name), zap.String("reason", ue.kind), zap.Duration("rest", d)}, fields...)...)
@@ -554,7 +561,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 	defer p.leave()
 	c := p.newChoice()
 	queued := time.Now()
-	err := acquire(ctx, p.queueTimeout, c)
+	err := p.acquireSlot(ctx, p.queueTimeout, c)
 	j.queueWait = time.Since(queued)
 	if p.limited {
 		metricQueueWait.Observe(j.queueWait.Seconds())
@@ -589,11 +596,11 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 			// go to anyone (SPEC §11.5)
 			p.answered(a)
 			p.notePoints(a, res.info)
-			a.lim.release(1)
+			c.release(a)
 			return res, nil
 		}
 		if !failsOver(ue.kind) || ctx.Err() != nil {
-			a.lim.release(1)
+			c.release(a)
 			return upstreamResult{}, ue
 		}
 		k := contentKind(ue.kind)
@@ -611,7 +618,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		rested |= k
 		p.rest(a, ue)
 		if attempt >= p.retries {
-			a.lim.release(1)
+			c.release(a)
 			return p.fail(ue)
 		}
 
@@ -621,8 +628,8 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		others := c.hopeful()
 		limMu.Unlock()
 		if others {
-			a.lim.release(1)
-			if err := acquire(ctx, min(p.queueTimeout, time.Until(j.deadline)), c); err != nil {
+			c.release(a)
+			if err := p.acquireSlot(ctx, min(p.queueTimeout, time.Until(j.deadline)), c); err != nil {
 				if ctx.Err() != nil {
 					return upstreamResult{}, ctxFailure(ctx, p.timeout)
 				}
@@ -644,7 +651,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		// do not arrive together
 		backoff := time.Duration(float64(250*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
 		if !ue.retryable || time.Until(j.deadline) < backoff {
-			a.lim.release(1)
+			c.release(a)
 			return p.fail(ue)
 		}
 		if p.retried != nil {
@@ -654,7 +661,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			a.lim.release(1)
+			c.release(a)
 			return upstreamResult{}, ctxFailure(ctx, p.timeout)
 		case <-t.C:
 		}
