@@ -28,7 +28,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -64,7 +63,16 @@ var metricCoordinationUp = prometheus.NewGauge(prometheus.GaugeOpts{
 	Help: "1 while the Redis of `coordination` answers, 0 while the gateway runs on per-instance limits without it.",
 })
 
-func init() { collectors = append(collectors, metricCoordinationUp) }
+func init() {
+	collectors = append(collectors, metricCoordinationUp)
+	// the client's own log goes to stderr, outside Caddy's logs, with a
+	// line per failed dial; the gateway logs the outage once itself
+	redis.SetLogger(quietRedisLog{})
+}
+
+type quietRedisLog struct{}
+
+func (quietRedisLog) Printf(context.Context, string, ...any) {}
 
 // CoordinationConfig makes several gateways count as one through Redis.
 type CoordinationConfig struct {
@@ -669,15 +677,6 @@ func anySlice(ss []string) []any {
 		out[i] = s
 	}
 	return out
-}
-
-// redisHost is the host:port of a Redis URL, for the health body.
-func redisHost(raw string) string {
-	u, err := url.Parse(raw)
-	if err != nil {
-		return ""
-	}
-	return u.Host
 }
 
 // the accounts' slots and rests across the cluster
