@@ -28,6 +28,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -190,7 +191,7 @@ func (g *Gateway) provisionCoordination(resolve func(v, env string) string) ([]s
 	if raw == "" {
 		return nil, errors.New("zimage_gateway: coordination: the Redis URL is empty (or its placeholder resolved to nothing): set it, such as coordination redis redis://127.0.0.1:6379")
 	}
-	secrets := proxySecrets(raw)
+	secrets := redisSecrets(raw)
 	opt, err := redis.ParseURL(raw)
 	if err != nil {
 		// the parser's message may quote the URL, password and all
@@ -266,7 +267,7 @@ func (c *redisCoord) failed(err error) error {
 func (c *redisCoord) scrub(err error) string {
 	s := err.Error()
 	if p := c.rdb.Options().Password; p != "" {
-		s = strings.ReplaceAll(s, p, "[REDACTED]")
+		s = strings.ReplaceAll(s, p, redacted)
 	}
 	return s
 }
@@ -669,6 +670,20 @@ func (c *redisCoord) onReconnect(f func(ctx context.Context) error) func() {
 		delete(c.hooks, h)
 		c.mu.Unlock()
 	}
+}
+
+// redisSecrets are the credentials in a Redis URL, for the scrubber.
+func redisSecrets(raw string) []string {
+	u, err := url.Parse(raw)
+	if err != nil || u.User == nil {
+		// unparsable: the whole URL may hold the password
+		return []string{raw}
+	}
+	var out []string
+	if pass, ok := u.User.Password(); ok && pass != "" {
+		out = append(out, pass, u.User.String())
+	}
+	return out
 }
 
 func anySlice(ss []string) []any {

@@ -3,12 +3,14 @@ package zimage
 import (
 	"encoding/json"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
@@ -239,5 +241,37 @@ func TestQuotaReloadKeepsCounts(t *testing.T) {
 	}
 	if status, _, body := do(t, http.MethodPost, "/v1/images/generations", `{"prompt":"three","n":3}`, as(testAliceKey)...); status != http.StatusTooManyRequests {
 		t.Errorf("3 more with 2 of 4 used: %d %s", status, body)
+	}
+}
+
+// TestUnitDistClusterCaddyfile: the cluster example of dist/ adapts and
+// provisions (Redis is reached lazily, so none needs to run), with its
+// Redis password kept out of the adapted config.
+func TestUnitDistClusterCaddyfile(t *testing.T) {
+	src, err := os.ReadFile("dist/Caddyfile.cluster")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unitClearEnv(t)
+	t.Setenv("GATEWAY_API_KEY", "sk-cluster-gateway")
+	t.Setenv("SD_API_KEY", "sd-cluster-account")
+	t.Setenv("REDIS_URL", "redis://:"+testRedisPassword+"@127.0.0.1:1")
+	cfg := unitAdapt(t, string(src))
+	if strings.Contains(string(cfg), testRedisPassword) {
+		t.Errorf("the adapted config carries the Redis password")
+	}
+	var g Gateway
+	if err := json.Unmarshal(unitFindHandler(t, cfg, "zimage_gateway"), &g); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+	defer cancel()
+	g.Store.StorageRaw = json.RawMessage(`{"module":"file_system","root":"` + t.TempDir() + `"}`)
+	if err := g.Provision(ctx); err != nil {
+		t.Fatalf("provisioning: %v", err)
+	}
+	defer g.Cleanup()
+	if g.coord == nil || g.quotas == nil || g.scrub.Replace("x"+testRedisPassword) != "x"+redacted {
+		t.Errorf("coordination %v, quotas %v, the password scrubbed as %q", g.coord, g.quotas, g.scrub.Replace("x"+testRedisPassword))
 	}
 }
