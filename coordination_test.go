@@ -31,7 +31,7 @@ func init() { testSecrets = append(testSecrets, testRedisPassword) }
 
 // testRedis is a redis-server of the test's own, on a free port.
 type testRedis struct {
-	t    *testing.T
+	t    testing.TB
 	bin  string
 	port int
 	cmd  *exec.Cmd
@@ -41,7 +41,7 @@ type testRedis struct {
 // startRedis runs redis-server (Debian's, which .ci/run installs). Without
 // the binary the test is skipped, except in CI (CI=true), where that is a
 // failure: the tests it would skip are what shows the cluster works.
-func startRedis(t *testing.T) *testRedis {
+func startRedis(t testing.TB) *testRedis {
 	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
@@ -72,7 +72,8 @@ func (r *testRedis) start() {
 	}
 	r.done = make(chan struct{})
 	go func() { _ = r.cmd.Wait(); close(r.done) }()
-	waitFor(t, "redis-server answering PING", func() bool {
+	// polled like waitFor, which takes a *testing.T (a benchmark starts one too)
+	ready := func() bool {
 		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", r.port), time.Second)
 		if err != nil {
 			return false
@@ -84,7 +85,12 @@ func (r *testRedis) start() {
 		a, _ := br.ReadString('\n')
 		b, _ := br.ReadString('\n')
 		return strings.HasPrefix(a, "+OK") && strings.HasPrefix(b, "+PONG")
-	})
+	}
+	for deadline := time.Now().Add(10 * time.Second); !ready(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("redis-server on port %d does not answer PING after 10s", r.port)
+		}
+	}
 }
 
 // kill stops the server at once, as a crash would (its data is lost: it
