@@ -279,13 +279,18 @@ func (c *redisCoord) call(ctx context.Context, f func(ctx context.Context) error
 	if !c.up.Load() {
 		return errCoordDown
 	}
+	return c.failed(bounded(ctx, f))
+}
+
+// bounded runs f with a bounded context.
+func bounded(ctx context.Context, f func(ctx context.Context) error) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), coordTimeout)
 	defer cancel()
 	err := f(ctx)
 	if errors.Is(err, redis.Nil) {
 		err = nil
 	}
-	return c.failed(err)
+	return err
 }
 
 // loop renews the leases and reads the rests every third of the lease
@@ -306,23 +311,17 @@ func (c *redisCoord) loop(ctx context.Context) {
 			pctx, cancel := context.WithTimeout(ctx, coordTimeout)
 			err := c.rdb.Ping(pctx).Err()
 			cancel()
-			if err != nil {
+			if err != nil || c.catchUp(ctx) != nil {
 				continue
 			}
+			// shared again only once Redis holds what this instance did
+			// alone: its counts and the slots its requests hold
 			c.up.Store(true)
 			metricCoordinationUp.Set(1)
 			c.logger.Info("coordination: Redis answers again; limits and counts are shared again", zap.String("redis", c.addr))
-			c.mu.Lock()
-			hooks := make([]*reconnectHook, 0, len(c.hooks))
-			for h := range c.hooks {
-				hooks = append(hooks, h)
-			}
-			c.mu.Unlock()
-			for _, h := range hooks {
-				_ = c.call(ctx, h.f)
-			}
+		} else {
+			c.renew(ctx, c.call)
 		}
-		c.renew(ctx)
 		c.pullRests(ctx)
 	}
 }
@@ -446,18 +445,36 @@ func (l *redisLease) shrink(n int) {
 	})
 }
 
-// renew extends every lease this instance holds.
-func (c *redisCoord) renew(ctx context.Context) {
+// catchUp hands a Redis that answers again what this instance did
+// without it: the quota counts (the hooks) and the slots it holds.
+func (c *redisCoord) catchUp(ctx context.Context) error {
+	c.mu.Lock()
+	hooks := make([]*reconnectHook, 0, len(c.hooks))
+	for h := range c.hooks {
+		hooks = append(hooks, h)
+	}
+	c.mu.Unlock()
+	for _, h := range hooks {
+		if err := bounded(ctx, h.f); err != nil {
+			return err
+		}
+	}
+	return c.renew(ctx, bounded)
+}
+
+// renew extends every lease this instance holds, running the round trip
+// through run (call, or bounded while Redis is not counted as up yet).
+func (c *redisCoord) renew(ctx context.Context, run func(context.Context, func(context.Context) error) error) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.leases) == 0 {
-		return
+		return nil
 	}
 	byKey := map[string][]any{}
 	for l := range c.leases {
 		byKey[l.key] = append(byKey[l.key], anySlice(l.members)...)
 	}
-	_ = c.call(ctx, func(ctx context.Context) error {
+	return run(ctx, func(ctx context.Context) error {
 		pipe := c.rdb.Pipeline()
 		for k, ms := range byKey {
 			renewScript.Run(ctx, pipe, []string{k}, append([]any{c.ttl.Milliseconds()}, ms...)...)

@@ -363,6 +363,12 @@ func TestCoordinationTwoInstances(t *testing.T) {
 			return parseScrape(t, p.get(ctx, "/metrics")).get("caddy_zimage_coordination_up") == 1
 		})
 	}
+	// the counts came back with the instances (Redis kept nothing)
+	for i, p := range []*caddyProcess{one, two} {
+		if r := p.generate(ctx, testAliceKey, `{"prompt":"alice after the outage"}`); r.status != http.StatusTooManyRequests {
+			t.Errorf("alice's sixth image on instance %d after Redis returned empty: %d %s", i+1, r.status, r.body)
+		}
+	}
 	g = &gate{ch: make(chan struct{})}
 	t.Cleanup(g.open)
 	up.setHandler(g.handler)

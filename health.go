@@ -320,7 +320,9 @@ func (h *health) report(ctx context.Context) (rep healthReport, retryAfter time.
 	default:
 		rep.Status = "ok"
 	}
-	rep.healthCluster = h.cluster(ctx)
+	if h.cluster != nil {
+		rep.healthCluster = h.cluster(ctx)
+	}
 	if rep.Status == "ok" && rep.Coordination != nil && rep.Coordination.State != "up" {
 		rep.Status, rep.Reason = "degraded", "coordination: Redis is unreachable; limits and counts are per instance until it answers"
 	}
