@@ -431,7 +431,9 @@ func (rs *requestState) admitSlots(r *http.Request, n int) (int, *apiError) {
 	if c.shared != nil && limit > 0 && need > 0 {
 		l, ok := c.shared.acquire(r.Context(), limit, need, rs.lease)
 		if !ok {
-			rs.giveBackSlots(need)
+			// the lease has none of them: only the local slots go back
+			rs.held -= need
+			c.lim.release(need)
 			return 0, busy
 		}
 		rs.lease = l

@@ -195,6 +195,10 @@ func clusterSite(up *fakeUpstream, redisURL, accounts string) string {
 			key %s
 			quota 5 images per day
 		}
+		client bob {
+			key %s
+			max_concurrent 1
+		}
 		quota_timezone UTC
 		upstream %s {
 			%s
@@ -208,7 +212,7 @@ func clusterSite(up *fakeUpstream, redisURL, accounts string) string {
 		enhance off
 		health
 	}
-	metrics /metrics`, testClientKey, testAliceKey, up.endpoint(), accounts, redisURL)
+	metrics /metrics`, testClientKey, testAliceKey, testBobKey, up.endpoint(), accounts, redisURL)
 }
 
 const twoAccounts = `account one {
@@ -250,7 +254,7 @@ func holdAll(t *testing.T, up *fakeUpstream, g *gate, n, want int, insts ...*cad
 
 // TestCoordinationTwoInstances: two Caddy processes on one Redis count as
 // one: each account runs at most its 2 generations across both, alice's 5
-// images a day are 5 across both, one instance's 429 rests the account for
+// images a day are 5 across both, bob's max_concurrent 1 is 1 across both, one instance's 429 rests the account for
 // the other, and a Redis that is killed and restarted mid-run loses no
 // request and brings the shared limits back. The Redis password appears in
 // no answer or log.
@@ -297,6 +301,24 @@ func TestCoordinationTwoInstances(t *testing.T) {
 	}
 	if u := two.usage(t, testAliceKey); len(u.Quotas) != 1 || u.Quotas[0].Used != 5 {
 		t.Errorf("alice's usage on instance 2: %+v, want 5 used", u)
+	}
+
+	// bob runs 1 generation at once, whichever instance he asks
+	bobGate := newGate(t)
+	up.setHandler(bobGate.handler)
+	bobHeld := make(chan result, 1)
+	go func() { bobHeld <- one.generate(context.Background(), testBobKey, `{"prompt":"bob's one"}`) }()
+	waitFor(t, "bob's generation at the fake", func() bool { return up.active.Load() == 1 })
+	r := two.generate(ctx, testBobKey, `{"prompt":"bob's second, elsewhere"}`)
+	if var429 := apiErr(t, r.body); r.status != http.StatusTooManyRequests || var429.Code != "rate_limit_exceeded" {
+		t.Errorf("bob's second generation on instance 2: %d %s", r.status, r.body)
+	}
+	bobGate.open()
+	if r := <-bobHeld; r.status != 200 {
+		t.Errorf("bob's first: %d %s", r.status, r.body)
+	}
+	if r := two.generate(ctx, testBobKey, `{"prompt":"bob's next"}`); r.status != 200 {
+		t.Errorf("bob's next once the first finished: %d %s", r.status, r.body)
 	}
 
 	// account one's 429 on instance 1 rests it on instance 2 too
