@@ -22,6 +22,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // testRedisPassword is the test Redis's password: a secret like the keys.
@@ -446,5 +449,46 @@ func TestCoordinationCrashedInstanceSlotsReturn(t *testing.T) {
 	g.open()
 	if r := <-waiting; r.status != 200 {
 		t.Errorf("instance 2's generation: %d %s", r.status, r.body)
+	}
+}
+
+// TestUnitCoordinationConfig: the Caddyfile form, and load errors that
+// name what to change without quoting the Redis password.
+func TestUnitCoordinationConfig(t *testing.T) {
+	var g Gateway
+	src := "zimage_gateway {\n\tcoordination redis {env.REDIS_URL} {\n\t\tlease_ttl 5s\n\t\tkey_prefix site-a\n\t}\n}"
+	if err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(src)); err != nil {
+		t.Fatal(err)
+	}
+	if want := (CoordinationConfig{Redis: "{env.REDIS_URL}", LeaseTTL: caddy.Duration(5 * time.Second), KeyPrefix: "site-a"}); *g.Coordination != want {
+		t.Errorf("parsed %+v, want %+v", *g.Coordination, want)
+	}
+	for _, bad := range []struct{ src, want string }{
+		{"coordination redis", "want 'coordination redis <url>'"},
+		{"coordination memcached localhost:11211", "want 'coordination redis <url>'"},
+		{"coordination redis redis://h:1 {\n\t\tttl 1s\n\t}", "unrecognized zimage_gateway coordination option 'ttl'"},
+	} {
+		var g Gateway
+		err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser("zimage_gateway {\n\t" + bad.src + "\n}"))
+		if err == nil || !strings.Contains(err.Error(), bad.want) {
+			t.Errorf("%q: %v, want an error saying %q", bad.src, err, bad.want)
+		}
+	}
+	for _, bad := range []struct {
+		cc   CoordinationConfig
+		want string
+	}{
+		{CoordinationConfig{Redis: "{env.UNSET_REDIS_URL}"}, "the Redis URL is empty"},
+		{CoordinationConfig{Redis: "http://:" + testRedisPassword + "@h:1"}, "the Redis URL is not valid"},
+		{CoordinationConfig{Redis: "redis://:" + testRedisPassword + "@h:1", LeaseTTL: caddy.Duration(time.Millisecond)}, "lease_ttl 1ms is shorter than 300ms"},
+		{CoordinationConfig{Redis: "redis://:" + testRedisPassword + "@h:1", KeyPrefix: "a b"}, "key_prefix"},
+	} {
+		g := Gateway{APIKeys: []string{testClientKey}, Upstream: &UpstreamConfig{URL: "demo"}, Coordination: &bad.cc}
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+		err := g.Provision(ctx)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), bad.want) || strings.Contains(err.Error(), testRedisPassword) {
+			t.Errorf("%+v: %v, want an error saying %q without the password", bad.cc, err, bad.want)
+		}
 	}
 }
