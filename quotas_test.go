@@ -275,3 +275,17 @@ func TestUnitDistClusterCaddyfile(t *testing.T) {
 		t.Errorf("coordination %v, quotas %v, the password scrubbed as %q", g.coord, g.quotas, g.scrub.Replace("x"+testRedisPassword))
 	}
 }
+
+// TestUnitQuotaTimezoneUnknown: a zone the system does not know fails the
+// load, naming the directive.
+func TestUnitQuotaTimezoneUnknown(t *testing.T) {
+	g := Gateway{Clients: []ClientConfig{{Name: "alice", Keys: []string{testAliceKey}, Quotas: []QuotaConfig{{Images: 3, Per: "day"}}}},
+		Upstream: &UpstreamConfig{URL: "demo"}, QuotaTimezone: "Mars/Olympus_Mons"}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+	defer cancel()
+	err := g.Provision(ctx)
+	defer g.Cleanup()
+	if err == nil || !strings.Contains(err.Error(), "quota_timezone 'Mars/Olympus_Mons'") {
+		t.Errorf("Provision: %v, want an error naming quota_timezone", err)
+	}
+}
