@@ -876,6 +876,7 @@ func (qs *quotaSet) catchUp(ctx context.Context) error {
 			st.mu.Lock()
 			it.c.pending -= it.pending
 			it.c.shared = v
+			it.c.pushes++
 			st.mu.Unlock()
 		}
 	}

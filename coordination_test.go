@@ -492,3 +492,55 @@ func TestUnitCoordinationConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestUnitQuotaCatchUp: counts made while Redis is away reach it when it
+// returns (a Redis restarted empty starts from what the instance last saw
+// there), and a reservation made alone and given back after that is taken
+// back from Redis too.
+func TestUnitQuotaCatchUp(t *testing.T) {
+	rd := startRedis(t)
+	g := Gateway{Clients: []ClientConfig{{Name: "alice", Keys: []string{testAliceKey}, Quotas: []QuotaConfig{{Images: 3, Per: "day"}}}},
+		Upstream: &UpstreamConfig{URL: "demo"}, QuotaTimezone: "UTC",
+		Coordination: &CoordinationConfig{Redis: rd.url(), LeaseTTL: caddy.Duration(time.Second), KeyPrefix: "catchup-" + fmt.Sprint(rd.port)}}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+	defer cancel()
+	if err := g.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer g.Cleanup()
+	qs := g.quotas
+	used := func() int { // what Redis holds: made, and reserved in flight
+		t.Helper()
+		start, end := periodBounds(periodDay, time.Now(), time.UTC)
+		n, err := g.coord.readQuota(t.Context(), "alice", []quotaKey{{per: periodDay, start: start, end: end, limit: 3}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n[0]
+	}
+
+	made := &quotaHold{}
+	if e := qs.reserve(t.Context(), "alice", made, 1); e != nil {
+		t.Fatal(e)
+	}
+	qs.made("alice", made)
+	qs.release(t.Context(), "alice", made)
+
+	rd.kill()
+	alone := &quotaHold{}
+	if e := qs.reserve(t.Context(), "alice", alone, 1); e != nil {
+		t.Fatalf("a reservation without Redis: %v", e)
+	}
+	if g.coord.isUp() {
+		t.Fatal("the coordinator did not notice Redis going away")
+	}
+	rd.start()
+	waitFor(t, "the coordinator back on Redis", g.coord.isUp)
+	if n := used(); n != 2 {
+		t.Errorf("after the catch-up Redis counts %d, want 2: the image made before, the reservation made alone", n)
+	}
+	qs.release(t.Context(), "alice", alone)
+	if n := used(); n != 1 {
+		t.Errorf("after the lone reservation was given back Redis counts %d, want 1", n)
+	}
+}

@@ -160,6 +160,9 @@ type quotaCount struct {
 	// while Redis was unreachable, to add when it returns
 	shared  int
 	pending int
+	// pushes counts the catch-ups that handed pending to Redis: a
+	// reservation made alone before one of them is in Redis since
+	pushes int
 }
 
 // quotaState is one client's counts, by period.
@@ -338,6 +341,7 @@ type quotaHold struct {
 	n      int         // reserved and not yet made or given back
 	starts []time.Time // the period each quota's reservation counts in
 	shared []bool      // whether it was counted in Redis
+	pushes []int       // quotaCount.pushes when it was made alone
 }
 
 // reserve reserves n images of every quota of the client, or none: the
@@ -396,6 +400,7 @@ func (qs *quotaSet) reserve(ctx context.Context, client string, h *quotaHold, n 
 	if h.starts == nil {
 		h.starts = make([]time.Time, len(quotas))
 		h.shared = make([]bool, len(quotas))
+		h.pushes = make([]int, len(quotas))
 	}
 	for i, c := range counts {
 		c.reserved += n
@@ -404,7 +409,7 @@ func (qs *quotaSet) reserve(ctx context.Context, client string, h *quotaHold, n 
 		} else if qs.coord != nil {
 			c.pending += n
 		}
-		h.starts[i], h.shared[i] = c.start, shared
+		h.starts[i], h.shared[i], h.pushes[i] = c.start, shared, c.pushes
 	}
 	h.n += n
 	return nil
@@ -485,7 +490,8 @@ func (qs *quotaSet) release(ctx context.Context, client string, h *quotaHold) {
 		}
 		c.reserved -= n
 		switch {
-		case h.shared[i]:
+		case h.shared[i], qs.coord != nil && c.pushes != h.pushes[i]:
+			// counted in Redis: at once, or by a catch-up since
 			back = append(back, quotaKey{per: q.per, start: c.start, end: c.end, limit: q.limit})
 		case qs.coord != nil:
 			c.pending -= n
