@@ -371,8 +371,10 @@ type choice struct {
 	tried        []bool
 	allowResting bool
 	chosen       *account
-	lease        slotLease // the chosen account's slot across a cluster (coordination.go)
-	triedBuf     [8]bool   // tried's array for pools of up to 8 accounts
+	triedBuf     [8]bool // tried's array for pools of up to 8 accounts
+
+	// lease is the chosen account's slot across a cluster (coordination.go)
+	lease slotLease
 }
 
 func (p *accountPool) newChoice() *choice {
@@ -560,6 +562,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 	p.enter()
 	defer p.leave()
 	c := p.newChoice()
+	defer c.dropLease()
 	queued := time.Now()
 	err := p.acquireSlot(ctx, p.queueTimeout, c)
 	j.queueWait = time.Since(queued)
@@ -596,11 +599,11 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 			// go to anyone (SPEC §11.5)
 			p.answered(a)
 			p.notePoints(a, res.info)
-			c.release(a)
+			a.lim.release(1)
 			return res, nil
 		}
 		if !failsOver(ue.kind) || ctx.Err() != nil {
-			c.release(a)
+			a.lim.release(1)
 			return upstreamResult{}, ue
 		}
 		k := contentKind(ue.kind)
@@ -618,7 +621,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		rested |= k
 		p.rest(a, ue)
 		if attempt >= p.retries {
-			c.release(a)
+			a.lim.release(1)
 			return p.fail(ue)
 		}
 
@@ -628,7 +631,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		others := c.hopeful()
 		limMu.Unlock()
 		if others {
-			c.release(a)
+			a.lim.release(1)
 			if err := p.acquireSlot(ctx, min(p.queueTimeout, time.Until(j.deadline)), c); err != nil {
 				if ctx.Err() != nil {
 					return upstreamResult{}, ctxFailure(ctx, p.timeout)
@@ -651,7 +654,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		// do not arrive together
 		backoff := time.Duration(float64(250*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
 		if !ue.retryable || time.Until(j.deadline) < backoff {
-			c.release(a)
+			a.lim.release(1)
 			return p.fail(ue)
 		}
 		if p.retried != nil {
@@ -661,7 +664,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			c.release(a)
+			a.lim.release(1)
 			return upstreamResult{}, ctxFailure(ctx, p.timeout)
 		case <-t.C:
 		}

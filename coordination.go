@@ -722,6 +722,7 @@ func (p *accountPool) acquireSlot(ctx context.Context, wait time.Duration, c *ch
 	if p.coord == nil {
 		return acquire(ctx, wait, c)
 	}
+	c.dropLease() // a failover: the last account's local slot is back already
 	deadline := time.Now().Add(wait)
 	for {
 		if err := acquire(ctx, max(0, time.Until(deadline)), c); err != nil {
@@ -769,10 +770,9 @@ func (p *accountPool) acquireSlot(ctx context.Context, wait time.Duration, c *ch
 	}
 }
 
-// release gives back the slot of account a the choice holds, here and
-// across the cluster.
-func (c *choice) release(a *account) {
-	a.lim.release(1)
+// dropLease gives back the choice's slot across the cluster: at the end
+// of the generation, or before it moves to another account.
+func (c *choice) dropLease() {
 	if c.lease != nil {
 		c.lease.release()
 		c.lease = nil
