@@ -362,13 +362,34 @@ func TestCoordinationTwoInstances(t *testing.T) {
 		t.Errorf("instance 2's health: %s, want account one resting", h.body)
 	}
 
-	// Redis dies: every request is still served, on each instance's own
+	// Redis dies while each instance has a generation in flight: those
+	// finish, every later request is still served, on each instance's own
 	// limits, and both say so
-	up.setHandler(nil)
+	outage := newGate(t)
+	up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		var body upstreamRequest
+		_ = json.NewDecoder(r.Body).Decode(&body)
+		if strings.Contains(body.Prompt, "across the outage") {
+			outage.handler(w, r)
+			return
+		}
+		writeImage(w, "https://img.example.com/ok.png")
+	})
+	inFlight := make(chan result, 2)
+	for _, p := range []*caddyProcess{one, two} {
+		go func() { inFlight <- p.generate(context.Background(), testClientKey, `{"prompt":"held across the outage"}`) }()
+	}
+	waitFor(t, "a generation of each instance at the fake", func() bool { return up.active.Load() == 2 })
 	rd.kill()
 	for i, p := range []*caddyProcess{one, two, one, two} {
 		if r := p.generate(ctx, testClientKey, `{"prompt":"without redis"}`); r.status != 200 {
 			t.Errorf("request %d without Redis: %d %s", i, r.status, r.body)
+		}
+	}
+	outage.open()
+	for range 2 {
+		if r := <-inFlight; r.status != 200 {
+			t.Errorf("a generation in flight when Redis died: %d %s", r.status, r.body)
 		}
 	}
 	for i, p := range []*caddyProcess{one, two} {
