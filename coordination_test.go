@@ -377,7 +377,9 @@ func TestCoordinationTwoInstances(t *testing.T) {
 	})
 	inFlight := make(chan result, 2)
 	for _, p := range []*caddyProcess{one, two} {
-		go func() { inFlight <- p.generate(context.Background(), testClientKey, `{"prompt":"held across the outage"}`) }()
+		go func() {
+			inFlight <- p.generate(context.Background(), testClientKey, `{"prompt":"held across the outage"}`)
+		}()
 	}
 	waitFor(t, "a generation of each instance at the fake", func() bool { return up.active.Load() == 2 })
 	rd.kill()
