@@ -238,6 +238,11 @@ type accountPool struct {
 	// so that it shows in the log and caddy_zimage_upstream_errors_total
 	// even when the next attempt succeeds
 	retried func(ue *upstreamError, attempt int, from, to *account)
+
+	// coord shares the accounts' slots and rests with a cluster; nil
+	// without coordination (coordination.go)
+	coord     coordinator
+	stopShare []func()
 }
 
 // limiterKey identifies an account across handlers and reloads: the
@@ -367,6 +372,9 @@ type choice struct {
 	allowResting bool
 	chosen       *account
 	triedBuf     [8]bool // tried's array for pools of up to 8 accounts
+
+	// lease is the chosen account's slot across a cluster (coordination.go)
+	lease slotLease
 }
 
 func (p *accountPool) newChoice() *choice {
@@ -484,6 +492,7 @@ func (p *accountPool) rest(a *account, ue *upstreamError, fields ...zap.Field) {
 	if !rested {
 		return
 	}
+	p.sharedRest(a, now.Add(d))
 	metricAccountRests.WithLabelValues(a.name, ue.kind).Inc()
 	p.logger.Warn("image service account rests", append([]zap.Field{
 		zap.String("account", a.name), zap.String("reason", ue.kind), zap.Duration("rest", d)}, fields...)...)
@@ -553,8 +562,9 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 	p.enter()
 	defer p.leave()
 	c := p.newChoice()
+	defer c.dropLease()
 	queued := time.Now()
-	err := acquire(ctx, p.queueTimeout, c)
+	err := p.acquireSlot(ctx, p.queueTimeout, c)
 	j.queueWait = time.Since(queued)
 	if p.limited {
 		metricQueueWait.Observe(j.queueWait.Seconds())
@@ -622,7 +632,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		limMu.Unlock()
 		if others {
 			a.lim.release(1)
-			if err := acquire(ctx, min(p.queueTimeout, time.Until(j.deadline)), c); err != nil {
+			if err := p.acquireSlot(ctx, min(p.queueTimeout, time.Until(j.deadline)), c); err != nil {
 				if ctx.Err() != nil {
 					return upstreamResult{}, ctxFailure(ctx, p.timeout)
 				}

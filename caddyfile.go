@@ -34,6 +34,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    client <name> {
 //	        key <key> [<key>...]
 //	        max_concurrent <n>
+//	        quota <n> images per hour|day|week|month
+//	    }
+//	    quota_timezone <IANA name>
+//	    coordination redis <url> {
+//	        lease_ttl <duration>
+//	        key_prefix <prefix>
 //	    }
 //	    no_auth
 //	    stream_keepalive <duration>
@@ -261,6 +267,24 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.Playground = p
+		case "quota_timezone":
+			if err := once(opt); err != nil {
+				return err
+			}
+			tz, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			g.QuotaTimezone = tz
+		case "coordination":
+			if err := once(opt); err != nil {
+				return err
+			}
+			c, err := unmarshalCoordination(d)
+			if err != nil {
+				return err
+			}
+			g.Coordination = c
 		case "health":
 			if err := once(opt); err != nil {
 				return err

@@ -52,6 +52,11 @@ type ClientConfig struct {
 	// is answered at once with 429 and Retry-After, without waiting in
 	// the upstream queue. 0 means unlimited.
 	MaxConcurrent int `json:"max_concurrent,omitempty"`
+
+	// Quotas are the most images the client may have made per calendar
+	// hour, day, week or month (one quota per period); a request that
+	// would pass one is answered 429 insufficient_quota. Default: none.
+	Quotas []QuotaConfig `json:"quotas,omitempty"`
 }
 
 // unmarshalClient parses `client <name> { key <key>...; max_concurrent <n> }`;
@@ -75,11 +80,16 @@ func unmarshalClient(d *caddyfile.Dispenser, others []ClientConfig) (ClientConfi
 			c.Keys = append(c.Keys, d.RemainingArgs()...)
 		case "max_concurrent":
 			c.MaxConcurrent, err = parseInt(d, 0)
+		case "quota":
+			var q QuotaConfig
+			if q, err = unmarshalQuota(d, c.Quotas); err == nil {
+				c.Quotas = append(c.Quotas, q)
+			}
 		default:
 			return d.Errf("unrecognized zimage_gateway client option '%s'", opt)
 		}
 		return err
-	}, "key")
+	}, "key", "quota")
 	return c, err
 }
 
@@ -101,6 +111,10 @@ type client struct {
 	lim    *limiter // its generations in flight; nil for anonymous
 	limKey string
 	claim  uint64
+	quotas *quotaSet // nil: the client has no quota (quotas.go)
+	// shared is the client's max_concurrent across a cluster, with
+	// coordination (coordination.go)
+	shared slotShare
 
 	// served holds the client's caddy_zimage_client_requests_total
 	// children for code 200, one per entry of servedEndpoints, each made
@@ -286,6 +300,10 @@ type requestState struct {
 	client *client
 	code   int
 	held   int
+	// quota is what the request reserved of its client's quotas (quotas.go)
+	quota *quotaHold
+	// lease holds its client slots across a cluster, with coordination
+	lease slotLease
 }
 
 func (rs *requestState) WriteHeader(code int) {
@@ -318,6 +336,11 @@ func attribute(w http.ResponseWriter, r *http.Request, c *client, withContext bo
 
 // finish gives back the client's slots and counts the answer.
 func (rs *requestState) finish(endpoint string) {
+	rs.releaseQuota(context.Background())
+	if rs.lease != nil {
+		rs.lease.release()
+		rs.lease = nil
+	}
 	if rs.held > 0 {
 		rs.client.lim.release(rs.held)
 		rs.held = 0
@@ -353,14 +376,38 @@ func requestClient(r *http.Request) *client {
 	return nil
 }
 
-// admitClient makes the request hold n of the client's generation slots,
-// or answers at once: a client at its max_concurrent never waits in the
-// upstream queue, where it would take other clients' places (SPEC §12).
-// The slots are given back when the request ends (finish).
+// admitClient is a request's admission for n images, in one place: it
+// holds n of the client's generation slots and reserves n images of its
+// quotas (quotas.go), or answers at once: a client at its max_concurrent
+// never waits in the upstream queue, where it would take other clients'
+// places (SPEC §12). Both are given back when the request ends (finish);
+// the images it made stay counted. A request admitted in steps (an upload
+// before its body is read, then the job) asks again with its whole n.
 func admitClient(r *http.Request, n int) *apiError {
 	rs := requestStateOf(r)
-	if rs == nil || rs.client.lim == nil {
+	if rs == nil {
 		return nil
+	}
+	took, e := rs.admitSlots(r, n)
+	if e != nil {
+		return e
+	}
+	reserved := 0
+	if rs.quota != nil {
+		reserved = rs.quota.n
+	}
+	if e := rs.reserveQuota(r, n-reserved); e != nil {
+		rs.giveBackSlots(took)
+		return e
+	}
+	return nil
+}
+
+// admitSlots takes the slots of n images the request does not hold yet,
+// and reports how many it took.
+func (rs *requestState) admitSlots(r *http.Request, n int) (int, *apiError) {
+	if rs.client.lim == nil {
+		return 0, nil
 	}
 	c := rs.client
 	// n in all: an upload took one before its body was read (uploads.go)
@@ -371,15 +418,39 @@ func admitClient(r *http.Request, n int) *apiError {
 	// the requests already running
 	ok := (limit == 0 || n <= limit) && (need == 0 || c.lim.takeLocked(need))
 	limMu.Unlock()
+	busy := &apiError{status: http.StatusTooManyRequests, typ: "rate_limit_error", code: "rate_limit_exceeded", retryAfter: clientRetryAfter,
+		message: fmt.Sprintf("Client '%s' already runs its limit of %d generations at once; retry when one has finished", c.name, limit)}
 	switch {
 	case limit > 0 && n > limit:
-		return invalidRequest("n", fmt.Sprintf("n=%d is more than the %d generations client '%s' may run at once", n, limit, c.name))
+		return 0, invalidRequest("n", fmt.Sprintf("n=%d is more than the %d generations client '%s' may run at once", n, limit, c.name))
 	case !ok:
-		return &apiError{status: http.StatusTooManyRequests, typ: "rate_limit_error", code: "rate_limit_exceeded", retryAfter: clientRetryAfter,
-			message: fmt.Sprintf("Client '%s' already runs its limit of %d generations at once; retry when one has finished", c.name, limit)}
+		return 0, busy
 	}
 	rs.held += need
-	return nil
+	// across a cluster, the same limit holds for all instances together
+	if c.shared != nil && limit > 0 && need > 0 {
+		l, ok := c.shared.acquire(r.Context(), limit, need, rs.lease)
+		if !ok {
+			// the lease has none of them: only the local slots go back
+			rs.held -= need
+			c.lim.release(need)
+			return 0, busy
+		}
+		rs.lease = l
+	}
+	return need, nil
+}
+
+// giveBackSlots gives back n client slots taken by admitSlots.
+func (rs *requestState) giveBackSlots(n int) {
+	if n <= 0 {
+		return
+	}
+	rs.held -= n
+	rs.client.lim.release(n)
+	if rs.lease != nil {
+		rs.lease.shrink(n)
+	}
 }
 
 // Interface guard

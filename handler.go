@@ -26,6 +26,7 @@ const (
 	routeEdits
 	routeDemoImage
 	routeStoreImage
+	routeUsage
 )
 
 // demoPath is where the demo upstream serves its placeholder PNGs.
@@ -63,6 +64,8 @@ func parseRoute(path string) (route, string) {
 		return routeImages, ""
 	case "/images/edits":
 		return routeEdits, ""
+	case usagePath:
+		return routeUsage, ""
 	}
 	if id, ok := strings.CutPrefix(rest, "/models/"); ok && id != "" {
 		return routeModel, id
@@ -158,6 +161,8 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return nil
 		}
 		g.serveEdits(w, r)
+	case routeUsage:
+		g.serveUsage(w, r, c)
 	default:
 		g.fail(w, "unknown", "", errNotFound(r.URL.Path))
 	}
@@ -174,6 +179,8 @@ func endpointFor(rt route) string {
 		return endpointImages
 	case routeEdits:
 		return endpointEdits
+	case routeUsage:
+		return endpointUsage
 	}
 	return "unknown"
 }

@@ -77,6 +77,10 @@ type health struct {
 	// what the generations of this handler last met at the service
 	seenMu sync.Mutex
 	seen   upstreamSeen
+
+	// cluster is the quotas' use and the coordination's state (quotas.go,
+	// coordination.go)
+	cluster func(ctx context.Context) healthCluster
 }
 
 // upstreamSeen is the upstream as the handler's generations last saw it.
@@ -140,7 +144,7 @@ func (g *Gateway) provisionHealth() (*health, error) {
 	if g.playground != nil && (p == g.playground.path || strings.HasPrefix(p, g.playground.path+"/")) {
 		return nil, fmt.Errorf("zimage_gateway: health: path %q is inside the playground's path %s; choose another", p, g.playground.path)
 	}
-	h := &health{path: p, pool: g.accounts, store: g.store, now: time.Now, logger: g.logger}
+	h := &health{path: p, pool: g.accounts, store: g.store, now: time.Now, logger: g.logger, cluster: g.healthCluster}
 	if g.store != nil {
 		h.probe = newStoreProbe(g.store, time.Now, g.logger)
 		t := time.NewTicker(healthStoreEvery)
@@ -202,6 +206,7 @@ type healthReport struct {
 	Accounts []healthAccount `json:"accounts"`
 	Store    healthStore     `json:"store"`
 	Upstream healthUpstream  `json:"upstream"`
+	healthCluster
 }
 
 // healthUpstream is upstreamSeen in the body: times null until the first
@@ -314,6 +319,12 @@ func (h *health) report(ctx context.Context) (rep healthReport, retryAfter time.
 		rep.Reason = fmt.Sprintf("the last %d generations failed on every account they tried (the last: %s)", seen.consecutiveFailures, seen.lastFailureKind)
 	default:
 		rep.Status = "ok"
+	}
+	if h.cluster != nil {
+		rep.healthCluster = h.cluster(ctx)
+	}
+	if rep.Status == "ok" && rep.Coordination != nil && rep.Coordination.State != "up" {
+		rep.Status, rep.Reason = "degraded", "coordination: Redis is unreachable; limits and counts are per instance until it answers"
 	}
 	return rep, retryAfter
 }

@@ -247,6 +247,9 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 		return ae
 	}
 	metricGeneration.WithLabelValues(j.model.name).Observe(j.latency.Seconds())
+	// the service made the image and took its points: it counts against
+	// the client's quotas whatever happens to the answer
+	quotaMade(ctx)
 	j.imageURL = res.imageURL
 	j.info = res.info
 	j.info.imageID, j.info.modelName = g.scrub.Replace(j.info.imageID), g.scrub.Replace(j.info.modelName)

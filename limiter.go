@@ -103,6 +103,11 @@ type limiter struct {
 	noPointsUntil time.Time
 	restTimer     *time.Timer // wakes the queue when the rest ends
 	lowPoints     bool        // accounts.go: remaining points are below low_points
+
+	// coordination.go: every slot of the account is taken across the
+	// cluster until then; the timer wakes the queue when it ends
+	fullUntil time.Time
+	fullTimer *time.Timer
 }
 
 type limitClaim struct {
@@ -194,6 +199,9 @@ func (l *limiter) limitLocked() int {
 // limiter has "very many" free slots, fewer as more are in flight, so
 // that the choice among accounts still prefers the least busy.
 func (l *limiter) freeLocked() int {
+	if !l.fullUntil.IsZero() && time.Now().Before(l.fullUntil) {
+		return 0
+	}
 	if n := l.limitLocked(); n > 0 {
 		return n - l.inFlight
 	}
@@ -229,6 +237,9 @@ func (l *limiter) Destruct() error {
 	limMu.Lock()
 	if l.restTimer != nil {
 		l.restTimer.Stop()
+	}
+	if l.fullTimer != nil {
+		l.fullTimer.Stop()
 	}
 	limMu.Unlock()
 	return nil

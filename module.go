@@ -154,6 +154,16 @@ type Gateway struct {
 	// without auth. Off unless set; {} serves it at /v1/zimage/health.
 	Health *HealthConfig `json:"health,omitempty"`
 
+	// QuotaTimezone is the IANA time zone (such as Europe/Berlin or UTC)
+	// whose calendar hours, days, weeks and months the clients' quotas
+	// count in. Default: the server's local time zone.
+	QuotaTimezone string `json:"quota_timezone,omitempty"`
+
+	// Coordination makes several instances of the gateway share their
+	// limits, rests and quota counts through Redis, so that a cluster
+	// counts as one. Off unless set: every limit is per instance.
+	Coordination *CoordinationConfig `json:"coordination,omitempty"`
+
 	clients    *clientSet // every client and the digests of its keys
 	modelsJSON []byte     // the /v1/models answer, built once
 	models     []*model
@@ -167,6 +177,9 @@ type Gateway struct {
 	uploads    *uploadPool
 	playground *playground // nil: off
 	health     *health     // nil: off
+	quotas     *quotaSet   // nil: no client has a quota
+	coord      coordinator // nil: coordination is off
+	coordKey   string      // its key in coords
 	scrub      *scrubber
 	logger     *zap.Logger
 }
@@ -216,11 +229,19 @@ func (g *Gateway) Provision(ctx caddy.Context) (err error) {
 		return err
 	}
 	secrets := append([]string(nil), keys...)
+	// the Redis URL's password is a secret like the keys (coordination.go)
+	coordSecrets, err := g.provisionCoordination(resolve)
+	secrets = append(secrets, coordSecrets...)
+	if err != nil {
+		return err
+	}
+	g.shareClients()
 	up, err := g.provisionUpstream(ctx, resolve)
 	if err != nil {
 		return err
 	}
 	g.accounts.retried = g.upstreamRetried
+	g.accounts.shareRests(g.coord)
 	// every account's key, as every client's (SPEC §11.5, §12)
 	secrets = append(secrets, g.accounts.keys()...)
 	secrets = append(secrets, proxySecrets(up.ForwardProxyURL)...) // SPEC §11.6
@@ -238,6 +259,10 @@ func (g *Gateway) Provision(ctx caddy.Context) (err error) {
 		return err
 	}
 	if err := g.provisionStore(ctx, resolve); err != nil {
+		return err
+	}
+	// after the store, whose storage keeps the counts (quotas.go)
+	if err := g.provisionQuotas(ctx); err != nil {
 		return err
 	}
 	// after the upstream: an upload waits its queue_timeout (uploads.go)
@@ -310,7 +335,16 @@ func (g *Gateway) Cleanup() error {
 	}
 	// close does nothing the second time: a second Cleanup must not
 	// release a sibling's reference
-	return errors.Join(g.accounts.close(), g.clients.close())
+	errs := []error{g.quotas.close(), g.accounts.close(), g.clients.close()}
+	if g.accounts != nil {
+		g.accounts.stopSharing()
+	}
+	if g.coord != nil {
+		_, err := coords.Delete(g.coordKey)
+		errs = append(errs, err)
+		g.coord = nil
+	}
+	return errors.Join(errs...)
 }
 
 // Interface guards
