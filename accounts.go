@@ -481,6 +481,9 @@ func (p *accountPool) rest(a *account, ue *upstreamError, fields ...zap.Field) {
 		others = others || o != a && !o.lim.restingLocked(now)
 	}
 	rested := others && a.lim.restLocked(now.Add(d))
+	if rested {
+		a.lim.clusterRest = false // this instance's own evidence
+	}
 	until := now.Add(d)
 	if ue.kind == kindNoPoints && until.After(a.lim.noPointsUntil) {
 		a.lim.noPointsUntil = until
@@ -506,8 +509,11 @@ func (p *accountPool) answered(a *account) {
 	now := time.Now()
 	limMu.Lock()
 	ended := a.lim.endRestLocked(now)
+	keep := a.lim.restUntil
+	a.lim.clusterRest = false
 	limMu.Unlock()
 	if ended {
+		p.sharedEnd(a, keep)
 		p.logger.Info("image service account rests no more: it made an image", zap.String("account", a.name))
 	}
 }

@@ -124,7 +124,12 @@ type coordinator interface {
 	slots(ctx context.Context, key, restKey string, limit, n int, held slotLease) (lease slotLease, rest time.Time, ok bool, err error)
 	// shareRest rests the account key for every instance until then.
 	shareRest(restKey string, until time.Time)
-	// watchRests applies the rests other instances set, as they come.
+	// endRest ends the account key's rest for every instance, but for
+	// keep (a 429's Retry-After, when it runs on): a success showed that
+	// whatever made the account rest has passed.
+	endRest(restKey string, keep time.Time)
+	// watchRests applies the rests other instances set, as they come; a
+	// zero time means the cluster knows no rest of the account.
 	watchRests(restKey string, apply func(until time.Time)) (stop func())
 	reserveQuota(ctx context.Context, client string, keys []quotaKey, n int) (totals []int, ok bool, err error)
 	releaseQuota(ctx context.Context, client string, keys []quotaKey, n int) error
@@ -514,6 +519,29 @@ func (c *redisCoord) shareRest(restKey string, until time.Time) {
 	})
 }
 
+// endRestScript shortens the rest KEYS[1] to ARGV[1] (ms since the epoch;
+// 0 ends it) when it is longer, ARGV[2] ms from now.
+var endRestScript = redis.NewScript(`
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur <= tonumber(ARGV[1]) then return 0 end
+if tonumber(ARGV[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+`)
+
+func (c *redisCoord) endRest(restKey string, keep time.Time) {
+	var ms, d int64
+	if d = time.Until(keep).Milliseconds(); d > 0 {
+		ms = keep.UnixMilli()
+	}
+	_ = c.call(context.Background(), func(ctx context.Context) error {
+		return endRestScript.Run(ctx, c.rdb, []string{c.key("rest", restKey)}, ms, max(d, 1)).Err()
+	})
+}
+
 func (c *redisCoord) watchRests(restKey string, apply func(time.Time)) func() {
 	w := &restWatch{apply: apply}
 	c.mu.Lock()
@@ -560,16 +588,18 @@ func (c *redisCoord) pullRests(ctx context.Context) {
 		return
 	}
 	for i, v := range vals {
+		// no key (v is nil): the cluster knows no rest, or another
+		// instance ended it after a success
 		s, _ := v.(string)
-		ms, _ := strconv.ParseInt(s, 10, 64)
-		if ms <= 0 {
-			continue
+		var until time.Time
+		if ms, _ := strconv.ParseInt(s, 10, 64); ms > 0 {
+			until = time.UnixMilli(ms)
 		}
 		c.mu.Lock()
 		ws := append([]*restWatch(nil), c.rests[keys[i]]...)
 		c.mu.Unlock()
 		for _, w := range ws {
-			w.apply(time.UnixMilli(ms))
+			w.apply(until)
 		}
 	}
 }
@@ -803,9 +833,27 @@ func (p *accountPool) shareRests(c coordinator) {
 	for _, a := range p.accounts {
 		p.stopShare = append(p.stopShare, c.watchRests(hashKey(a.limKey), func(until time.Time) {
 			limMu.Lock()
-			a.lim.restLocked(until)
-			limMu.Unlock()
+			defer limMu.Unlock()
+			switch {
+			case !until.IsZero():
+				if a.lim.restLocked(until) {
+					a.lim.clusterRest = true
+				}
+			case a.lim.clusterRest:
+				// a rest this instance only heard of, which the
+				// cluster no longer knows: another instance's success
+				// ended it
+				a.lim.endRestLocked(time.Now())
+				a.lim.clusterRest = false
+			}
 		}))
+	}
+}
+
+// sharedEnd tells the cluster that a's rest ended, but for keep.
+func (p *accountPool) sharedEnd(a *account, keep time.Time) {
+	if p.coord != nil {
+		p.coord.endRest(hashKey(a.limKey), keep)
 	}
 }
 

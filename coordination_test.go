@@ -567,3 +567,47 @@ func TestUnitQuotaCatchUp(t *testing.T) {
 		t.Errorf("after the lone reservation was given back Redis counts %d, want 1", n)
 	}
 }
+
+// TestCoordinationSuccessEndsSharedRest: an account that one instance
+// rested for want of points rests on the other too, and when it makes an
+// image again (a top-up) the rest ends on both: the other instance, which
+// only heard of the rest, does not keep the account idle for the hour.
+func TestCoordinationSuccessEndsSharedRest(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs two Caddy processes and a Redis")
+	}
+	rd := startRedis(t)
+	bin := buildCaddy(t)
+	up := newFakeUpstream(t)
+	var out sync.Once
+	up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		empty := false
+		out.Do(func() { empty = true })
+		if empty {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusPaymentRequired)
+			fmt.Fprint(w, `{"success":false,"message":"insufficient points"}`)
+			return
+		}
+		writeImage(w, "https://img.example.com/topped-up.png")
+	})
+	site := clusterSite(up, rd.url(), "account one {\n\t\t\t\tapi_key "+testAccountKeyA+"\n\t\t\t}")
+	one := startCaddyProcess(t, bin, t.TempDir(), "instance-1", site)
+	two := startCaddyProcess(t, bin, t.TempDir(), "instance-2", site)
+	ctx := t.Context()
+	health := func(p *caddyProcess) int { return p.get(ctx, "/v1/zimage/health").status }
+
+	if r := one.generate(ctx, testClientKey, `{"prompt":"a cat"}`); r.status != http.StatusBadGateway {
+		t.Fatalf("the out-of-points answer: %d %s, want 502", r.status, r.body)
+	}
+	waitFor(t, "instance 2 to hear of the rest (health 503)", func() bool { return health(two) == http.StatusServiceUnavailable })
+	// a resting account still serves while every account rests: the
+	// top-up shows on instance 1
+	if r := one.generate(ctx, testClientKey, `{"prompt":"a cat"}`); r.status != 200 {
+		t.Fatalf("after the top-up: %d %s", r.status, r.body)
+	}
+	waitFor(t, "instance 2 to hear that the rest ended (health 200)", func() bool { return health(two) == http.StatusOK })
+	if s := health(one); s != http.StatusOK {
+		t.Errorf("instance 1's health after its success: %d, want 200", s)
+	}
+}

@@ -101,6 +101,9 @@ type limiter struct {
 	retryAfterUntil time.Time
 	// accounts.go: the account rests until then for want of points
 	noPointsUntil time.Time
+	// clusterRest: restUntil was set by another instance (coordination.go),
+	// so the cluster forgetting it ends it here too
+	clusterRest bool
 	restTimer     *time.Timer // wakes the queue when the rest ends
 	lowPoints     bool        // accounts.go: remaining points are below low_points
 
