@@ -104,8 +104,8 @@ type limiter struct {
 	// clusterRest: restUntil was set by another instance (coordination.go),
 	// so the cluster forgetting it ends it here too
 	clusterRest bool
-	restTimer     *time.Timer // wakes the queue when the rest ends
-	lowPoints     bool        // accounts.go: remaining points are below low_points
+	restTimer   *time.Timer // wakes the queue when the rest ends
+	lowPoints   bool        // accounts.go: remaining points are below low_points
 
 	// coordination.go: every slot of the account is taken across the
 	// cluster until then; the timer wakes the queue when it ends
