@@ -294,6 +294,15 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.Health = h
+		case "responses_text":
+			if err := once(opt); err != nil {
+				return err
+			}
+			on, err := parseOnOff(d)
+			if err != nil {
+				return err
+			}
+			g.ResponsesText = &on
 		default:
 			return d.Errf("unrecognized zimage_gateway option '%s'", opt)
 		}
@@ -385,3 +394,19 @@ func parseInt(d *caddyfile.Dispenser, min int) (int, error) {
 
 // Interface guard
 var _ caddyfile.Unmarshaler = (*Gateway)(nil)
+
+// parseOnOff reads the one argument of a switch: on or off.
+func parseOnOff(d *caddyfile.Dispenser) (bool, error) {
+	name := d.Val()
+	v, err := singleArg(d)
+	if err != nil {
+		return false, err
+	}
+	switch v {
+	case "on":
+		return true, nil
+	case "off":
+		return false, nil
+	}
+	return false, d.Errf("zimage_gateway: %s: invalid value '%s': want on or off", name, v)
+}

@@ -125,7 +125,7 @@ type client struct {
 }
 
 // servedEndpoints are the endpoints whose answers client.served counts.
-var servedEndpoints = [...]string{endpointModels, endpointChat, endpointImages, endpointEdits}
+var servedEndpoints = [...]string{endpointModels, endpointChat, endpointImages, endpointEdits, endpointResponses}
 
 // countServed counts one answer of the client's with code 200 at endpoint.
 func (c *client) countServed(endpoint string) {

@@ -35,7 +35,7 @@ func errModelNotFound(name string) *apiError {
 
 func errNotFound(path string) *apiError {
 	return &apiError{status: http.StatusNotFound, typ: "invalid_request_error", code: "not_found",
-		message: "Unknown API path " + path + "; this gateway serves /v1/models, /v1/chat/completions, /v1/images/generations and /v1/images/edits"}
+		message: "Unknown API path " + path + "; this gateway serves /v1/models, /v1/chat/completions, /v1/images/generations, /v1/images/edits and /v1/responses"}
 }
 
 func errMethod(method, allowed string) *apiError {

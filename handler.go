@@ -24,6 +24,8 @@ const (
 	routeChat
 	routeImages
 	routeEdits
+	routeResponses // POST a new response
+	routeResponse  // GET or DELETE a stored one
 	routeDemoImage
 	routeStoreImage
 	routeUsage
@@ -66,9 +68,14 @@ func parseRoute(path string) (route, string) {
 		return routeEdits, ""
 	case usagePath:
 		return routeUsage, ""
+	case "/responses":
+		return routeResponses, ""
 	}
 	if id, ok := strings.CutPrefix(rest, "/models/"); ok && id != "" {
 		return routeModel, id
+	}
+	if id, ok := strings.CutPrefix(rest, "/responses/"); ok && id != "" && !strings.Contains(id, "/") {
+		return routeResponse, id
 	}
 	if v1 {
 		return routeUnknown, ""
@@ -163,6 +170,18 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		g.serveEdits(w, r)
 	case routeUsage:
 		g.serveUsage(w, r, c)
+	case routeResponses:
+		if r.Method != http.MethodPost {
+			g.fail(w, endpointResponses, "", errMethod(r.Method, "POST"))
+			return nil
+		}
+		g.serveResponses(w, r)
+	case routeResponse:
+		if r.Method != http.MethodGet && r.Method != http.MethodDelete {
+			g.fail(w, endpointResponses, "", errMethod(r.Method, "GET or DELETE"))
+			return nil
+		}
+		g.serveStoredResponse(w, r, id)
 	default:
 		g.fail(w, "unknown", "", errNotFound(r.URL.Path))
 	}
@@ -181,6 +200,8 @@ func endpointFor(rt route) string {
 		return endpointEdits
 	case routeUsage:
 		return endpointUsage
+	case routeResponses, routeResponse:
+		return endpointResponses
 	}
 	return "unknown"
 }
@@ -244,7 +265,7 @@ func (g *Gateway) checkCrossSite(r *http.Request, rt route) *apiError {
 		}
 		return nil
 	}
-	if rt != routeChat && rt != routeImages {
+	if rt != routeChat && rt != routeImages && rt != routeResponses {
 		return nil
 	}
 	ct := r.Header.Get("Content-Type")

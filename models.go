@@ -69,6 +69,10 @@ type ModelConfig struct {
 	// Images API when a request gives no response_format: "url",
 	// "b64_json" or "both". Default: the gateway's default_response_format.
 	DefaultResponseFormat string `json:"default_response_format,omitempty"`
+	// ResponsesText overrides the gateway's responses_text for this
+	// model: whether its Responses API answers carry the markdown message
+	// beside the image item. Default: the gateway's setting.
+	ResponsesText *bool `json:"responses_text,omitempty"`
 }
 
 // The values of on_mismatch (SPEC §14.1).
@@ -90,6 +94,7 @@ type model struct {
 	created        int64
 	edit           bool   // an edit model (SPEC §10)
 	defaultFormat  string // default_response_format; "" = the gateway's
+	responsesText  bool   // Responses API answers carry the markdown message
 
 	// model identity (SPEC §14.1): the service's name of the model and its
 	// normalised form ("" = no check); warned is set by the first mismatch,
@@ -128,6 +133,10 @@ func (g *Gateway) provisionModels() error {
 			negativePrompt: mc.NegativePrompt,
 			edit:           mc.Edit,
 			created:        now,
+			responsesText:  g.ResponsesText == nil || *g.ResponsesText,
+		}
+		if mc.ResponsesText != nil {
+			m.responsesText = *mc.ResponsesText
 		}
 		if mc.ModelIndex != nil {
 			if *mc.ModelIndex < 0 {
@@ -321,6 +330,10 @@ func unmarshalModel(d *caddyfile.Dispenser) (ModelConfig, error) {
 					return m, d.Errf("zimage_gateway: model %s: %v", m.Name, perr)
 				}
 			}
+		case "responses_text":
+			var on bool
+			on, err = parseOnOff(d)
+			m.ResponsesText = &on
 		default:
 			return m, d.Errf("unrecognized zimage_gateway model option '%s'", opt)
 		}

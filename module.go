@@ -164,6 +164,14 @@ type Gateway struct {
 	// counts as one. Off unless set: every limit is per instance.
 	Coordination *CoordinationConfig `json:"coordination,omitempty"`
 
+	// ResponsesText says whether a Responses API answer carries, after the
+	// image_generation_call item, an assistant message with the chat
+	// answer's markdown, so that clients that show only text still show
+	// the picture. Off (false) suits clients that render the image item
+	// themselves and would show it twice. A model's own setting wins.
+	// Default: true.
+	ResponsesText *bool `json:"responses_text,omitempty"`
+
 	clients    *clientSet // every client and the digests of its keys
 	modelsJSON []byte     // the /v1/models answer, built once
 	models     []*model

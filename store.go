@@ -748,26 +748,42 @@ func (s *imageStore) sweep(ctx context.Context) (int, error) {
 		}
 	}()
 
-	dir := strings.TrimSuffix(s.dir, "/")
-	keys, err := s.storage.List(ctx, dir, false)
+	cutoff := time.Now().Add(-s.maxAge)
+	deleted, err := s.sweepDir(ctx, s.dir, cutoff, func(name string) bool {
+		_, ok := parseStoreName(name)
+		return ok
+	})
+	metricStoreDeleted.Add(float64(deleted))
+	if err != nil {
+		return deleted, err
+	}
+	// the Responses API's kept responses live as long as their images (not
+	// counted: the metric counts images)
+	n, err := s.sweepDir(ctx, s.prefix+"/"+responsesDir, cutoff, func(name string) bool {
+		id, ok := strings.CutSuffix(name, ".json")
+		return ok && responseKeyID(id)
+	})
+	return deleted + n, err
+}
+
+// sweepDir deletes the entries of dir (with a trailing slash) last written
+// before cutoff whose names are the store's own (valid).
+func (s *imageStore) sweepDir(ctx context.Context, dir string, cutoff time.Time, valid func(name string) bool) (int, error) {
+	keys, err := s.storage.List(ctx, strings.TrimSuffix(dir, "/"), false)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return 0, nil // nothing stored yet
 		}
 		return 0, fmt.Errorf("store: listing %s: %w", dir, err)
 	}
-	cutoff := time.Now().Add(-s.maxAge)
 	deleted := 0
 	for _, key := range keys {
 		if err := ctx.Err(); err != nil {
 			return deleted, err
 		}
-		// only the store's own images, whatever else a storage lists
-		name, ok := strings.CutPrefix(key, s.dir)
-		if !ok {
-			continue
-		}
-		if _, ok := parseStoreName(name); !ok {
+		// only the store's own entries, whatever else a storage lists
+		name, ok := strings.CutPrefix(key, dir)
+		if !ok || !valid(name) {
 			continue
 		}
 		info, err := s.storage.Stat(ctx, key)
@@ -781,7 +797,6 @@ func (s *imageStore) sweep(ctx context.Context) (int, error) {
 			return deleted, fmt.Errorf("store: deleting %s: %w", name, err)
 		}
 		deleted++
-		metricStoreDeleted.Inc()
 	}
 	return deleted, nil
 }
