@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/responses"
 )
@@ -388,6 +389,12 @@ func TestResponsesErrors(t *testing.T) {
 	if err != nil || respStore(r) || respImageCall(t, r).Result == "" {
 		t.Errorf("without the store: %v, %s", err, r.RawJSON())
 	}
+
+	// with no_auth, a body type any web page can make a browser send
+	// without a preflight is refused, as for chat
+	startCaddy(t, strings.Replace(gatewaySite(f.fakeUpstream, nil, ""), "api_key "+testClientKey, "no_auth", 1))
+	status, hdr, raw = do(t, http.MethodPost, "/v1/responses", `{"input":"a cat"}`, "Content-Type", "text/plain", "Authorization", "")
+	itWantErr(t, status, hdr, raw, http.StatusUnsupportedMediaType, "unsupported_media_type")
 }
 
 // responses_text off leaves the message out, for clients that render the
@@ -414,5 +421,52 @@ func TestResponsesTextOff(t *testing.T) {
 	}
 	if r, err = client.Responses.New(ctx, respText("Z-Turbo", "a cat")); err != nil || len(r.Output) != 2 {
 		t.Errorf("the model's responses_text on: %v, %d items", err, len(r.Output))
+	}
+}
+
+// responses_text is a switch at the gateway and in a model block.
+func TestUnitResponsesTextCaddyfile(t *testing.T) {
+	var g Gateway
+	src := "zimage_gateway {\n\tresponses_text off\n\tmodel Z-Image {\n\t\tresponses_text on\n\t}\n\tmodel Z-Turbo\n}"
+	if err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser(src)); err != nil {
+		t.Fatal(err)
+	}
+	if g.ResponsesText == nil || *g.ResponsesText || g.Models[0].ResponsesText == nil || !*g.Models[0].ResponsesText || g.Models[1].ResponsesText != nil {
+		t.Fatalf("parsed %+v", g)
+	}
+	if err := g.provisionModels(); err != nil {
+		t.Fatal(err)
+	}
+	if !g.models[0].responsesText || g.models[1].responsesText {
+		t.Errorf("Z-Image %v (its own on), Z-Turbo %v (the gateway's off)", g.models[0].responsesText, g.models[1].responsesText)
+	}
+	wantCaddyfileError(t, "zimage_gateway {\n\tresponses_text maybe\n}", "responses_text: invalid value 'maybe': want on or off")
+	wantCaddyfileError(t, "zimage_gateway {\n\tmodel Z {\n\t\tresponses_text\n\t}\n}", "wrong argument count")
+	wantCaddyfileError(t, "zimage_gateway {\n\tresponses_text on\n\tresponses_text off\n}", "responses_text already specified")
+}
+
+// The sweep deletes kept responses older than max_age with the images,
+// without counting them as images, and leaves other names alone.
+func TestUnitResponsesSweep(t *testing.T) {
+	st, fsto := newTestFileStore(t, time.Hour)
+	ctx := context.Background()
+	old, fresh := "resp_"+strings.Repeat("a", 48), "resp_"+strings.Repeat("b", 48)
+	foreign := st.prefix + "/" + responsesDir + "notes.json"
+	for _, key := range []string{st.responseKey(old), st.responseKey(fresh), foreign} {
+		if err := fsto.Store(ctx, key, []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	makeOld(t, fsto, st.responseKey(old), 2*time.Hour)
+	makeOld(t, fsto, foreign, 2*time.Hour)
+	before := storeCounter(t, metricStoreDeleted)
+	if n, err := st.sweep(ctx); err != nil || n != 1 {
+		t.Fatalf("sweep: %d, %v; want 1 deleted", n, err)
+	}
+	if fsto.Exists(ctx, st.responseKey(old)) || !fsto.Exists(ctx, st.responseKey(fresh)) || !fsto.Exists(ctx, foreign) {
+		t.Error("the sweep deleted the wrong entries")
+	}
+	if d := storeCounter(t, metricStoreDeleted) - before; d != 0 {
+		t.Errorf("store_deleted_total +%v for a response, want +0 (it counts images)", d)
 	}
 }
