@@ -4,7 +4,8 @@ package zimage
 
 // Two Caddy processes, one storage (SPEC §9.4): how a Caddy cluster already
 // shares its certificates. An image generated through the first instance
-// is served by the second, which never saw the request that made it.
+// is served by the second, which never saw the request that made it; a
+// Responses API answer the first keeps is continued through the second.
 
 import (
 	"bytes"
@@ -193,6 +194,11 @@ func TestStoreTwoInstancesOneStorage(t *testing.T) {
 		api_key %s
 		upstream demo
 		enhance off
+		model Z-Image
+		model Qwen-Image-Edit {
+			model_index 19
+			edit
+		}
 		store {
 			storage file_system %s
 		}
@@ -269,5 +275,40 @@ func TestStoreTwoInstancesOneStorage(t *testing.T) {
 	}
 	if got := m2.get("caddy_zimage_requests_total", "endpoint", "images_generations", "model", "Z-Image", "code", "200"); got != 0 {
 		t.Errorf("instance 2 counts %v generations, want 0", got)
+	}
+
+	// a response kept by instance 1 is instance 2's too: GET answers it,
+	// and previous_response_id on the edit model edits its picture, whose
+	// URL instance 2 gives the service
+	r = one.do(ctx, http.MethodPost, "/v1/responses", `{"model":"Z-Image","input":"a lighthouse no-enhance"}`, auth...)
+	var first struct {
+		ID     string `json:"id"`
+		Output []struct {
+			Result  string `json:"result"`
+			Content []struct {
+				Text string `json:"text"`
+			} `json:"content"`
+		} `json:"output"`
+	}
+	if r.err != nil || r.status != 200 || json.Unmarshal(r.body, &first) != nil || len(first.Output) != 2 || first.Output[0].Result == "" {
+		t.Fatalf("response through instance 1: %d %v %.300s", r.status, r.err, r.body)
+	}
+	got := two.get(ctx, "/v1/responses/"+first.ID, auth...)
+	if got.status != 200 || !bytes.Contains(got.body, []byte(`"result":"`+first.Output[0].Result+`"`)) {
+		t.Errorf("instance 2 GET of instance 1's response: %d %.300s", got.status, got.body)
+	}
+	name := first.Output[1].Content[0].Text[strings.Index(first.Output[1].Content[0].Text, storeURLPath)+len(storeURLPath):]
+	name = name[:strings.IndexByte(name, ')')]
+	r = two.do(ctx, http.MethodPost, "/v1/responses", `{"model":"Qwen-Image-Edit","input":"make it night","previous_response_id":"`+first.ID+`"}`, auth...)
+	var edit struct {
+		Output []struct {
+			Content []struct {
+				Text string `json:"text"`
+			} `json:"content"`
+		} `json:"output"`
+	}
+	if r.err != nil || r.status != 200 || json.Unmarshal(r.body, &edit) != nil || len(edit.Output) != 2 ||
+		!strings.Contains(edit.Output[1].Content[0].Text, "**🖼️ Source:** <"+two.url(storeURLPath+name)+">") {
+		t.Errorf("an edit through instance 2 of instance 1's response: %d %v %.600s", r.status, r.err, r.body)
 	}
 }
