@@ -705,6 +705,20 @@ func (g *Gateway) serveStoredResponse(w http.ResponseWriter, r *http.Request, id
 	}
 	var img []byte
 	if s.Image != "" {
+		// the image is held in a download slot, as a b64_json answer's
+		// is: the slots bound the memory of all answers that carry bytes
+		wait, cancel := context.WithTimeout(r.Context(), g.timeout)
+		release, e := g.fetcher.acquire(wait, 1)
+		cancel()
+		if e != nil {
+			if e.status == http.StatusGatewayTimeout {
+				e = &apiError{status: http.StatusServiceUnavailable, typ: "server_error", code: "busy", retryAfter: "5",
+					message: "The gateway holds as many images as max_downloads allows; retry later"}
+			}
+			g.fail(w, endpointResponses, "", e)
+			return
+		}
+		defer release()
 		var err error
 		if img, err = g.store.load(r.Context(), s.Image); err != nil {
 			// the image was swept, or the storage failed: the response

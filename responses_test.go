@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -21,6 +22,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/responses"
+	"golang.org/x/sync/semaphore"
 )
 
 // respText is a Responses request whose input is a string.
@@ -468,5 +470,37 @@ func TestUnitResponsesSweep(t *testing.T) {
 	}
 	if d := storeCounter(t, metricStoreDeleted) - before; d != 0 {
 		t.Errorf("store_deleted_total +%v for a response, want +0 (it counts images)", d)
+	}
+}
+
+// GET holds the kept image in a download slot, as b64_json answers do, so
+// the slots still bound the memory of every answer that carries bytes.
+func TestUnitResponsesGetHoldsASlot(t *testing.T) {
+	st, _ := newTestFileStore(t, 0)
+	ctx := context.Background()
+	name, _, err := st.put(ctx, storeTestPNG(t, 4, 4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &Gateway{store: st, fetcher: &imageFetcher{slots: semaphore.NewWeighted(1)}, timeout: time.Millisecond}
+	rec := &storedResponse{ID: "resp_" + strings.Repeat("c", 48), CallID: "ig_1", Image: name, Width: 4, Height: 4, OutputFormat: "png"}
+	if err := g.saveResponse(ctx, rec); err != nil {
+		t.Fatal(err)
+	}
+	get := func() *httptest.ResponseRecorder {
+		w := httptest.NewRecorder()
+		g.serveStoredResponse(w, httptest.NewRequest(http.MethodGet, "/v1/responses/"+rec.ID, nil), rec.ID)
+		return w
+	}
+	release, e := g.fetcher.acquire(ctx, 1) // every slot taken
+	if e != nil {
+		t.Fatal(e)
+	}
+	if w := get(); w.Code != http.StatusServiceUnavailable || apiErrOf(t, w).Code != "busy" || w.Header().Get("Retry-After") == "" {
+		t.Errorf("GET with every slot taken: %d %s", w.Code, w.Body)
+	}
+	release()
+	if w := get(); w.Code != http.StatusOK || !strings.Contains(w.Body.String(), `"result":"iVBORw0KGgo`) {
+		t.Errorf("GET with a slot free: %d %.200s", w.Code, w.Body)
 	}
 }
