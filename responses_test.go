@@ -504,3 +504,34 @@ func TestUnitResponsesGetHoldsASlot(t *testing.T) {
 		t.Errorf("GET with a slot free: %d %.200s", w.Code, w.Body)
 	}
 }
+
+// FuzzResponsesInput feeds the Responses decoder arbitrary bodies, as the
+// body's reader hands them over: it answers a prompt (and maybe an image)
+// or an OpenAI error, never panics.
+func FuzzResponsesInput(f *testing.F) {
+	png := base64.StdEncoding.EncodeToString(storeTestPNG(f, 2, 2))
+	f.Add(`{"input":"a cat"}`)
+	f.Add(`{"input":[{"role":"user","content":[{"type":"input_text","text":"x"},{"type":"input_image","image_url":"data:image/png;base64,` + png + `"}]}]}`)
+	f.Add(`{"input":[{"type":"message","role":"user","content":[{"type":"input_image","image_url":{"url":"https://a.example/x.png"}}]}]}`)
+	f.Add(`{"input":[{"role":"user","content":[{"type":"input_image","file_id":"f"}]}],"tools":[{"type":"image_generation","input_image_mask":{}}]}`)
+	f.Add(`{"input":[{"type":"item_reference","id":"x"},{"role":"user","content":null}]}`)
+	g := &Gateway{MaxUpload: 1 << 16, MaxPromptLength: 100}
+	f.Fuzz(func(t *testing.T, body string) {
+		js, urls := extractDataURLs([]byte(body))
+		var req responsesRequest
+		if decodeJSON(js, &req) != nil {
+			return
+		}
+		if _, e := req.imageTool(); e != nil && e.status != http.StatusBadRequest {
+			t.Fatalf("imageTool: %v", e)
+		}
+		prompt, src, e := g.responsesInput(req.Input, urls)
+		if e == nil && (strings.TrimSpace(prompt) == "" || src != nil && src.data == nil && src.url == "") {
+			t.Fatalf("responsesInput(%q) = %q, %+v", body, prompt, src)
+		}
+		// (a data: image beyond max_upload is the 413 of every upload)
+		if e != nil && e.status != http.StatusRequestEntityTooLarge && (e.status != http.StatusBadRequest || e.param != "input") {
+			t.Fatalf("responsesInput(%q): %d %s %q", body, e.status, e.param, e.message)
+		}
+	})
+}
