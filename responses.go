@@ -418,8 +418,10 @@ type responseEvent struct {
 	Part           *outputText     `json:"part,omitempty"`
 	Delta          *string         `json:"delta,omitempty"`
 	Text           *string         `json:"text,omitempty"`
-	Logprobs       []any           `json:"logprobs,omitempty"`
+	Logprobs       json.RawMessage `json:"logprobs,omitempty"` // [] on the text events, as OpenAI sends
 }
+
+var noLogprobs = json.RawMessage("[]")
 
 // imageCall is the image_generation_call item: in progress (no result),
 // or completed with marker standing where the base64 goes (writeMarked).
@@ -598,8 +600,8 @@ func (o *responsesRenderer) write(w http.ResponseWriter, res *output) {
 		done.Text = s.Text
 		o.send(responseEvent{Type: "response.output_item.added", OutputIndex: at, Item: messageItem{ID: s.MessageID, Type: "message", Status: "in_progress", Role: "assistant", Content: []outputText{}}}, nil, nil)
 		o.send(responseEvent{Type: "response.content_part.added", OutputIndex: at, ItemID: s.MessageID, ContentIndex: ptr(0), Part: &empty}, nil, nil)
-		o.send(responseEvent{Type: "response.output_text.delta", OutputIndex: at, ItemID: s.MessageID, ContentIndex: ptr(0), Delta: &s.Text, Logprobs: []any{}}, nil, nil)
-		o.send(responseEvent{Type: "response.output_text.done", OutputIndex: at, ItemID: s.MessageID, ContentIndex: ptr(0), Text: &s.Text, Logprobs: []any{}}, nil, nil)
+		o.send(responseEvent{Type: "response.output_text.delta", OutputIndex: at, ItemID: s.MessageID, ContentIndex: ptr(0), Delta: &s.Text, Logprobs: noLogprobs}, nil, nil)
+		o.send(responseEvent{Type: "response.output_text.done", OutputIndex: at, ItemID: s.MessageID, ContentIndex: ptr(0), Text: &s.Text, Logprobs: noLogprobs}, nil, nil)
 		o.send(responseEvent{Type: "response.content_part.done", OutputIndex: at, ItemID: s.MessageID, ContentIndex: ptr(0), Part: &done}, nil, nil)
 		o.send(responseEvent{Type: "response.output_item.done", OutputIndex: at, Item: s.message("completed", s.Text)}, nil, nil)
 	}

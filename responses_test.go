@@ -211,6 +211,9 @@ func TestResponsesStreaming(t *testing.T) {
 	if img, _ := base64.StdEncoding.DecodeString(done["result"].(string)); string(img) != string(f.result) {
 		t.Errorf("output_item.done: the image call's result is not the image")
 	}
+	if _, ok := events[9].data["logprobs"].([]any); !ok || events[9].data["delta"] != events[10].data["text"] {
+		t.Errorf("output_text.delta %v, output_text.done %v", events[9].data, events[10].data)
+	}
 	completed := events[13].data["response"].(map[string]any)
 	if completed["status"] != "completed" || len(completed["output"].([]any)) != 2 {
 		t.Errorf("response.completed %v", completed["status"])
