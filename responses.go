@@ -197,45 +197,42 @@ func (g *Gateway) serveResponses(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer body.release()
-	j, out, e := g.decodeResponses(r, body)
+	j, out, modelName, e := g.decodeResponses(r, body)
 	if e != nil {
-		name := ""
-		if j != nil {
-			name = j.model.name
-		}
-		g.fail(w, endpointResponses, name, e)
+		g.fail(w, endpointResponses, modelName, e)
 		return
 	}
 	g.run(w, r, j, 1, out)
 }
 
-// decodeResponses makes the job and the renderer of a Responses request.
-func (g *Gateway) decodeResponses(r *http.Request, body *chatBody) (*job, *responsesRenderer, *apiError) {
+// decodeResponses makes the job and the renderer of a Responses request;
+// on an error, modelName is the model chosen by then, for the metrics.
+func (g *Gateway) decodeResponses(r *http.Request, body *chatBody) (j *job, out *responsesRenderer, modelName string, e *apiError) {
 	var req responsesRequest
 	if e := decodeJSON(body.json, &req); e != nil {
-		return nil, nil, e
+		return nil, nil, "", e
 	}
 	tool, e := req.imageTool()
 	if e != nil {
-		return nil, nil, e
+		return nil, nil, "", e
 	}
 	prompt, src, e := g.responsesInput(req.Input, body.urls)
 	if e != nil {
-		return nil, nil, e
+		return nil, nil, "", e
 	}
 	if src == nil && body.upload {
-		return nil, nil, g.errChatTooLarge()
+		return nil, nil, "", g.errChatTooLarge()
 	}
 	c := requestClient(r)
 	var prev *storedResponse
 	if req.PreviousResponseID != nil && *req.PreviousResponseID != "" {
 		if g.store == nil {
-			return nil, nil, &apiError{status: http.StatusBadRequest, typ: "invalid_request_error", code: "store_required", param: "previous_response_id",
+			return nil, nil, "", &apiError{status: http.StatusBadRequest, typ: "invalid_request_error", code: "store_required", param: "previous_response_id",
 				message: "previous_response_id needs the image store, where responses are kept: turn 'store' on in the zimage_gateway block"}
 		}
 		if prev, e = g.loadResponse(r.Context(), c, *req.PreviousResponseID); e != nil {
 			e.param = "previous_response_id"
-			return nil, nil, e
+			return nil, nil, "", e
 		}
 	}
 	m := g.lookupModel(req.Model)
@@ -244,33 +241,32 @@ func (g *Gateway) decodeResponses(r *http.Request, body *chatBody) (*job, *respo
 		// made is the one to edit, as OpenAI's image tool does across turns
 		src = prev.source(g, r)
 	}
-	var j *job
 	if src != nil {
 		em, e := g.editModel(req.Model)
 		if e != nil {
-			return nil, nil, e
+			return nil, nil, "", e
 		}
 		j, e = g.newEditJob(r, endpointResponses, em, req.Model, &editForm{prompt: prompt, source: src, size: tool.Size}, 1)
 		// the upload's bytes are stored (or refused): give back its budget
 		body.release()
 		if e != nil {
-			return &job{model: em}, nil, e
+			return nil, nil, em.name, e
 		}
 	} else {
 		if m == nil {
-			return nil, nil, errModelNotFound(req.Model)
+			return nil, nil, "", errModelNotFound(req.Model)
 		}
 		width, height, e := parseSize(tool.Size)
 		if e != nil {
 			e.param = "tools"
-			return &job{model: m}, nil, e
+			return nil, nil, m.name, e
 		}
 		p := jobParams{prompt: prompt, width: width, height: height}
 		if j, e = g.checkedJob(r, endpointResponses, m, req.Model, p, req.Seed); e != nil {
-			return &job{model: m}, nil, e
+			return nil, nil, m.name, e
 		}
 	}
-	out := &responsesRenderer{
+	out = &responsesRenderer{
 		g:      g,
 		ctx:    r.Context(),
 		stream: req.Stream,
@@ -279,21 +275,24 @@ func (g *Gateway) decodeResponses(r *http.Request, body *chatBody) (*job, *respo
 			ID:         "resp_" + secureID(),
 			Client:     c.label(),
 			CallID:     "ig_" + secureID(),
-			Quality:    orAuto(tool.Quality),
-			Background: orAuto(tool.Background),
+			Quality:    g.echoOption(tool.Quality),
+			Background: g.echoOption(tool.Background),
 		},
 	}
 	if req.PreviousResponseID != nil {
 		out.rec.PreviousResponseID = *req.PreviousResponseID
 	}
-	return j, out, nil
+	return j, out, "", nil
 }
 
-func orAuto(s string) string {
+// echoOption is an option of the image tool as the answer echoes it: as
+// asked, or auto; bounded and scrubbed like any text of the client's that
+// goes back out.
+func (g *Gateway) echoOption(s string) string {
 	if s = strings.TrimSpace(s); s == "" {
 		return "auto"
 	}
-	return s
+	return g.scrub.Replace(truncate(stripControl(s), 40))
 }
 
 // secureID is 24 random bytes in hex: a response id is named in GET and

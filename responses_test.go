@@ -123,9 +123,19 @@ func TestResponsesSDK(t *testing.T) {
 	_, err = client.Responses.Get(ctx, r.ID, responses.ResponseGetParams{})
 	wantAPIError(t, "GET of a response not kept", err, 404, "not_found")
 
+	// the image tool's size is the size asked of the service; its quality
+	// and background are echoed
+	status, _, raw := do(t, http.MethodPost, "/v1/responses", `{"model":"Z-Image","input":"a cat","tools":[{"type":"web_search"},`+
+		`{"type":"image_generation","size":"1024x1536","quality":"high","background":"transparent","output_format":"webp","partial_images":2}]}`)
+	bodies, _ = f.got()
+	if b := bodies[len(bodies)-1]; status != 200 || b["width"] != float64(1024) || b["height"] != float64(1536) ||
+		!strings.Contains(string(raw), `"quality":"high","background":"transparent"}`) {
+		t.Errorf("image tool: %d, service call %v, %.300s", status, b, raw)
+	}
+
 	after := scrape(t)
-	if d := after.delta(before, "caddy_zimage_requests_total", "endpoint", "responses", "model", "Z-Image", "code", "200"); d != 2 {
-		t.Errorf("requests_total{responses,Z-Image,200} +%v, want +2", d)
+	if d := after.delta(before, "caddy_zimage_requests_total", "endpoint", "responses", "model", "Z-Image", "code", "200"); d != 3 {
+		t.Errorf("requests_total{responses,Z-Image,200} +%v, want +3", d)
 	}
 }
 
