@@ -77,6 +77,18 @@ test('streamText with openai("Z-Image") (the Responses API)', async () => {
   assertImageToolResult(await result.toolResults);
 });
 
+test('generateText with an image on the edit model (the Responses API): an edit', async () => {
+  const result = await generateText({
+    model: openai('Qwen-Image-Edit'),
+    messages: [{ role: 'user', content: [{ type: 'text', text: 'make it night' }, { type: 'image', image: sourcePNG, mediaType: 'image/png' }] }],
+  });
+  assert.match(result.text, storedImage);
+  assert.match(result.text, /\*\*✏️ Edit Instruction:\*\*\nmake it night/);
+  const [tool] = result.toolResults.filter((r) => r.toolName === 'image_generation');
+  // the 40×30 source, fitted into the service's sides keeping its shape
+  assert.equal(pngSize(Buffer.from(tool.output.result, 'base64')), '88x64');
+});
+
 test('generateText with openai.chat("Z-Image") (chat completions)', async () => {
   const result = await generateText({ model: openai.chat('Z-Image'), prompt: 'a red fox' });
   assert.match(result.text, storedImage);
