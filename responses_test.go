@@ -286,6 +286,21 @@ func TestResponsesEditByInputImage(t *testing.T) {
 	if !strings.Contains(r.OutputText(), "**✏️ Edit Instruction:**\nmake it night") || respImageCall(t, r).Result == "" {
 		t.Errorf("answer %.400s", r.RawJSON())
 	}
+
+	// a body beyond max_body is an upload, as a chat body with an image is
+	big := storeTestPNG(t, 700, 700)
+	body := `{"model":"Qwen-Image-Edit","input":[{"role":"user","content":[{"type":"input_text","text":"add a moon"},` +
+		`{"type":"input_image","image_url":"data:image/png;base64,` + base64.StdEncoding.EncodeToString(big) + `"}]}]}`
+	if len(body) <= 1<<20 {
+		t.Fatalf("the body is %d bytes, not beyond max_body", len(body))
+	}
+	status, _, raw := do(t, http.MethodPost, "/v1/responses", body)
+	if _, sources = f.got(); status != 200 || string(sources[len(sources)-1]) != string(big) {
+		t.Errorf("a large input_image: %d %.300s", status, raw)
+	}
+	// beyond max_body without an image, it is refused unread
+	status, hdr, raw := do(t, http.MethodPost, "/v1/responses", `{"input":"`+strings.Repeat("a", 2<<20)+`"}`)
+	itWantErr(t, status, hdr, raw, http.StatusRequestEntityTooLarge, "request_too_large")
 }
 
 // A generation, then "make it night" on the edit model with
