@@ -571,7 +571,7 @@ func (o *responsesRenderer) write(w http.ResponseWriter, res *output) {
 	if j.gotWidth > 0 {
 		s.Width, s.Height = j.gotWidth, j.gotHeight
 	}
-	s.OutputFormat = outputFormatOf(img)
+	s.OutputFormat = heldFormat(j, img)
 	if s.MessageID != "" {
 		s.Text = o.g.markdown(j)
 	}
@@ -605,18 +605,6 @@ func (o *responsesRenderer) write(w http.ResponseWriter, res *output) {
 		o.send(responseEvent{Type: "response.output_item.done", OutputIndex: at, Item: s.message("completed", s.Text)}, nil, nil)
 	}
 	o.send(responseEvent{Type: "response.completed", Response: s.object("completed", marker)}, marker, img)
-}
-
-// outputFormatOf names the format of an image's bytes as OpenAI does
-// (png, jpeg, webp); png when the bytes say nothing known.
-func outputFormatOf(img []byte) string {
-	switch ext, _, _ := sniffImage(img); ext {
-	case "jpg":
-		return "jpeg"
-	case "webp":
-		return "webp"
-	}
-	return "png"
 }
 
 // --- kept responses ---------------------------------------------------------
