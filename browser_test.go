@@ -430,12 +430,16 @@ func TestBrowserCORSStreamHelper(t *testing.T) {
 		}
 	})
 
-	// the npm package itself, served to the page from a local copy
-	// (npm install openai; ZIMAGE_OPENAI_JS=…/node_modules/openai)
+	// the npm package itself, served to the page from a local copy:
+	// clients/openai-js, which .ci/run installs with npm ci and names in
+	// ZIMAGE_OPENAI_JS (in CI it must run)
 	t.Run("the openai npm package", func(t *testing.T) {
 		dir := os.Getenv("ZIMAGE_OPENAI_JS")
 		if dir == "" {
-			t.Skip("ZIMAGE_OPENAI_JS is not set: npm install openai, then set it to node_modules/openai to run the SDK's own stream() in the browser")
+			if os.Getenv("CI") == "true" {
+				t.Fatal("ZIMAGE_OPENAI_JS is not set: .ci/run installs clients/openai-js and sets it")
+			}
+			t.Skip("ZIMAGE_OPENAI_JS is not set: (cd clients/openai-js && npm ci), then set it to clients/openai-js/node_modules/openai to run the SDK's own stream() in the browser")
 		}
 		if _, err := os.Stat(dir + "/index.mjs"); err != nil {
 			t.Fatalf("ZIMAGE_OPENAI_JS=%s is not the openai package's directory: %v", dir, err)
