@@ -547,9 +547,9 @@ func (p *accountPool) allOutOfPoints() bool {
 	return true
 }
 
-// fail ends run with ue, telling a no_points failure whether every
+// giveUp ends run with ue, telling a no_points failure whether every
 // account is out.
-func (p *accountPool) fail(ue *upstreamError) (upstreamResult, error) {
+func (p *accountPool) giveUp(ue *upstreamError) (upstreamResult, error) {
 	if ue.kind == kindNoPoints {
 		ue.allOut = p.allOutOfPoints()
 	}
@@ -559,58 +559,75 @@ func (p *accountPool) fail(ue *upstreamError) (upstreamResult, error) {
 // call is one attempt with one account.
 type call func(ctx context.Context, a *account) (upstreamResult, *upstreamError)
 
+// accountRun is what the pool did for one generation, for its log line
+// and for the download that follows it: the account of the last attempt,
+// the time queued for a slot, the time from the slot to the last answer,
+// and when the generation's time (download included) runs out.
+type accountRun struct {
+	account   string
+	queueWait time.Duration
+	latency   time.Duration
+	deadline  time.Time
+}
+
 // run makes one generation: it waits for a slot on an account (up to
 // queue_timeout), then attempts with the accounts the failures leave,
-// within the one timeout. It fills the job's account, queue wait,
-// deadline and latency. The error is an *apiError when no slot was had,
-// else the last attempt's *upstreamError.
-func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult, error) {
+// within the one timeout. The error is an *apiError when no slot was had,
+// else the last attempt's *upstreamError; what happened is reported
+// either way.
+func (p *accountPool) run(ctx context.Context, try call) (res upstreamResult, rep accountRun, err error) {
 	p.enter()
 	defer p.leave()
 	c := p.newChoice()
 	defer c.dropLease()
 	queued := time.Now()
-	err := p.acquireSlot(ctx, p.queueTimeout, c)
-	j.queueWait = time.Since(queued)
+	err = p.acquireSlot(ctx, p.queueTimeout, c)
+	rep.queueWait = time.Since(queued)
 	if p.limited {
-		metricQueueWait.Observe(j.queueWait.Seconds())
+		metricQueueWait.Observe(rep.queueWait.Seconds())
 	}
 	if err != nil {
 		var ae *apiError
 		if errors.As(err, &ae) {
-			return upstreamResult{}, ae
+			return upstreamResult{}, rep, ae
 		}
 		// the client left while queued: its place is free already
-		return upstreamResult{}, &upstreamError{kind: kindCanceled, message: "client went away"}
+		return upstreamResult{}, rep, &upstreamError{kind: kindCanceled, message: "client went away"}
 	}
 
 	metricInFlight.Inc()
 	defer metricInFlight.Dec()
 	start := time.Now()
-	defer func() { j.latency = time.Since(start) }()
+	defer func() { rep.latency = time.Since(start) }()
 	// the timeout bounds the whole generation, every attempt and the
-	// image's download included (issue 8)
-	j.deadline = start.Add(p.timeout)
-	ctx, cancel := context.WithDeadlineCause(ctx, j.deadline, errGenerationTimeout)
+	// image's download included
+	rep.deadline = start.Add(p.timeout)
+	ctx, cancel := context.WithDeadlineCause(ctx, rep.deadline, errGenerationTimeout)
 	defer cancel()
 
+	// held is the account whose slot this generation holds: given back
+	// on every way out, and before another account's slot is waited for
 	a := c.chosen
+	held := a
+	defer func() {
+		if held != nil {
+			held.lim.release(1)
+		}
+	}()
 	var rested uint8 // the contentKinds this request rested an account for
 	for attempt := 0; ; attempt++ {
-		j.account = a.name
+		rep.account = a.name
 		res, ue := try(ctx, a)
 		if ue == nil {
 			// a success ends a rest; then points: an account that just
 			// spent its last points rests (that wins) before its slot can
-			// go to anyone (SPEC §11.5)
+			// go to anyone (the deferred release comes after)
 			p.answered(a)
 			p.notePoints(a, res.info)
-			a.lim.release(1)
-			return res, nil
+			return res, rep, nil
 		}
 		if !failsOver(ue.kind) || ctx.Err() != nil {
-			a.lim.release(1)
-			return upstreamResult{}, ue
+			return upstreamResult{}, rep, ue
 		}
 		k := contentKind(ue.kind)
 		if rested&k != 0 {
@@ -621,14 +638,13 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 			// client gets the service's answer
 			p.logger.Info("a second account failed the same way for this request; taking it for the request's fault, not the accounts'",
 				zap.String("account", a.name), zap.String("kind", ue.kind))
-			a.lim.release(1)
-			return upstreamResult{}, ue
+			return upstreamResult{}, rep, ue
 		}
 		rested |= k
 		p.rest(a, ue)
 		if attempt >= p.retries {
-			a.lim.release(1)
-			return p.fail(ue)
+			res, err = p.giveUp(ue)
+			return res, rep, err
 		}
 
 		// another account at once, if one that does not rest is left
@@ -637,15 +653,18 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		others := c.hopeful()
 		limMu.Unlock()
 		if others {
-			a.lim.release(1)
-			if err := p.acquireSlot(ctx, min(p.queueTimeout, time.Until(j.deadline)), c); err != nil {
+			held.lim.release(1)
+			held = nil
+			if err := p.acquireSlot(ctx, min(p.queueTimeout, time.Until(rep.deadline)), c); err != nil {
 				if ctx.Err() != nil {
-					return upstreamResult{}, ctxFailure(ctx, p.timeout)
+					return upstreamResult{}, rep, ctxFailure(ctx, p.timeout)
 				}
 				// none freed in time: the client gets what the last
 				// account said
-				return p.fail(ue)
+				res, err = p.giveUp(ue)
+				return res, rep, err
 			}
+			held = c.chosen
 
 			if p.retried != nil {
 				p.retried(ue, attempt+1, a, c.chosen)
@@ -659,9 +678,9 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		// with ±50% jitter, so retries of many requests after one outage
 		// do not arrive together
 		backoff := time.Duration(float64(250*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
-		if !ue.retryable || time.Until(j.deadline) < backoff {
-			a.lim.release(1)
-			return p.fail(ue)
+		if !ue.retryable || time.Until(rep.deadline) < backoff {
+			res, err = p.giveUp(ue)
+			return res, rep, err
 		}
 		if p.retried != nil {
 			p.retried(ue, attempt+1, a, a)
@@ -670,8 +689,7 @@ func (p *accountPool) run(ctx context.Context, j *job, try call) (upstreamResult
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			a.lim.release(1)
-			return upstreamResult{}, ctxFailure(ctx, p.timeout)
+			return upstreamResult{}, rep, ctxFailure(ctx, p.timeout)
 		case <-t.C:
 		}
 	}

@@ -675,7 +675,7 @@ func TestUnitOneRequestRestsOneAccount(t *testing.T) {
 				allOut bool
 			}{{2, false}, {2, false}, {1, kind == kindNoPoints}} {
 				tries := 0
-				_, err := p.run(t.Context(), &job{}, func(ctx context.Context, a *account) (upstreamResult, *upstreamError) {
+				_, _, err := p.run(t.Context(), func(ctx context.Context, a *account) (upstreamResult, *upstreamError) {
 					tries++
 					return upstreamResult{}, &upstreamError{kind: kind, message: "no"}
 				})

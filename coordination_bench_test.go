@@ -64,7 +64,7 @@ func BenchmarkCoordination(b *testing.B) {
 				if e := admitClient(r, 1); e != nil {
 					b.Fatal(e)
 				}
-				if _, err := g.accounts.run(r.Context(), &job{}, ok); err != nil {
+				if _, _, err := g.accounts.run(r.Context(), ok); err != nil {
 					b.Fatal(err)
 				}
 				quotaMade(r.Context())

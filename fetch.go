@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/semaphore"
 )
 
@@ -229,24 +230,23 @@ func (g *Gateway) downloadAll(ctx context.Context, jobs []*job, failFast bool) (
 	if e != nil {
 		return nil, nil, nil, e
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	images = make([][]byte, len(jobs))
 	errs = make([]*apiError, len(jobs))
-	var wg sync.WaitGroup
-	for i, j := range jobs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if images[i], errs[i] = g.download(ctx, j); errs[i] != nil && failFast {
-				cancel()
-			}
-		}()
+	eg, dctx := errgroup.WithContext(ctx)
+	if !failFast {
+		dctx = ctx // an image that fails leaves the others be
 	}
-	wg.Wait()
-	if e := rootCause(errs); e != nil && failFast {
+	for i, j := range jobs {
+		eg.Go(func() error {
+			if images[i], errs[i] = g.download(dctx, j); errs[i] != nil && failFast {
+				return errs[i]
+			}
+			return nil
+		})
+	}
+	if err := eg.Wait(); err != nil {
 		release()
-		return nil, nil, nil, e
+		return nil, nil, nil, err.(*apiError)
 	}
 	return images, errs, release, nil
 }

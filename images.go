@@ -10,9 +10,10 @@ import (
 	"path"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 	"unicode/utf8"
+
+	"golang.org/x/sync/errgroup"
 )
 
 // imagesRequest is the OpenAI Images API body plus the gateway's
@@ -240,23 +241,22 @@ func heldFormat(j *job, img []byte) string {
 }
 
 // generateN runs n generations of one enhanced job in parallel (each waits
-// for its own slot in the limiter), with seed, seed+1, … when the client
-// fixed the seed and fresh random seeds otherwise. The first failure
-// cancels the others and fails the request.
+// for its own slot in the account pool), with seed, seed+1, … when the
+// client fixed the seed and fresh random seeds otherwise. The first failure
+// cancels the others and fails the request: errgroup keeps the first error
+// and cancels in the same step, so a sibling's cancellation can never be
+// taken for the cause.
 func (g *Gateway) generateN(ctx context.Context, base *job, n int) ([]*job, *apiError) {
 	if n == 1 {
 		// one image, as every chat asks for: no goroutine, context or copy
-		// of the job (the hot path, issue 17 item 11)
+		// of the job (the hot path)
 		if e := g.generate(ctx, base); e != nil {
 			return nil, e
 		}
 		return []*job{base}, nil
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	eg, ctx := errgroup.WithContext(ctx)
 	jobs := make([]*job, n)
-	errs := make([]*apiError, n)
-	var wg sync.WaitGroup
 	for i := range n {
 		j := *base
 		switch {
@@ -270,31 +270,17 @@ func (g *Gateway) generateN(ctx context.Context, base *job, n int) ([]*job, *api
 			j.seed = randomSeed()
 		}
 		jobs[i] = &j
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if errs[i] = g.generate(ctx, jobs[i]); errs[i] != nil {
-				cancel()
+		eg.Go(func() error {
+			if e := g.generate(ctx, jobs[i]); e != nil {
+				return e // a nil *apiError must not become a non-nil error
 			}
-		}()
+			return nil
+		})
 	}
-	wg.Wait()
-	if e := rootCause(errs); e != nil {
-		return nil, e
+	if err := eg.Wait(); err != nil {
+		return nil, err.(*apiError)
 	}
 	return jobs, nil
-}
-
-// rootCause is the first failure that is not a cancellation it caused in
-// a sibling.
-func rootCause(errs []*apiError) *apiError {
-	var first *apiError
-	for _, e := range errs {
-		if e != nil && (first == nil || first.status == 499) {
-			first = e
-		}
-	}
-	return first
 }
 
 // writeImagesAnswer writes the images answer with each image's base64

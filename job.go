@@ -213,9 +213,10 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 		NegativePrompt: j.negative,
 		ImageSource:    j.sourceURL,
 	}
-	res, err := g.accounts.run(ctx, j, func(ctx context.Context, a *account) (upstreamResult, *upstreamError) {
+	res, run, err := g.accounts.run(ctx, func(ctx context.Context, a *account) (upstreamResult, *upstreamError) {
 		return g.upstream.generate(ctx, a.key, req, j.origin)
 	})
+	j.account, j.queueWait, j.latency, j.deadline = run.account, run.queueWait, run.latency, run.deadline
 	if err == nil && g.scrub.contains(res.imageURL) {
 		// a URL with a key in it (in its query, escaped, in any case) would
 		// hand the key to every reader of the answer (issue 8)
