@@ -139,14 +139,14 @@ func TestUnitGenerationLine(t *testing.T) {
 	g := &Gateway{logger: zap.New(zapcore.NewCore(enc, zapcore.AddSync(&buf), zapcore.InfoLevel))}
 	j := &job{
 		endpoint: endpointChat, model: &model{name: "Z-Image"}, width: 2048, height: 1152,
-		ratio: "16:9", source: sourceUser, seed: 42, enhance: enhanceSkipped,
+		ratio: "16:9", ratioSource: ratioFromUser, seed: 42, enhance: enhanceSkipped,
 		queueWait: 1500 * time.Microsecond, latency: 2 * time.Second,
 		client: &client{name: "alice"}, account: "main", stored: "0123abcd.png",
 		info: upstreamInfo{pointsUsed: 2, hasPointsUsed: true, remainingPoints: 98.5, hasRemainingPoints: true,
 			imageID: "img-7", modelName: "Z-Image"},
 	}
 	g.logGeneration(j, http.StatusOK, "")
-	g.logGeneration(&job{endpoint: endpointImages, model: &model{name: "Z-Image"}, ratio: "1:1", source: sourceDefault},
+	g.logGeneration(&job{endpoint: endpointImages, model: &model{name: "Z-Image"}, ratio: "1:1", ratioSource: ratioFromDefault},
 		http.StatusBadGateway, "status_5xx")
 	want := `{"msg":"generation","endpoint":"chat_completions","model":"Z-Image","size":"2048x1152","ratio":"16:9","ratio_source":"user","seed":42,"enhance":"skipped","queue_wait":0.0015,"upstream_latency":2,"status":200,"client":"alice","account":"main","stored":true,"store_id":"0123abcd","points_used":2,"remaining_points":98.5,"image_id":"img-7","model_name":"Z-Image"}
 {"msg":"generation","endpoint":"images_generations","model":"Z-Image","size":"0x0","ratio":"1:1","ratio_source":"default","seed":0,"enhance":"","queue_wait":0,"upstream_latency":0,"status":502,"client":"","account":"","failure":"status_5xx"}

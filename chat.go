@@ -296,20 +296,36 @@ func checkParams(p *jobParams) *apiError {
 	return nil
 }
 
-// serveChat answers POST /v1/chat/completions.
-func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
+// serveChat answers POST /v1/chat/completions: it decodes the body into
+// an ask, a generation or (with an image in the latest user message) an
+// edit, and hands it to the pipeline.
+func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request, adm *admission) {
 	// a body with an image may be max_upload large, base64 and all
 	// (SPEC §10.2); one without is held to max_body (uploads.go)
-	body, e := g.readChatBody(w, r)
+	body, e := g.readChatBody(w, r, adm)
 	if e != nil {
 		g.failBody(w, r, endpointChat, e)
 		return
 	}
-	defer body.release()
+	q := &ask{endpoint: endpointChat, n: 1}
+	if e := g.decodeChatAsk(q, body); e != nil {
+		body.release()
+		g.fail(w, endpointChat, q.modelName(), e)
+		return
+	}
+	// the upload's share goes with the ask, given back once the edit's
+	// source is stored; the body's images are reachable from the ask
+	// alone from here
+	q.up = body.up
+	body.urls = nil
+	g.serve(w, r, adm, q)
+}
+
+// decodeChatAsk makes the ask of a chat body.
+func (g *Gateway) decodeChatAsk(q *ask, body *chatBody) *apiError {
 	req, prompt, e := decodeChat(body.json, g.MaxPromptLength)
 	if e != nil {
-		g.fail(w, endpointChat, "", e)
-		return
+		return e
 	}
 	req.dataURLs = body.urls
 	src, e := g.chatImage(req)
@@ -317,34 +333,24 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 		e = g.errChatTooLarge()
 	}
 	if e != nil {
-		g.fail(w, endpointChat, "", e)
-		return
+		return e
 	}
-	var j *job
+	q.requested = req.Model
 	if src != nil {
 		// an image in the latest user message: an edit of it (§10.2)
-		m, e := g.editModel(req.Model)
-		if e != nil {
-			g.fail(w, endpointChat, "", e)
-			return
+		if q.model, e = g.editModel(req.Model); e != nil {
+			return e
 		}
-		j, e = g.newEditJob(r, endpointChat, m, req.Model, &editForm{prompt: prompt, source: src}, 1)
-		req.dataURLs, src = nil, nil
-		body.release()
-		if e != nil {
-			g.fail(w, endpointChat, m.name, e)
-			return
+		if q.edit, e = g.newEditAsk(prompt, src, "", 0); e != nil {
+			return e
 		}
 	} else {
-		m := g.lookupModel(req.Model)
-		if m == nil {
-			g.fail(w, endpointChat, "", errModelNotFound(req.Model))
-			return
+		if q.model = g.lookupModel(req.Model); q.model == nil {
+			return errModelNotFound(req.Model)
 		}
-		p := jobParams{prompt: prompt, width: req.Width, height: req.Height, cfg: req.CFG, negative: req.NegativePrompt}
-		if j, e = g.checkedJob(r, endpointChat, m, req.Model, p, req.Seed); e != nil {
-			g.fail(w, endpointChat, m.name, e)
-			return
+		q.params = jobParams{prompt: prompt, width: req.Width, height: req.Height, cfg: req.CFG, negative: req.NegativePrompt}
+		if e := readParams(&q.params, req.Seed); e != nil {
+			return e
 		}
 	}
 	out := &chatRenderer{g: g, id: "chatcmpl-" + randomID()}
@@ -352,7 +358,8 @@ func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request) {
 		out.stream = true
 		out.includeUsage = req.StreamOptions != nil && req.StreamOptions.IncludeUsage
 	}
-	g.run(w, r, j, 1, out)
+	q.out = out
+	return nil
 }
 
 // chatRenderer answers a chat completion: one chat.completion, or with
@@ -376,7 +383,7 @@ func (c *chatRenderer) begin(w http.ResponseWriter, j *job) {
 	}
 }
 
-func (c *chatRenderer) fail(w http.ResponseWriter, j *job, e *apiError) {
+func (c *chatRenderer) writeFailure(w http.ResponseWriter, j *job, e *apiError) {
 	if c.stream {
 		c.failStream(w, e)
 		return

@@ -246,27 +246,27 @@ func TestUnitNewJob(t *testing.T) {
 		negative      string
 		wantRequested string
 	}{
-		{"defaults", jobParams{prompt: "a cat"}, "", "a cat", "a cat", false, "1:1", sourceDefault, 2048, 2048, -1, 7, "lowres", "Z-Image"},
-		{"user ratio", jobParams{prompt: "一只猫，比例 16:9"}, "z-image", "一只猫，比例 16:9", "一只猫", false, "16:9", sourceUser, 2048, 1152, -1, 7, "lowres", "z-image"},
-		{"skip word and ratio", jobParams{prompt: "a cat ratio 9:16 no-enhance"}, "dall-e-3", "a cat ratio 9:16", "a cat", true, "9:16", sourceUser, 1152, 2048, -1, 7, "lowres", "dall-e-3"},
-		{"body size wins over ratio", jobParams{prompt: "a cat ratio 9:16", width: f(1000), height: f(500.4)}, "", "a cat ratio 9:16", "a cat", false, customRatio, sourceBody, 1000, 504, -1, 7, "lowres", "Z-Image"},
-		{"body size clamped", jobParams{prompt: "a cat", width: f(10), height: f(9000)}, "", "a cat", "a cat", false, customRatio, sourceBody, 64, 2048, -1, 7, "lowres", "Z-Image"},
-		{"explicit seed cfg negative", jobParams{prompt: "a cat", seed: seed(42), cfg: f(3.5), negative: neg("")}, "", "a cat", "a cat", false, "1:1", sourceDefault, 2048, 2048, 42, 3.5, "", "Z-Image"},
-		{"seed zero kept", jobParams{prompt: "a cat", seed: seed(0)}, "", "a cat", "a cat", false, "1:1", sourceDefault, 2048, 2048, 0, 7, "lowres", "Z-Image"},
-		{"negative seed is random", jobParams{prompt: "a cat", seed: seed(-1)}, "", "a cat", "a cat", false, "1:1", sourceDefault, 2048, 2048, -1, 7, "lowres", "Z-Image"},
+		{"defaults", jobParams{prompt: "a cat"}, "", "a cat", "a cat", false, "1:1", ratioFromDefault, 2048, 2048, -1, 7, "lowres", "Z-Image"},
+		{"user ratio", jobParams{prompt: "一只猫，比例 16:9"}, "z-image", "一只猫，比例 16:9", "一只猫", false, "16:9", ratioFromUser, 2048, 1152, -1, 7, "lowres", "z-image"},
+		{"skip word and ratio", jobParams{prompt: "a cat ratio 9:16 no-enhance"}, "dall-e-3", "a cat ratio 9:16", "a cat", true, "9:16", ratioFromUser, 1152, 2048, -1, 7, "lowres", "dall-e-3"},
+		{"body size wins over ratio", jobParams{prompt: "a cat ratio 9:16", width: f(1000), height: f(500.4)}, "", "a cat ratio 9:16", "a cat", false, customRatio, ratioFromBody, 1000, 504, -1, 7, "lowres", "Z-Image"},
+		{"body size clamped", jobParams{prompt: "a cat", width: f(10), height: f(9000)}, "", "a cat", "a cat", false, customRatio, ratioFromBody, 64, 2048, -1, 7, "lowres", "Z-Image"},
+		{"explicit seed cfg negative", jobParams{prompt: "a cat", seed: seed(42), cfg: f(3.5), negative: neg("")}, "", "a cat", "a cat", false, "1:1", ratioFromDefault, 2048, 2048, 42, 3.5, "", "Z-Image"},
+		{"seed zero kept", jobParams{prompt: "a cat", seed: seed(0)}, "", "a cat", "a cat", false, "1:1", ratioFromDefault, 2048, 2048, 0, 7, "lowres", "Z-Image"},
+		{"negative seed is random", jobParams{prompt: "a cat", seed: seed(-1)}, "", "a cat", "a cat", false, "1:1", ratioFromDefault, 2048, 2048, -1, 7, "lowres", "Z-Image"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			g := &Gateway{}
 			r := httptest.NewRequest(http.MethodPost, "http://gw.example/v1/chat/completions", nil)
-			j, e := g.newJob(r, endpointChat, m, tc.requested, tc.p)
+			j, e := g.newJob(&ask{endpoint: endpointChat, model: m, requested: tc.requested, params: tc.p}, nil, requestOrigin(r))
 			if e != nil {
 				t.Fatal(e)
 			}
 			if j.original != tc.original || j.cleaned != tc.cleaned || j.prompt != tc.cleaned || j.skip != tc.skip {
 				t.Errorf("prompts original %q cleaned %q prompt %q skip %v", j.original, j.cleaned, j.prompt, j.skip)
 			}
-			if j.ratio != tc.ratio || j.source != tc.source || j.width != tc.w || j.height != tc.h {
-				t.Errorf("size %s (%s) %dx%d, want %s (%s) %dx%d", j.ratio, j.source, j.width, j.height, tc.ratio, tc.source, tc.w, tc.h)
+			if j.ratio != tc.ratio || j.ratioSource != tc.source || j.width != tc.w || j.height != tc.h {
+				t.Errorf("size %s (%s) %dx%d, want %s (%s) %dx%d", j.ratio, j.ratioSource, j.width, j.height, tc.ratio, tc.source, tc.w, tc.h)
 			}
 			if tc.seed >= 0 && j.seed != tc.seed {
 				t.Errorf("seed %d, want %d", j.seed, tc.seed)
@@ -290,7 +290,7 @@ func TestUnitNewJobRandomSeeds(t *testing.T) {
 	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
 	seen := map[int64]bool{}
 	for range 20 {
-		j, e := (&Gateway{}).newJob(r, endpointChat, m, "", jobParams{prompt: "a cat"})
+		j, e := (&Gateway{}).newJob(&ask{endpoint: endpointChat, model: m, requested: "", params: jobParams{prompt: "a cat"}}, nil, requestOrigin(r))
 		if e != nil {
 			t.Fatal(e)
 		}
@@ -306,7 +306,7 @@ func TestUnitNewJobEmptyPrompt(t *testing.T) {
 	m := &model{name: "Z-Image", steps: 8, cfg: 7}
 	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
 	for _, p := range []string{"比例 16:9", "no-enhance", "ratio 1:1 no-enhance", "比例：9:16。"} {
-		j, e := (&Gateway{}).newJob(r, endpointChat, m, "", jobParams{prompt: p})
+		j, e := (&Gateway{}).newJob(&ask{endpoint: endpointChat, model: m, requested: "", params: jobParams{prompt: p}}, nil, requestOrigin(r))
 		if e == nil || e.status != http.StatusBadRequest || e.param != "prompt" {
 			t.Errorf("newJob(%q) = %+v, %+v, want a 400 naming prompt", p, j, e)
 		}
@@ -428,7 +428,7 @@ func TestUnitMarkdown(t *testing.T) {
 			m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7}
 			r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
 			before := len(llmRecs())
-			j, e := g.newJob(r, endpointChat, m, "", tc.p)
+			j, e := g.newJob(&ask{endpoint: endpointChat, model: m, requested: "", params: tc.p}, nil, requestOrigin(r))
 			if e != nil {
 				t.Fatal(e)
 			}
@@ -471,7 +471,7 @@ func TestUnitMarkdownDemoNote(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			g := unitGateway(tc.up, nil)
-			j, e := g.newJob(r, endpointChat, m, "", jobParams{prompt: "a cat", seed: ptr(int64(7))})
+			j, e := g.newJob(&ask{endpoint: endpointChat, model: m, requested: "", params: jobParams{prompt: "a cat", seed: ptr(int64(7))}}, nil, requestOrigin(r))
 			if e != nil {
 				t.Fatal(e)
 			}

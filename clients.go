@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // Client names the gateway gives itself.
@@ -291,19 +292,16 @@ func (g *Gateway) authorize(r *http.Request) *client {
 	return g.clients.clients[idx]
 }
 
-// requestState follows one attributed request: its client, the client
-// slots it holds, and the status it was answered with, for
-// caddy_zimage_client_requests_total. It wraps the ResponseWriter to see
-// the status; Unwrap keeps flushing (SSE) working through it.
+// requestState follows one attributed request: its client, what it holds
+// of the client's limits (given back when it ends), and the status it was
+// answered with, for caddy_zimage_client_requests_total. It wraps the
+// ResponseWriter to see the status, as Caddy's own wrappers do; Unwrap
+// keeps flushing (SSE) working through it.
 type requestState struct {
-	http.ResponseWriter
+	caddyhttp.ResponseWriterWrapper
 	client *client
+	adm    admission
 	code   int
-	held   int
-	// quota is what the request reserved of its client's quotas (quotas.go)
-	quota *quotaHold
-	// lease holds its client slots across a cluster, with coordination
-	lease slotLease
 }
 
 func (rs *requestState) WriteHeader(code int) {
@@ -320,31 +318,9 @@ func (rs *requestState) Write(b []byte) (int, error) {
 	return rs.ResponseWriter.Write(b)
 }
 
-func (rs *requestState) Unwrap() http.ResponseWriter { return rs.ResponseWriter }
-
-type requestStateKey struct{}
-
-// attribute starts following an authorized request: the writer and the
-// request the handler serves it with. finish ends it.
-func attribute(w http.ResponseWriter, r *http.Request, c *client, withContext bool) (*requestState, *http.Request) {
-	rs := &requestState{ResponseWriter: w, client: c}
-	if withContext {
-		r = r.WithContext(context.WithValue(r.Context(), requestStateKey{}, rs))
-	}
-	return rs, r
-}
-
-// finish gives back the client's slots and counts the answer.
+// finish gives back what the request held and counts the answer.
 func (rs *requestState) finish(endpoint string) {
-	rs.releaseQuota(context.Background())
-	if rs.lease != nil {
-		rs.lease.release()
-		rs.lease = nil
-	}
-	if rs.held > 0 {
-		rs.client.lim.release(rs.held)
-		rs.held = 0
-	}
+	rs.adm.release()
 	code := rs.code
 	if code == 0 || code == http.StatusOK {
 		rs.client.countServed(endpoint)
@@ -362,56 +338,15 @@ func setOutcome(w http.ResponseWriter, code int) {
 	}
 }
 
-func requestStateOf(r *http.Request) *requestState {
-	rs, _ := r.Context().Value(requestStateKey{}).(*requestState)
-	return rs
-}
-
-// requestClient is the client a request was attributed to (nil when it
-// went around ServeHTTP, as unit tests do).
-func requestClient(r *http.Request) *client {
-	if rs := requestStateOf(r); rs != nil {
-		return rs.client
-	}
-	return nil
-}
-
-// admitClient is a request's admission for n images, in one place: it
-// holds n of the client's generation slots and reserves n images of its
-// quotas (quotas.go), or answers at once: a client at its max_concurrent
-// never waits in the upstream queue, where it would take other clients'
-// places (SPEC §12). Both are given back when the request ends (finish);
-// the images it made stay counted. A request admitted in steps (an upload
-// before its body is read, then the job) asks again with its whole n.
-func admitClient(r *http.Request, n int) *apiError {
-	rs := requestStateOf(r)
-	if rs == nil {
-		return nil
-	}
-	took, e := rs.admitSlots(r, n)
-	if e != nil {
-		return e
-	}
-	reserved := 0
-	if rs.quota != nil {
-		reserved = rs.quota.n
-	}
-	if e := rs.reserveQuota(r, n-reserved); e != nil {
-		rs.giveBackSlots(took)
-		return e
-	}
-	return nil
-}
-
-// admitSlots takes the slots of n images the request does not hold yet,
-// and reports how many it took.
-func (rs *requestState) admitSlots(r *http.Request, n int) (int, *apiError) {
-	if rs.client.lim == nil {
+// admitSlots takes the client slots of n images the request does not hold
+// yet (an upload took one before its body was read), and reports how many
+// it took; the pipeline's admit step calls it.
+func (a *admission) admitSlots(ctx context.Context, n int) (int, *apiError) {
+	if a.client.lim == nil {
 		return 0, nil
 	}
-	c := rs.client
-	// n in all: an upload took one before its body was read (uploads.go)
-	need := max(0, n-rs.held)
+	c := a.client
+	need := max(0, n-a.held)
 	limMu.Lock()
 	limit := c.lim.limitLocked()
 	// slots are taken without a limit too: a reload that sets one counts
@@ -426,30 +361,30 @@ func (rs *requestState) admitSlots(r *http.Request, n int) (int, *apiError) {
 	case !ok:
 		return 0, busy
 	}
-	rs.held += need
+	a.held += need
 	// across a cluster, the same limit holds for all instances together
 	if c.shared != nil && limit > 0 && need > 0 {
-		l, ok := c.shared.acquire(r.Context(), limit, need, rs.lease)
+		l, ok := c.shared.acquire(ctx, limit, need, a.lease)
 		if !ok {
 			// the lease has none of them: only the local slots go back
-			rs.held -= need
+			a.held -= need
 			c.lim.release(need)
 			return 0, busy
 		}
-		rs.lease = l
+		a.lease = l
 	}
 	return need, nil
 }
 
 // giveBackSlots gives back n client slots taken by admitSlots.
-func (rs *requestState) giveBackSlots(n int) {
+func (a *admission) giveBackSlots(n int) {
 	if n <= 0 {
 		return
 	}
-	rs.held -= n
-	rs.client.lim.release(n)
-	if rs.lease != nil {
-		rs.lease.shrink(n)
+	a.held -= n
+	a.client.lim.release(n)
+	if a.lease != nil {
+		a.lease.shrink(n)
 	}
 }
 

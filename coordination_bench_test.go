@@ -12,6 +12,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // BenchmarkCoordination is the cost per request of what `coordination`
@@ -60,14 +61,14 @@ func BenchmarkCoordination(b *testing.B) {
 			b.ResetTimer()
 			for b.Loop() {
 				req := httptest.NewRequest(http.MethodPost, "/v1/images/generations", nil)
-				rs, r := attribute(httptest.NewRecorder(), req, c, true)
-				if e := admitClient(r, 1); e != nil {
+				rs := &requestState{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: httptest.NewRecorder()}, client: c, adm: admission{client: c}}
+				if e := rs.adm.admit(req.Context(), 1); e != nil {
 					b.Fatal(e)
 				}
-				if _, _, err := g.accounts.run(r.Context(), ok); err != nil {
+				if _, _, err := g.accounts.run(req.Context(), ok); err != nil {
 					b.Fatal(err)
 				}
-				quotaMade(r.Context())
+				rs.adm.made()
 				rs.finish(endpointImages)
 			}
 		})

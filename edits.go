@@ -1,6 +1,7 @@
 package zimage
 
 import (
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -42,6 +43,7 @@ const (
 type sourceImage struct {
 	data          []byte // an upload or a data: URL; nil for a client's own URL
 	url           string // the client's http(s) URL, passed on unchanged
+	stored        string // a picture the store holds already, by name
 	ext           string
 	width, height int // from the header; 0 when unknown
 }
@@ -273,8 +275,8 @@ type editJSONRequest struct {
 // image (uploads.go): a body beyond max_body is an upload, admitted before
 // it is read, its data: URLs decoded in place; the share of the budget is
 // the caller's to release once the source is stored.
-func (g *Gateway) parseEditJSON(w http.ResponseWriter, r *http.Request) (*editForm, *upload, *apiError) {
-	body, e := g.readChatBody(w, r)
+func (g *Gateway) parseEditJSON(w http.ResponseWriter, r *http.Request, adm *admission) (*editForm, *upload, *apiError) {
+	body, e := g.readChatBody(w, r, adm)
 	if e != nil {
 		return nil, nil, e
 	}
@@ -351,9 +353,15 @@ func (g *Gateway) editModel(requested string) (*model, *apiError) {
 }
 
 // hostSource gives the image service a URL it can download the source
-// from: a client's own URL as it is; an upload or a data: URL through the
-// store, which needs to be on (SPEC §10.3).
-func (g *Gateway) hostSource(r *http.Request, j *job, s *sourceImage) *apiError {
+// from: a picture the store holds at its URL for origin; a client's own
+// URL as it is; an upload or a data: URL through the store, which needs
+// to be on.
+func (g *Gateway) hostSource(ctx context.Context, j *job, s *sourceImage, origin string) *apiError {
+	if s.stored != "" && g.store != nil {
+		// not this request's to delete when the edit fails: no sourceName
+		j.sourceURL = g.store.url(origin, s.stored)
+		return nil
+	}
 	if s.url != "" {
 		j.sourceURL = s.url
 		return nil
@@ -362,7 +370,7 @@ func (g *Gateway) hostSource(r *http.Request, j *job, s *sourceImage) *apiError 
 		return &apiError{status: http.StatusBadRequest, typ: "invalid_request_error", code: "store_required", param: "image",
 			message: "Editing an uploaded image needs the image store: turn 'store' on in the zimage_gateway block, so the image service can download the source from this site"}
 	}
-	name, dup, err := g.store.put(r.Context(), s.data)
+	name, dup, err := g.store.put(ctx, s.data)
 	// from here the job holds the stored name only: the bytes are
 	// unreachable once the upload's budget is given back (uploads.go)
 	s.data = nil
@@ -374,7 +382,7 @@ func (g *Gateway) hostSource(r *http.Request, j *job, s *sourceImage) *apiError 
 	// a source stored for this request alone is deleted again if the
 	// edit fails (discardSource)
 	j.sourceName, j.sourceDuplicate = name, dup
-	j.sourceURL = g.storeURL(r, name)
+	j.sourceURL = g.store.url(origin, name)
 	return nil
 }
 
@@ -390,104 +398,130 @@ func formN(v string) (int, *apiError) {
 	return n, nil
 }
 
-// serveEdits answers POST /v1/images/edits (SPEC §10.1).
-func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request) {
+// serveEdits answers POST /v1/images/edits (SPEC §10.1): it decodes the
+// edit, multipart or JSON, and hands it to the pipeline.
+func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request, adm *admission) {
+	q := &ask{endpoint: endpointEdits}
 	var f *editForm
-	var up *upload
 	var e *apiError
 	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt == "application/json" {
-		f, up, e = g.parseEditJSON(w, r)
+		f, q.up, e = g.parseEditJSON(w, r, adm)
 	} else {
 		// the client's limit and the upload budget, before the body is
 		// read (uploads.go): a probe of it, then its size once the probe
 		// has arrived; held until the source is stored
 		limit := g.MaxUpload + 1<<20
 		slow := g.meterBody(w, r)
-		if up, e = g.admitUpload(r, limit, min(uploadSize(r, limit)-1, uploadProbe), slow, errTooLarge(limit)); e == nil {
-			f, e = g.parseEditForm(w, r, up)
+		if q.up, e = g.admitUpload(r, adm, limit, min(uploadSize(r, limit)-1, uploadProbe), slow, errTooLarge(limit)); e == nil {
+			f, e = g.parseEditForm(w, r, q.up)
 		}
 		slow.finish()
 	}
-	defer up.release()
 	if e != nil {
+		q.up.release()
 		g.failBody(w, r, endpointEdits, e)
 		return
 	}
+	if e := g.decodeEdit(q, f); e != nil {
+		q.up.release()
+		g.fail(w, endpointEdits, q.modelName(), e)
+		return
+	}
+	g.serve(w, r, adm, q)
+}
+
+// decodeEdit makes the ask of an edit form: the model, n, the answer's
+// form, and the edit itself.
+func (g *Gateway) decodeEdit(q *ask, f *editForm) *apiError {
 	if f.prompt == "" {
-		g.fail(w, endpointEdits, "", invalidRequest("prompt", "'prompt' is required: say how to edit the image"))
-		return
+		return invalidRequest("prompt", "'prompt' is required: say how to edit the image")
 	}
-	m, e := g.editModel(f.model)
-	if e != nil {
-		g.fail(w, endpointEdits, "", e)
-		return
+	var e *apiError
+	if q.model, e = g.editModel(f.model); e != nil {
+		return e
 	}
-	n, e := formN(f.n)
-	if e != nil {
-		g.fail(w, endpointEdits, m.name, e)
-		return
+	q.requested = f.model
+	if q.n, e = formN(f.n); e != nil {
+		return e
 	}
-	format, e := g.parseFormat(f.format, m, f.model)
+	format, e := g.parseFormat(f.format, q.model, f.model)
 	if e != nil {
-		g.fail(w, endpointEdits, m.name, e)
-		return
+		return e
 	}
 	look, e := parseLook(f.quality, f.background)
 	if e != nil {
-		g.fail(w, endpointEdits, m.name, e)
-		return
+		return e
 	}
-	j, e := g.newEditJob(r, endpointEdits, m, f.model, f, n)
-	f.source = nil
-	up.release()
-	if e != nil {
-		g.fail(w, endpointEdits, m.name, e)
-		return
+	if q.edit, e = g.newEditAsk(f.prompt, f.source, f.size, f.ignored); e != nil {
+		return e
 	}
-	j.bytesOptional = format == formatBoth && !f.stream
-	g.run(w, r, j, n, g.imagesRenderer(f.stream, format, look))
+	q.bytesOptional = format == formatBoth && !f.stream
+	q.out = g.imagesRenderer(f.stream, format, look)
+	return nil
 }
 
-// newEditJob makes the job of an edit: the instruction as the prompt (no
-// skip word, ratio or enhancement), the size sent to the service, and the
-// source hosted where the service can download it (SPEC §10.1–4).
-func (g *Gateway) newEditJob(r *http.Request, endpoint string, m *model, requested string, f *editForm, n int) (*job, *apiError) {
-	instruction := strings.TrimSpace(g.scrub.Replace(stripControl(f.prompt)))
+// editAsk is what an edit asks: the instruction (no skip word, ratio or
+// enhancement applies to it), the image, and the size to ask of the
+// service.
+type editAsk struct {
+	instruction   string
+	source        *sourceImage
+	width, height int
+	sizeGiven     bool // the client chose the size; else it is the source's
+	ignored       int  // images of the request after the one edited
+}
+
+// newEditAsk checks an edit's instruction and size. The size matters:
+// without one the service answers 512×512 whatever the source
+// (REAL-SERVICE.md), so the source's own size is sent when none is given.
+func (g *Gateway) newEditAsk(prompt string, src *sourceImage, size string, ignored int) (*editAsk, *apiError) {
+	instruction := strings.TrimSpace(g.scrub.Replace(stripControl(prompt)))
 	if instruction == "" {
 		return nil, invalidRequest("prompt", "The instruction is empty: say how to edit the image")
 	}
 	if utf8.RuneCountInString(instruction) > g.MaxPromptLength {
 		return nil, invalidRequest("prompt", fmt.Sprintf("The instruction is longer than %d characters", g.MaxPromptLength))
 	}
-	j := &job{
-		endpoint: endpoint, model: m, requested: requested, edit: true,
-		original: instruction, cleaned: instruction, prompt: instruction,
-		enhance: enhanceSkipped, source: sourceSource,
-		ignored: f.ignored,
-		seed:    randomSeed(),
-		origin:  requestOrigin(r),
-		client:  requestClient(r),
-	}
-	if requested == "" {
-		j.requested = m.name
-	}
-	// the size asked of the service: without one it answers 512×512
-	// whatever the source (REAL-SERVICE.md)
-	w, h, e := parseSize(f.size)
+	ea := &editAsk{instruction: instruction, source: src, ignored: ignored}
+	w, h, e := parseSize(size)
 	if e != nil {
 		return nil, e
 	}
 	if w != nil {
-		j.width, j.height = fitEditSize(*w, *h)
-		j.source = sourceBody
+		ea.width, ea.height = fitEditSize(*w, *h)
+		ea.sizeGiven = true
 	} else {
-		j.width, j.height = fitEditSize(float64(f.source.width), float64(f.source.height))
+		ea.width, ea.height = fitEditSize(float64(src.width), float64(src.height))
 	}
-	// the client's own limit, before the source is stored (SPEC §12)
-	if e := admitClient(r, n); e != nil {
-		return nil, e
+	return ea, nil
+}
+
+// newEditJob is the job step of an edit, for the request admitted as adm,
+// which came to origin: the instruction as the prompt, the size sent to the service,
+// and the source hosted where the service can download it (SPEC §10.1–4).
+func (g *Gateway) newEditJob(ctx context.Context, q *ask, adm *admission, origin string) (*job, *apiError) {
+	ea := q.edit
+	j := &job{
+		endpoint: q.endpoint, model: q.model, requested: q.requested, edit: true,
+		original: ea.instruction, cleaned: ea.instruction, prompt: ea.instruction,
+		enhance: enhanceSkipped, ratioSource: ratioFromSource,
+		width: ea.width, height: ea.height,
+		ignored:       ea.ignored,
+		seed:          randomSeed(),
+		origin:        origin,
+		adm:           adm,
+		client:        adm.client,
+		bytesOptional: q.bytesOptional,
 	}
-	if e := g.hostSource(r, j, f.source); e != nil {
+	if q.requested == "" {
+		j.requested = q.model.name
+	}
+	if ea.sizeGiven {
+		j.ratioSource = ratioFromBody
+	}
+	e := g.hostSource(ctx, j, ea.source, origin)
+	ea.source = nil // the bytes go with the upload's share
+	if e != nil {
 		return nil, e
 	}
 	metricEnhance.WithLabelValues(enhanceSkipped).Inc()
@@ -510,9 +544,6 @@ func fitEditSize(w, h float64) (int, int) {
 	}
 	return clampSide(w), clampSide(h)
 }
-
-// sourceSource is the ratio_source of an edit: the size is the source's.
-const sourceSource = "source"
 
 // editMarkdown renders the chat answer of an edit (SPEC §10.4), byte for
 // byte.

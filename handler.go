@@ -127,9 +127,9 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		g.fail(w, endpointFor(rt), "", errUnauthorized())
 		return nil
 	}
-	// every answer from here on is the client's (SPEC §12); the models
-	// endpoints, the hot path, make no job and need no request context
-	rs, r := attribute(w, r, c, rt != routeModels && rt != routeModel)
+	// every answer from here on is the client's: counted for it, and
+	// what it holds of its limits given back when the request ends
+	rs := &requestState{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w}, client: c, adm: admission{client: c}}
 	defer rs.finish(endpointFor(rt))
 	w = rs
 	if e := g.checkCrossSite(r, rt); e != nil {
@@ -155,19 +155,19 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			g.fail(w, endpointChat, "", errMethod(r.Method, "POST"))
 			return nil
 		}
-		g.serveChat(w, r)
+		g.serveChat(w, r, &rs.adm)
 	case routeImages:
 		if r.Method != http.MethodPost {
 			g.fail(w, endpointImages, "", errMethod(r.Method, "POST"))
 			return nil
 		}
-		g.serveImages(w, r)
+		g.serveImages(w, r, &rs.adm)
 	case routeEdits:
 		if r.Method != http.MethodPost {
 			g.fail(w, endpointEdits, "", errMethod(r.Method, "POST"))
 			return nil
 		}
-		g.serveEdits(w, r)
+		g.serveEdits(w, r, &rs.adm)
 	case routeUsage:
 		g.serveUsage(w, r, c)
 	case routeResponses:
@@ -175,13 +175,13 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			g.fail(w, endpointResponses, "", errMethod(r.Method, "POST"))
 			return nil
 		}
-		g.serveResponses(w, r)
+		g.serveResponses(w, r, &rs.adm)
 	case routeResponse:
 		if r.Method != http.MethodGet && r.Method != http.MethodDelete {
 			g.fail(w, endpointResponses, "", errMethod(r.Method, "GET or DELETE"))
 			return nil
 		}
-		g.serveStoredResponse(w, r, id)
+		g.serveStoredResponse(w, r, c, id)
 	default:
 		g.fail(w, "unknown", "", errNotFound(r.URL.Path))
 	}

@@ -252,7 +252,7 @@ func hostileChatJob(g *Gateway, r *http.Request, body []byte) (*job, *apiError) 
 	if e := checkParams(&p); e != nil {
 		return nil, e
 	}
-	return g.newJob(r, endpointChat, m, req.Model, p)
+	return g.newJob(&ask{endpoint: endpointChat, model: m, requested: req.Model, params: p}, nil, requestOrigin(r))
 }
 
 // hostileImagesJob does the same for an images body: decodeJSON into
@@ -289,7 +289,7 @@ func hostileImagesJob(t *testing.T, g *Gateway, r *http.Request, body []byte) (*
 	if e := checkParams(&p); e != nil {
 		return nil, e
 	}
-	return g.newJob(r, endpointImages, m, req.Model, p)
+	return g.newJob(&ask{endpoint: endpointImages, model: m, requested: req.Model, params: p}, nil, requestOrigin(r))
 }
 
 // hostileControl reports a control character other than tab and line

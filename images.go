@@ -2,7 +2,6 @@ package zimage
 
 import (
 	"bufio"
-	"context"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -12,8 +11,6 @@ import (
 	"strings"
 	"time"
 	"unicode/utf8"
-
-	"golang.org/x/sync/errgroup"
 )
 
 // imagesRequest is the OpenAI Images API body plus the gateway's
@@ -125,64 +122,65 @@ func parseSize(s string) (w, h *float64, e *apiError) {
 	return &wf, &hf, nil
 }
 
-// serveImages answers POST /v1/images/generations.
-func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request) {
+// serveImages answers POST /v1/images/generations: it decodes the body
+// into an ask and hands it to the pipeline.
+func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request, adm *admission) {
 	body, e := g.readBody(w, r, g.MaxBody)
 	if e != nil {
 		g.fail(w, endpointImages, "", e)
 		return
 	}
-	var req imagesRequest
-	if e := decodeJSON(body, &req); e != nil {
-		g.fail(w, endpointImages, "", e)
+	q := &ask{endpoint: endpointImages}
+	if e := g.decodeImages(q, body); e != nil {
+		g.fail(w, endpointImages, q.modelName(), e)
 		return
 	}
+	g.serve(w, r, adm, q)
+}
+
+// decodeImages makes the ask of an Images API generation body.
+func (g *Gateway) decodeImages(q *ask, body []byte) *apiError {
+	var req imagesRequest
+	if e := decodeJSON(body, &req); e != nil {
+		return e
+	}
 	if req.Prompt == nil || strings.TrimSpace(*req.Prompt) == "" {
-		g.fail(w, endpointImages, "", invalidRequest("prompt", "'prompt' is required"))
-		return
+		return invalidRequest("prompt", "'prompt' is required")
 	}
 	prompt := strings.TrimSpace(*req.Prompt)
 	if utf8.RuneCountInString(prompt) > g.MaxPromptLength {
-		g.fail(w, endpointImages, "", invalidRequest("prompt", fmt.Sprintf("The prompt is longer than %d characters", g.MaxPromptLength)))
-		return
+		return invalidRequest("prompt", fmt.Sprintf("The prompt is longer than %d characters", g.MaxPromptLength))
 	}
-	m := g.lookupModel(req.Model)
-	if m == nil {
-		g.fail(w, endpointImages, "", errModelNotFound(req.Model))
-		return
+	if q.model = g.lookupModel(req.Model); q.model == nil {
+		return errModelNotFound(req.Model)
 	}
-	n := 1
+	q.requested = req.Model
+	q.n = 1
 	if req.N != nil {
-		n = *req.N
+		q.n = *req.N
 	}
-	if n < 1 || n > maxImagesN {
-		g.fail(w, endpointImages, m.name, invalidRequest("n", fmt.Sprintf("n must be between 1 and %d", maxImagesN)))
-		return
+	if q.n < 1 || q.n > maxImagesN {
+		return invalidRequest("n", fmt.Sprintf("n must be between 1 and %d", maxImagesN))
 	}
-	format, e := g.parseFormat(req.ResponseFormat, m, req.Model)
+	format, e := g.parseFormat(req.ResponseFormat, q.model, req.Model)
 	if e != nil {
-		g.fail(w, endpointImages, m.name, e)
-		return
+		return e
 	}
 	look, e := parseLook(req.Quality, req.Background)
 	if e != nil {
-		g.fail(w, endpointImages, m.name, e)
-		return
+		return e
 	}
 	width, height, e := parseSize(req.Size)
 	if e != nil {
-		g.fail(w, endpointImages, m.name, e)
-		return
+		return e
 	}
-	p := jobParams{prompt: prompt, width: width, height: height, cfg: req.CFG, negative: req.NegativePrompt, n: n}
-	j, e := g.checkedJob(r, endpointImages, m, req.Model, p, req.Seed)
-	if e != nil {
-		g.fail(w, endpointImages, m.name, e)
-		return
+	q.params = jobParams{prompt: prompt, width: width, height: height, cfg: req.CFG, negative: req.NegativePrompt}
+	if e := readParams(&q.params, req.Seed); e != nil {
+		return e
 	}
-
-	j.bytesOptional = format == formatBoth && !req.Stream
-	g.run(w, r, j, n, g.imagesRenderer(req.Stream, format, look))
+	q.bytesOptional = format == formatBoth && !req.Stream
+	q.out = g.imagesRenderer(req.Stream, format, look)
+	return nil
 }
 
 // imagesRenderer is the way out of the Images API (generations and
@@ -202,9 +200,9 @@ type imagesJSON struct {
 	look   imageLook
 }
 
-func (o imagesJSON) needBytes() bool                               { return o.format != formatURL }
-func (imagesJSON) begin(http.ResponseWriter, *job)                 {}
-func (imagesJSON) fail(w http.ResponseWriter, _ *job, e *apiError) { writeError(w, e) }
+func (o imagesJSON) needBytes() bool                                       { return o.format != formatURL }
+func (imagesJSON) begin(http.ResponseWriter, *job)                         {}
+func (imagesJSON) writeFailure(w http.ResponseWriter, _ *job, e *apiError) { writeError(w, e) }
 
 func (o imagesJSON) write(w http.ResponseWriter, res *output) {
 	writeImagesAnswer(w, res, o.format != formatB64, o.format != formatURL, o.look)
@@ -238,49 +236,6 @@ func heldFormat(j *job, img []byte) string {
 		return "webp"
 	}
 	return "png"
-}
-
-// generateN runs n generations of one enhanced job in parallel (each waits
-// for its own slot in the account pool), with seed, seed+1, … when the
-// client fixed the seed and fresh random seeds otherwise. The first failure
-// cancels the others and fails the request: errgroup keeps the first error
-// and cancels in the same step, so a sibling's cancellation can never be
-// taken for the cause.
-func (g *Gateway) generateN(ctx context.Context, base *job, n int) ([]*job, *apiError) {
-	if n == 1 {
-		// one image, as every chat asks for: no goroutine, context or copy
-		// of the job (the hot path)
-		if e := g.generate(ctx, base); e != nil {
-			return nil, e
-		}
-		return []*job{base}, nil
-	}
-	eg, ctx := errgroup.WithContext(ctx)
-	jobs := make([]*job, n)
-	for i := range n {
-		j := *base
-		switch {
-		case i == 0:
-		case base.fixedSeed:
-			// seed, seed+1, …, wrapping past the largest seed to 1, never 0
-			if j.seed = base.seed + int64(i); j.seed >= maxSeed {
-				j.seed -= maxSeed - 1
-			}
-		default:
-			j.seed = randomSeed()
-		}
-		jobs[i] = &j
-		eg.Go(func() error {
-			if e := g.generate(ctx, jobs[i]); e != nil {
-				return e // a nil *apiError must not become a non-nil error
-			}
-			return nil
-		})
-	}
-	if err := eg.Wait(); err != nil {
-		return nil, err.(*apiError)
-	}
-	return jobs, nil
 }
 
 // writeImagesAnswer writes the images answer with each image's base64

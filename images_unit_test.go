@@ -120,7 +120,7 @@ func TestUnitGenerateNSeeds(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			up := &unitGenerator{url: "https://img.example.com/x.png"}
 			g := unitGateway(up, nil)
-			j, e := g.newJob(r, endpointImages, m, "", jobParams{prompt: "a cat", seed: tc.seed})
+			j, e := g.newJob(&ask{endpoint: endpointImages, model: m, requested: "", params: jobParams{prompt: "a cat", seed: tc.seed}}, nil, requestOrigin(r))
 			if e != nil {
 				t.Fatal(e)
 			}
@@ -169,7 +169,7 @@ func TestUnitGenerateNFailure(t *testing.T) {
 	r := httptest.NewRequest(http.MethodPost, "/v1/images/generations", nil)
 	up := &unitGenerator{err: &upstreamError{kind: kind429, message: "slow down " + testSDKey, retryAfter: "7"}}
 	g := unitGateway(up, nil)
-	j, e := g.newJob(r, endpointImages, m, "", jobParams{prompt: "a cat"})
+	j, e := g.newJob(&ask{endpoint: endpointImages, model: m, requested: "", params: jobParams{prompt: "a cat"}}, nil, requestOrigin(r))
 	if e != nil {
 		t.Fatal(e)
 	}

@@ -28,7 +28,7 @@ const maxSeed = 2147483647
 
 // job carries what the pipeline decides for one generation, so that the
 // renderers (chat JSON, SSE, images JSON), the logs and the metrics all read
-// the same facts (STYLE.md, "the data path").
+// the same facts (docs/design.md, "The data path").
 type job struct {
 	endpoint  string
 	model     *model
@@ -42,15 +42,17 @@ type job struct {
 
 	userRatio     string
 	bodyW, bodyH  *float64 // explicit size from the body
-	ratio, source string
+	ratio         string
+	ratioSource   string // where the ratio came from: ratioFromBody, …
 	width, height int
 
 	seed      int64
 	fixedSeed bool // the client chose the seed
 	cfg       float64
 	negative  string
-	origin    string  // scheme://host of the request, for the demo
-	client    *client // who asked (clients.go); nil only in unit tests
+	origin    string     // scheme://host of the request, for the demo
+	client    *client    // who asked (clients.go); nil only in unit tests
+	adm       *admission // what the request holds of its client's limits
 
 	imageURL string
 	stored   string // the store's name of the image ("<id>.<ext>"), when copied
@@ -78,48 +80,42 @@ type job struct {
 	latency         time.Duration
 }
 
-// jobParams are the per-request inputs common to chat and images.
+// jobParams are a generation's inputs common to chat and images.
 type jobParams struct {
 	prompt        string
 	width, height *float64
 	cfg           *float64
 	seed          *int64
 	negative      *string
-	n             int // images the request makes; 0 counts as 1
 }
 
-// checkedJob reads the seed, checks the numbers and makes the job: the
-// request checks chat and images share once their bodies are decoded.
-func (g *Gateway) checkedJob(r *http.Request, endpoint string, m *model, requested string, p jobParams, seed json.RawMessage) (*job, *apiError) {
+// readParams reads the seed into p and checks its numbers: what the
+// decoders of chat and images share once their bodies are decoded.
+func readParams(p *jobParams, seed json.RawMessage) *apiError {
 	var e *apiError
 	if p.seed, e = parseSeed(seed); e != nil {
-		return nil, e
+		return e
 	}
-	if e := checkParams(&p); e != nil {
-		return nil, e
-	}
-	j, e := g.newJob(r, endpoint, m, requested, p)
-	if e != nil {
-		return nil, e
-	}
-	// the client's own limit, before a stream begins and before the
-	// upstream queue (SPEC §12)
-	if e := admitClient(r, max(1, p.n)); e != nil {
-		return nil, e
-	}
-	return j, nil
+	return checkParams(p)
 }
 
-// newJob runs the cheap, deterministic steps of the pipeline (SPEC §4 steps
-// 1, 2, 5): skip word, user ratio, explicit size, seed, cfg and negative
-// prompt. Enhancement and generation come later, after a stream has begun.
-func (g *Gateway) newJob(r *http.Request, endpoint string, m *model, requested string, p jobParams) (*job, *apiError) {
-	j := &job{endpoint: endpoint, model: m, requested: requested, bodyW: p.width, bodyH: p.height, client: requestClient(r)}
-	if requested == "" {
+// newJob is the job step of a generation: the cheap, deterministic
+// decisions (skip word, user ratio, explicit size, seed, cfg and negative
+// prompt) for the request admitted as adm, which came to origin.
+// Enhancement and generation come later, after a stream has begun.
+func (g *Gateway) newJob(q *ask, adm *admission, origin string) (*job, *apiError) {
+	p := &q.params
+	j := &job{endpoint: q.endpoint, model: q.model, requested: q.requested, bodyW: p.width, bodyH: p.height,
+		adm: adm, origin: origin, bytesOptional: q.bytesOptional}
+	if adm != nil {
+		j.client = adm.client
+	}
+	m := q.model
+	if q.requested == "" {
 		j.requested = m.name
 	}
 	// a secret in the client's own text would go on to the LLM, the image
-	// service and back into the answer: it goes nowhere (issue 8)
+	// service and back into the answer: it goes nowhere
 	j.original, j.skip = stripSkipWord(strings.TrimSpace(g.scrub.Replace(stripControl(p.prompt))))
 	var ok bool
 	if j.userRatio, j.cleaned, ok = detectRatio(j.original); !ok {
@@ -143,7 +139,6 @@ func (g *Gateway) newJob(r *http.Request, endpoint string, m *model, requested s
 	if p.negative != nil {
 		j.negative = g.scrub.Replace(stripControl(*p.negative))
 	}
-	j.origin = requestOrigin(r)
 	j.decideSize("")
 	return j, nil
 }
@@ -154,21 +149,22 @@ func (j *job) decideSize(llmRatio string) {
 	switch {
 	case j.bodyW != nil && j.bodyH != nil:
 		j.width, j.height = clampSide(*j.bodyW), clampSide(*j.bodyH)
-		j.ratio, j.source = customRatio, sourceBody
+		j.ratio, j.ratioSource = customRatio, ratioFromBody
 		return
 	case j.userRatio != "":
-		j.ratio, j.source = j.userRatio, sourceUser
+		j.ratio, j.ratioSource = j.userRatio, ratioFromUser
 	case llmRatio != "":
-		j.ratio, j.source = llmRatio, sourceLLM
+		j.ratio, j.ratioSource = llmRatio, ratioFromLLM
 	default:
-		j.ratio, j.source = defaultRatio, sourceDefault
+		j.ratio, j.ratioSource = defaultRatio, ratioFromDefault
 	}
 	s := ratioSizes[j.ratio]
 	j.width, j.height = s.w, s.h
 }
 
-// runEnhance is step 3: one LLM call unless skipped or not configured; any
-// failure keeps the user's prompt. It then settles the size.
+// runEnhance is the enhance step: one LLM call unless skipped or not
+// configured; any failure keeps the user's prompt. It then settles the
+// size.
 func (g *Gateway) runEnhance(ctx context.Context, j *job) {
 	if j.edit {
 		return // edits are not enhanced; newEditJob counted them skipped
@@ -199,8 +195,8 @@ func (g *Gateway) runEnhance(ctx context.Context, j *job) {
 	metricEnhance.WithLabelValues(j.enhance).Inc()
 }
 
-// generate is step 6: an account and a slot, the attempts, the outcome
-// recorded. It is safe to call concurrently on distinct jobs.
+// generate is one generation: an account and a slot, the attempts, the
+// outcome recorded, the check of the model that ran. It is safe to call concurrently on distinct jobs.
 func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 	req := upstreamRequest{
 		Prompt:         j.prompt,
@@ -250,11 +246,11 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 	metricGeneration.WithLabelValues(j.model.name).Observe(j.latency.Seconds())
 	// the service made the image and took its points: it counts against
 	// the client's quotas whatever happens to the answer
-	quotaMade(ctx)
+	j.adm.made()
 	j.imageURL = res.imageURL
 	j.info = res.info
 	j.info.imageID, j.info.modelName = g.scrub.Replace(j.info.imageID), g.scrub.Replace(j.info.modelName)
-	// the success line is written once the image is kept (keep), so it
+	// the success line is written once the image is kept (produce), so it
 	// can say where the answer's image lives; the model that ran must be
 	// the model asked for (SPEC §14.1, models.go)
 	return g.checkModel(j)
@@ -301,7 +297,7 @@ func (l generationLine) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddString("model", j.model.name)
 	enc.AddString("size", strconv.Itoa(j.width)+"x"+strconv.Itoa(j.height))
 	enc.AddString("ratio", logRatio(j.ratio, j.width, j.height))
-	enc.AddString("ratio_source", j.source)
+	enc.AddString("ratio_source", j.ratioSource)
 	enc.AddInt64("seed", j.seed)
 	enc.AddString("enhance", j.enhance)
 	enc.AddDuration("queue_wait", j.queueWait)

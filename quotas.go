@@ -678,31 +678,30 @@ func (qs *quotaSet) close() error {
 	return errors.Join(errs...)
 }
 
-// quota bookkeeping of one request (requestState), called by admission,
-// by each image made, and by the request's end.
+// quota bookkeeping of one request (its admission): reserved by the
+// admit step, counted by each image made, given back at the request's end.
 
-func (rs *requestState) reserveQuota(r *http.Request, n int) *apiError {
-	if n <= 0 || rs.client.quotas == nil {
+func (a *admission) reserveQuota(ctx context.Context, n int) *apiError {
+	if n <= 0 || a.client.quotas == nil {
 		return nil
 	}
-	if rs.quota == nil {
-		rs.quota = &quotaHold{}
+	if a.quota == nil {
+		a.quota = &quotaHold{}
 	}
-	return rs.client.quotas.reserve(r.Context(), rs.client.name, rs.quota, n)
+	return a.client.quotas.reserve(ctx, a.client.name, a.quota, n)
 }
 
-// quotaMade counts one image made for the request ctx serves.
-func quotaMade(ctx context.Context) {
-	rs, _ := ctx.Value(requestStateKey{}).(*requestState)
-	if rs == nil || rs.quota == nil {
+// made counts one image made for the request.
+func (a *admission) made() {
+	if a == nil || a.quota == nil {
 		return
 	}
-	rs.client.quotas.made(rs.client.name, rs.quota)
+	a.client.quotas.made(a.client.name, a.quota)
 }
 
-func (rs *requestState) releaseQuota(ctx context.Context) {
-	if rs.quota != nil {
-		rs.client.quotas.release(ctx, rs.client.name, rs.quota)
+func (a *admission) releaseQuota(ctx context.Context) {
+	if a.quota != nil {
+		a.client.quotas.release(ctx, a.client.name, a.quota)
 	}
 }
 

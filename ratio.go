@@ -37,14 +37,16 @@ func logRatio(ratio string, w, h int) string {
 	return ratio
 }
 
-// Where the size of a job came from, as logged and shown.
+// Where the size of a job came from, as logged (ratio_source).
 const (
-	sourceBody    = "body"
-	sourceUser    = "user"
-	sourceLLM     = "llm"
-	sourceDefault = "default"
-	defaultRatio  = "1:1"
-	customRatio   = "Custom"
+	ratioFromBody = "body"
+	// an edit without a size asked: the source image's shape
+	ratioFromSource  = "source"
+	ratioFromUser    = "user"
+	ratioFromLLM     = "llm"
+	ratioFromDefault = "default"
+	defaultRatio     = "1:1"
+	customRatio      = "Custom"
 
 	minSide = 64
 	maxSide = 2048

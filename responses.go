@@ -188,87 +188,87 @@ func (g *Gateway) responsesImage(p *responsesPart, urls *dataURLs) (*sourceImage
 	return g.imageFromURL(u, "input")
 }
 
-// serveResponses answers POST /v1/responses.
-func (g *Gateway) serveResponses(w http.ResponseWriter, r *http.Request) {
+// serveResponses answers POST /v1/responses: it decodes the body into an
+// ask, a generation or an edit, and hands it to the pipeline.
+func (g *Gateway) serveResponses(w http.ResponseWriter, r *http.Request, adm *admission) {
 	// a body with an image may be max_upload large, as in chat
-	body, e := g.readChatBody(w, r)
+	body, e := g.readChatBody(w, r, adm)
 	if e != nil {
 		g.fail(w, endpointResponses, "", e)
 		return
 	}
-	defer body.release()
-	j, out, modelName, e := g.decodeResponses(r, body)
-	if e != nil {
-		g.fail(w, endpointResponses, modelName, e)
+	q := &ask{endpoint: endpointResponses, n: 1}
+	if e := g.decodeResponses(r.Context(), q, body, adm.client); e != nil {
+		body.release()
+		g.fail(w, endpointResponses, q.modelName(), e)
 		return
 	}
-	g.run(w, r, j, 1, out)
+	// the upload's share goes with the ask, as in chat
+	q.up = body.up
+	body.urls = nil
+	g.serve(w, r, adm, q)
 }
 
-// decodeResponses makes the job and the renderer of a Responses request;
-// on an error, modelName is the model chosen by then, for the metrics.
-func (g *Gateway) decodeResponses(r *http.Request, body *chatBody) (j *job, out *responsesRenderer, modelName string, e *apiError) {
+// decodeResponses makes the ask of a Responses request of client c, with
+// its renderer; ctx reads the response a previous_response_id names.
+func (g *Gateway) decodeResponses(ctx context.Context, q *ask, body *chatBody, c *client) *apiError {
 	var req responsesRequest
 	if e := decodeJSON(body.json, &req); e != nil {
-		return nil, nil, "", e
+		return e
 	}
 	tool, e := req.imageTool()
 	if e != nil {
-		return nil, nil, "", e
+		return e
 	}
 	prompt, src, e := g.responsesInput(req.Input, body.urls)
 	if e != nil {
-		return nil, nil, "", e
+		return e
 	}
 	if src == nil && body.upload {
-		return nil, nil, "", g.errChatTooLarge()
+		return g.errChatTooLarge()
 	}
-	c := requestClient(r)
 	var prev *storedResponse
 	if req.PreviousResponseID != nil && *req.PreviousResponseID != "" {
 		if g.store == nil {
-			return nil, nil, "", &apiError{status: http.StatusBadRequest, typ: "invalid_request_error", code: "store_required", param: "previous_response_id",
+			return &apiError{status: http.StatusBadRequest, typ: "invalid_request_error", code: "store_required", param: "previous_response_id",
 				message: "previous_response_id needs the image store, where responses are kept: turn 'store' on in the zimage_gateway block"}
 		}
-		if prev, e = g.loadResponse(r.Context(), c, *req.PreviousResponseID); e != nil {
+		if prev, e = g.loadResponse(ctx, c, *req.PreviousResponseID); e != nil {
 			e.param = "previous_response_id"
-			return nil, nil, "", e
+			return e
 		}
 	}
 	m := g.lookupModel(req.Model)
 	if src == nil && prev != nil && m != nil && m.edit {
 		// "make it night" after a generation: the picture that response
 		// made is the one to edit, as OpenAI's image tool does across turns
-		src = prev.source(g, r)
+		src = prev.source()
 	}
+	q.requested = req.Model
 	if src != nil {
-		em, e := g.editModel(req.Model)
-		if e != nil {
-			return nil, nil, "", e
+		if q.model, e = g.editModel(req.Model); e != nil {
+			return e
 		}
-		j, e = g.newEditJob(r, endpointResponses, em, req.Model, &editForm{prompt: prompt, source: src, size: tool.Size}, 1)
-		// the upload's bytes are stored (or refused): give back its budget
-		body.release()
-		if e != nil {
-			return nil, nil, em.name, e
+		if q.edit, e = g.newEditAsk(prompt, src, tool.Size, 0); e != nil {
+			return e
 		}
 	} else {
-		if m == nil {
-			return nil, nil, "", errModelNotFound(req.Model)
+		if q.model = m; m == nil {
+			return errModelNotFound(req.Model)
 		}
 		width, height, e := parseSize(tool.Size)
 		if e != nil {
 			e.param = "tools"
-			return nil, nil, m.name, e
+			return e
 		}
-		p := jobParams{prompt: prompt, width: width, height: height}
-		if j, e = g.checkedJob(r, endpointResponses, m, req.Model, p, req.Seed); e != nil {
-			return nil, nil, m.name, e
+		q.params = jobParams{prompt: prompt, width: width, height: height}
+		if e := readParams(&q.params, req.Seed); e != nil {
+			return e
 		}
 	}
-	out = &responsesRenderer{
+	out := &responsesRenderer{
 		g:      g,
-		ctx:    r.Context(),
+		ctx:    ctx,
 		stream: req.Stream,
 		keep:   g.store != nil && (req.Store == nil || *req.Store),
 		rec: storedResponse{
@@ -282,7 +282,8 @@ func (g *Gateway) decodeResponses(r *http.Request, body *chatBody) (j *job, out 
 	if req.PreviousResponseID != nil {
 		out.rec.PreviousResponseID = *req.PreviousResponseID
 	}
-	return j, out, "", nil
+	q.out = out
+	return nil
 }
 
 // echoOption is an option of the image tool as the answer echoes it: as
@@ -330,13 +331,11 @@ type storedResponse struct {
 }
 
 // source is the picture a stored response made, as the source of an
-// edit: the store's URL, which the image service downloads.
-func (s *storedResponse) source(g *Gateway, r *http.Request) *sourceImage {
-	u := s.ImageURL
-	if s.Image != "" {
-		u = g.storeURL(r, s.Image)
-	}
-	return &sourceImage{url: u, width: s.Width, height: s.Height}
+// edit: by its name in the store when it was kept there (the job step
+// gives the service its URL on the request's origin), else the URL the
+// answer carried.
+func (s *storedResponse) source() *sourceImage {
+	return &sourceImage{url: s.ImageURL, stored: s.Image, width: s.Width, height: s.Height}
 }
 
 // The response object and its items, as OpenAI's Responses API writes
@@ -551,7 +550,7 @@ func (o *responsesRenderer) send(ev responseEvent, marker *string, img []byte) {
 	})
 }
 
-func (o *responsesRenderer) fail(w http.ResponseWriter, j *job, e *apiError) {
+func (o *responsesRenderer) writeFailure(w http.ResponseWriter, j *job, e *apiError) {
 	if !o.stream {
 		writeError(w, e)
 		return
@@ -669,12 +668,12 @@ func (g *Gateway) loadResponse(ctx context.Context, c *client, id string) (*stor
 
 // serveStoredResponse answers GET /v1/responses/{id} (the response again,
 // its image as base64) and DELETE (removes it).
-func (g *Gateway) serveStoredResponse(w http.ResponseWriter, r *http.Request, id string) {
+func (g *Gateway) serveStoredResponse(w http.ResponseWriter, r *http.Request, c *client, id string) {
 	if g.store == nil {
 		g.fail(w, endpointResponses, "", errResponseNotFound(id))
 		return
 	}
-	s, e := g.loadResponse(r.Context(), requestClient(r), id)
+	s, e := g.loadResponse(r.Context(), c, id)
 	if e != nil {
 		g.fail(w, endpointResponses, "", e)
 		return

@@ -517,7 +517,7 @@ func TestUnitResponsesGetHoldsASlot(t *testing.T) {
 	}
 	get := func() *httptest.ResponseRecorder {
 		w := httptest.NewRecorder()
-		g.serveStoredResponse(w, httptest.NewRequest(http.MethodGet, "/v1/responses/"+rec.ID, nil), rec.ID)
+		g.serveStoredResponse(w, httptest.NewRequest(http.MethodGet, "/v1/responses/"+rec.ID, nil), nil, rec.ID)
 		return w
 	}
 	release, e := g.fetcher.acquire(ctx, 1) // every slot taken

@@ -26,6 +26,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // The image store (SPEC §9): generated images are copied into a Caddy
@@ -445,12 +446,6 @@ func (s *imageStore) url(origin, name string) string {
 	return base + storeURLPath + name
 }
 
-// storeURL is the URL a client is given for a stored image:
-// {public_url or request origin}/v1/zimage/images/{name}.
-func (g *Gateway) storeURL(r *http.Request, name string) string {
-	return g.store.url(requestOrigin(r), name)
-}
-
 // remove deletes a stored image the gateway took in for nothing: the source
 // of an edit that failed (SPEC §10.3). It runs after the request may have
 // been cancelled, so it has a context of its own, bounded in time.
@@ -552,7 +547,7 @@ func (s *imageStore) serve(w http.ResponseWriter, r *http.Request, name string) 
 	h["Etag"] = []string{etag}
 	h["Cache-Control"] = []string{storeCacheControl}
 	h["X-Content-Type-Options"] = []string{"nosniff"}
-	sw := &storeWriter{ResponseWriter: w}
+	sw := &storeWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}
 	// Range, If-Range, If-Match and HEAD; no modification time: the ETag
 	// is the validator
 	http.ServeContent(sw, r, "", time.Time{}, content)
@@ -592,7 +587,7 @@ func etagListMatches(header, etag string) bool {
 // for a failed If-Match) in the OpenAI envelope like every other error. It
 // passes ReadFrom on, so a file still goes out by sendfile.
 type storeWriter struct {
-	http.ResponseWriter
+	caddyhttp.ResponseWriterWrapper
 	code    int
 	swallow bool // the error body is ours: drop ServeContent's text
 }
@@ -635,14 +630,9 @@ func (w *storeWriter) ReadFrom(r io.Reader) (int64, error) {
 	if w.swallow {
 		return io.Copy(io.Discard, r)
 	}
-	if rf, ok := w.ResponseWriter.(io.ReaderFrom); ok {
-		return rf.ReadFrom(r)
-	}
-	return io.Copy(w.ResponseWriter, r)
+	// the wrapper's ReadFrom passes a file on to sendfile
+	return w.ResponseWriterWrapper.ReadFrom(r)
 }
-
-// Unwrap lets http.ResponseController reach the connection.
-func (w *storeWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // --- retention -----------------------------------------------------------------
 
@@ -804,23 +794,14 @@ func (s *imageStore) sweepDir(ctx context.Context, dir string, cutoff time.Time,
 // keep is the pipeline's step after a successful generation (SPEC §9.1):
 // it downloads the images of jobs when the store or a b64_json answer
 // needs them, copies them into the store and points the jobs at their
-// store URLs, and writes each job's generation log line. A copy that fails
+// store URLs (for the origin each job was asked from). A copy that fails
 // is never a new failure: the job keeps the upstream's URL, a warn line
 // names the cause and store_images_total{result="failed"} counts it (§9.2).
 // With needBytes (b64_json) the downloaded images are returned, one
 // download per image, and a failed download fails the request; release
 // must then be called once they are written.
-func (g *Gateway) keep(ctx context.Context, r *http.Request, jobs []*job, needBytes bool) (images [][]byte, release func(), e *apiError) {
+func (g *Gateway) keep(ctx context.Context, jobs []*job, needBytes bool) (images [][]byte, release func(), e *apiError) {
 	release = func() {}
-	defer func() {
-		for _, j := range jobs {
-			if e != nil {
-				g.logGeneration(j, e.status, "download")
-			} else {
-				g.logGeneration(j, http.StatusOK, "")
-			}
-		}
-	}()
 	if g.store == nil && !needBytes {
 		return nil, release, nil
 	}
@@ -860,7 +841,7 @@ func (g *Gateway) keep(ctx context.Context, r *http.Request, jobs []*job, needBy
 				continue
 			}
 			j.stored = name
-			j.imageURL = g.storeURL(r, name)
+			j.imageURL = g.store.url(j.origin, name)
 		}
 	}
 	if !needBytes {

@@ -525,8 +525,8 @@ func TestUnitStoreRequestOrigin(t *testing.T) {
 				want = tc.want
 			}
 			want += "/v1/zimage/images/" + storeTestID + ".png"
-			if got := g.storeURL(r, storeTestID+".png"); got != want {
-				t.Errorf("storeURL = %q, want %q", got, want)
+			if got := g.store.url(requestOrigin(r), storeTestID+".png"); got != want {
+				t.Errorf("store URL = %q, want %q", got, want)
 			}
 		})
 	}

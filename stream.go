@@ -184,7 +184,7 @@ func (s *imagesStream) begin(w http.ResponseWriter, j *job) {
 	s.sse = startSSE(w, s.interval)
 }
 
-func (s *imagesStream) fail(w http.ResponseWriter, j *job, e *apiError) {
+func (s *imagesStream) writeFailure(w http.ResponseWriter, j *job, e *apiError) {
 	s.sse.stop()
 	b, _ := json.Marshal(struct {
 		Type  string      `json:"type"`

@@ -311,15 +311,17 @@ func (u *upload) reserve(r *http.Request, size int64) *apiError {
 }
 
 // admitUpload admits a request whose body is an upload of at most limit
-// bytes: a body announced larger is a 413 at once, a client at its
-// max_concurrent a 429 at once (one slot is taken now; the job takes the
-// rest of its n, admitClient), then charge bytes of the budget (at least
-// one, at most the handler's pool), waiting up to queue_timeout.
-func (g *Gateway) admitUpload(r *http.Request, limit, charge int64, body *slowBody, tooLarge *apiError) (*upload, *apiError) {
+// bytes, before the body is read: a body announced larger is a 413 at
+// once, a client at its max_concurrent a 429 at once (one slot is taken
+// now, so that a client at its limit takes no share of the budget; the
+// pipeline's admit step takes the rest of its n), then charge bytes of
+// the budget (at least one, at most the handler's pool), waiting up to
+// queue_timeout.
+func (g *Gateway) admitUpload(r *http.Request, adm *admission, limit, charge int64, body *slowBody, tooLarge *apiError) (*upload, *apiError) {
 	if r.ContentLength > limit {
 		return nil, tooLarge
 	}
-	if e := admitClient(r, 1); e != nil {
+	if e := adm.admit(r.Context(), 1); e != nil {
 		return nil, e
 	}
 	u := &upload{p: g.uploads, body: body}
@@ -603,7 +605,7 @@ func (b *chatBody) release() {
 // admitted (client, budget: its whole size, for its first max_body bytes
 // have shown that it sends) before another byte is read. A body that may
 // be larger than max_body is judged for its rate (slowBody).
-func (g *Gateway) readChatBody(w http.ResponseWriter, r *http.Request) (*chatBody, *apiError) {
+func (g *Gateway) readChatBody(w http.ResponseWriter, r *http.Request, adm *admission) (*chatBody, *apiError) {
 	limit := max(g.MaxBody, g.MaxUpload/3*4+g.MaxBody) // base64 and the rest
 	if r.ContentLength > limit {
 		return nil, g.errChatTooLarge()
@@ -629,7 +631,7 @@ func (g *Gateway) readChatBody(w http.ResponseWriter, r *http.Request) (*chatBod
 		return nil, g.errChatTooLarge()
 	}
 	size := uploadSize(r, limit)
-	up, e := g.admitUpload(r, limit, size-1, slow, g.errChatTooLarge())
+	up, e := g.admitUpload(r, adm, limit, size-1, slow, g.errChatTooLarge())
 	if e != nil {
 		return nil, e
 	}
