@@ -25,7 +25,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 )
 
@@ -52,8 +51,8 @@ is.
     used. Without it: SD_API_KEY and the public endpoint (or --upstream).
 
 --adapter
-    The config adapter for --config. Default: json for a .json file or one
-    that starts with '{', else caddyfile.
+    The config adapter for --config, as for caddy run. Default: caddyfile
+    for a file named Caddyfile* or *.caddyfile, else json.
 
 --upstream
     The generate_image URL, or demo for the built-in menu of the demo
@@ -311,26 +310,14 @@ func discoverTargetFrom(o discoverOptions) (*discoverTarget, error) {
 }
 
 // firstGatewayHandler finds the first zimage_gateway handler of a config:
-// servers in name order, routes in order, subroutes entered.
+// servers in name order, routes in order, subroutes entered. The config is
+// read and adapted as `caddy run` reads it (caddycmd.LoadConfig: the
+// adapter named, else by the file's name, else JSON), so any config Caddy
+// runs is one this command reads.
 func firstGatewayHandler(path, adapter string) (*discoverHandler, error) {
-	body, err := os.ReadFile(path)
+	body, _, _, err := caddycmd.LoadConfig(path, adapter)
 	if err != nil {
 		return nil, fmt.Errorf("zimage-models: reading --config: %v", err)
-	}
-	if adapter == "" {
-		adapter = "caddyfile"
-		if strings.HasSuffix(strings.ToLower(path), ".json") || strings.HasPrefix(strings.TrimSpace(string(body)), "{\"") {
-			adapter = "json"
-		}
-	}
-	if adapter != "json" {
-		a := caddyconfig.GetAdapter(adapter)
-		if a == nil {
-			return nil, fmt.Errorf("zimage-models: unknown config adapter %q; give --adapter caddyfile or json", adapter)
-		}
-		if body, _, err = a.Adapt(body, map[string]any{"filename": path}); err != nil {
-			return nil, fmt.Errorf("zimage-models: adapting %s: %v", path, err)
-		}
 	}
 	var cfg struct {
 		Apps struct {

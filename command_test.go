@@ -220,6 +220,16 @@ func TestUnitZimageModelsConfig(t *testing.T) {
 	// no handler, no key: errors that say what to change
 	none := filepath.Join(dir, "none.caddyfile")
 	writeFile(t, none, "localhost {\n\trespond hi\n}\n")
+	// a config is read as caddy run reads it: a Caddyfile under another
+	// name needs --adapter, and the error says so
+	odd := filepath.Join(dir, "gateway.conf")
+	writeFile(t, odd, "localhost {\n\tzimage_gateway {\n\t\tno_auth\n\t\tupstream demo\n\t}\n}\n")
+	if _, err, _ := runModels(t, discoverOptions{config: odd, to: 1}); err == nil || !strings.Contains(err.Error(), "--adapter") {
+		t.Errorf("a Caddyfile named %s without --adapter: %v, want an error naming --adapter", odd, err)
+	}
+	if _, err, _ := runModels(t, discoverOptions{config: odd, adapter: "caddyfile", to: 1}); err != nil {
+		t.Errorf("a Caddyfile named %s with --adapter caddyfile: %v", odd, err)
+	}
 	if _, err, _ := runModels(t, discoverOptions{config: none, to: 1}); err == nil || !strings.Contains(err.Error(), "has no zimage_gateway handler") {
 		t.Errorf("config without the handler: %v", err)
 	}
