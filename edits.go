@@ -510,8 +510,10 @@ func (g *Gateway) newEditJob(ctx context.Context, q *ask, adm *admission, origin
 		seed:          randomSeed(),
 		origin:        origin,
 		adm:           adm,
-		client:        adm.client,
 		bytesOptional: q.bytesOptional,
+	}
+	if adm != nil {
+		j.client = adm.client
 	}
 	if q.requested == "" {
 		j.requested = q.model.name

@@ -233,63 +233,31 @@ func hostileGateway(t testing.TB) *Gateway {
 	return g
 }
 
-// hostileChatJob runs a chat body through what serveChat does before the
-// job runs: decodeChat, the model, the seed, checkParams, newJob.
+// hostileChatJob runs a chat body through what a request meets before
+// any work: the chat endpoint's own decoder, then the job step.
 func hostileChatJob(g *Gateway, r *http.Request, body []byte) (*job, *apiError) {
-	req, prompt, e := decodeChat(body, g.MaxPromptLength)
-	if e != nil {
+	q := &ask{endpoint: endpointChat, n: 1}
+	if e := g.decodeChatAsk(q, &chatBody{json: body}); e != nil {
 		return nil, e
 	}
-	m := g.lookupModel(req.Model)
-	if m == nil {
-		return nil, errModelNotFound(req.Model)
+	if q.edit != nil {
+		return g.newEditJob(r.Context(), q, nil, requestOrigin(r))
 	}
-	seed, e := parseSeed(req.Seed)
-	if e != nil {
-		return nil, e
-	}
-	p := jobParams{prompt: prompt, width: req.Width, height: req.Height, cfg: req.CFG, seed: seed, negative: req.NegativePrompt}
-	if e := checkParams(&p); e != nil {
-		return nil, e
-	}
-	return g.newJob(&ask{endpoint: endpointChat, model: m, requested: req.Model, params: p}, nil, requestOrigin(r))
+	return g.newJob(q, nil, requestOrigin(r))
 }
 
-// hostileImagesJob does the same for an images body: decodeJSON into
-// imagesRequest, the prompt checks, parseSize, parseSeed, checkParams,
-// newJob.
+// hostileImagesJob does the same for an images body, and checks that the
+// size the decoder read is two positive integers or none.
 func hostileImagesJob(t *testing.T, g *Gateway, r *http.Request, body []byte) (*job, *apiError) {
-	var req imagesRequest
-	if e := decodeJSON(body, &req); e != nil {
+	q := &ask{endpoint: endpointImages}
+	if e := g.decodeImages(q, body); e != nil {
 		return nil, e
 	}
-	if req.Prompt == nil || strings.TrimSpace(*req.Prompt) == "" {
-		return nil, invalidRequest("prompt", "'prompt' is required")
-	}
-	prompt := strings.TrimSpace(*req.Prompt)
-	if utf8.RuneCountInString(prompt) > g.MaxPromptLength {
-		return nil, invalidRequest("prompt", "too long")
-	}
-	m := g.lookupModel(req.Model)
-	if m == nil {
-		return nil, errModelNotFound(req.Model)
-	}
-	w, h, e := parseSize(req.Size)
-	if e != nil {
-		return nil, e
-	}
+	w, h := q.params.width, q.params.height
 	if (w == nil) != (h == nil) || (w != nil && (*w < 1 || *h < 1 || *w != float64(int(*w)) || *h != float64(int(*h)))) {
-		t.Fatalf("%q: parseSize(%q) = %v, %v: not two positive integers", body, req.Size, w, h)
+		t.Fatalf("%q: size read as %v, %v: not two positive integers", body, w, h)
 	}
-	seed, e := parseSeed(req.Seed)
-	if e != nil {
-		return nil, e
-	}
-	p := jobParams{prompt: prompt, width: w, height: h, cfg: req.CFG, seed: seed, negative: req.NegativePrompt}
-	if e := checkParams(&p); e != nil {
-		return nil, e
-	}
-	return g.newJob(&ask{endpoint: endpointImages, model: m, requested: req.Model, params: p}, nil, requestOrigin(r))
+	return g.newJob(q, nil, requestOrigin(r))
 }
 
 // hostileControl reports a control character other than tab and line
