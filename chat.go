@@ -300,17 +300,22 @@ func checkParams(p *jobParams) *apiError {
 // an ask, a generation or (with an image in the latest user message) an
 // edit, and hands it to the pipeline.
 func (g *Gateway) serveChat(w http.ResponseWriter, r *http.Request, adm *admission) {
-	// a body with an image may be max_upload large, base64 and all
-	// (SPEC §10.2); one without is held to max_body (uploads.go)
+	g.serveChatBody(w, r, adm, &ask{endpoint: endpointChat, n: 1}, g.decodeChatAsk)
+}
+
+// serveChatBody is the front door of the endpoints whose JSON body may
+// carry an image to edit (chat, Responses): such a body may be max_upload
+// large, base64 and all; one without an image is held to max_body
+// (readChatBody). decode fills q from the body; the pipeline does the rest.
+func (g *Gateway) serveChatBody(w http.ResponseWriter, r *http.Request, adm *admission, q *ask, decode func(*ask, *chatBody) *apiError) {
 	body, e := g.readChatBody(w, r, adm)
 	if e != nil {
-		g.failBody(w, r, endpointChat, e)
+		g.failBody(w, r, q.endpoint, e)
 		return
 	}
-	q := &ask{endpoint: endpointChat, n: 1}
-	if e := g.decodeChatAsk(q, body); e != nil {
+	if e := decode(q, body); e != nil {
 		body.release()
-		g.fail(w, endpointChat, q.modelName(), e)
+		g.fail(w, q.endpoint, q.modelName(), e)
 		return
 	}
 	// the upload's share goes with the ask, given back once the edit's

@@ -191,22 +191,9 @@ func (g *Gateway) responsesImage(p *responsesPart, urls *dataURLs) (*sourceImage
 // serveResponses answers POST /v1/responses: it decodes the body into an
 // ask, a generation or an edit, and hands it to the pipeline.
 func (g *Gateway) serveResponses(w http.ResponseWriter, r *http.Request, adm *admission) {
-	// a body with an image may be max_upload large, as in chat
-	body, e := g.readChatBody(w, r, adm)
-	if e != nil {
-		g.fail(w, endpointResponses, "", e)
-		return
-	}
-	q := &ask{endpoint: endpointResponses, n: 1}
-	if e := g.decodeResponses(r.Context(), q, body, adm.client); e != nil {
-		body.release()
-		g.fail(w, endpointResponses, q.modelName(), e)
-		return
-	}
-	// the upload's share goes with the ask, as in chat
-	q.up = body.up
-	body.urls = nil
-	g.serve(w, r, adm, q)
+	g.serveChatBody(w, r, adm, &ask{endpoint: endpointResponses, n: 1}, func(q *ask, body *chatBody) *apiError {
+		return g.decodeResponses(r.Context(), q, body, adm.client)
+	})
 }
 
 // decodeResponses makes the ask of a Responses request of client c, with
