@@ -624,6 +624,7 @@ func TestUploadsTooLargeIsAnswered(t *testing.T) {
 	for _, c := range []struct{ path, ct string }{
 		{"/v1/images/edits", "multipart/form-data; boundary=x"},
 		{"/v1/chat/completions", "application/json"},
+		{"/v1/responses", "application/json"},
 	} {
 		for i := range 20 {
 			conn := rawRequest(t, "", c.path, c.ct, len(junk))
