@@ -440,7 +440,11 @@ func (g *Gateway) meterBody(w http.ResponseWriter, r *http.Request) *slowBody {
 	now := time.Now()
 	b := &slowBody{ReadCloser: r.Body, rc: http.NewResponseController(w), window: win,
 		quota: int64(float64(g.MinUploadRate) * win.Seconds()), from: now.Add(win), end: now.Add(2 * win)}
+	// the timer may fire before AfterFunc returns (a tiny window): check
+	// reads b.timer under b.mu, so it is set under b.mu too
+	b.mu.Lock()
 	b.timer = time.AfterFunc(2*win, b.check)
+	b.mu.Unlock()
 	r.Body = b
 	return b
 }
