@@ -1,6 +1,6 @@
 package zimage
 
-// Many upstream accounts (SPEC §11): the account blocks of the upstream
+// Many upstream accounts (docs/design.md#accounts): the account blocks of the upstream
 // config, their provisioning into a pool whose limiters outlive reloads
 // (limiter.go), the choice of an account per generation, failover and rest
 // periods, and the points the service reports.
@@ -28,17 +28,17 @@ import (
 // defaultAccount names the account of a single upstream api_key.
 const defaultAccount = "default"
 
-// How long a failing account rests (SPEC §11.2): after a 429 as long as
+// How long a failing account rests (docs/design.md#failover-and-rests): after a 429 as long as
 // its Retry-After says (bounded), else restAfter429; after a connection
 // error, a 5xx or a Cloudflare challenge restAfterFailure.
 const (
 	restAfter429     = 30 * time.Second
 	restAfterFailure = 10 * time.Second
 	minRest          = time.Second
-	maxRest          = time.Hour // the cap on a service's Retry-After (issue 15 item 6)
+	maxRest          = time.Hour // the cap on a service's Retry-After
 
 	// defaultPointsRest is how long an account out of points rests
-	// (SPEC §11.5): points come back only when someone tops it up.
+	// (docs/design.md#failover-and-rests): points come back only when someone tops it up.
 	defaultPointsRest = time.Hour
 )
 
@@ -66,7 +66,7 @@ type AccountConfig struct {
 
 	// PointsRest is how long the account rests when the service says it
 	// has no points left, or when a generation's remaining_points is
-	// below its points_used (SPEC §11.5). Default: the upstream's
+	// below its points_used (docs/design.md#failover-and-rests). Default: the upstream's
 	// points_rest, else 1h.
 	PointsRest caddy.Duration `json:"points_rest,omitempty"`
 }
@@ -201,7 +201,7 @@ type account struct {
 	name      string
 	key       string
 	lowPoints float64
-	// pointsRest is how long it rests when out of points (SPEC §11.5)
+	// pointsRest is how long it rests when out of points (docs/design.md#failover-and-rests)
 	pointsRest time.Duration
 	limit      int // its max_concurrent, claimed on its limiter
 	// lim is its shared limiter, under limKey, with the pool's claim on
@@ -226,7 +226,7 @@ type accountPool struct {
 	// the pool holds its limiters (references and claims) from Provision
 	// until its config is cleaned up (closed) and its last generation has
 	// finished (work == 0): the slots its requests hold still count for
-	// whatever config comes next (issue 15 item 7). A request that comes
+	// whatever config comes next. A request that comes
 	// after that takes them again (enter).
 	holdMu   sync.Mutex
 	gen      uint64 // the config load that made the pool
@@ -260,7 +260,7 @@ func limiterKey(url, key, name string) string {
 // claims the configured limit on it for the config load gen, which
 // resizes it in place when an older config used another. Another handler
 // of the same load that names the same account (same URL and key) with
-// another max_concurrent makes a warning: the lower applies (SPEC §11.7).
+// another max_concurrent makes a warning: the lower applies (docs/design.md#accounts).
 func newAccountPool(uc UpstreamConfig, retries int, gen uint64, logger *zap.Logger) *accountPool {
 	p := &accountPool{
 		timeout:      time.Duration(uc.Timeout),
@@ -362,7 +362,7 @@ func (p *accountPool) keys() []string {
 	return out
 }
 
-// choice is one generation's choice of an account (SPEC §11.1): the one
+// choice is one generation's choice of an account (docs/design.md#accounts): the one
 // with the most free slots, ties in turn; accounts that rest only when all
 // of them rest. After a failure (failover) it takes only accounts it has
 // not tried that do not rest.
@@ -380,7 +380,6 @@ type choice struct {
 func (p *accountPool) newChoice() *choice {
 	c := &choice{p: p, allowResting: true}
 	// one allocation per request rather than two for the usual pool
-	// (issue 17 item 11)
 	if n := len(p.accounts); n <= len(c.triedBuf) {
 		c.tried = c.triedBuf[:n]
 	} else {
@@ -433,7 +432,7 @@ func (c *choice) hopeful() bool {
 }
 
 // failsOver reports the failures that move the attempt to another account
-// and rest the account (SPEC §11.2, §11.4, §11.5).
+// and rest the account (docs/design.md#failover-and-rests).
 func failsOver(kind string) bool {
 	switch kind {
 	case kind429, kindRefused, kind5xx, kindBlocked, kindNoPoints:
@@ -469,8 +468,8 @@ func restFor(ue *upstreamError, pointsRest time.Duration, now time.Time) time.Du
 }
 
 // rest makes a rest after ue, unless every other account of the pool
-// rests already: the last one awake works on (SPEC §11.2). An account out
-// of points rests in any case (SPEC §11.5): that is what it is, and a
+// rests already: the last one awake works on (docs/design.md#failover-and-rests). An account out
+// of points rests in any case (docs/design.md#failover-and-rests): that is what it is, and a
 // resting account still serves while every account rests.
 func (p *accountPool) rest(a *account, ue *upstreamError, fields ...zap.Field) {
 	now := time.Now()
@@ -534,7 +533,7 @@ func contentKind(kind string) uint8 {
 }
 
 // allOutOfPoints reports whether every account of the pool rests for
-// want of points: only then does the client hear of it (SPEC §11.5).
+// want of points: only then does the client hear of it (docs/design.md#failover-and-rests).
 func (p *accountPool) allOutOfPoints() bool {
 	now := time.Now()
 	limMu.Lock()
@@ -696,9 +695,9 @@ func (p *accountPool) run(ctx context.Context, try call) (res upstreamResult, re
 }
 
 // notePoints records the points the service reported for a's generation
-// (SPEC §11.3), warns once when they cross below low_points, and rests
+// (docs/design.md#points), warns once when they cross below low_points, and rests
 // the account as out of points when what is left would not pay for
-// another generation like this one (SPEC §11.5).
+// another generation like this one (docs/design.md#failover-and-rests).
 func (p *accountPool) notePoints(a *account, info upstreamInfo) {
 	if info.hasPointsUsed && info.pointsUsed > 0 {
 		metricPointsUsed.WithLabelValues(a.name).Add(info.pointsUsed)

@@ -1,6 +1,6 @@
 package zimage
 
-// Many upstream accounts (SPEC §11): the account blocks, the choice of an
+// Many upstream accounts (docs/design.md#accounts): the account blocks, the choice of an
 // account, the queue and the limits under load, failover and rests,
 // points, Cloudflare challenges. Integration tests run a real Caddy
 // against a fake service that tells the accounts apart by their keys.
@@ -41,7 +41,7 @@ func unitLimit(a *account) int {
 	return a.lim.limitLocked()
 }
 
-// SPEC §11: account blocks parse into the upstream's Accounts, whole.
+// Account blocks parse into the upstream's Accounts, whole.
 func TestUnitAccountsCaddyfile(t *testing.T) {
 	os.Unsetenv("ZIMAGE_UNIT_UNSET")
 	intp := func(n int) *int { return &n }
@@ -130,7 +130,7 @@ func TestUnitAccountsCaddyfile(t *testing.T) {
 	}
 }
 
-// SPEC §11: load-time errors in the JSON config (which skips the
+// Load-time errors in the JSON config (which skips the
 // Caddyfile's checks) name the account, never its key.
 func TestUnitAccountsProvisionErrors(t *testing.T) {
 	unitClearEnv(t)
@@ -166,7 +166,7 @@ func TestUnitAccountsProvisionErrors(t *testing.T) {
 	}
 }
 
-// SPEC §11.1: a single api_key is the account "default"; accounts resolve
+// A single api_key is the account "default"; accounts resolve
 // their keys, every key is a secret to scrub, and by default every account
 // may be tried once.
 func TestUnitAccountsProvision(t *testing.T) {
@@ -251,7 +251,7 @@ func takes(p *accountPool, n int, setup func(c *choice)) string {
 	return strings.Join(out, "")
 }
 
-// SPEC §11.1: the account with the most free slots, ties in turn; resting
+// The account with the most free slots, ties in turn; resting
 // accounts only when every account rests; after a failure only untried
 // accounts that do not rest.
 func TestUnitAccountChoice(t *testing.T) {
@@ -324,7 +324,7 @@ func TestUnitAccountChoice(t *testing.T) {
 	})
 }
 
-// issue 8 item 7: the newest live claim is the limit; giving it back (a
+// The newest live claim is the limit; giving it back (a
 // reload that failed) restores the older one; a limit that grows wakes
 // the queue at once.
 func TestUnitLimiterClaims(t *testing.T) {
@@ -373,7 +373,7 @@ func TestUnitLimiterClaims(t *testing.T) {
 	}
 }
 
-// SPEC §11.7: the handlers of one config load that name the same account
+// The handlers of one config load that name the same account
 // share its limiter at the lower of their limits, in either order, and
 // the second one learns of the first (for the warning); a newer load's
 // limits replace an older load's, and a failed load gives them back.
@@ -449,7 +449,7 @@ func TestUnitLimiterOneLoadLowerLimit(t *testing.T) {
 	})
 }
 
-// issue 15 item 7: a pool whose config was replaced keeps its limiters
+// A pool whose config was replaced keeps its limiters
 // while a generation of it runs, gives them back when the last one
 // leaves, and takes them again for one that comes later.
 func TestUnitAccountPoolHoldsLimitersWhileBusy(t *testing.T) {
@@ -481,9 +481,8 @@ func TestUnitAccountPoolHoldsLimitersWhileBusy(t *testing.T) {
 	}
 }
 
-// SPEC §11.2, §11.5: how long a failing account rests; the client's
-// Retry-After after a 429 is the same figure, in whole seconds (issue 15
-// item 6).
+// How long a failing account rests; the client's
+// Retry-After after a 429 is the same figure, in whole seconds.
 func TestUnitRestFor(t *testing.T) {
 	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	for _, tc := range []struct {
@@ -523,7 +522,7 @@ func TestUnitRestFor(t *testing.T) {
 	}
 }
 
-// SPEC §11.5: the one guess at the service's words for an account out of
+// The one guess at the service's words for an account out of
 // points, case-insensitive, whole words for the English ones.
 func TestUnitIsNoPoints(t *testing.T) {
 	for msg, want := range map[string]bool{
@@ -706,7 +705,7 @@ func btoi(b bool) int {
 	return 0
 }
 
-// SPEC §11.3, §11.4: the service's answer, read: points as numbers or
+// The service's answer, read: points as numbers or
 // numeric strings (absent is fine, odd types never break a success),
 // image_id and model_name, and challenge pages told from JSON errors.
 func TestUnitParseAnswer(t *testing.T) {
@@ -833,7 +832,7 @@ func generationLines(t *testing.T, mark logMark, status int) []map[string]any {
 	return mark.find(t, "generation", func(l map[string]any) bool { return l["status"] == float64(status) })
 }
 
-// TestAccountsLimitsHoldUnder200Requests (SPEC §11.1): three accounts with
+// TestAccountsLimitsHoldUnder200Requests (docs/design.md#accounts): three accounts with
 // max_concurrent 3, 5 and 2 and 200 requests at once: exactly those many
 // run on each account (the fake counts per key), the other 190 wait in the
 // one queue, and once the fake answers all 200 are served without any
@@ -878,7 +877,7 @@ func TestAccountsLimitsHoldUnder200Requests(t *testing.T) {
 	}
 }
 
-// TestAccountsChoiceByFreeSlots (SPEC §11.1): generations arriving one by
+// TestAccountsChoiceByFreeSlots (docs/design.md#accounts): generations arriving one by
 // one go to the account with the most free slots, ties in turn: with
 // max_concurrent 2 (a) and 4 (b) the order is b b a b a b, and the next
 // one waits.
@@ -909,7 +908,7 @@ func TestAccountsChoiceByFreeSlots(t *testing.T) {
 	}
 }
 
-// TestAccountsFailoverRestsAccount (SPEC §11.2): account a always answers
+// TestAccountsFailoverRestsAccount (docs/design.md#failover-and-rests): account a always answers
 // 429 with Retry-After: 1. The first request tries a (first in turn), then
 // b at once, and succeeds; a rests for a second, during which every
 // request goes straight to b; after the rest a is tried again (and fails
@@ -984,7 +983,7 @@ func TestAccountsFailoverRestsAccount(t *testing.T) {
 	}
 }
 
-// TestAccountsFailoverKinds (SPEC §11.2, §11.4): a connection error, a
+// TestAccountsFailoverKinds (docs/design.md#failover-and-rests): a connection error, a
 // 5xx, a Cloudflare challenge and a 429 without Retry-After move the
 // attempt to the other account and rest the failing one for 10 s (30 s
 // for the 429); other failures neither fail over nor rest an account.
@@ -1061,7 +1060,7 @@ func grewSince(t *testing.T, before scrapeResult, name string, labels ...string)
 	return scrape(t).delta(before, name, labels...)
 }
 
-// TestAccountsAllFail (SPEC §11.2): when no account can answer, the client
+// TestAccountsAllFail (docs/design.md#failover-and-rests): when no account can answer, the client
 // gets the last account's error in the envelope (its 429 with its own
 // Retry-After), with any key it echoed scrubbed.
 func TestAccountsAllFail(t *testing.T) {
@@ -1113,7 +1112,7 @@ func TestAccountsAllFail(t *testing.T) {
 	}
 }
 
-// TestAccountsRestSurvivesReload (SPEC §11, issue 11 item 1): a rest
+// TestAccountsRestSurvivesReload (docs/design.md#accounts): a rest
 // period outlives a reload as the limits do: after a's 429 (Retry-After
 // 30) a reload keeps the accounts, and the new config's requests still go
 // to b alone.
@@ -1136,7 +1135,7 @@ func TestAccountsRestSurvivesReload(t *testing.T) {
 	}
 }
 
-// TestAccountsPoints (SPEC §11.3): the points each account's answers
+// TestAccountsPoints (docs/design.md#points): the points each account's answers
 // report (numbers for a, numeric strings for b) set the gauge and add to
 // the counter per account; the generation line carries the account, the
 // points, image_id and model_name; low_points warns once per crossing.
@@ -1222,7 +1221,7 @@ func TestAccountsPoints(t *testing.T) {
 	}
 }
 
-// TestAccountsBlocked (SPEC §11.4): a Cloudflare challenge (an HTML 403 or
+// TestAccountsBlocked (docs/design.md#failover-and-rests): a Cloudflare challenge (an HTML 403 or
 // 503) is a 502 saying the service's Cloudflare protection refused the
 // request, counted as kind blocked, with none of the page in the answer
 // or the log; a 403 with a JSON body stays the service's own error.
@@ -1328,7 +1327,7 @@ func TestUnitReadmeAccountsExample(t *testing.T) {
 	}
 }
 
-// TestAccountsRetryAfterCapped (issue 15 item 6): the client's Retry-After
+// TestAccountsRetryAfterCapped: the client's Retry-After
 // after the service's 429 is what the gateway does with the account, its
 // rest: the service's figure, capped at an hour; 30 s when it gives none.
 // Never the service's header as it came.
@@ -1361,7 +1360,7 @@ func TestAccountsRetryAfterCapped(t *testing.T) {
 	}
 }
 
-// TestAccountsOutOfPoints (SPEC §11.5, issue 17 item 8): an answer that
+// TestAccountsOutOfPoints (docs/design.md#failover-and-rests): an answer that
 // says an account has no points left fails over at once and rests the
 // account for points_rest, counted as kind no_points; a success whose
 // remaining_points is below its points_used rests the account before it
@@ -1481,8 +1480,7 @@ func TestAccountsOutOfPoints(t *testing.T) {
 	})
 }
 
-// TestAccountsTwoSitesOneAccountLowerLimit (SPEC §11.7, issue 15 item
-// 11): two sites name the same account (same URL and key), one with
+// TestAccountsTwoSitesOneAccountLowerLimit (docs/design.md#accounts): two sites name the same account (same URL and key), one with
 // max_concurrent 2 and one with 5, in either order in the Caddyfile. They
 // share one limiter at the lower limit: with 7 requests at the site that
 // says 5, the fake sees 2 calls on the key and 5 wait; a warning at load

@@ -129,9 +129,9 @@ func provisionForBench(b *testing.B, upstreamURL string) *Gateway {
 	return g
 }
 
-// TestUnitGenerationLine pins the generation line of SPEC §6 byte for byte,
-// field order included: it is written through an inline object (issue 17
-// item 11), and log pipelines parse it.
+// TestUnitGenerationLine pins the generation line of docs/design.md#observability byte for byte,
+// field order included: it is written through an inline object
+// (it was the largest allocation of a chat request), and log pipelines parse it.
 func TestUnitGenerationLine(t *testing.T) {
 	var buf strings.Builder
 	enc := zapcore.NewJSONEncoder(zapcore.EncoderConfig{MessageKey: "msg", LineEnding: "\n",
@@ -156,8 +156,8 @@ func TestUnitGenerationLine(t *testing.T) {
 	}
 }
 
-// TestUnitHotPathAllocations guards the allocations issue 17 item 11 took
-// out of every chat request.
+// TestUnitHotPathAllocations guards the allocations taken out of every
+// chat request, the hot path.
 func TestUnitHotPathAllocations(t *testing.T) {
 	s := newScrubber([]string{"sk-secret-key-0123456789"})
 	prompt := strings.Repeat("A fluffy ginger cat reading an old book, warm light. ", 4)

@@ -1,6 +1,6 @@
 package zimage
 
-// A real browser (issue 5): headless Chromium loads a page from one
+// A real browser: headless Chromium loads a page from one
 // loopback origin that calls the gateway on another with fetch, the way a
 // browser chat client using the OpenAI JS SDK does, through the CORS
 // snippet of Caddyfile.example, and renders the image the answer links to.
@@ -269,8 +269,8 @@ func browserCaddyfile(t *testing.T, cors bool) string {
 }
 
 // TestBrowserRendersImage drives the chat endpoint from a page on another
-// origin, as a browser client does (SPEC §3 CORS preflight, §4 answer,
-// §7 demo image), and checks that the image renders at the ratio's size,
+// origin, as a browser client does (the CORS preflight, the chat answer,
+// the demo image), and checks that the image renders at the ratio's size,
 // and that a wrong key shows the 401 message the page could read.
 func TestBrowserRendersImage(t *testing.T) {
 	browser := startBrowser(t)

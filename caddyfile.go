@@ -340,7 +340,7 @@ func singleArg(d *caddyfile.Dispenser) (string, error) {
 }
 
 // optionalArg reads zero or one argument: `api_key {$UNSET}` leaves no
-// token behind, and SPEC §2 says an empty value means "use the default".
+// token behind, and docs/design.md#endpoints-and-errors says an empty value means "use the default".
 func optionalArg(d *caddyfile.Dispenser) (string, error) {
 	var v string
 	if d.NextArg() {

@@ -18,7 +18,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddytest"
 )
 
-// SPEC §2: every sub-directive lands in the field the JSON config uses.
+// Every sub-directive lands in the field the JSON config uses.
 func TestUnitCaddyfileParse(t *testing.T) {
 	// an unset {$VAR} leaves the sub-directive without argument
 	t.Setenv("ZIMAGE_UNIT_SET", "from-env")
@@ -180,7 +180,7 @@ func TestUnitCaddyfileParse(t *testing.T) {
 	}
 }
 
-// SPEC §2: config errors fail at load with a message naming the directive,
+// Config errors fail at load with a message naming the directive,
 // and carry the file and line.
 func TestUnitCaddyfileErrors(t *testing.T) {
 	for _, tc := range []struct {
@@ -276,7 +276,7 @@ func unitHandlerNames(cfg []byte) []string {
 	return names
 }
 
-// SPEC §1: the directive orders itself, so a Caddyfile needs no global
+// The directive orders itself, so a Caddyfile needs no global
 // `order` line, and it comes before handlers that answer everything.
 func TestUnitCaddyfileDirectiveOrder(t *testing.T) {
 	for _, tc := range []struct {
@@ -314,7 +314,7 @@ func TestUnitCaddyfileDirectiveOrder(t *testing.T) {
 	}
 }
 
-// SPEC §2: the JSON config mirrors the Caddyfile field by field.
+// The JSON config mirrors the Caddyfile field by field.
 func TestUnitCaddyfileAdaptJSON(t *testing.T) {
 	caddytest.AssertAdapt(t, `:8080 {
 	zimage_gateway {
@@ -421,7 +421,6 @@ func TestUnitCaddyfileExample(t *testing.T) {
 			}
 			// the keys stay placeholders in the JSON that `caddy adapt` and
 			// the autosave write, and the site listens on loopback only
-			// (issue 8, item 12)
 			for _, k := range []string{testClientKey, testSDKey} {
 				if strings.Contains(string(cfg), k) {
 					t.Errorf("the adapted example carries the key %s…", k[:6])

@@ -110,7 +110,7 @@ func decodeChat(body []byte, maxPrompt int) (*chatRequest, string, *apiError) {
 }
 
 // chatPrompt is the top-level prompt when present and non-blank, else the
-// last user message's text (SPEC §4).
+// last user message's text (docs/design.md#the-prompt).
 func chatPrompt(req *chatRequest) (string, string, *apiError) {
 	if req.Prompt != nil && strings.TrimSpace(*req.Prompt) != "" {
 		return strings.TrimSpace(*req.Prompt), "prompt", nil
@@ -265,7 +265,7 @@ func parseSeed(raw json.RawMessage) (*int64, *apiError) {
 	}
 	n, err := strconv.ParseInt(s, 10, 64)
 	if err != nil && raw[0] != '"' {
-		// SPEC §4.5: an integral JSON number (42.0, 4.2e1) is that integer;
+		// An integral JSON number (42.0, 4.2e1) is that integer;
 		// JavaScript clients send whole numbers that way
 		if f, ferr := strconv.ParseFloat(s, 64); ferr == nil && f == math.Trunc(f) && math.Abs(f) < 1<<53 {
 			n, err = int64(f), nil
@@ -342,7 +342,7 @@ func (g *Gateway) decodeChatAsk(q *ask, body *chatBody) *apiError {
 	}
 	q.requested = req.Model
 	if src != nil {
-		// an image in the latest user message: an edit of it (§10.2)
+		// an image in the latest user message: an edit of it (docs/design.md#edits)
 		if q.model, e = g.editModel(req.Model); e != nil {
 			return e
 		}
@@ -368,7 +368,7 @@ func (g *Gateway) decodeChatAsk(q *ask, body *chatBody) *apiError {
 }
 
 // chatRenderer answers a chat completion: one chat.completion, or with
-// stream the chunks of SPEC §4 "Streaming" (stream.go).
+// stream the chunks of docs/design.md#the-prompt (stream.go).
 type chatRenderer struct {
 	g            *Gateway
 	id           string
@@ -548,7 +548,7 @@ func randomID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// markdown renders the answer content of SPEC §4 step 7, byte for byte.
+// markdown renders the answer content of docs/design.md#the-prompt, byte for byte.
 func (g *Gateway) markdown(j *job) string {
 	if j.edit {
 		return g.editMarkdown(j)
@@ -605,7 +605,7 @@ func (g *Gateway) writeDemoNote(b *strings.Builder) {
 
 // echoEscapes are the characters that would let an echoed prompt start a
 // link, an image, raw HTML or code in the answer: a prompt is shown as the
-// text the user typed, never as markup (issue 5, markdown safety).
+// text the user typed, never as markup (markdown safety).
 const echoEscapes = "\\[]<>`"
 
 // writeEcho writes a prompt into its section of the markdown: line breaks
@@ -663,7 +663,7 @@ func hasControl(s string) bool {
 }
 
 // errChatTooLarge names both of a chat body's limits: max_body, and
-// max_upload for a body that carries an image to edit (SPEC §10.2).
+// max_upload for a body that carries an image to edit (docs/design.md#edits).
 func (g *Gateway) errChatTooLarge() *apiError {
 	e := errTooLarge(g.MaxBody)
 	e.message = "Request body is larger than the limit of " + formatBytes(g.MaxBody) +

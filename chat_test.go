@@ -14,7 +14,7 @@ import (
 	"go.uber.org/zap"
 )
 
-// SPEC §4 "Request": the prompt is the non-blank top-level prompt, else the
+// The prompt is the non-blank top-level prompt, else the
 // last user message (a string, or text parts joined by a space).
 func TestUnitDecodeChat(t *testing.T) {
 	for _, tc := range []struct {
@@ -129,7 +129,7 @@ func TestUnitDecodeChatPromptLength(t *testing.T) {
 	}
 }
 
-// SPEC §4 step 5: seed is an integer or an integer string; null or absent
+// Seed is an integer or an integer string; null or absent
 // means random (nil); negative numbers pass through and newJob makes them
 // random; anything else is a 400 naming seed.
 func TestUnitParseSeed(t *testing.T) {
@@ -225,7 +225,7 @@ func TestUnitCheckParams(t *testing.T) {
 	}
 }
 
-// newJob settles SPEC §4 steps 1, 2, 4 and 5 before enhancement.
+// newJob settles docs/design.md#the-prompt before enhancement.
 func TestUnitNewJob(t *testing.T) {
 	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7, negativePrompt: "lowres"}
 	f := func(v float64) *float64 { return &v }
@@ -284,7 +284,7 @@ func TestUnitNewJob(t *testing.T) {
 	}
 }
 
-// A fresh random seed for every request without one (SPEC §4 step 5).
+// A fresh random seed for every request without one (docs/design.md#the-prompt).
 func TestUnitNewJobRandomSeeds(t *testing.T) {
 	m := &model{name: "Z-Image", steps: 8, cfg: 7}
 	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
@@ -349,7 +349,7 @@ func unitGateway(up generator, enh *enhancer) *Gateway {
 	return &Gateway{upstream: up, accounts: unitPool(), enhancer: enh, logger: zap.NewNop(), scrub: newScrubber([]string{testSDKey, testLLMKey})}
 }
 
-// SPEC §4 step 7: the markdown content, byte for byte, for each enhancement
+// The markdown content, byte for byte, for each enhancement
 // outcome and for a custom size, produced by the real pipeline (newJob,
 // runEnhance, generate) around a stub image service and an httptest LLM.
 func TestUnitMarkdown(t *testing.T) {
@@ -456,7 +456,7 @@ func TestUnitMarkdown(t *testing.T) {
 	}
 }
 
-// SPEC §7: a demo answer says in the markdown that the image is a
+// A demo answer says in the markdown that the image is a
 // placeholder; a real one never does.
 func TestUnitMarkdownDemoNote(t *testing.T) {
 	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7}

@@ -1,6 +1,6 @@
 package zimage
 
-// Named clients (SPEC §12): the client blocks and the api_key keys (the
+// Named clients (docs/design.md#clients-quotas): the client blocks and the api_key keys (the
 // client "default"), matching a request's key against all of them in
 // constant time, the per-client limit on generations at once, and the
 // attribution of every answer to its client.
@@ -121,7 +121,7 @@ type client struct {
 	// children for code 200, one per entry of servedEndpoints, each made
 	// on its first use (as WithLabelValues would, so /metrics shows the
 	// same series): the hot path then skips hashing three labels and
-	// formatting the code on every request (issue 17 item 11)
+	// formatting the code on every request
 	served [len(servedEndpoints)]atomic.Pointer[prometheus.Counter]
 }
 

@@ -1,6 +1,6 @@
 package zimage
 
-// Named clients (SPEC §12): the client blocks, key matching, attribution
+// Named clients (docs/design.md#clients-quotas): the client blocks, key matching, attribution
 // in metrics and logs, the per-client limit answered at once, and the
 // README's recipe for per-key request rates with caddy-ratelimit.
 
@@ -22,7 +22,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
-// SPEC §12: client blocks parse into Clients, whole.
+// Client blocks parse into Clients, whole.
 func TestUnitClientsCaddyfile(t *testing.T) {
 	os.Unsetenv("ZIMAGE_UNIT_UNSET")
 	for _, tc := range []struct {
@@ -80,7 +80,7 @@ func TestUnitClientsCaddyfile(t *testing.T) {
 	}
 }
 
-// SPEC §12: load-time errors name the clients, never their keys.
+// Load-time errors name the clients, never their keys.
 func TestUnitClientsProvisionErrors(t *testing.T) {
 	unitClearEnv(t)
 	t.Setenv("ZIMAGE_UNIT_EMPTY", "")
@@ -113,7 +113,7 @@ func TestUnitClientsProvisionErrors(t *testing.T) {
 	}
 }
 
-// SPEC §12: every key of every client is matched, and names the client
+// Every key of every client is matched, and names the client
 // it belongs to; api_key keys are "default", no_auth is "anonymous";
 // GATEWAY_API_KEY applies only when neither api_key nor a client gives a
 // key; every key is scrubbed.
@@ -185,7 +185,7 @@ func clientsSite(up *fakeUpstream, upstream, aliceLines string) string {
 // as is a request header pair that sends key.
 func as(key string) []string { return []string{"Authorization", "Bearer " + key} }
 
-// TestClientsAttribution (SPEC §12): each answer counts once under the
+// TestClientsAttribution (docs/design.md#clients-quotas): each answer counts once under the
 // client whose key it carried (both of alice's keys are alice), by
 // endpoint and code, a stream that fails under the code of its error
 // event; a wrong key is no client's; generation lines name the client.
@@ -261,7 +261,7 @@ func TestClientsAttribution(t *testing.T) {
 	}
 }
 
-// TestClientsAnonymous (SPEC §12): under no_auth every request is the
+// TestClientsAnonymous (docs/design.md#clients-quotas): under no_auth every request is the
 // client "anonymous".
 func TestClientsAnonymous(t *testing.T) {
 	up := newFakeUpstream(t)
@@ -278,7 +278,7 @@ func TestClientsAnonymous(t *testing.T) {
 	}
 }
 
-// TestClientsMaxConcurrent (SPEC §12): alice may run one generation at
+// TestClientsMaxConcurrent (docs/design.md#clients-quotas): alice may run one generation at
 // once. While hers runs, her next requests (chat, a stream, the Images
 // API) are answered 429 with Retry-After at once, even with upstream slots
 // free and even while the shared queue has a waiter, whose place they
@@ -351,7 +351,7 @@ func TestClientsMaxConcurrent(t *testing.T) {
 	}
 }
 
-// TestClientsDuplicateKeysRejectedAtLoad (SPEC §12): a key given to two
+// TestClientsDuplicateKeysRejectedAtLoad (docs/design.md#clients-quotas): a key given to two
 // clients fails `caddy validate`, naming both clients and not the key.
 func TestClientsDuplicateKeysRejectedAtLoad(t *testing.T) {
 	src := fmt.Sprintf(`{
@@ -467,7 +467,7 @@ func TestUnitReadmeRateLimitSnippet(t *testing.T) {
 	}
 }
 
-// SPEC §2, §11, §12: the JSON config mirrors the account and client
+// The JSON config mirrors the account and client
 // blocks field by field.
 func TestUnitAccountsClientsAdaptJSON(t *testing.T) {
 	caddytest.AssertAdapt(t, `:8080 {

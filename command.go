@@ -1,6 +1,6 @@
 package zimage
 
-// `caddy zimage-models` (SPEC §14.2): the service's model_index is a
+// `caddy zimage-models` (docs/design.md#model-identity): the service's model_index is a
 // position in its web page's model menu, and the menu moves. This
 // subcommand prints today's menu, index → model_name → points_used, from
 // one smallest generation per index, so an operator can set model_index

@@ -1,6 +1,6 @@
 package zimage
 
-// `caddy zimage-models` (SPEC §14.2), run in-process against a fake image
+// `caddy zimage-models` (docs/design.md#model-identity), run in-process against a fake image
 // service with a menu of its own.
 
 import (

@@ -16,7 +16,7 @@ import (
 	"sync"
 )
 
-// demoGenerator is the `upstream demo` of SPEC §7: instead of calling the
+// demoGenerator is the `upstream demo` of docs/design.md#the-demo: instead of calling the
 // image service it points at a placeholder PNG of the requested size that
 // the module serves itself under demoPath, so every endpoint and client can
 // be tried offline and without an account.
@@ -27,7 +27,7 @@ func (demoGenerator) generate(ctx context.Context, _ string, req upstreamRequest
 		return upstreamResult{}, ctxFailure(ctx, 0)
 	}
 	if req.ImageSource != "" {
-		// an edit keeps the source's size (SPEC §10.4), tinted so that it
+		// an edit keeps the source's size (docs/design.md#edits), tinted so that it
 		// is told apart; a source of unknown size gets a square
 		w, h := req.Width, req.Height
 		if w <= 0 || h <= 0 {
@@ -48,14 +48,14 @@ func (demoGenerator) generate(ctx context.Context, _ string, req upstreamRequest
 	}
 	res := upstreamResult{imageURL: fmt.Sprintf("%s%s%dx%d.png?seed=%d", origin, demoPath, req.Width, req.Height, req.Seed)}
 	// the demo names the model that ran, as the service does, so that the
-	// identity check (SPEC §14.1) can be tried offline too
+	// identity check (docs/design.md#model-identity) can be tried offline too
 	res.info.modelName, _ = demoMenuName(req.ModelIndex)
 	return res, nil
 }
 
-// demoMenu is the demo upstream's model menu, by model_index (SPEC §14.2):
+// demoMenu is the demo upstream's model menu, by model_index (docs/design.md#model-identity):
 // made up, but shaped like the menus public clients of the service
-// reported (REAL-SERVICE.md): Z-Image at 5, RealSkin EPS 1.3 beside it,
+// reported (README, "Model identity"): Z-Image at 5, RealSkin EPS 1.3 beside it,
 // the Qwen edit models at 18 and 19, video models after them. It answers
 // `caddy zimage-models --upstream demo`, and names the demo's model.
 var demoMenu = []string{

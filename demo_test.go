@@ -1,6 +1,6 @@
 package zimage
 
-// SPEC §7: `upstream demo` renders placeholder PNGs of the right size that
+// `upstream demo` renders placeholder PNGs of the right size that
 // the module serves itself, says so in the markdown and in a warning at
 // load, and is never a fallback for a missing key.
 
@@ -121,7 +121,7 @@ func TestDemoNotAFallback(t *testing.T) {
 }
 
 // The demo names the model of its menu in its answers, so the identity
-// check (SPEC §14.1) works offline: the default Z-Image at 5 matches.
+// check (docs/design.md#model-identity) works offline: the default Z-Image at 5 matches.
 func TestUnitDemoNamesModel(t *testing.T) {
 	for _, tc := range []struct {
 		index int

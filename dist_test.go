@@ -1,6 +1,6 @@
 package zimage
 
-// The service unit of dist/ (SPEC §15.4, issue 16 item 6): it has the
+// The service unit of dist/ (docs/design.md#how-it-is-tested): it has the
 // shape of Caddy's own caddy.service, and the config it names, shipped as
 // dist/Caddyfile, adapts and provisions with the example environment.
 

@@ -19,9 +19,9 @@ import (
 	"go.uber.org/zap"
 )
 
-// Image edits (SPEC §10): POST /v1/images/edits with an uploaded image, and
+// Image edits (docs/design.md#edits): POST /v1/images/edits with an uploaded image, and
 // chat messages with an image part. The 梦羽 service edits an image it
-// downloads itself, so an uploaded source is put into the store (§9) and
+// downloads itself, so an uploaded source is put into the store and
 // the service is given its public URL.
 
 const (
@@ -54,7 +54,7 @@ type editForm struct {
 	quality, background            string // echoed in the answer
 	stream                         bool
 	source                         *sourceImage
-	ignored                        int // images after the first (SPEC §10.1)
+	ignored                        int // images after the first (docs/design.md#edits)
 }
 
 // parseEditForm reads the multipart body of /v1/images/edits as it
@@ -86,7 +86,7 @@ func (g *Gateway) parseEditForm(w http.ResponseWriter, r *http.Request, up *uplo
 		case "image", "image[]":
 			// Open WebUI sends each image as its own image[] part, Cherry
 			// Studio repeats image: the first is edited, the rest read
-			// past (SPEC §10.1)
+			// past (docs/design.md#edits)
 			if f.source != nil {
 				if f.ignored++; f.ignored >= maxEditImages {
 					return nil, errTooManyImages("image")
@@ -163,7 +163,7 @@ func errUploadTooLarge(limit int64) *apiError {
 		message: "The image is larger than the limit of " + formatBytes(limit) + " (max_upload)"}
 }
 
-// checkSource accepts PNG, JPEG and WebP (SPEC §10.1) that pass the one
+// checkSource accepts PNG, JPEG and WebP (docs/design.md#edits) that pass the one
 // image check of every stored image (checkImage: signature, a header that
 // parses, a sane size), reading the size from the header, never the pixels.
 func checkSource(b []byte, param string) (*sourceImage, *apiError) {
@@ -206,7 +206,7 @@ func decodeDataURL(s string, limit int64, param string) (*sourceImage, *apiError
 	return checkSource(b, param)
 }
 
-// chatImage finds the image of an edit in chat (SPEC §10.2): the last
+// chatImage finds the image of an edit in chat (docs/design.md#edits): the last
 // image part of the latest user message. Images in older messages are
 // ignored.
 func (g *Gateway) chatImage(req *chatRequest) (*sourceImage, *apiError) {
@@ -239,7 +239,7 @@ func (g *Gateway) chatImage(req *chatRequest) (*sourceImage, *apiError) {
 // imageFromURL reads the image of an edit given by URL, in chat or in a
 // JSON edit: a data: URL is decoded (and later stored), a client's own
 // http(s) URL goes to the service unchanged: the gateway never fetches it
-// (§10.3).
+// (docs/design.md#edits).
 func (g *Gateway) imageFromURL(u, param string) (*sourceImage, *apiError) {
 	u = strings.TrimSpace(u)
 	if strings.HasPrefix(strings.ToLower(u), "data:") {
@@ -254,7 +254,7 @@ func (g *Gateway) imageFromURL(u, param string) (*sourceImage, *apiError) {
 	return &sourceImage{url: u}, nil
 }
 
-// editJSONRequest is OpenAI's JSON form of an edit (SPEC §10.1), which
+// editJSONRequest is OpenAI's JSON form of an edit (docs/design.md#edits), which
 // recent SDKs send: the images by URL, never uploaded.
 type editJSONRequest struct {
 	Images []struct {
@@ -338,7 +338,7 @@ func (g *Gateway) decodeEditJSON(body *chatBody) (*editForm, *apiError) {
 const editModelHint = "model Qwen-Image-Edit {\n\tmodel_index 19\n\tedit\n}"
 
 // editModel picks the model of an edit: the requested one if it is an edit
-// model, else the first edit model (SPEC §10.1, §10.2).
+// model, else the first edit model (docs/design.md#edits).
 func (g *Gateway) editModel(requested string) (*model, *apiError) {
 	if m := g.lookupModel(requested); m != nil && m.edit {
 		return m, nil
@@ -398,7 +398,7 @@ func formN(v string) (int, *apiError) {
 	return n, nil
 }
 
-// serveEdits answers POST /v1/images/edits (SPEC §10.1): it decodes the
+// serveEdits answers POST /v1/images/edits (docs/design.md#edits): it decodes the
 // edit, multipart or JSON, and hands it to the pipeline.
 func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request, adm *admission) {
 	q := &ask{endpoint: endpointEdits}
@@ -473,7 +473,7 @@ type editAsk struct {
 
 // newEditAsk checks an edit's instruction and size. The size matters:
 // without one the service answers 512×512 whatever the source
-// (REAL-SERVICE.md), so the source's own size is sent when none is given.
+// (a public client of the service found it; docs/design.md#the-service-behind-it), so the source's own size is sent when none is given.
 func (g *Gateway) newEditAsk(prompt string, src *sourceImage, size string, ignored int) (*editAsk, *apiError) {
 	instruction := strings.TrimSpace(g.scrub.Replace(stripControl(prompt)))
 	if instruction == "" {
@@ -498,7 +498,7 @@ func (g *Gateway) newEditAsk(prompt string, src *sourceImage, size string, ignor
 
 // newEditJob is the job step of an edit, for the request admitted as adm,
 // which came to origin: the instruction as the prompt, the size sent to the service,
-// and the source hosted where the service can download it (SPEC §10.1–4).
+// and the source hosted where the service can download it (docs/design.md#edits).
 func (g *Gateway) newEditJob(ctx context.Context, q *ask, adm *admission, origin string) (*job, *apiError) {
 	ea := q.edit
 	j := &job{
@@ -530,7 +530,7 @@ func (g *Gateway) newEditJob(ctx context.Context, q *ask, adm *admission, origin
 	return j, nil
 }
 
-// fitEditSize is the size an edit asks of the service (SPEC §10.1): w×h
+// fitEditSize is the size an edit asks of the service (docs/design.md#edits): w×h
 // scaled into 64…2048 on each side keeping its aspect ratio (down when a
 // side is above 2048, up when one is below 64), each side then rounded to
 // the nearest multiple of 8; 1024×1024 when the size is unknown.
@@ -547,7 +547,7 @@ func fitEditSize(w, h float64) (int, int) {
 	return clampSide(w), clampSide(h)
 }
 
-// editMarkdown renders the chat answer of an edit (SPEC §10.4), byte for
+// editMarkdown renders the chat answer of an edit (docs/design.md#edits), byte for
 // byte.
 func (g *Gateway) editMarkdown(j *job) string {
 	var b strings.Builder
@@ -558,7 +558,7 @@ func (g *Gateway) editMarkdown(j *job) string {
 	b.WriteString(autolinkURL(j.sourceURL))
 	b.WriteString(">")
 	// the returned image's size when the gateway holds it, else the size
-	// sent (§10.4): the service has answered other sizes than asked
+	// sent: the service has answered other sizes than asked
 	if j.gotWidth > 0 {
 		writeResolution(&b, j.gotWidth, j.gotHeight)
 	} else {

@@ -123,7 +123,7 @@ func TestEditsSDK(t *testing.T) {
 		Prompt: "make it night",
 		Model:  "dall-e-2", // a generation model or an unknown one: the first edit model
 		N:      openai.Int(2),
-		Size:   openai.ImageEditParamsSize1536x1024, // the size asked of the service (SPEC §10.1)
+		Size:   openai.ImageEditParamsSize1536x1024, // the size asked of the service (docs/design.md#edits)
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +142,7 @@ func TestEditsSDK(t *testing.T) {
 		if !bytes.Equal(sources[i], src) {
 			t.Errorf("call %d: the service downloaded %d bytes, not the uploaded image", i, len(sources[i]))
 		}
-		// exactly the edit body of SPEC §10.1: the size, no steps, cfg or
+		// exactly the edit body of docs/design.md#edits: the size, no steps, cfg or
 		// seed
 		if len(b) != 5 || b["prompt"] != "make it night" || b["model_index"] != float64(19) || b["width"] != float64(1536) || b["height"] != float64(1024) {
 			t.Errorf("call %d body %v", i, b)
@@ -172,7 +172,7 @@ func TestEditsOpenWebUIShape(t *testing.T) {
 	if b, err := base64.StdEncoding.DecodeString(a.Data[0].B64JSON); err != nil || !bytes.Equal(b, f.result) || a.Data[0].RevisedPrompt != "add a hat" {
 		t.Fatalf("b64_json is not the edited image (%v)", err)
 	}
-	// and image[] with one file is the same (SPEC §10.1)
+	// and image[] with one file is the same (docs/design.md#edits)
 	ct, body = multipartBody(t, [][2]string{{"prompt", "add a hat"}}, map[string][]byte{"image[]": src})
 	if status, _, raw := postEdit(t, ct, body); status != http.StatusOK {
 		t.Fatalf("image[]: %d %s", status, raw)
@@ -233,7 +233,7 @@ func TestEditsErrors(t *testing.T) {
 		if e := itWantErr(t, status, hdr, raw, 400, "model_not_found"); !strings.Contains(e.Message, "add 'edit' to a model block") {
 			t.Errorf("message %q", e.Message)
 		}
-		// chat with an image: the same 400 (SPEC §10.2)
+		// chat with an image: the same 400 (docs/design.md#edits)
 		status, hdr, raw = do(t, http.MethodPost, "/v1/chat/completions", chatWithImage(t, "make it red", "https://example.com/a.png"))
 		itWantErr(t, status, hdr, raw, 400, "model_not_found")
 	})
@@ -265,7 +265,7 @@ func chatWithImage(t *testing.T, text, imageURL string, extra ...string) string 
 	return string(b)
 }
 
-// Images in chat (SPEC §10.2–4): a data: URL is stored and given to the
+// Images in chat (docs/design.md#edits): a data: URL is stored and given to the
 // service by its public URL; an https URL is passed on unchanged and never
 // fetched; the markdown of an edit, byte for byte.
 func TestEditsInChat(t *testing.T) {
@@ -371,7 +371,7 @@ func TestEditsDemo(t *testing.T) {
 		t.Errorf("demo edit %s: %d, %s, want the source's 320x200", u, status, imageSizeOf(b))
 	}
 	// the placeholder has the size sent: a small source fitted, or the
-	// request's size (SPEC §10.1)
+	// request's size (docs/design.md#edits)
 	for size, want := range map[string]string{"": "96x64", "512x256": "512x256"} {
 		ct, body := multipartBody(t, [][2]string{{"prompt", "tint it"}, {"size", size}}, map[string][]byte{"image": storeTestPNG(t, 30, 20)})
 		status, _, raw := postEdit(t, ct, body)
@@ -384,7 +384,7 @@ func TestEditsDemo(t *testing.T) {
 	}
 }
 
-// Streaming the Images API (SPEC §10.5) through the SDK's streaming
+// Streaming the Images API (docs/design.md#answers) through the SDK's streaming
 // methods: one completed event per image, then the end; a failure is an
 // error event.
 func TestEditsStreamingImages(t *testing.T) {
@@ -404,7 +404,7 @@ func TestEditsStreamingImages(t *testing.T) {
 		if b, err := base64.StdEncoding.DecodeString(c.B64JSON); err != nil || !bytes.Equal(b, f.result) || c.Size != "12x8" || c.OutputFormat != "png" || c.CreatedAt == 0 {
 			t.Errorf("event %+v (%v)", c.Size, err)
 		}
-		// every field the SDK marks as required is present (SPEC §10.5)
+		// every field the SDK marks as required is present (docs/design.md#answers)
 		for name, f := range map[string]interface{ Valid() bool }{"b64_json": c.JSON.B64JSON, "background": c.JSON.Background, "created_at": c.JSON.CreatedAt,
 			"output_format": c.JSON.OutputFormat, "quality": c.JSON.Quality, "size": c.JSON.Size, "usage": c.JSON.Usage} {
 			if !f.Valid() {
@@ -623,7 +623,7 @@ func FuzzEditsForm(f *testing.F) {
 	})
 }
 
-// Edits share the pipeline (SPEC §10.4): /v1/models lists edit models like
+// Edits share the pipeline (docs/design.md#edits): /v1/models lists edit models like
 // the others, the service's 429 is passed on, and the generation line says
 // the size came from the source.
 func TestEditsPipeline(t *testing.T) {
@@ -661,7 +661,7 @@ func TestEditsPipeline(t *testing.T) {
 }
 
 // A streamed Images API request gets keep-alives while its image is made
-// (SPEC §10.5): the service answers only after the client saw one.
+// (docs/design.md#answers): the service answers only after the client saw one.
 func TestEditsStreamingKeepAlive(t *testing.T) {
 	f := newEditFake(t)
 	release := make(chan struct{})
@@ -715,7 +715,7 @@ func TestEditsStreamingKeepAlive(t *testing.T) {
 }
 
 // Edits are attributed to their client and held to its max_concurrent
-// like generations (SPEC §12): alice's second edit is a 429 at once while
+// like generations (docs/design.md#clients-quotas): alice's second edit is a 429 at once while
 // her first is at the service.
 func TestEditsClientLimit(t *testing.T) {
 	up := newFakeUpstream(t)
@@ -753,7 +753,7 @@ func TestEditsClientLimit(t *testing.T) {
 	}
 }
 
-// SPEC §10.1–2: the requested model when it is an edit model, else the
+// The requested model when it is an edit model, else the
 // first edit model; none configured is a 400 naming the fix.
 func TestUnitEditsModelChoice(t *testing.T) {
 	g := &Gateway{}
@@ -782,7 +782,7 @@ func TestUnitEditsModelChoice(t *testing.T) {
 	}
 }
 
-// An upload must fit the store it goes into (SPEC §10.3): with an edit
+// An upload must fit the store it goes into (docs/design.md#edits): with an edit
 // model, a max_upload above max_image_size fails at load, naming both;
 // without one, uploads never happen and the store's limit is its own.
 func TestUnitEditsUploadFitsStore(t *testing.T) {
@@ -827,7 +827,7 @@ func orderedForm(t *testing.T, parts []formPart) (string, *bytes.Buffer) {
 	return mw.FormDataContentType(), &b
 }
 
-// Edits as the chat clients really send them (SPEC §10.1): several images
+// Edits as the chat clients really send them (docs/design.md#edits): several images
 // (the first is edited, the rest counted), and OpenAI's JSON form.
 func TestEditsClientShapes(t *testing.T) {
 	f := newEditFake(t)
@@ -929,8 +929,8 @@ func TestUnitEditsFitSize(t *testing.T) {
 		w, h         float64
 		wantW, wantH int
 	}{
-		{20, 12, 104, 64},        // SPEC §10.1: scaled up, then to multiples of 8
-		{3000, 2000, 2048, 1368}, // SPEC §10.1: scaled down
+		{20, 12, 104, 64},        // Scaled up, then to multiples of 8
+		{3000, 2000, 2048, 1368}, // Scaled down
 		{1024, 1024, 1024, 1024},
 		{640, 480, 640, 480},
 		{1001, 999, 1000, 1000},
@@ -945,7 +945,7 @@ func TestUnitEditsFitSize(t *testing.T) {
 }
 
 // The source of an edit that failed is deleted again, so the store is no
-// free file host (SPEC §10.3); a source whose bytes were stored before
+// free file host (docs/design.md#edits); a source whose bytes were stored before
 // stays.
 func TestEditsFailedSourceDeleted(t *testing.T) {
 	f := newEditFake(t)

@@ -15,7 +15,7 @@ import (
 	"time"
 )
 
-// SPEC §4 step 3: parse robustly (fences, <think>, prose), ignore a ratio
+// Parse robustly (fences, <think>, prose), ignore a ratio
 // outside the six, fail on an empty prompt or no JSON.
 func TestUnitParseEnhanced(t *testing.T) {
 	for _, tc := range []struct {
@@ -82,7 +82,7 @@ func TestUnitParseEnhanced(t *testing.T) {
 	}
 }
 
-// The built-in system prompt asks for what SPEC §4 step 3 lists.
+// The built-in system prompt asks for what docs/design.md#the-prompt lists.
 func TestUnitDefaultSystemPrompt(t *testing.T) {
 	for _, want := range []string{
 		"JSON", `"prompt"`, `"aspect_ratio"`, "30", "100", "English", "Stable Diffusion",
@@ -132,7 +132,7 @@ func unitLLM(t *testing.T, content string, handler http.HandlerFunc) (*httptest.
 	}
 }
 
-// SPEC §4 step 3: one POST {base_url}/chat/completions with the bearer key,
+// One POST {base_url}/chat/completions with the bearer key,
 // the model, a system and a user message and temperature 0.7.
 func TestUnitEnhanceRequest(t *testing.T) {
 	for _, tc := range []struct {
@@ -212,7 +212,7 @@ func TestUnitEnhanceRequest(t *testing.T) {
 	}
 }
 
-// SPEC §4 step 3: every LLM failure is an error (the caller then degrades
+// Every LLM failure is an error (the caller then degrades
 // silently), and no error message carries the key.
 func TestUnitEnhanceErrors(t *testing.T) {
 	answer := func(status int, body string) http.HandlerFunc {
@@ -265,7 +265,7 @@ func TestUnitEnhanceErrors(t *testing.T) {
 	}
 }
 
-// SPEC §4 step 3: a slow LLM is cut off at the enhancer's timeout.
+// A slow LLM is cut off at the enhancer's timeout.
 func TestUnitEnhanceTimeout(t *testing.T) {
 	release := make(chan struct{})
 	srv, _ := unitLLM(t, "", func(w http.ResponseWriter, r *http.Request) {
@@ -358,7 +358,7 @@ func TestUnitEnhanceRefused(t *testing.T) {
 }
 
 // TestEnhanceClientLeftIsNotAFailure: a client that leaves while the LLM
-// is asked counts as canceled, not as an LLM failure (issue 8, item 8).
+// is asked counts as canceled, not as an LLM failure.
 func TestEnhanceClientLeftIsNotAFailure(t *testing.T) {
 	up := newFakeUpstream(t)
 	asked := make(chan struct{}, 1)

@@ -1,6 +1,6 @@
 package zimage
 
-// Faults (issue 5) through a real Caddy, beyond the ones
+// Faults through a real Caddy, beyond the ones
 // integration_test.go covers (refused, hang, 5xx, 429, bad answers, a huge
 // answer, a slow or broken LLM, a client that leaves): an image service that
 // trickles its answer, an LLM that answers without end or redirects, clients

@@ -20,7 +20,7 @@ import (
 )
 
 // Downloads of generated images: for b64_json answers and for the store.
-// They are bounded three ways (issue 8): by host (only the image service's
+// They are bounded three ways: by host (only the image service's
 // own hosts), by size, and by number in flight, so the memory they take is
 // bounded by max_downloads images, never by the number of requests.
 const (
@@ -40,7 +40,7 @@ type imageFetcher struct {
 }
 
 // imageOrigin is one place images may come from. A trusted image host is
-// scheme, host and port (issue 15 item 9): with the service at
+// scheme, host and port: with the service at
 // 127.0.0.1:9101, nothing on 127.0.0.1:9102 or on Caddy's admin port is
 // fetched.
 type imageOrigin struct {
@@ -262,8 +262,8 @@ func earliestDeadline(jobs []*job) (time.Time, bool) {
 }
 
 // download fetches the image of one generated job, within the time its
-// generation has left (SPEC §5: the upstream timeout bounds the whole
-// call; issue 8: a stalled image host is a 504 like any other timeout).
+// generation has left (the upstream timeout bounds the whole
+// call: a stalled image host is a 504 like any other timeout).
 // The caller holds a download slot.
 func (g *Gateway) download(ctx context.Context, j *job) ([]byte, *apiError) {
 	if _, demo := g.upstream.(demoGenerator); demo {
@@ -327,7 +327,7 @@ func (g *Gateway) download(ctx context.Context, j *job) ([]byte, *apiError) {
 		}
 		return nil, fail(describeNetErr("the image host", err)+" while sending the image", err)
 	}
-	// the same check as the store's (issue 15 item 5): a Content-Type of
+	// the same check as the store's: a Content-Type of
 	// image/png over an HTML page is no image, for b64_json either
 	if _, err := checkImage(b); err != nil {
 		return nil, fail("the image host answered "+err.Error(), nil)

@@ -17,7 +17,7 @@ import (
 
 // TestFetchDownloadsBounded: b64_json downloads are bounded by
 // max_downloads whatever the number of requests, and every answer is
-// still whole (issue 8, item 5).
+// still whole.
 func TestFetchDownloadsBounded(t *testing.T) {
 	const limit, requests, n = 4, 3, 4
 	var active, peak, total atomic.Int32
@@ -78,7 +78,7 @@ func TestFetchDownloadsBounded(t *testing.T) {
 }
 
 // TestFetchDownloadTimeout: a stalled image host costs the request no more
-// than the upstream timeout, and is a 504 (issue 8, item 6).
+// than the upstream timeout, and is a 504.
 func TestFetchDownloadTimeout(t *testing.T) {
 	up := newFakeUpstream(t)
 	up.setHandler(func(w http.ResponseWriter, r *http.Request) {
@@ -106,7 +106,7 @@ func TestFetchDownloadTimeout(t *testing.T) {
 }
 
 // TestFetchOneImageCheck: b64_json and the store's copy decide alike
-// whether the image host's bytes are an image (issue 15, items 4 and 5):
+// whether the image host's bytes are an image:
 // an HTML page served as image/png, or a PNG signature before a header
 // that does not parse, is a 502 for b64_json (never a 200 with the page
 // base64-encoded) and no copy in the store (the answer keeps the
@@ -157,7 +157,7 @@ func TestFetchOneImageCheck(t *testing.T) {
 	}
 }
 
-// A trusted image host is scheme, host and port (issue 15 item 9): the
+// A trusted image host is scheme, host and port: the
 // upstream's origin with its default port made explicit, and image_hosts
 // entries as host (default ports only), host:port or scheme://host[:port];
 // names cover their subdomains on the same terms, addresses only
@@ -227,7 +227,7 @@ func TestUnitImageFetcherAllowed(t *testing.T) {
 // TestFetchImageHostPort: through Caddy, with the service and a second
 // server on 127.0.0.1 on different ports, an image on the second is not
 // downloaded (a 502 naming its host and port, and no request reaches it)
-// until image_hosts names its host:port (issue 15 item 9).
+// until image_hosts names its host:port.
 func TestFetchImageHostPort(t *testing.T) {
 	var hits atomic.Int32
 	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

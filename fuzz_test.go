@@ -13,7 +13,7 @@ import (
 	"unicode/utf8"
 )
 
-// Fuzz targets for the parsers that read client and LLM text (SPEC §8).
+// Fuzz targets for the parsers that read client and LLM text (docs/design.md#how-it-is-tested).
 // Their seed corpora run in every `go test`; `go test -fuzz FuzzUnitX`
 // explores further.
 

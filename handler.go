@@ -86,11 +86,11 @@ func parseRoute(path string) (route, string) {
 // ServeHTTP answers the gateway's endpoints and passes other paths on.
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	// the playground's path is configured, so it is matched here rather
-	// than in parseRoute; before auth: the page holds no secret (SPEC §13)
+	// than in parseRoute; before auth: the page holds no secret (docs/design.md#the-playground)
 	if g.playground != nil && g.playground.serve(w, r) {
 		return nil
 	}
-	// the health endpoint: no auth, load balancers send no key (SPEC §15.1)
+	// the health endpoint: no auth, load balancers send no key (docs/design.md#health)
 	if g.health != nil && g.health.serve(w, r) {
 		return nil
 	}
@@ -105,7 +105,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		rt = routeUnknown
 	case routeStoreImage:
-		// before auth: an <img> cannot send a key (SPEC §9.3)
+		// before auth: an <img> cannot send a key (docs/design.md#the-store)
 		if g.store != nil {
 			g.serveStored(w, r, id)
 			return nil
@@ -247,7 +247,7 @@ func writeJSONBytes(w http.ResponseWriter, status int, b []byte) {
 }
 
 // checkCrossSite refuses, with no_auth, a JSON endpoint's body of a type a
-// browser sends from any web page without a CORS preflight (issue 8): no
+// browser sends from any web page without a CORS preflight: no
 // key stands between such a page and the operator's points. With keys, the
 // key is the protection and any type is accepted, as clients send them.
 func (g *Gateway) checkCrossSite(r *http.Request, rt route) *apiError {

@@ -43,7 +43,7 @@ func TestUnitParseRoute(t *testing.T) {
 
 // TestHandlerNoAuthCrossSite: with no_auth, a JSON endpoint refuses the
 // body types a browser sends from any page without a preflight; with keys
-// every type is accepted as before (issue 8, item 9).
+// every type is accepted as before.
 func TestHandlerNoAuthCrossSite(t *testing.T) {
 	up := newFakeUpstream(t)
 	body := `{"prompt":"a cat"}`
@@ -97,7 +97,7 @@ func TestHandlerNoAuthCrossSite(t *testing.T) {
 // TestHandlerServerTimeouts: the server timeouts the README recommends
 // (here scaled down to 1s) cut a body sent a byte at a time, and do not
 // cut a generation that takes longer than they do, streamed or not: Go
-// lifts the read deadline once the body is read (issue 8, item 10).
+// lifts the read deadline once the body is read.
 func TestHandlerServerTimeouts(t *testing.T) {
 	up := newFakeUpstream(t)
 	slow := make(chan struct{})

@@ -1,6 +1,6 @@
 package zimage
 
-// The health endpoint (SPEC §15.1, issue 16 item 3): a GET or HEAD, without
+// The health endpoint (docs/design.md#health): a GET or HEAD, without
 // auth (load balancers and Caddy's own active health checks send no key),
 // that says whether a generation could start on this instance now. Its
 // config, Caddyfile parsing, provisioning and serving live here; it reads

@@ -137,9 +137,9 @@ func TestHealthOK(t *testing.T) {
 
 // TestHealthEveryAccountRests: 503 with the reason, Retry-After and each
 // account's rest when every account of the handler rests. The last awake
-// account of a handler is never rested by its own failures (SPEC §11.2),
+// account of a handler is never rested by its own failures (docs/design.md#failover-and-rests),
 // so the accounts come to rest as they do in production with two sites
-// sharing an account (SPEC §11.7): the fake service answers 429 with
+// sharing an account (docs/design.md#accounts): the fake service answers 429 with
 // Retry-After for a's and b's keys; the site's first request rests a and
 // finds b failing too; a request through the other handler, whose
 // accounts are b and c, rests b (c is awake) and is served by c.

@@ -1,6 +1,6 @@
 package zimage
 
-// Hostile input (issue 5): request bodies built to break the decoder or the
+// Hostile input: request bodies built to break the decoder or the
 // pipeline — invalid UTF-8, NUL and other control characters, prompts past
 // max_prompt_length, nesting past the JSON decoder's depth, trailing
 // garbage, duplicated keys, a wrong type for every field, numbers at and

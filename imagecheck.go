@@ -11,8 +11,7 @@ import (
 	_ "image/png"
 )
 
-// One decision for every image the gateway returns or keeps (issue 15,
-// items 4 and 5): the store's copy, a b64_json download and an edit's
+// One decision for every image the gateway returns or keeps: the store's copy, a b64_json download and an edit's
 // source all pass checkImage, so bytes refused on one path are refused on
 // every path. A signature alone is four bytes anyone can put in front of
 // an HTML page; the format's header must parse too and declare a sane
@@ -26,7 +25,7 @@ import (
 const maxImageSide = 16384
 
 // imageFormats are the formats the store accepts, by signature: the
-// Content-Type of a download proves nothing (SPEC §9.1).
+// Content-Type of a download proves nothing (docs/design.md#the-store).
 var imageFormats = []struct {
 	ext, contentType string
 	match            func(b []byte) bool

@@ -27,7 +27,7 @@ func webpVP8L(w, h int) []byte {
 }
 
 // TestUnitCheckImage: one decision for every image returned or stored
-// (issue 15, items 4 and 5): the signature and a header that parses and
+// : the signature and a header that parses and
 // declares 1…16384 pixels per side.
 func TestUnitCheckImage(t *testing.T) {
 	small := image.NewRGBA(image.Rect(0, 0, 5, 3))

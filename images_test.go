@@ -1,6 +1,6 @@
 package zimage
 
-// Integration tests of the Images API (SPEC §5) through a real Caddy:
+// Integration tests of the Images API (docs/design.md#answers) through a real Caddy:
 // sizes and the ratio rules, the extensions, n > 1 in parallel with
 // distinct seeds, b64_json downloads and their failures, request
 // validation, and the official Go SDK.
@@ -315,7 +315,7 @@ func TestImagesN(t *testing.T) {
 		{"n 2 with a seed", `{"prompt":"a cat","n":2,"seed":100}`, 2, []int64{100, 101}},
 		{"n 4 with a seed", `{"prompt":"a cat","n":4,"seed":"7"}`, 4, []int64{7, 8, 9, 10}},
 		{"n 3 random seeds", `{"prompt":"a cat","n":3}`, 3, nil},
-		// past the largest seed the count goes on at 1, never 0 (SPEC §4.5)
+		// past the largest seed the count goes on at 1, never 0 (docs/design.md#the-prompt)
 		{"n 3 wrapping", `{"prompt":"a cat","n":3,"seed":2147483645}`, 3, []int64{1, 2147483645, 2147483646}},
 		{"an explicit 0 is passed on", `{"prompt":"a cat","n":2,"seed":0}`, 2, []int64{0, 1}},
 	} {

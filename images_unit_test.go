@@ -8,7 +8,7 @@ import (
 	"testing"
 )
 
-// SPEC §5: size is "WxH", or "auto"/absent to leave it to the ratio rules.
+// Size is "WxH", or "auto"/absent to leave it to the ratio rules.
 func TestUnitParseSize(t *testing.T) {
 	for _, tc := range []struct {
 		name, in string
@@ -59,7 +59,7 @@ func TestUnitParseSize(t *testing.T) {
 	}
 }
 
-// SPEC §5: the OpenAI Images body with its unknown fields ignored, and
+// The OpenAI Images body with its unknown fields ignored, and
 // type errors named by field.
 func TestUnitDecodeImages(t *testing.T) {
 	for _, tc := range []struct {
@@ -101,7 +101,7 @@ func TestUnitDecodeImages(t *testing.T) {
 	}
 }
 
-// SPEC §5: n>1 runs n generations with seed, seed+1, … when a seed is
+// N>1 runs n generations with seed, seed+1, … when a seed is
 // given (wrapping below 2^31-1), and distinct random seeds otherwise.
 func TestUnitGenerateNSeeds(t *testing.T) {
 	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7}
@@ -162,7 +162,7 @@ func TestUnitGenerateNSeeds(t *testing.T) {
 	}
 }
 
-// SPEC §5: if any of the n generations fails, the request fails with the
+// If any of the n generations fails, the request fails with the
 // root cause.
 func TestUnitGenerateNFailure(t *testing.T) {
 	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7}
@@ -188,8 +188,7 @@ func TestUnitGenerateNFailure(t *testing.T) {
 	}
 }
 
-// Random seeds are drawn from [1, 2^31-1): the service fails on 0 (SPEC
-// §4.5). The source is pinned to its extremes.
+// Random seeds are drawn from [1, 2^31-1): the service fails on 0. The source is pinned to its extremes.
 func TestUnitRandomSeedRange(t *testing.T) {
 	defer func(f func(int64) int64) { seedSource = f }(seedSource)
 	for _, tc := range []struct {

@@ -1,9 +1,9 @@
 package zimage
 
-// Integration tests through a real Caddy (harness_test.go) for SPEC §2
-// (configuration through Caddy: environment defaults, placeholders, load
-// errors), §3 (endpoints, auth, routing, errors) and §4 (the non-streaming
-// chat pipeline, step by step, and every upstream fault). Each test asserts
+// Integration tests through a real Caddy (harness_test.go) : configuration
+// through Caddy (environment defaults, placeholders, load errors), the
+// endpoints (auth, routing, errors) and the non-streaming chat pipeline,
+// step by step, with every upstream fault. Each test asserts
 // both what the client got and what the fake image service and fake LLM
 // received.
 
@@ -149,7 +149,7 @@ func itLLMReplies(content string) http.HandlerFunc {
 // itImageURL is the URL the default fake upstream answers for a seed.
 func itImageURL(seed int64) string { return fmt.Sprintf("https://img.example.com/%d.png", seed) }
 
-// The markdown of SPEC §4 step 7, written out from the spec's text.
+// The markdown of docs/design.md#the-prompt, written out from the spec's text.
 func itMarkdown(alt, imageURL, section, ratio string, w, h int) string {
 	return "![" + alt + "](" + imageURL + ")\n\n---\n" + section +
 		"**🎨 Aspect Ratio:** " + ratio + "\n**📐 Resolution:** " + strconv.Itoa(w) + "×" + strconv.Itoa(h)
@@ -183,7 +183,7 @@ func itObject(t *testing.T, raw []byte) map[string]any {
 	return m
 }
 
-// ---- §3 endpoints ----
+// ---- endpoints ----
 
 // itTwoModels is a gateway config block with two models and an alias.
 const itTwoModels = "model Z-Image {\n\t\talias dall-e-3\n\t}\n\tmodel Z-Turbo {\n\t\tmodel_index 7\n\t}"
@@ -500,7 +500,7 @@ func TestIntegBadRequest(t *testing.T) {
 	}
 }
 
-// ---- §4 the chat pipeline ----
+// ---- the chat pipeline ----
 
 func TestIntegChatPrompt(t *testing.T) {
 	up := newFakeUpstream(t)
@@ -510,7 +510,7 @@ func TestIntegChatPrompt(t *testing.T) {
 	}{
 		{"string content", `{"messages":[{"role":"system","content":"be nice"},{"role":"user","content":"a cat on a roof"}]}`, "a cat on a roof"},
 		{"content parts", `{"messages":[{"role":"user","content":[{"type":"text","text":"a red"},{"type":"text","text":"fox"}]}]}`, "a red fox"},
-		// an image in an older message does not make the latest one an edit (SPEC §10.2)
+		// an image in an older message does not make the latest one an edit (docs/design.md#edits)
 		{"image in an older message", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x.example/y.png"}}]},{"role":"assistant","content":"ok"},{"role":"user","content":"a red fox"}]}`, "a red fox"},
 		{"last user message", `{"messages":[{"role":"user","content":"first idea"},{"role":"assistant","content":"ok"},{"role":"user","content":"second idea"}]}`, "second idea"},
 		{"top-level prompt wins", `{"prompt":"a dog","messages":[{"role":"user","content":"a cat"}]}`, "a dog"},
@@ -989,7 +989,7 @@ func TestIntegUpstreamRequest(t *testing.T) {
 	}
 }
 
-// TestIntegMarkdown writes the three variants of SPEC §4 step 7 out in
+// TestIntegMarkdown writes the three variants of docs/design.md#the-prompt out in
 // full, and the alt text and link rules.
 func TestIntegMarkdown(t *testing.T) {
 	up := newFakeUpstream(t)
@@ -1036,7 +1036,7 @@ func TestIntegMarkdown(t *testing.T) {
 	})
 }
 
-// ---- §4 step 6: upstream faults ----
+// ---- upstream faults ----
 
 func TestIntegUpstreamFaults(t *testing.T) {
 	respond := func(status int, body string, hdr ...string) http.HandlerFunc {
@@ -1214,7 +1214,7 @@ func TestIntegClientGoneCancels(t *testing.T) {
 	}
 }
 
-// ---- §2 configuration through Caddy ----
+// ---- configuration through Caddy ----
 
 func TestIntegEnvDefaults(t *testing.T) {
 	up := newFakeUpstream(t)

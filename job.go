@@ -28,7 +28,7 @@ const maxSeed = 2147483647
 
 // job carries what the pipeline decides for one generation, so that the
 // renderers (chat JSON, SSE, images JSON), the logs and the metrics all read
-// the same facts (docs/design.md, "The data path").
+// the same facts (docs/design.md#the-data-path).
 type job struct {
 	endpoint  string
 	model     *model
@@ -66,8 +66,8 @@ type job struct {
 	// its bytes (the store's copy, a b64_json download); 0 otherwise
 	gotWidth, gotHeight int
 
-	// an edit (SPEC §10): the source's URL as given to the service; width
-	// and height are the size sent (§10.1)
+	// an edit (docs/design.md#edits): the source's URL as given to the service; width
+	// and height are the size sent (docs/design.md#edits)
 	edit            bool
 	sourceURL       string
 	sourceName      string       // the source's name in the store, when stored for the edit
@@ -143,7 +143,7 @@ func (g *Gateway) newJob(q *ask, adm *admission, origin string) (*job, *apiError
 	return j, nil
 }
 
-// decideSize applies the size priority of SPEC §4 step 4: explicit body
+// decideSize applies the size priority of docs/design.md#the-prompt: explicit body
 // width and height, then the user's ratio, then the LLM's, then 1:1.
 func (j *job) decideSize(llmRatio string) {
 	switch {
@@ -178,7 +178,7 @@ func (g *Gateway) runEnhance(ctx context.Context, j *job) {
 		out, err := g.enhancer.enhance(ctx, j.cleaned, j.userRatio)
 		switch {
 		case err != nil && ctx.Err() != nil:
-			// the client left: not an LLM failure (issue 8)
+			// the client left: not an LLM failure
 			j.enhance = enhanceCanceled
 		case err != nil:
 			j.enhance = enhanceFailed
@@ -215,7 +215,7 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 	j.account, j.queueWait, j.latency, j.deadline = run.account, run.queueWait, run.latency, run.deadline
 	if err == nil && g.scrub.contains(res.imageURL) {
 		// a URL with a key in it (in its query, escaped, in any case) would
-		// hand the key to every reader of the answer (issue 8)
+		// hand the key to every reader of the answer
 		err = &upstreamError{kind: kindBadResponse, message: "the image service answered an image URL that carries a secret; it is not passed on"}
 	}
 	g.health.noteGeneration(err) // the upstream as last seen (health.go)
@@ -252,7 +252,7 @@ func (g *Gateway) generate(ctx context.Context, j *job) *apiError {
 	j.info.imageID, j.info.modelName = g.scrub.Replace(j.info.imageID), g.scrub.Replace(j.info.modelName)
 	// the success line is written once the image is kept (produce), so it
 	// can say where the answer's image lives; the model that ran must be
-	// the model asked for (SPEC §14.1, models.go)
+	// the model asked for (docs/design.md#model-identity, models.go)
 	return g.checkModel(j)
 }
 
@@ -268,12 +268,12 @@ func (g *Gateway) upstreamRetried(ue *upstreamError, attempt int, from, to *acco
 		zap.String("detail", g.scrub.Replace(ue.detail)))
 }
 
-// logGeneration writes the one info line per generation (SPEC §6); the
+// logGeneration writes the one info line per generation (docs/design.md#observability); the
 // prompt itself only at debug level.
 func (g *Gateway) logGeneration(j *job, status int, failure string) {
 	if ce := g.logger.Check(zapcore.InfoLevel, "generation"); ce != nil {
 		// one inline object rather than a slice of up to 19 fields, which
-		// was the largest allocation of a chat request (issue 17 item 11);
+		// was the largest allocation of a chat request;
 		// the line is the same, field for field
 		ce.Write(zap.Inline(generationLine{j: j, status: status, failure: failure}))
 	}
@@ -323,7 +323,7 @@ func (l generationLine) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 			enc.AddString("store_id", id)
 		}
 	}
-	// what the service said about the image (SPEC §11.3), when it did
+	// what the service said about the image (docs/design.md#points), when it did
 	if j.info.hasPointsUsed {
 		enc.AddFloat64("points_used", j.info.pointsUsed)
 	}
@@ -340,14 +340,14 @@ func (l generationLine) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 }
 
 // randomSeed is a fresh seed in [1, 2147483647): public clients of the
-// service report that seeds 0 and -1 fail there (SPEC §4.5).
+// service report that seeds 0 and -1 fail there (docs/design.md#the-prompt).
 func randomSeed() int64 { return 1 + seedSource(maxSeed-1) }
 
 // seedSource draws in [0, n); a variable so that a test can draw the
 // extremes.
 var seedSource = rand.Int64N
 
-// requestOrigin is the scheme://host the client used (SPEC §9): behind a
+// requestOrigin is the scheme://host the client used (docs/design.md#the-store): behind a
 // proxy that terminates TLS, its X-Forwarded-Proto and X-Forwarded-Host,
 // but only when Caddy trusts the proxy (the server's trusted_proxies);
 // anyone else could send those headers to get URLs on a host of their

@@ -18,12 +18,12 @@ import (
 // it. Its size is not part of its identity: a reload that changes
 // max_concurrent changes the size of the limiter in place, so the new
 // limit holds from the reload on for every request, the old config's
-// included (issue 8 item 7); a rest period (SPEC §11.2) survives the
+// included; a rest period (docs/design.md#failover-and-rests) survives the
 // reload in the same way. An account pool keeps its references (and its
 // claims) until its last generation has finished, even after its config
 // was replaced (accountPool.close): a reload to a config without the
 // account must not forget the slots that old requests still hold
-// (issue 15 item 7).
+// .
 var limiters = caddy.NewUsagePool()
 
 // limMu guards every limiter's counters and the one queue of waiting
@@ -87,7 +87,7 @@ type limiter struct {
 	// handlers are cleaned up without ever serving) gives the old limit
 	// back. Two handlers of one load that name the same account (two
 	// sites) give it the lower of their limits, whatever their order
-	// (SPEC §11.7).
+	// (docs/design.md#accounts).
 	claims []limitClaim
 	last   int // the limit once every claim is gone (requests may still hold slots)
 
@@ -295,7 +295,7 @@ func (l *limiter) endRestLocked(now time.Time) bool {
 }
 
 // chooser decides, under limMu, which slot a generation may take: the
-// account pool (accounts.go) implements the choice of SPEC §11.1.
+// account pool (accounts.go) implements the choice of docs/design.md#accounts.
 type chooser interface {
 	// take takes a slot the generation may use, if one is free now.
 	take() bool

@@ -5,7 +5,7 @@ import (
 	"testing"
 )
 
-// Markdown safety (issue 5): whatever the prompts and the image URL hold,
+// Markdown safety: whatever the prompts and the image URL hold,
 // the answer has one link — the image — and each prompt stays on its line
 // in its own section.
 func TestUnitMarkdownSafety(t *testing.T) {

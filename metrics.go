@@ -59,7 +59,7 @@ var (
 		Help: "Requests for stored images, by status code.",
 	}, []string{"code"})
 
-	// SPEC §11: accounts by their names, never their keys
+	// Accounts by their names, never their keys
 	metricPointsRemaining = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: "caddy", Subsystem: "zimage", Name: "upstream_points_remaining",
 		Help: "Points left on each image service account, as the service reported after its last generation.",
@@ -75,13 +75,13 @@ var (
 		Help: "Times an image service account was rested after a failure, by account and reason (status_429, status_5xx, refused, blocked, no_points).",
 	}, []string{"account", "reason"})
 
-	// SPEC §12: clients by their names, never their keys
+	// Clients by their names, never their keys
 	metricClientRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "caddy", Subsystem: "zimage", Name: "client_requests_total",
 		Help: "Requests answered by the zimage gateway, by client, endpoint and status code.",
 	}, []string{"client", "endpoint", "code"})
 
-	// SPEC §14.1: by the configured model name, never the service's text
+	// By the configured model name, never the service's text
 	metricModelMismatch = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "caddy", Subsystem: "zimage", Name: "model_mismatch_total",
 		Help: "Generations whose answer named another model (data.model_name) than the model's upstream_name, by configured model.",

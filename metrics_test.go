@@ -1,6 +1,6 @@
 package zimage
 
-// The Prometheus metrics (SPEC §6), scraped through Caddy's own `metrics`
+// The Prometheus metrics (docs/design.md#observability), scraped through Caddy's own `metrics`
 // handler after a known sequence of requests. The collectors are
 // process-wide and survive reloads, so the tests compare two scrapes.
 
@@ -163,7 +163,7 @@ func (s scrapeResult) delta(before scrapeResult, name string, labels ...string) 
 // TestOpsMetrics: after a known sequence of requests, every zimage metric
 // moved by exactly what those requests imply; the model label is the
 // configured name whatever the client sent; the families have the names and
-// types of SPEC §6.
+// types of docs/design.md#observability.
 func TestOpsMetrics(t *testing.T) {
 	up := newFakeUpstream(t)
 	llm := newFakeLLM(t, `{"prompt":"a detailed scene","aspect_ratio":"3:2"}`)

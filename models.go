@@ -40,7 +40,7 @@ type ModelConfig struct {
 	// NegativePrompt is the default negative prompt. Default: none.
 	NegativePrompt string `json:"negative_prompt,omitempty"`
 
-	// Edit marks an edit model (SPEC §10): it takes a source image and an
+	// Edit marks an edit model (docs/design.md#edits): it takes a source image and an
 	// instruction, as the service's Qwen Image Edit models (model_index 18
 	// and 19) do, and serves /v1/images/edits and chat messages with an
 	// image. Steps, cfg and negative_prompt do not apply to it.
@@ -49,7 +49,7 @@ type ModelConfig struct {
 	// UpstreamName is the image service's own name of this model, as its
 	// success answers give it in data.model_name. The service's
 	// model_index is a position in its model menu, and the menu moves
-	// (SPEC §14): after each generation the gateway compares the name the
+	// (docs/design.md#model-identity): after each generation the gateway compares the name the
 	// service reports with this one, and a mismatch is warned about (or
 	// refused, see OnMismatch). The two match when one contains the other
 	// once both are lower-cased and stripped of spaces, '-', '_' and '.',
@@ -75,7 +75,7 @@ type ModelConfig struct {
 	ResponsesText *bool `json:"responses_text,omitempty"`
 }
 
-// The values of on_mismatch (SPEC §14.1).
+// The values of on_mismatch (docs/design.md#model-identity).
 const (
 	onMismatchWarn   = "warn"
 	onMismatchRefuse = "refuse"
@@ -92,11 +92,11 @@ type model struct {
 	cfg            float64
 	negativePrompt string
 	created        int64
-	edit           bool   // an edit model (SPEC §10)
+	edit           bool   // an edit model (docs/design.md#edits)
 	defaultFormat  string // default_response_format; "" = the gateway's
 	responsesText  bool   // Responses API answers carry the markdown message
 
-	// model identity (SPEC §14.1): the service's name of the model and its
+	// model identity (docs/design.md#model-identity): the service's name of the model and its
 	// normalised form ("" = no check); warned is set by the first mismatch,
 	// so that a config load warns once per model
 	upstreamName string
@@ -110,7 +110,7 @@ type model struct {
 func (g *Gateway) provisionModels() error {
 	cfgs := g.Models
 	if len(cfgs) == 0 {
-		// the one default model is the service's Z-Image (SPEC §14)
+		// the one default model is the service's Z-Image (docs/design.md#model-identity)
 		cfgs = []ModelConfig{{Name: defaultModelName, UpstreamName: defaultModelName}}
 	}
 	var err error
@@ -189,7 +189,7 @@ func (g *Gateway) provisionModels() error {
 	return err
 }
 
-// provisionIdentity resolves upstream_name and on_mismatch (SPEC §14.1).
+// provisionIdentity resolves upstream_name and on_mismatch (docs/design.md#model-identity).
 func (m *model) provisionIdentity(mc ModelConfig) error {
 	switch strings.TrimSpace(mc.OnMismatch) {
 	case "", onMismatchWarn:
@@ -219,14 +219,14 @@ func modelKey(s string) string {
 	}, s)
 }
 
-// sameModel is the match rule of SPEC §14.1: one name contains the other
+// sameModel is the match rule of docs/design.md#model-identity: one name contains the other
 // once both are normalised, so "Z-Image" matches "z_image turbo".
 func sameModel(expected, actual string) bool {
 	a, b := modelKey(expected), modelKey(actual)
 	return strings.Contains(a, b) || strings.Contains(b, a)
 }
 
-// checkModel is the identity check of SPEC §14.1, after a success: the
+// checkModel is the identity check of docs/design.md#model-identity, after a success: the
 // model the service says it ran (data.model_name) against the model's
 // upstream_name. A mismatch is counted every time and warned about once
 // per model per config load; with on_mismatch refuse the image is not
@@ -399,7 +399,7 @@ func (g *Gateway) serveModel(w http.ResponseWriter, id string) {
 	metricRequests.WithLabelValues(endpointModels, m.name, "200").Inc()
 }
 
-// hasEditModel tells whether any model edits images (SPEC §10).
+// hasEditModel tells whether any model edits images (docs/design.md#edits).
 func (g *Gateway) hasEditModel() bool {
 	for _, m := range g.models {
 		if m.edit {

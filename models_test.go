@@ -1,6 +1,6 @@
 package zimage
 
-// Model identity (SPEC §14.1): upstream_name and on_mismatch, the match
+// Model identity (docs/design.md#model-identity): upstream_name and on_mismatch, the match
 // rule, and the check through a real Caddy against a fake service whose
 // menu has moved.
 

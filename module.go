@@ -43,7 +43,7 @@ const (
 	defaultRetries         = 1
 	defaultMaxPromptLength = 20000
 
-	// demoUpstream selects the local placeholder renderer (SPEC §7).
+	// demoUpstream selects the local placeholder renderer (docs/design.md#the-demo).
 	demoUpstream = "demo"
 )
 
@@ -146,11 +146,11 @@ type Gateway struct {
 	// unless set; an empty object turns it on with the defaults.
 	Store *StoreConfig `json:"store,omitempty"`
 
-	// Playground serves a page that tries the gateway in a browser (SPEC
-	// §13). Off unless set; {} serves it at /playground.
+	// Playground serves a page that tries the gateway in a browser.
+	// Off unless set; {} serves it at /playground.
 	Playground *PlaygroundConfig `json:"playground,omitempty"`
 
-	// Health serves the health endpoint for load balancers (SPEC §15.1),
+	// Health serves the health endpoint for load balancers (docs/design.md#health),
 	// without auth. Off unless set; {} serves it at /v1/zimage/health.
 	Health *HealthConfig `json:"health,omitempty"`
 
@@ -250,9 +250,9 @@ func (g *Gateway) Provision(ctx caddy.Context) (err error) {
 	}
 	g.accounts.retried = g.upstreamRetried
 	g.accounts.shareRests(g.coord)
-	// every account's key, as every client's (SPEC §11.5, §12)
+	// every account's key, as every client's (docs/design.md#failover-and-rests; docs/design.md#clients-quotas)
 	secrets = append(secrets, g.accounts.keys()...)
-	secrets = append(secrets, proxySecrets(up.ForwardProxyURL)...) // SPEC §11.6
+	secrets = append(secrets, proxySecrets(up.ForwardProxyURL)...) // docs/design.md#failover-and-rests
 	enh, err := g.provisionEnhance(resolve)
 	if err != nil {
 		return err
@@ -277,7 +277,7 @@ func (g *Gateway) Provision(ctx caddy.Context) (err error) {
 	if err := g.provisionUploads(); err != nil {
 		return err
 	}
-	// an edit's upload is stored so that the service can fetch it (§10.3)
+	// an edit's upload is stored so that the service can fetch it (docs/design.md#edits)
 	if g.store != nil && g.hasEditModel() && g.MaxUpload > g.store.maxSize {
 		return fmt.Errorf("zimage_gateway: max_upload (%s) is larger than the store's max_image_size (%s), so uploads that large could not be stored for the image service: raise max_image_size or lower max_upload",
 			formatBytes(g.MaxUpload), formatBytes(g.store.maxSize))

@@ -88,7 +88,7 @@ func unitBearer(key string) *http.Request {
 	return r
 }
 
-// SPEC §2: config errors fail at load with a message naming the directive,
+// Config errors fail at load with a message naming the directive,
 // and never echo a configured secret.
 func TestUnitProvisionErrors(t *testing.T) {
 	dir := t.TempDir()
@@ -155,7 +155,7 @@ func TestUnitProvisionErrors(t *testing.T) {
 	}
 }
 
-// SPEC §2: with nothing but the worker's environment variables, a bare
+// With nothing but the worker's environment variables, a bare
 // zimage_gateway behaves like the worker.
 func TestUnitProvisionEnvDefaults(t *testing.T) {
 	unitClearEnv(t)
@@ -224,7 +224,7 @@ func TestUnitProvisionEnvDefaults(t *testing.T) {
 	}
 }
 
-// SPEC §2: the enhancer's own defaults apply when only its key is set.
+// The enhancer's own defaults apply when only its key is set.
 func TestUnitProvisionEnhanceDefaults(t *testing.T) {
 	for _, tc := range []struct {
 		name, cfg string // cfg: extra JSON fields
@@ -274,7 +274,7 @@ func TestUnitProvisionEnhanceDefaults(t *testing.T) {
 	}
 }
 
-// SPEC §2: {env.NAME} placeholders resolve at Provision, and a value that
+// {env.NAME} placeholders resolve at Provision, and a value that
 // resolves to nothing falls back to the default.
 func TestUnitProvisionPlaceholders(t *testing.T) {
 	unitClearEnv(t)
@@ -311,7 +311,7 @@ func TestUnitProvisionPlaceholders(t *testing.T) {
 	}
 }
 
-// SPEC §2: an empty-resolving value counts as unset, for every key and URL.
+// An empty-resolving value counts as unset, for every key and URL.
 func TestUnitProvisionEmptyFallsBack(t *testing.T) {
 	unitClearEnv(t)
 	t.Setenv("ZIMAGE_UNIT_EMPTY", "  ")
@@ -348,7 +348,7 @@ func TestUnitProvisionConfiguredKeysOnly(t *testing.T) {
 	}
 }
 
-// SPEC §2 and §7: no_auth needs no key; `upstream demo` needs no SD key,
+// No_auth needs no key (docs/design.md#endpoints-and-errors); `upstream demo` needs no SD key,
 // in any case, and serves placeholders.
 func TestUnitProvisionNoAuthDemo(t *testing.T) {
 	unitClearEnv(t)

@@ -1,6 +1,6 @@
 package zimage
 
-// Production operation (SPEC §6, issue 4) through a real Caddy: the
+// Production operation (docs/design.md#observability) through a real Caddy: the
 // concurrency limit and its queue, retries, the log lines, and two sites
 // side by side. The metrics are checked in metrics_test.go and reloads in
 // reload_test.go; the helpers below serve all three.
@@ -568,7 +568,7 @@ func TestOpsLogsGenerationLine(t *testing.T) {
 		{"body size", "/v1/chat/completions", `{"model":"dall-e-3","seed":61,"width":1000,"height":600,"messages":[{"role":"user","content":"bodycanary fox no-enhance"}]}`,
 			"bodycanary", 61, "chat_completions", "1000x600", "Custom", "body", "skipped"},
 		// a body size that is one of the six (the playground's 16:9 button)
-		// is logged as its ratio; the markdown still says Custom (issue 16 item 8)
+		// is logged as its ratio; the markdown still says Custom
 		{"body size of a ratio", "/v1/chat/completions", `{"model":"dall-e-3","seed":65,"width":2048,"height":1152,"messages":[{"role":"user","content":"ratiobodycanary fox no-enhance"}]}`,
 			"ratiobodycanary", 65, "chat_completions", "2048x1152", "16:9", "body", "skipped"},
 		{"images size of a ratio", "/v1/images/generations", `{"model":"Z-Image","prompt":"imgratiocanary fox no-enhance","seed":66,"size":"2048x1152"}`,

@@ -8,7 +8,7 @@ import (
 	"golang.org/x/sync/errgroup"
 )
 
-// The pipeline (docs/design.md, "The data path"): every endpoint is a
+// The pipeline (docs/design.md#the-data-path): every endpoint is a
 // decoder and a renderer. The decoder turns the request into an ask; serve
 // takes the ask through the steps in one order for all of them, so a new
 // step is written once:

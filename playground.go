@@ -1,6 +1,6 @@
 package zimage
 
-// The playground (SPEC §13, issue 12): one page, embedded in the module,
+// The playground (docs/design.md#the-playground): one page, embedded in the module,
 // that tries the gateway in a browser through the gateway's own API on the
 // same origin. Its config, its Caddyfile parsing, its provisioning and its
 // serving live here; the page itself is in the folder playground/.
@@ -63,7 +63,7 @@ type playgroundFile struct {
 }
 
 // playgroundAPISegments are first path segments that belong to the API
-// (with or without /v1, SPEC §3; /zimage… for the store of SPEC §9): a
+// (with or without /v1, docs/design.md#endpoints-and-errors; /zimage… for the store of docs/design.md#the-store): a
 // playground there would hide an endpoint, or an endpoint would hide it.
 var playgroundAPISegments = []string{"v1", "models", "chat", "images", "zimage"}
 
@@ -119,16 +119,16 @@ func unmarshalPlayground(d *caddyfile.Dispenser) (*PlaygroundConfig, error) {
 // playgroundConfig is GET <path>/config.json: what the page cannot learn
 // from the API. No secret goes in it: it is served without auth.
 type playgroundConfig struct {
-	// EditModels are the names of the edit models (SPEC §10); the page
+	// EditModels are the names of the edit models (docs/design.md#edits); the page
 	// offers its edit panel only when there is one.
 	EditModels []string `json:"edit_models"`
-	// Store says whether generated images are kept on this site (SPEC §9),
+	// Store says whether generated images are kept on this site (docs/design.md#the-store),
 	// so links in the page's history stay valid.
 	Store bool `json:"store"`
 	// Enhance says whether an LLM rewrites prompts; without one the page's
 	// enhancement switch has nothing to switch.
 	Enhance bool `json:"enhance"`
-	// Demo says the upstream is the placeholder renderer (SPEC §7).
+	// Demo says the upstream is the placeholder renderer (docs/design.md#the-demo).
 	Demo bool `json:"demo"`
 	// KeyRequired is false under no_auth: the page asks for no key.
 	KeyRequired bool `json:"key_required"`

@@ -1,6 +1,6 @@
 package zimage
 
-// The playground in a real browser (SPEC §13, issue 12): headless Chromium
+// The playground in a real browser (docs/design.md#the-playground): headless Chromium
 // opens the page a real Caddy serves, with the demo upstream behind it, and
 // uses it as a person would: key, prompt, ratio, Generate, history, edits.
 // Every tab collects its console (calls, uncaught exceptions, browser log
@@ -362,7 +362,7 @@ func TestBrowserPlaygroundGenerate(t *testing.T) {
 }
 
 // TestBrowserPlaygroundEnhance: with an LLM configured, the switch decides
-// whether the prompt is enhanced (off sends the skip word of SPEC §4), and
+// whether the prompt is enhanced (off sends the skip word of docs/design.md#the-prompt), and
 // the card shows the revised prompt and the ratio the LLM chose for auto.
 func TestBrowserPlaygroundEnhance(t *testing.T) {
 	browser := startBrowser(t)
@@ -414,7 +414,7 @@ func TestBrowserPlaygroundWrongKey(t *testing.T) {
 	p.open()
 	p.enterKey("sk-not-a-configured-key")
 	pgPoll[bool](p, "the key panel again", `!document.getElementById("key-panel").hidden`)
-	// sentences for a person first, the gateway's own text after (issue 16 item 2)
+	// sentences for a person first, the gateway's own text after
 	msg := pgEval[string](p, `document.getElementById("key-message").textContent`)
 	if !strings.HasPrefix(msg, "The gateway refused this key. Enter a valid client key. Incorrect or missing API key") {
 		t.Errorf("key panel says %q, want the sentences and then the gateway's message", msg)
@@ -499,13 +499,13 @@ func TestBrowserPlaygroundHistory(t *testing.T) {
 
 // TestBrowserPlaygroundEdit: with an edit model (and the store that edits of
 // uploads need), the edit panel takes a picked PNG and shows the edit beside
-// it. It runs once POST /v1/images/edits exists (SPEC §10).
+// it. It runs once POST /v1/images/edits exists (docs/design.md#edits).
 func TestBrowserPlaygroundEdit(t *testing.T) {
 	browser := startPlaygroundBrowser(t, "")
 	// an unknown API path is a 404 "not_found"; once edits exist the same
 	// request is refused for what it lacks (a 400, or a 404 model_not_found)
 	if status, _, body := do(t, http.MethodPost, "/v1/images/edits", ""); status == http.StatusNotFound && apiErr(t, body).Code == "not_found" {
-		t.Skip("POST /v1/images/edits answers 404 not_found: image edits (SPEC §10) have not landed; this test runs by itself once they do")
+		t.Skip("POST /v1/images/edits answers 404 not_found: image edits have not landed; this test runs by itself once they do")
 	}
 	startCaddy(t, playgroundSite(fmt.Sprintf(`store {
 		storage file_system %s
@@ -557,8 +557,7 @@ func TestBrowserPlaygroundEdit(t *testing.T) {
 	}
 	p.screenshots("playground-edit")
 
-	// the edit's history entry has Reuse, like a generation's (issue 16
-	// item 8): the instruction and the model go back in the edit form
+	// the edit's history entry has Reuse, like a generation's: the instruction and the model go back in the edit form
 	p.set("edit-prompt", "")
 	p.do("reusing the edit", chromedp.Click(chromedp.CSS(`#history li:first-child button`)))
 	form := pgEval[map[string]string](p, `(() => ({
@@ -572,7 +571,7 @@ func TestBrowserPlaygroundEdit(t *testing.T) {
 	p.assertClean(nil)
 }
 
-// TestBrowserPlaygroundTypedKey (SPEC §13, issue 16 item 2): a key typed
+// TestBrowserPlaygroundTypedKey (docs/design.md#the-playground): a key typed
 // into the key field is the key. Generate uses it and keeps it without a
 // save step; so do Enter and leaving the field; a reload still has it.
 func TestBrowserPlaygroundTypedKey(t *testing.T) {

@@ -51,7 +51,7 @@ func unitServe(t *testing.T, g *Gateway, r *http.Request) (*httptest.ResponseRec
 const playgroundWantCSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; " +
 	"connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 
-// SPEC §13: the page, its assets and config.json, served without auth with
+// The page, its assets and config.json, served without auth with
 // their types, caching and the page's CSP; nothing else under the path.
 func TestUnitPlaygroundServing(t *testing.T) {
 	g := unitPlayground(t, `,"playground":{"path":"/try/"}`)
@@ -398,7 +398,7 @@ func TestUnitPlaygroundInExample(t *testing.T) {
 	if g.playground == nil || g.playground.path != "/playground" {
 		t.Fatalf("Caddyfile.example does not turn the playground on at /playground")
 	}
-	// the first command shows everything (SPEC §15.5): the page's config
+	// the first command shows everything (docs/design.md#the-demo): the page's config
 	// offers the edit panel, with the store the edits of uploads need
 	f := g.playground.files["/playground/config.json"]
 	var pc playgroundConfig

@@ -118,7 +118,7 @@ func altText(prompt string) string {
 // stripControl drops the control characters (NUL, escape sequences, DEL,
 // C1) from a prompt, keeping tabs and line breaks: the prompts go to a
 // Stable Diffusion service, to which they are noise at best, and are echoed
-// into the chat answer (issue 5, hostile input).
+// into the chat answer (hostile input).
 func stripControl(s string) string {
 	isControl := func(r rune) bool { return unicode.IsControl(r) && r != '\t' && r != '\n' && r != '\r' }
 	if strings.IndexFunc(s, isControl) < 0 {

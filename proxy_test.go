@@ -1,6 +1,6 @@
 package zimage
 
-// forward_proxy_url (SPEC §11.6, issue 17 item 9): the generation calls and
+// forward_proxy_url (docs/design.md#failover-and-rests): the generation calls and
 // the image downloads go through an HTTP proxy written here, which records
 // what passed through it; its credentials are secrets like keys.
 

@@ -11,7 +11,7 @@ import (
 type size struct{ w, h int }
 
 // ratioSizes are the aspect ratios the gateway understands and the upstream
-// resolution of each (SPEC §4 step 2).
+// resolution of each (docs/design.md#the-prompt).
 var ratioSizes = map[string]size{
 	"1:1":  {2048, 2048},
 	"1:2":  {1024, 2048},
@@ -21,10 +21,10 @@ var ratioSizes = map[string]size{
 	"9:16": {1152, 2048},
 }
 
-// logRatio is the ratio the generation log line names (issue 16 item 8): an
+// logRatio is the ratio the generation log line names: an
 // explicit size that is exactly one of the six ratio sizes (the playground's
 // ratio buttons send them) is logged as that ratio, so the log says what was
-// asked for; the chat markdown keeps SPEC §4's "Custom" for any body size.
+// asked for; the chat markdown keeps docs/design.md#the-prompt's "Custom" for any body size.
 func logRatio(ratio string, w, h int) string {
 	if ratio != customRatio {
 		return ratio

@@ -6,7 +6,7 @@ import (
 	"testing"
 )
 
-// SPEC §4 step 2: a ratio counts only next to a trigger word, and the
+// A ratio counts only next to a trigger word, and the
 // trigger, the ratio and one adjoining separator leave the prompt.
 func TestUnitDetectRatio(t *testing.T) {
 	for _, tc := range []struct {
@@ -90,7 +90,7 @@ func TestUnitDetectRatio(t *testing.T) {
 	}
 }
 
-// The six ratios map to the exact upstream resolutions of SPEC §4 step 2.
+// The six ratios map to the exact upstream resolutions of docs/design.md#the-prompt.
 func TestUnitRatioSizes(t *testing.T) {
 	want := map[string]size{
 		"1:1":  {2048, 2048},
@@ -110,7 +110,7 @@ func TestUnitRatioSizes(t *testing.T) {
 	}
 }
 
-// SPEC §4 step 1: `no-enhance` as a separate word, in any case, anywhere.
+// `no-enhance` as a separate word, in any case, anywhere.
 func TestUnitStripSkipWord(t *testing.T) {
 	for _, tc := range []struct {
 		name, in, want string
@@ -149,7 +149,7 @@ func TestUnitStripSkipWord(t *testing.T) {
 	}
 }
 
-// SPEC §4 step 4: body sizes are rounded to a multiple of 8 and clamped to
+// Body sizes are rounded to a multiple of 8 and clamped to
 // 64…2048.
 func TestUnitClampSide(t *testing.T) {
 	for _, tc := range []struct {
@@ -186,7 +186,7 @@ func TestUnitClampSide(t *testing.T) {
 	}
 }
 
-// SPEC §4 step 7: {alt} is the first 80 runes of the final prompt without
+// {alt} is the first 80 runes of the final prompt without
 // `[`, `]` and newlines; "Generated image" when empty.
 func TestUnitAltText(t *testing.T) {
 	for _, tc := range []struct {
@@ -213,7 +213,7 @@ func TestUnitAltText(t *testing.T) {
 	}
 }
 
-// SPEC §4 step 7: an image URL with spaces or parentheses still renders.
+// An image URL with spaces or parentheses still renders.
 func TestUnitMarkdownURL(t *testing.T) {
 	for _, tc := range []struct {
 		name, in, want string
@@ -244,7 +244,7 @@ func TestUnitMarkdownURL(t *testing.T) {
 }
 
 // logRatio names the ratio of a body size that is exactly one of the six
-// (issue 16 item 8) and leaves every other ratio as it is.
+// and leaves every other ratio as it is.
 func TestUnitLogRatio(t *testing.T) {
 	for _, tc := range []struct {
 		ratio string

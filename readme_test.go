@@ -47,7 +47,7 @@ func TestUnitReadmeJSONMatchesCaddyfile(t *testing.T) {
 }
 
 // gatewayOfSite is the zimage_gateway directive of a README site block
-// (SPEC §15.3: fragments are shown inside a site), for UnmarshalCaddyfile.
+// (docs/design.md#how-it-is-tested: fragments are shown inside a site), for UnmarshalCaddyfile.
 func gatewayOfSite(t *testing.T, site string) string {
 	t.Helper()
 	i := strings.Index(site, "zimage_gateway")
@@ -74,7 +74,7 @@ func fenced(t *testing.T, s, opener string) string {
 
 // TestUnitReadmeProductionExample: the production Caddyfile adapts, sets
 // the server timeouts the README recommends, and keeps its keys as
-// placeholders (issue 8, items 10 and 12).
+// placeholders.
 func TestUnitReadmeProductionExample(t *testing.T) {
 	raw, err := os.ReadFile("README.md")
 	if err != nil {
@@ -166,14 +166,14 @@ func readmeBlocks(t *testing.T, info string) (blocks []string, lines []int, befo
 // readmeComment is a Caddyfile comment, which may name a <placeholder>.
 var readmeComment = regexp.MustCompile(`(?m)(^|\s)#.*$`)
 
-// readmeStandIns are the plugins README blocks may use (SPEC §15.3): each
+// readmeStandIns are the plugins README blocks may use (docs/design.md#how-it-is-tested): each
 // directive is adapted through a stand-in registered in the test binary
 // (clients_test.go), and the prose before its block must name the plugin.
 var readmeStandIns = map[string]string{
 	"rate_limit": "mholt/caddy-ratelimit",
 }
 
-// TestUnitReadmeCaddyfilesAdapt (SPEC §15.3, issue 16 item 5): every block
+// TestUnitReadmeCaddyfilesAdapt (docs/design.md#how-it-is-tested): every block
 // fenced as ```caddy in the README adapts as written, whole (a fragment is
 // shown inside a site block), with no `…`; a block that needs a plugin
 // says so before it. Syntax references with <placeholders> are fenced as

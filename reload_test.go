@@ -1,6 +1,6 @@
 package zimage
 
-// Lifecycle (SPEC §6): loading a new config through the admin API while
+// Lifecycle (docs/design.md#observability): loading a new config through the admin API while
 // generations are in flight, as `caddy reload` does. Requests in flight
 // finish with the config they started with, new requests get the new one,
 // and what each config's Provision made is released by its Cleanup.
@@ -170,7 +170,7 @@ func unitQueueLen() int {
 	return len(queue)
 }
 
-// TestOpsReloadLowersLimitInPlace (issue 8 item 7): with 10 generations in
+// TestOpsReloadLowersLimitInPlace: with 10 generations in
 // flight and 4 more queued under max_concurrent 10, a reload lowers the
 // limit to 3 and 4 requests of the new config queue too. The limiter of
 // the account is resized in place, so from the reload on no generation
@@ -239,7 +239,7 @@ func TestOpsReloadLowersLimitInPlace(t *testing.T) {
 	}
 }
 
-// TestOpsReloadAccountAbsentKeepsItsSlots (issue 15 item 7): account a1
+// TestOpsReloadAccountAbsentKeepsItsSlots: account a1
 // (max_concurrent 2) has 2 generations in flight and 6 queued when a
 // reload drops it, and a second reload brings it back with
 // max_concurrent 1. The old config's pool keeps a1's limiter while its

@@ -1,6 +1,6 @@
 package zimage
 
-// The official Go SDK against the gateway (SPEC §3, §4, §8 "real clients"):
+// The official Go SDK against the gateway (docs/design.md#how-it-is-tested):
 // models and non-streaming chat, with the base URL written both with and
 // without /v1, and the SDK's typed errors for the gateway's error answers.
 

@@ -21,17 +21,17 @@ const gramLen = 8
 // scrubber removes every configured secret (client keys, the image service
 // key, the LLM key, the forward proxy's credentials) from text that leaves
 // the gateway: to a client, to the image service, to the LLM or to a log
-// line (issue 8). A secret can come back from any party in any form, so it
+// line. A secret can come back from any party in any form, so it
 // looks for
 //   - every encoding a party may have applied: as is, URL query and path
 //     escaping (also twice), JSON escaping;
 //   - percent-encoding of any of its bytes, in either hex case: the text is
-//     percent-decoded (twice at most) and matched again (issue 15 item 8);
+//     percent-decoded (twice at most) and matched again;
 //   - base64 (standard or URL alphabet) of any text that holds the secret
 //     at any place, such as "Bearer <key>" or "user:<key>": the secret's
 //     bytes start at one of three offsets in a 3-byte group, and at each
 //     the characters that carry its bits alone are fixed, so those three
-//     runs are forms like the others (issue 15 item 8);
+//     runs are forms like the others;
 //   - hex of its bytes, in either case, run together (as %x prints it) or
 //     a byte apart (as % x and debug dumps print it): a service's debug
 //     output echoed a key this way;
@@ -190,7 +190,7 @@ func (s *scrubber) find(text string, first bool) [][2]int {
 		return nil
 	}
 	// a prompt or a URL fits the array on the stack: scrubbing them
-	// allocates nothing unless a secret is found (issue 17 item 11)
+	// allocates nothing unless a secret is found
 	var buf [512]byte
 	lt := append(buf[:0], text...)
 	lowerBytes(lt) // ASCII lower case keeps the byte offsets

@@ -103,7 +103,7 @@ func pctEncode(s string, upper bool, every func(i int) bool) string {
 // TestScrubberEncodedForms: a secret echoed percent-encoded (in full or in
 // part, either hex case, once or twice) or inside base64 that does not
 // start at the secret, at each of the three alignments, is found and
-// replaced, and only it (issue 15 item 8).
+// replaced, and only it.
 func TestScrubberEncodedForms(t *testing.T) {
 	const key = "sk-client-7f3a9c1e5b"
 	s := newScrubber([]string{key, testOddKey})
@@ -187,7 +187,7 @@ func BenchmarkScrubber(b *testing.B) {
 	s := newScrubber([]string{testClientKey, testSDKey, testLLMKey, "another-client-key-0123456789"})
 	for _, bc := range []struct{ name, text string }{
 		{"plain", strings.Repeat("a cat on a roof, golden hour, 35mm, soft light, ", 20)},
-		// a text with escapes is decoded and scanned again (issue 15 item 8)
+		// a text with escapes is decoded and scanned again
 		{"escaped", strings.Repeat("https://img.example.com/a%20cat%2C%20golden%20hour.png?x=1&", 20)},
 		// hex digests look like the keys' hex forms to the first filter
 		{"hex", strings.Repeat("https://img.example.com/zimage/images/9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08.png ", 10)},
@@ -208,7 +208,7 @@ const testOddKey = "sk-odd+/=&<>%key-93b1"
 // TestSecretsOnSuccessPaths: an LLM proxy that echoes its Authorization
 // header and the keys it saw, in several forms, and a client that pastes
 // keys into its prompt: no key reaches the image service, the answer or
-// the log (issue 8, items 1 and 3).
+// the log.
 func TestSecretsOnSuccessPaths(t *testing.T) {
 	up := newFakeUpstream(t)
 	llm := newFakeLLM(t, "")
@@ -255,7 +255,7 @@ func TestSecretsOnSuccessPaths(t *testing.T) {
 }
 
 // TestSecretsInImageURL: an image URL with a key in it, in any form, is
-// not passed on: it is a bad response (issue 8, item 1).
+// not passed on: it is a bad response.
 func TestSecretsInImageURL(t *testing.T) {
 	up := newFakeUpstream(t)
 	startCaddy(t, gatewaySite(up, nil, "api_key "+testOddKey))
@@ -277,7 +277,7 @@ func TestSecretsInImageURL(t *testing.T) {
 
 // TestSecretsInUpstreamErrors: the service's error text is scrubbed before
 // it is shortened, in every encoding, and network errors reach the client
-// without internal addresses (issue 8, items 2, 3 and 4).
+// without internal addresses.
 func TestSecretsInUpstreamErrors(t *testing.T) {
 	up := newFakeUpstream(t)
 	startCaddy(t, gatewaySite(up, nil, "api_key "+testOddKey))

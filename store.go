@@ -29,7 +29,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
-// The image store (SPEC §9): generated images are copied into a Caddy
+// The image store (docs/design.md#the-store): generated images are copied into a Caddy
 // storage and served from the gateway's own site, so the URLs in old chat
 // answers keep working after the image service's own URLs expire. Its
 // config, Caddyfile parsing, provisioning, serving and retention sweep live
@@ -42,11 +42,11 @@ const (
 	maxStoreMaxSize     = 1 << 30
 
 	// storeIDLen is the length of an image id in hex digits: 128 bits of
-	// the image's SHA-256, unguessable without the image itself (SPEC §9.1)
+	// the image's SHA-256, unguessable without the image itself (docs/design.md#the-store)
 	storeIDLen = 32
 
 	// storeURLPath is where stored images are served; storePath without
-	// the /v1 prefix answers too (SPEC §9.3)
+	// the /v1 prefix answers too (docs/design.md#the-store)
 	storeURLPath = "/v1" + storePath
 	storePath    = "/zimage/images/"
 
@@ -447,7 +447,7 @@ func (s *imageStore) url(origin, name string) string {
 }
 
 // remove deletes a stored image the gateway took in for nothing: the source
-// of an edit that failed (SPEC §10.3). It runs after the request may have
+// of an edit that failed (docs/design.md#edits). It runs after the request may have
 // been cancelled, so it has a context of its own, bounded in time.
 func (s *imageStore) remove(ctx context.Context, name string) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeRemoveTimeout)
@@ -639,7 +639,7 @@ func (w *storeWriter) ReadFrom(r io.Reader) (int64, error) {
 // sweepSchedule keeps, per store (prefix and storage), when its next sweep
 // is due. It outlives config reloads, so a reload (which provisions a new
 // store and cleans up the old one) does not make an extra sweep: at most
-// one per interval per process (SPEC §9.5), and one for all sites of a
+// one per interval per process (docs/design.md#the-store), and one for all sites of a
 // config that share a storage.
 type sweepSchedule struct {
 	mu   sync.Mutex
@@ -791,12 +791,12 @@ func (s *imageStore) sweepDir(ctx context.Context, dir string, cutoff time.Time,
 	return deleted, nil
 }
 
-// keep is the pipeline's step after a successful generation (SPEC §9.1):
+// keep is the pipeline's step after a successful generation (docs/design.md#the-store):
 // it downloads the images of jobs when the store or a b64_json answer
 // needs them, copies them into the store and points the jobs at their
 // store URLs (for the origin each job was asked from). A copy that fails
 // is never a new failure: the job keeps the upstream's URL, a warn line
-// names the cause and store_images_total{result="failed"} counts it (§9.2).
+// names the cause and store_images_total{result="failed"} counts it.
 // With needBytes (b64_json) the downloaded images are returned, one
 // download per image, and a failed download fails the request; release
 // must then be called once they are written.

@@ -2,7 +2,7 @@
 
 package zimage
 
-// Two Caddy processes, one storage (SPEC §9.4): how a Caddy cluster already
+// Two Caddy processes, one storage (docs/design.md#the-store): how a Caddy cluster already
 // shares its certificates. An image generated through the first instance
 // is served by the second, which never saw the request that made it; a
 // Responses API answer the first keeps is continued through the second.
@@ -250,7 +250,7 @@ func TestStoreTwoInstancesOneStorage(t *testing.T) {
 
 	// each instance answers its load balancer's health check for itself,
 	// without a key: its accounts and its write check on the shared storage
-	// (SPEC §15.1, issue 16 item 4)
+	// (docs/design.md#health)
 	for i, p := range []*caddyProcess{one, two} {
 		h := p.get(ctx, "/v1/zimage/health")
 		var rep healthReport

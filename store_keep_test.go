@@ -16,7 +16,7 @@ import (
 	"time"
 )
 
-// The copy step (SPEC §9.1–2) through a real Caddy: every endpoint's image
+// The copy step (docs/design.md#the-store) through a real Caddy: every endpoint's image
 // is copied into the store before the answer, and the answer names it on
 // the gateway's own origin.
 
@@ -193,7 +193,7 @@ func imageSizeOf(b []byte) string {
 	return fmt.Sprintf("%dx%d", c.Width, c.Height)
 }
 
-// A stream keeps sending keep-alives while the image is copied (SPEC §9.1):
+// A stream keeps sending keep-alives while the image is copied (docs/design.md#the-store):
 // the image host sends the image only after the client saw one.
 func TestStoreKeepStreamKeepsAlive(t *testing.T) {
 	f := newKeepFake(t)

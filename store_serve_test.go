@@ -1,6 +1,6 @@
 package zimage
 
-// The image store through a real Caddy (SPEC §9.3, §9.6): images put into
+// The image store through a real Caddy (docs/design.md#the-store): images put into
 // the configured storage are served at /v1/zimage/images/ and
 // /zimage/images/ without auth, with the headers, 304, Range, and the
 // envelope for errors; malformed ids never reach the storage; the served
@@ -198,7 +198,7 @@ func putDirectExists(root, name string) bool {
 	return err == nil
 }
 
-// SPEC §9.3: with the store off the path is what it was: under /v1 an
+// With the store off the path is what it was: under /v1 an
 // unknown API path (after auth), without /v1 the site's own.
 func TestStoreOffPaths(t *testing.T) {
 	up := newFakeUpstream(t)
@@ -216,7 +216,7 @@ func TestStoreOffPaths(t *testing.T) {
 	}
 }
 
-// SPEC §9: without a storage of its own the store uses Caddy's (the
+// Without a storage of its own the store uses Caddy's (the
 // global storage option), and a store off (`store off`) serves nothing.
 func TestStoreDefaultStorage(t *testing.T) {
 	dir := t.TempDir()
@@ -235,7 +235,7 @@ func TestStoreDefaultStorage(t *testing.T) {
 	}
 }
 
-// SPEC §9: the demo's image URLs (and the store's) carry the origin the
+// The demo's image URLs (and the store's) carry the origin the
 // client saw: X-Forwarded-Proto/-Host from a trusted proxy, and from no
 // one else.
 func TestStoreRequestOriginTrustedProxy(t *testing.T) {
@@ -263,7 +263,7 @@ func TestStoreRequestOriginTrustedProxy(t *testing.T) {
 
 // TestStoreRangeLikeFileServer pins the store's answers to edge-case Range
 // headers to those of Caddy's own file_server for the same file on the same
-// site (issue 15 item 10). Both hand the request to the standard library's
+// site. Both hand the request to the standard library's
 // http.ServeContent, which answers `bytes=-0` (a suffix of zero bytes) 206
 // with an empty body and Content-Range "bytes N-(N-1)/N", where RFC 9110
 // §14.1.1 calls it unsatisfiable (416). The store keeps Caddy's behaviour;

@@ -1,6 +1,6 @@
 package zimage
 
-// Unit tests of the image store (SPEC §9): its Caddyfile and JSON config,
+// Unit tests of the image store (docs/design.md#the-store): its Caddyfile and JSON config,
 // the signature check and the id parser, put, serving over the two storage
 // paths, the request origin, and the retention sweep. Serving through a
 // real Caddy is in store_serve_test.go, two Caddy processes sharing one
@@ -82,7 +82,7 @@ func storeCounter(t *testing.T, c interface{ Write(*dto.Metric) error }) float64
 	return m.GetCounter().GetValue()
 }
 
-// SPEC §9: the store block lands in the JSON fields, the storage as the
+// The store block lands in the JSON fields, the storage as the
 // module object Caddy's own global `storage` option produces.
 func TestUnitStoreCaddyfile(t *testing.T) {
 	t.Setenv("ZIMAGE_UNIT_PUBLIC", "")
@@ -134,7 +134,7 @@ func TestUnitStoreCaddyfile(t *testing.T) {
 
 func storeJSON(s *StoreConfig) string { b, _ := json.Marshal(s); return string(b) }
 
-// SPEC §9 and §2: a bad store block fails at load, naming what to change.
+// A bad store block fails at load, naming what to change.
 func TestUnitStoreCaddyfileErrors(t *testing.T) {
 	for _, tc := range []struct {
 		name, src string
@@ -185,7 +185,7 @@ func storeProvision(t *testing.T, store string) (*Gateway, error) {
 	return unitProvision(t, `{"no_auth":true,"upstream":{"url":"demo"},"store":`+store+`}`)
 }
 
-// SPEC §9: JSON configs get the same checks at Provision, placeholders
+// JSON configs get the same checks at Provision, placeholders
 // resolved first; a storage module is loaded like the tls app loads one.
 func TestUnitStoreProvisionErrors(t *testing.T) {
 	dir := t.TempDir()
@@ -216,7 +216,7 @@ func TestUnitStoreProvisionErrors(t *testing.T) {
 	}
 }
 
-// SPEC §9: the defaults, and what each setting turns into.
+// The defaults, and what each setting turns into.
 func TestUnitStoreProvision(t *testing.T) {
 	dir := t.TempDir()
 	storage := `"storage":{"module":"file_system","root":"` + dir + `"}`
@@ -274,7 +274,7 @@ func TestUnitStoreProvision(t *testing.T) {
 	}
 }
 
-// SPEC §9.1: the format is decided by the bytes' signature.
+// The format is decided by the bytes' signature.
 func TestUnitStoreSniff(t *testing.T) {
 	for _, tc := range []struct {
 		name, in, ext, ctype string
@@ -309,7 +309,7 @@ func TestUnitStoreSniff(t *testing.T) {
 
 const storeTestID = "0123456789abcdef0123456789abcdef"
 
-// SPEC §9.3: only {32 lowercase hex}.{png|jpg|webp|gif} is an image name.
+// Only {32 lowercase hex}.{png|jpg|webp|gif} is an image name.
 func TestUnitStoreID(t *testing.T) {
 	for _, tc := range []struct {
 		name, in, ctype string
@@ -388,7 +388,7 @@ func FuzzStoreID(f *testing.F) {
 	})
 }
 
-// SPEC §9.1: put checks the bytes, names them by their SHA-256 and stores
+// Put checks the bytes, names them by their SHA-256 and stores
 // the same bytes once.
 func TestUnitStorePut(t *testing.T) {
 	st, fsto := newTestFileStore(t, time.Hour)
@@ -452,7 +452,7 @@ func TestUnitStorePut(t *testing.T) {
 	}
 }
 
-// SPEC §9.5: a duplicate of an old copy is written again, so the sweep
+// A duplicate of an old copy is written again, so the sweep
 // (which deletes by age) does not take the image from under a new answer.
 func TestUnitStorePutRefreshesOldDuplicate(t *testing.T) {
 	st, fsto := newTestFileStore(t, 24*time.Hour)
@@ -478,7 +478,7 @@ func TestUnitStorePutRefreshesOldDuplicate(t *testing.T) {
 	}
 }
 
-// SPEC §9: the request's origin, X-Forwarded-* only from a trusted proxy;
+// The request's origin, X-Forwarded-* only from a trusted proxy;
 // public_url wins over it.
 func TestUnitStoreRequestOrigin(t *testing.T) {
 	for _, tc := range []struct {
@@ -545,7 +545,7 @@ func (h *hiddenStorage) Load(ctx context.Context, key string) ([]byte, error) {
 	return h.Storage.Load(ctx, key)
 }
 
-// SPEC §9.3 over both storage paths, without Caddy: status, headers, the
+// docs/design.md#the-store over both storage paths, without Caddy: status, headers, the
 // 304 that needs no Load, Range, 404 and 405.
 func TestUnitStoreServe(t *testing.T) {
 	fileStore, fsto := newTestFileStore(t, 0)
@@ -660,7 +660,7 @@ func (brokenStorage) Load(context.Context, string) ([]byte, error) {
 }
 func (brokenStorage) Exists(context.Context, string) bool { return true }
 
-// SPEC §9.3: a storage that cannot be read is a 500 in the envelope, not a 404.
+// A storage that cannot be read is a 500 in the envelope, not a 404.
 func TestUnitStoreServeStorageDown(t *testing.T) {
 	st := newImageStore(brokenStorage{}, "zimage", 0, defaultStoreMaxSize, "", nil)
 	w := httptest.NewRecorder()
@@ -682,7 +682,7 @@ func (d *discardWriter) ReadFrom(r io.Reader) (int64, error) {
 	return io.CopyBuffer(struct{ io.Writer }{io.Discard}, r, buf)
 }
 
-// SPEC §9.4: with file_system storage an image is served from the file,
+// With file_system storage an image is served from the file,
 // not read into memory whole: serving a 16 MiB image allocates far less
 // than 16 MiB (the generic path, which must Load, allocates all of it).
 func TestUnitStoreServeFromFile(t *testing.T) {
@@ -720,7 +720,7 @@ func makeOld(t *testing.T, fsto *certmagic.FileStorage, key string, age time.Dur
 	}
 }
 
-// SPEC §9.5: the sweep deletes images older than max_age, keeps newer
+// The sweep deletes images older than max_age, keeps newer
 // ones, and touches nothing that is not one of the store's images.
 func TestUnitStoreSweep(t *testing.T) {
 	st, fsto := newTestFileStore(t, time.Hour)
@@ -786,7 +786,7 @@ func (g *gatedStorage) Delete(ctx context.Context, key string) error {
 	return g.FileStorage.Delete(ctx, key)
 }
 
-// SPEC §9.5: serving is never held up by a sweep, which holds the storage
+// Serving is never held up by a sweep, which holds the storage
 // lock, so that a second instance skips its turn rather than sweep at the
 // same time.
 func TestUnitStoreSweepConcurrent(t *testing.T) {
@@ -855,7 +855,7 @@ func TestUnitStoreSweepConcurrent(t *testing.T) {
 	}
 }
 
-// SPEC §9.5: the sweeper runs in the background, shortly after start and
+// The sweeper runs in the background, shortly after start and
 // then every interval, and stops when its store is cleaned up.
 func TestUnitStoreSweeper(t *testing.T) {
 	st, fsto := newTestFileStore(t, time.Hour)
@@ -876,7 +876,7 @@ func TestUnitStoreSweeper(t *testing.T) {
 	}
 }
 
-// SPEC §9.5: sweeps come at most once per interval per store, however
+// Sweeps come at most once per interval per store, however
 // many times the config is reloaded (each reload provisions a new store
 // whose sweeper starts again) and however many sites share the storage.
 func TestUnitStoreSweepSchedule(t *testing.T) {
@@ -939,7 +939,7 @@ func (c *countingLister) List(ctx context.Context, prefix string, recursive bool
 	return c.FileStorage.List(ctx, prefix, recursive)
 }
 
-// SPEC §9.3: the store's paths, with and without /v1; the name is passed on
+// The store's paths, with and without /v1; the name is passed on
 // as it came, for parseStoreName to judge.
 func TestUnitStoreRoute(t *testing.T) {
 	for _, tc := range []struct {

@@ -130,7 +130,7 @@ func (s *sseWriter) stop() {
 	s.mu.Unlock()
 }
 
-// The chat stream (SPEC §4 "Streaming"): the role chunk at once,
+// The chat stream (docs/design.md#the-prompt): the role chunk at once,
 // keep-alives while the job runs, then the content, the finish chunk, the
 // optional usage chunk and [DONE]. A failure after the stream began is an
 // error event.
@@ -161,7 +161,7 @@ func (c *chatRenderer) writeStream(content string) {
 	s.done()
 }
 
-// imagesStream answers the Images API with "stream": true (SPEC §10.5),
+// imagesStream answers the Images API with "stream": true (docs/design.md#answers),
 // as OpenAI's image streaming does: keep-alives while the images are made,
 // then one <kind>.completed event per image with its base64 and every
 // field openai-go's completed-event types require, and the stream ends; a

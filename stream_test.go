@@ -1,6 +1,6 @@
 package zimage
 
-// Integration tests of streaming chat completions (SPEC §4 "Streaming")
+// Integration tests of streaming chat completions (docs/design.md#the-prompt)
 // through a real Caddy: chunk order and timing against fakes blocked on
 // channels, keep-alives while the upstream waits, gzip through Caddy's
 // encode, failures after the stream began, client aborts, and the

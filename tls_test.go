@@ -1,6 +1,6 @@
 package zimage
 
-// HTTPS as users run it (issue 16 item 7): a real Caddy serves the gateway
+// HTTPS as users run it: a real Caddy serves the gateway
 // on a site name with `tls internal`, Caddy's local CA standing in for ACME
 // on a machine without internet; the client trusts that CA's root, read
 // from Caddy's own PKI app through the admin API. openai-go talks HTTP/2 to

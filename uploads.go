@@ -602,7 +602,7 @@ func (b *chatBody) release() {
 	b.up.release()
 }
 
-// readChatBody reads a chat body (SPEC §3, §10.2). Within max_body it is
+// readChatBody reads a chat body (docs/design.md#endpoints-and-errors; docs/design.md#edits). Within max_body it is
 // any JSON body. Beyond, it can only be a chat with an image to edit: the
 // bytes read so far must show an image part ("image_url" or a data:image
 // URL), else it is a 413 without reading the rest; then it is an upload,

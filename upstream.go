@@ -46,14 +46,14 @@ type upstreamResult struct {
 }
 
 // upstreamInfo is what the service's success answer tells besides the
-// URL (SPEC §11.3); each part may be absent.
+// URL (docs/design.md#points); each part may be absent.
 type upstreamInfo struct {
 	pointsUsed, remainingPoints       float64
 	hasPointsUsed, hasRemainingPoints bool
 	imageID, modelName                string
 }
 
-// upstreamRequest is the image service's request body (SPEC §4 step 6).
+// upstreamRequest is the image service's request body (docs/design.md#the-prompt).
 type upstreamRequest struct {
 	Prompt         string  `json:"prompt"`
 	Width          int     `json:"width"`
@@ -64,14 +64,14 @@ type upstreamRequest struct {
 	Seed           int64   `json:"seed"`
 	NegativePrompt string  `json:"negative_prompt,omitempty"`
 
-	// ImageSource makes the request an edit (SPEC §10): the service
+	// ImageSource makes the request an edit (docs/design.md#edits): the service
 	// downloads the source from this URL, and the body carries only the
 	// instruction and the model (see MarshalJSON).
 	ImageSource string `json:"-"`
 }
 
 // MarshalJSON writes the image service's request body: an edit carries the
-// instruction, the model, the source's URL and the size (SPEC §10.1), a
+// instruction, the model, the source's URL and the size (docs/design.md#edits), a
 // generation everything else. It fails only on a cfg that is not finite,
 // as json.Marshal would.
 func (u upstreamRequest) MarshalJSON() ([]byte, error) {
@@ -118,8 +118,8 @@ const (
 	kind5xx         = "status_5xx"
 	kind429         = "status_429"
 	kindBadResponse = "bad_response"
-	kindBlocked     = "blocked"   // a Cloudflare challenge page instead of an answer (SPEC §11.4)
-	kindNoPoints    = "no_points" // the account is out of points (SPEC §11.5, isNoPoints)
+	kindBlocked     = "blocked"   // a Cloudflare challenge page instead of an answer (docs/design.md#failover-and-rests)
+	kindNoPoints    = "no_points" // the account is out of points (docs/design.md#failover-and-rests, isNoPoints)
 	kindProxy       = "proxy"     // the forward proxy failed, no account's fault (imageClient.proxyFailure)
 	kindCanceled    = "canceled"  // the client left; not counted as an upstream error
 )
@@ -133,7 +133,7 @@ type upstreamError struct {
 	retryAfter string
 	retryable  bool
 	// allOut is set by the account pool on a no_points failure when every
-	// account of the pool is out of points (SPEC §11.5)
+	// account of the pool is out of points (docs/design.md#failover-and-rests)
 	allOut bool
 }
 
@@ -142,13 +142,12 @@ func (e *upstreamError) Error() string { return "upstream " + e.kind + ": " + e.
 // apiError maps the failure to the client's answer.
 func (e *upstreamError) apiError(scrub *scrubber) *apiError {
 	// scrub first, then shorten: a key that straddles the cut must not
-	// leave its first half behind (issue 8)
+	// leave its first half behind
 	msg := truncate(scrub.Replace(e.message), maxMessageRunes)
 	switch e.kind {
 	case kind429:
 		// the client is told what the gateway itself does: the account
-		// rests this long, the service's Retry-After capped (issue 15
-		// item 6), never the service's header as it came
+		// rests this long, the service's Retry-After capped, never the service's header as it came
 		ra := retryAfterSeconds(restFor(e, 0, time.Now()))
 		return &apiError{status: http.StatusTooManyRequests, typ: "rate_limit_error", code: "rate_limit_exceeded", retryAfter: ra,
 			message: "The image service is rate limiting requests: " + msg}
@@ -412,7 +411,7 @@ var answerBuffers = sync.Pool{New: func() any {
 func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequest, _ string) (upstreamResult, *upstreamError) {
 	// MarshalJSON directly: json.Marshal(req) would call it and then scan
 	// and copy its output once more (compact), the largest part of the
-	// cost that round 2's MarshalJSON added per request (issue 17 item 11)
+	// cost that round 2's MarshalJSON added per request
 	body, err := req.MarshalJSON()
 	if err != nil {
 		return upstreamResult{}, &upstreamError{kind: kindBadResponse, message: "encoding request: " + err.Error()}
@@ -472,7 +471,7 @@ func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequ
 
 // parseAnswer reads the service's answer: an image, or a classified
 // failure. A failure that says the account is out of points is kind
-// no_points whatever its status (SPEC §11.5): an HTTP 402, or one whose own
+// no_points whatever its status (docs/design.md#failover-and-rests): an HTTP 402, or one whose own
 // text isNoPoints. sent are the texts the request carried (its prompt
 // as sent, the source image's URL), which the service may echo in its
 // errors: they are no evidence about the account (isNoPoints,
@@ -480,7 +479,7 @@ func (c *imageClient) generate(ctx context.Context, key string, req upstreamRequ
 func parseAnswer(resp *http.Response, raw []byte, sent ...string) (upstreamResult, *upstreamError) {
 	if isChallenge(resp, raw, sent...) {
 		// Cloudflare's "Just a moment…" page: nothing of it goes anywhere,
-		// the log's detail names the status alone (SPEC §11.4)
+		// the log's detail names the status alone (docs/design.md#failover-and-rests)
 		return upstreamResult{}, &upstreamError{kind: kindBlocked, message: "Cloudflare challenge page",
 			detail: "HTTP " + strconv.Itoa(resp.StatusCode) + " with an HTML body"}
 	}
@@ -509,7 +508,7 @@ var (
 )
 
 // isNoPoints reports whether a failure's own text (the service's error or
-// message) says that the account has no points left (SPEC §11.5). No
+// message) says that the account has no points left (docs/design.md#failover-and-rests). No
 // public client shows the service's words for it, so this is a guess, and
 // one that fails safe: a failure it wrongly takes for no_points only moves
 // the request to another account at once and rests this one (a resting
@@ -741,7 +740,7 @@ const maxMessageRunes = 300
 
 // describeNetErr says in plain words what went wrong with a connection to
 // party. Clients get only this: the Go error chain names internal addresses
-// ("read tcp 127.0.0.1:42202->…"), which go to the log alone (issue 8).
+// ("read tcp 127.0.0.1:42202->…"), which go to the log alone.
 func describeNetErr(party string, err error) string {
 	var ne net.Error
 	var dnsErr *net.DNSError
@@ -802,7 +801,7 @@ type UpstreamConfig struct {
 
 	// Accounts are several accounts of the image service, used instead of
 	// APIKey: each generation goes to the account with the most free
-	// slots, and a failing account's work moves to the others (SPEC §11).
+	// slots, and a failing account's work moves to the others (docs/design.md#accounts).
 	Accounts []AccountConfig `json:"accounts,omitempty"`
 
 	// Timeout bounds one whole generation: every attempt, failovers and
@@ -821,7 +820,7 @@ type UpstreamConfig struct {
 
 	// PointsRest is how long an account rests when the service says it has
 	// no points left, or when a generation's remaining_points is below its
-	// points_used (SPEC §11.5); an account block may set its own.
+	// points_used (docs/design.md#failover-and-rests); an account block may set its own.
 	// Default: 1h.
 	PointsRest caddy.Duration `json:"points_rest,omitempty"`
 
@@ -836,7 +835,7 @@ type UpstreamConfig struct {
 
 	// ForwardProxyURL sends the generation calls and the image downloads
 	// through this HTTP(S) proxy, http://[user:pass@]host:port or https://…
-	// (the name Caddy's reverse_proxy HTTP transport uses; SPEC §11.6):
+	// (the name Caddy's reverse_proxy HTTP transport uses; docs/design.md#failover-and-rests):
 	// for servers whose address the service's Cloudflare refuses. Its
 	// credentials are secrets like keys: they never appear in an answer or
 	// a log line. Placeholders are accepted. Default: the environment's
@@ -904,7 +903,7 @@ func (g *Gateway) provisionUpstream(ctx caddy.Context, resolve func(v, env strin
 		}
 		g.upstream = ic
 	}
-	// the handlers of one config load share a limit per account (§11.7)
+	// the handlers of one config load share a limit per account (docs/design.md#accounts)
 	g.accounts = newAccountPool(uc, retries, configGeneration(ctx), g.logger)
 	return uc, nil
 }

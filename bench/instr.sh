@@ -2,7 +2,7 @@
 # bench/instr.sh: user-space instructions per chat request of Caddy, gateway
 # (no-enhance) and reverse_proxy, counted by valgrind's callgrind. Unlike CPU
 # time, the count does not move when other work shares the machine, so it
-# compares two builds on a busy machine (issue 17 item 11). It leaves out the
+# compares two builds on a busy machine. It leaves out the
 # kernel's part (the same system calls on both sides: bench/README.md).
 #
 #   CADDY_BIN=/tmp/caddy N=2000 bench/instr.sh

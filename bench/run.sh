@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: load benchmark of zimage_gateway against Caddy's own
 # reverse_proxy / respond, on the same Caddy binary, the same fake upstream and
-# the same machine, in one invocation (SPEC §8). See bench/README.md.
+# the same machine, in one invocation. See bench/README.md.
 #
 #   bench/run.sh [throughput|burst|streams|store|all]     (default: throughput)
 #
@@ -15,7 +15,7 @@
 #             STREAM_DELAY, gateway with stream_keepalive 5s.
 # store       ROUNDS alternating rounds of: a stored IMAGE_SIZE image served by
 #             the gateway's store vs Caddy's file_server on the same file, 200
-#             and 304 (If-None-Match). Medians and target ratios (SPEC §9.7).
+#             and 304 (If-None-Match). Medians and target ratios.
 #
 # Caddy runs pinned to CPU $CADDY_CPU, the load generator and the fake upstream
 # to CPU $LOAD_CPU, so Caddy's core does nothing but Caddy.
@@ -60,12 +60,12 @@ KEY=sk-bench
 CHAT_BODY='{"model":"Z-Image","messages":[{"role":"user","content":"a cat no-enhance"}]}'
 ENHANCE_BODY='{"model":"Z-Image","messages":[{"role":"user","content":"a cat"}]}'
 STREAM_BODY='{"model":"Z-Image","stream":true,"messages":[{"role":"user","content":"a cat no-enhance"}]}'
-# what /v1/models answers, byte for byte the shape of SPEC §3, for respond
+# what /v1/models answers, byte for byte the shape of the gateway's, for respond
 MODELS_BODY='{"object":"list","data":[{"id":"Z-Image","object":"model","created":1700000000,"owned_by":"sd-exacg-gateway"}]}'
 # both the gateway's markdown and the image service's JSON contain the image URL
 EXPECT_IMAGE=img.example/x.png
 EXPECT_MODELS='"Z-Image"'
-# the enhance path counts only when the enhancement succeeded (SPEC §4 step 7),
+# the enhance path counts only when the enhancement succeeded (the markdown says so),
 # not when it silently degraded to the original prompt
 EXPECT_ENHANCED='Enhanced Prompt'
 

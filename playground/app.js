@@ -1,4 +1,4 @@
-// zimage playground (SPEC §13): plain JavaScript, no build step, no
+// zimage playground (docs/design.md#the-playground): plain JavaScript, no build step, no
 // framework, nothing from another site. It talks only to the gateway on this
 // origin: <base>/config.json (no auth), /v1/models, /v1/images/generations
 // and /v1/images/edits, with the client key as a Bearer token.
@@ -9,8 +9,8 @@
 	const KEY = "zimage.playground.key";
 	const HISTORY = "zimage.playground.history";
 	const HISTORY_MAX = 60;
-	const SEED_LIMIT = 2147483647; // seeds are in [0, SEED_LIMIT) (SPEC §4)
-	// the six ratios and their sizes (SPEC §4 step 2), sent as `size`
+	const SEED_LIMIT = 2147483647; // seeds are in [0, SEED_LIMIT)
+	// the six ratios and their sizes (ratio.go), sent as `size`
 	const SIZES = {
 		"1:1": [2048, 2048],
 		"1:2": [1024, 2048],
@@ -160,7 +160,7 @@
 		$("key-button").textContent = !config.key_required ? "No key needed" : has ? "API key ✓" : "Set API key";
 	}
 
-	// useTypedKey makes what is typed in the key field the key (SPEC §13):
+	// useTypedKey makes what is typed in the key field the key:
 	// Generate, Enter or leaving the field uses it and keeps it, with no
 	// separate save step to forget. It returns the key in force.
 	function useTypedKey() {
@@ -468,7 +468,7 @@
 				return;
 			}
 		}
-		// enhancement off is the skip word of SPEC §4, which the gateway removes
+		// enhancement off is the skip word no-enhance, which the gateway removes
 		const skip = config.enhance && !$("enhance").checked;
 		const body = { prompt: skip ? prompt + " no-enhance" : prompt, n, seed, response_format: "url" };
 		const model = $("model").value;
@@ -526,7 +526,7 @@
 		}
 	}
 
-	// ---- edit (SPEC §10.1: multipart image + prompt)
+	// ---- edit (multipart image + prompt)
 
 	function setEditFile(file) {
 		const box = $("edit-error");

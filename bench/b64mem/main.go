@@ -1,5 +1,5 @@
 // Command b64mem measures how much a burst of b64_json requests raises the
-// gateway's memory (issue 8, item 5): CLIENTS simultaneous
+// gateway's memory: CLIENTS simultaneous
 // /v1/images/generations requests with n=N and response_format b64_json,
 // against a fake image service whose images are SIZE bytes. It starts the
 // given Caddy binary with the gateway, samples the process's RSS while the

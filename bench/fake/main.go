@@ -1,7 +1,7 @@
 // Command fake is the stand-in for the two services the gateway talks to, for
 // the load benchmark in bench/run.sh: the Mengyu image service
 // (POST /api/v1/generate_image) and an OpenAI-compatible LLM
-// (POST /v1/chat/completions, the enhance path of SPEC §4 step 3).
+// (POST /v1/chat/completions, the enhance path).
 //
 // It answers with fixed, precomputed bodies so that its own cost per request
 // is as small and as constant as net/http allows: whatever it costs, it costs
@@ -36,7 +36,7 @@ import (
 	"time"
 )
 
-// imageJSON is the success answer of the image service (SPEC §4 step 6).
+// imageJSON is the success answer of the image service.
 var imageJSON = []byte(`{"success":true,"data":{"image_url":"https://img.example/x.png"}}`)
 
 // llmContent is what the fake LLM "suggests": a prompt and a ratio, as the

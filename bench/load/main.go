@@ -8,7 +8,7 @@
 // its own connection) and waits for all of them: the burst and stream modes.
 //
 // -stream reads Server-Sent Events to the end, counting comment lines
-// (": keep-alive", SPEC §4 streaming) and the largest silence between two
+// (": keep-alive" of streaming answers) and the largest silence between two
 // lines; a stream counts as ok only when it reaches "data: [DONE]" without an
 // error event.
 //

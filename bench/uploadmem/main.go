@@ -1,5 +1,5 @@
 // Command uploadmem measures how much a burst of uploads raises the
-// gateway's memory (issue 15, item 2): CLIENTS simultaneous edits of a
+// gateway's memory: CLIENTS simultaneous edits of a
 // valid PNG of about 19 MiB (-mode edits: multipart /v1/images/edits), or
 // chats whose last user message carries a PNG of about 14 MiB as a data:
 // URL (-mode chat), against a fake image service that takes -delay per
