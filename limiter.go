@@ -22,8 +22,7 @@ import (
 // reload in the same way. An account pool keeps its references (and its
 // claims) until its last generation has finished, even after its config
 // was replaced (accountPool.close): a reload to a config without the
-// account must not forget the slots that old requests still hold
-// .
+// account must not forget the slots that old requests still hold.
 var limiters = caddy.NewUsagePool()
 
 // limMu guards every limiter's counters and the one queue of waiting
