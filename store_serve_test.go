@@ -4,19 +4,26 @@ package zimage
 // the configured storage are served at /v1/zimage/images/ and
 // /zimage/images/ without auth, with the headers, 304, Range, and the
 // envelope for errors; malformed ids never reach the storage; the served
-// metric moves by exactly what was asked.
+// metric moves by exactly what was asked. The unit tests below serve over
+// both storage paths (file and generic) without Caddy.
 
 import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -310,5 +317,208 @@ func TestStoreRangeLikeFileServer(t *testing.T) {
 				t.Errorf("store %+v, want %+v", store, tc.want)
 			}
 		})
+	}
+}
+
+// hiddenStorage hides the concrete storage type, so a store over it takes
+// the generic path (Load), as with Redis or S3 storage modules; it counts
+// the calls that read images.
+type hiddenStorage struct {
+	certmagic.Storage
+	loads atomic.Int32
+}
+
+func (h *hiddenStorage) Load(ctx context.Context, key string) ([]byte, error) {
+	h.loads.Add(1)
+	return h.Storage.Load(ctx, key)
+}
+
+// docs/design.md#the-store over both storage paths, without Caddy: status, headers, the
+// 304 that needs no Load, Range, 404 and 405.
+func TestUnitStoreServe(t *testing.T) {
+	fileStore, fsto := newTestFileStore(t, 0)
+	hidden := &hiddenStorage{Storage: fsto}
+	generic := newImageStore(hidden, "zimage", 0, defaultStoreMaxSize, "", nil)
+	if generic.files != nil {
+		t.Fatal("a storage that is not *certmagic.FileStorage must not take the file path")
+	}
+	img := storeTestPNG(t, 16, 16)
+	name, _, err := fileStore.put(context.Background(), img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	etag := `"` + strings.TrimSuffix(name, ".png") + `"`
+	for _, st := range []*imageStore{fileStore, generic} {
+		kind := "file"
+		if st == generic {
+			kind = "generic"
+		}
+		serve := func(method, name string, hdr ...string) *httptest.ResponseRecorder {
+			r := httptest.NewRequest(method, "/v1/zimage/images/x", nil)
+			for i := 0; i+1 < len(hdr); i += 2 {
+				r.Header.Set(hdr[i], hdr[i+1])
+			}
+			w := httptest.NewRecorder()
+			if code := st.serve(w, r, name); code != w.Code {
+				t.Errorf("%s %s %s: serve returned %d but answered %d", kind, method, name, code, w.Code)
+			}
+			return w
+		}
+		t.Run(kind, func(t *testing.T) {
+			w := serve(http.MethodGet, name)
+			want := http.Header{
+				"Content-Type":           {"image/png"},
+				"Content-Length":         {fmt.Sprint(len(img))},
+				"Etag":                   {etag},
+				"Cache-Control":          {"public, max-age=31536000, immutable"},
+				"X-Content-Type-Options": {"nosniff"},
+				"Accept-Ranges":          {"bytes"},
+			}
+			if w.Code != 200 || !reflect.DeepEqual(w.Header(), want) || !bytes.Equal(w.Body.Bytes(), img) {
+				t.Errorf("GET: %d %v, %d bytes; want 200 %v and the image", w.Code, w.Header(), w.Body.Len(), want)
+			}
+			if w := serve(http.MethodHead, name); w.Code != 200 || w.Body.Len() != 0 || w.Header().Get("Content-Length") != fmt.Sprint(len(img)) {
+				t.Errorf("HEAD: %d, %d body bytes, Content-Length %q", w.Code, w.Body.Len(), w.Header().Get("Content-Length"))
+			}
+			loads := hidden.loads.Load()
+			for _, inm := range []string{etag, "W/" + etag, `"other", ` + etag, "*"} {
+				w := serve(http.MethodGet, name, "If-None-Match", inm)
+				if w.Code != 304 || w.Body.Len() != 0 || w.Header().Get("Etag") != etag || w.Header().Get("Content-Length") != "" {
+					t.Errorf("If-None-Match %s: %d %v %d bytes; want 304 with the ETag", inm, w.Code, w.Header(), w.Body.Len())
+				}
+			}
+			if d := hidden.loads.Load() - loads; d != 0 {
+				t.Errorf("a 304 loaded the image %d times; it needs only to know it exists", d)
+			}
+			if w := serve(http.MethodGet, name, "If-None-Match", `"other"`); w.Code != 200 || !bytes.Equal(w.Body.Bytes(), img) {
+				t.Errorf("If-None-Match of another tag: %d", w.Code)
+			}
+			w = serve(http.MethodGet, name, "Range", "bytes=8-15")
+			if w.Code != 206 || !bytes.Equal(w.Body.Bytes(), img[8:16]) || w.Header().Get("Content-Range") != fmt.Sprintf("bytes 8-15/%d", len(img)) {
+				t.Errorf("Range: %d %q %q", w.Code, w.Header().Get("Content-Range"), w.Body.Bytes())
+			}
+			w = serve(http.MethodGet, name, "Range", "bytes=8-15", "If-Range", etag)
+			if w.Code != 206 {
+				t.Errorf("If-Range with the strong ETag: %d, want 206", w.Code)
+			}
+			w = serve(http.MethodGet, name, "Range", fmt.Sprintf("bytes=%d-", len(img)+10))
+			if w.Code != 416 || apiErrOf(t, w).Code != "range_not_satisfiable" || w.Header().Get("Cache-Control") != "" {
+				t.Errorf("Range beyond the end: %d %v %s", w.Code, w.Header(), w.Body.Bytes())
+			}
+			w = serve(http.MethodGet, name, "If-Match", `"other"`)
+			if w.Code != 412 || apiErrOf(t, w).Code != "precondition_failed" {
+				t.Errorf("If-Match of another tag: %d %s", w.Code, w.Body.Bytes())
+			}
+			for _, n := range []string{storeTestID + ".png", "../../x", name + "\x00"} {
+				w := serve(http.MethodGet, n)
+				if w.Code != 404 || apiErrOf(t, w).Code != "not_found" || w.Header().Get("Cache-Control") != "" {
+					t.Errorf("GET %q: %d %v %s", n, w.Code, w.Header(), w.Body.Bytes())
+				}
+				if w := serve(http.MethodGet, n, "If-None-Match", `"`+storeTestID+`"`); w.Code != 404 {
+					t.Errorf("GET %q with If-None-Match of its id: %d, want 404", n, w.Code)
+				}
+			}
+			for _, m := range []string{http.MethodPost, http.MethodPut, http.MethodDelete, http.MethodPatch} {
+				w := serve(m, name)
+				if w.Code != 405 || apiErrOf(t, w).Code != "method_not_allowed" || w.Header().Get("Allow") != "GET, HEAD" {
+					t.Errorf("%s: %d %v %s", m, w.Code, w.Header(), w.Body.Bytes())
+				}
+			}
+			if w := serve(http.MethodOptions, name); w.Code != 204 {
+				t.Errorf("OPTIONS: %d, want 204 (CORS preflight)", w.Code)
+			}
+		})
+	}
+}
+
+func apiErrOf(t *testing.T, w *httptest.ResponseRecorder) errorDetail {
+	t.Helper()
+	if ct := w.Header().Get("Content-Type"); ct != "application/json" {
+		t.Errorf("error Content-Type %q", ct)
+	}
+	return apiErr(t, w.Body.Bytes())
+}
+
+// brokenStorage fails every read but says the key exists: a storage that
+// is down.
+type brokenStorage struct{ certmagic.Storage }
+
+func (brokenStorage) Load(context.Context, string) ([]byte, error) {
+	return nil, errors.New("connection refused")
+}
+func (brokenStorage) Exists(context.Context, string) bool { return true }
+
+// A storage that cannot be read is a 500 in the envelope, not a 404.
+func TestUnitStoreServeStorageDown(t *testing.T) {
+	st := newImageStore(brokenStorage{}, "zimage", 0, defaultStoreMaxSize, "", nil)
+	w := httptest.NewRecorder()
+	if code := st.serve(w, httptest.NewRequest(http.MethodGet, "/", nil), storeTestID+".png"); code != 500 || w.Code != 500 ||
+		apiErrOf(t, w).Code != "storage_error" || strings.Contains(w.Body.String(), "refused") {
+		t.Errorf("%d %s", w.Code, w.Body.Bytes())
+	}
+}
+
+// discardWriter is a ResponseWriter that drops the body, with ReadFrom
+// like net/http's (so sendfile-style copies do not buffer).
+type discardWriter struct{ h http.Header }
+
+func (d *discardWriter) Header() http.Header         { return d.h }
+func (d *discardWriter) WriteHeader(int)             {}
+func (d *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (d *discardWriter) ReadFrom(r io.Reader) (int64, error) {
+	buf := make([]byte, 32<<10)
+	return io.CopyBuffer(struct{ io.Writer }{io.Discard}, r, buf)
+}
+
+// With file_system storage an image is served from the file,
+// not read into memory whole: serving a 16 MiB image allocates far less
+// than 16 MiB (the generic path, which must Load, allocates all of it).
+func TestUnitStoreServeFromFile(t *testing.T) {
+	st, fsto := newTestFileStore(t, 0)
+	big := append(pngHeader(2048, 2048), make([]byte, 16<<20)...)
+	name, _, err := st.put(context.Background(), big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	alloc := func(st *imageStore) uint64 {
+		var m0, m1 runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&m0)
+		w := &discardWriter{h: http.Header{}}
+		if code := st.serve(w, httptest.NewRequest(http.MethodGet, "/", nil), name); code != 200 {
+			t.Fatalf("serve: %d", code)
+		}
+		runtime.ReadMemStats(&m1)
+		return m1.TotalAlloc - m0.TotalAlloc
+	}
+	if a := alloc(st); a > 1<<20 {
+		t.Errorf("serving a 16 MiB image from file_system storage allocated %d bytes", a)
+	}
+	if a := alloc(newImageStore(&hiddenStorage{Storage: fsto}, "zimage", 0, defaultStoreMaxSize, "", nil)); a < 16<<20 {
+		t.Errorf("the generic path allocated only %d bytes: the measurement cannot tell the two apart", a)
+	}
+}
+
+// The store's paths, with and without /v1; the name is passed on
+// as it came, for parseStoreName to judge.
+func TestUnitStoreRoute(t *testing.T) {
+	for _, tc := range []struct {
+		path string
+		want route
+		name string
+	}{
+		{"/v1/zimage/images/" + storeTestID + ".png", routeStoreImage, storeTestID + ".png"},
+		{"/zimage/images/" + storeTestID + ".png", routeStoreImage, storeTestID + ".png"},
+		{"//v1//zimage/images/x.png", routeStoreImage, "x.png"},
+		{"/v1/zimage/images/../../etc/passwd", routeStoreImage, "../../etc/passwd"},
+		{"/v1/zimage/images/", routeStoreImage, ""},
+		{"/v1/zimage/images", routeUnknown, ""},
+		{"/v1/zimage/imagesx/a.png", routeUnknown, ""},
+		{"/zimage/images", routeNone, ""},
+		{"/zimage/other/a.png", routeNone, ""},
+	} {
+		if got, name := parseRoute(tc.path); got != tc.want || name != tc.name {
+			t.Errorf("parseRoute(%q) = %d, %q; want %d, %q", tc.path, got, name, tc.want, tc.name)
+		}
 	}
 }
