@@ -18,13 +18,15 @@ package zimage
 // second by a background flusher, and read back when a config that names
 // the client is loaded; a crash loses at most that second. With
 // `coordination` the counts live in Redis instead (coordination.go).
+//
+// This file holds the config, the periods and the counting (reserve, made,
+// release); keeping the counts in storage is in quotas_storage.go, the
+// usage endpoint and the health report in quotas_usage.go.
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/http"
 	"strconv"
 	"sync"
@@ -37,16 +39,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
-
-// usagePath answers a client its own quotas and use (also under /v1).
-const usagePath = "/zimage/usage"
-
-// endpointUsage labels the usage endpoint's answers in the metrics.
-const endpointUsage = "usage"
-
-// quotaFlushEvery is how often, at most, a client's count is written to
-// the storage: the most a crash may lose.
-const quotaFlushEvery = time.Second
 
 // The calendar periods a quota may count over.
 const (
@@ -177,17 +169,6 @@ type quotaState struct {
 // Destruct implements caddy.Destructor.
 func (*quotaState) Destruct() error { return nil }
 
-// quotaFile is what the storage keeps for a client.
-type quotaFile struct {
-	Client  string               `json:"client"`
-	Periods map[string]quotaSave `json:"periods"`
-}
-
-type quotaSave struct {
-	Start time.Time `json:"start"`
-	Used  int       `json:"used"`
-}
-
 // clientQuota is one provisioned quota of a client.
 type clientQuota struct {
 	per   string
@@ -286,40 +267,6 @@ func (g *Gateway) provisionQuotas(ctx caddy.Context) error {
 
 // stateKey names a client's state: its name where its counts are kept.
 func (qs *quotaSet) stateKey(client string) string { return "quota|" + qs.ident + "|" + client }
-
-func (qs *quotaSet) key(client string) string { return qs.prefix + "/quotas/" + client + ".json" }
-
-// load reads a client's saved counts once; what is missing or unreadable
-// starts at 0 (logged: a count that cannot be read is a count lost).
-func (qs *quotaSet) load(ctx context.Context, st *quotaState) {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if st.loaded {
-		return
-	}
-	st.loaded = true
-	b, err := qs.storage.Load(ctx, qs.key(st.client))
-	if errors.Is(err, fs.ErrNotExist) {
-		return
-	}
-	var f quotaFile
-	if err == nil {
-		err = json.Unmarshal(b, &f)
-	}
-	if err != nil {
-		qs.logger.Warn("quota: the saved count could not be read; it starts at 0", zap.String("client", st.client), zap.String("key", qs.key(st.client)), zap.Error(err))
-		return
-	}
-	now := qs.now()
-	for _, q := range qs.quotas[st.client] {
-		s, ok := f.Periods[q.per]
-		start, end := periodBounds(q.per, now, qs.loc)
-		if ok && s.Start.Equal(start) {
-			st.counts[q.per] = &quotaCount{start: start, end: end, limit: q.limit, used: s.Used}
-			metricQuotaUsed.WithLabelValues(st.client, q.per).Set(float64(s.Used))
-		}
-	}
-}
 
 // countLocked is the client's count in the period of q that holds now,
 // a new one when the period has turned.
@@ -536,123 +483,6 @@ func quotaKeys(quotas []clientQuota, counts []*quotaCount) []quotaKey {
 	return keys
 }
 
-// usageQuota is one quota in the usage answer and the health body.
-type usageQuota struct {
-	Period   string `json:"period"`
-	Limit    int    `json:"limit"`
-	Used     int    `json:"used"`
-	ResetsAt string `json:"resets_at"`
-}
-
-// usage is the client's quotas and its use in their current periods.
-func (qs *quotaSet) usage(ctx context.Context, client string) []usageQuota {
-	out := []usageQuota{}
-	if qs == nil || qs.states[client] == nil {
-		return out
-	}
-	st, quotas, now := qs.states[client], qs.quotas[client], qs.now()
-	st.mu.Lock()
-	counts := make([]*quotaCount, len(quotas))
-	for i, q := range quotas {
-		counts[i] = qs.countLocked(st, q, now)
-	}
-	st.mu.Unlock()
-	if qs.coord != nil {
-		if totals, err := qs.coord.readQuota(ctx, client, quotaKeys(quotas, counts)); err == nil {
-			st.mu.Lock()
-			for i, c := range counts {
-				c.shared = totals[i]
-			}
-			st.mu.Unlock()
-		}
-	}
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	for i, q := range quotas {
-		used := qs.shownLocked(counts[i])
-		metricQuotaUsed.WithLabelValues(client, q.per).Set(float64(used))
-		out = append(out, usageQuota{Period: q.per, Limit: q.limit, Used: used, ResetsAt: counts[i].end.UTC().Format(time.RFC3339)})
-	}
-	return out
-}
-
-// serveUsage answers GET /v1/zimage/usage: the asking client's own quotas
-// and use, never another client's.
-func (g *Gateway) serveUsage(w http.ResponseWriter, r *http.Request, c *client) {
-	if r.Method != http.MethodGet {
-		g.fail(w, endpointUsage, "", errMethod(r.Method, "GET"))
-		return
-	}
-	writeJSON(w, http.StatusOK, struct {
-		Object string       `json:"object"`
-		Client string       `json:"client"`
-		Quotas []usageQuota `json:"quotas"`
-	}{"usage", c.name, c.quotas.usage(r.Context(), c.name)})
-}
-
-// healthClientQuota is one client's use, by name, for the health body.
-type healthClientQuota struct {
-	Name   string       `json:"name"`
-	Quotas []usageQuota `json:"quotas"`
-}
-
-// healthReport lists the use of every client with a quota.
-func (qs *quotaSet) healthReport(ctx context.Context) []healthClientQuota {
-	if qs == nil {
-		return nil
-	}
-	var out []healthClientQuota
-	for _, name := range qs.order {
-		out = append(out, healthClientQuota{Name: name, Quotas: qs.usage(ctx, name)})
-	}
-	return out
-}
-
-// flusher writes the changed counts every quotaFlushEvery until stopped.
-func (qs *quotaSet) flusher(ctx context.Context) {
-	defer close(qs.done)
-	t := time.NewTicker(quotaFlushEvery)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			qs.flush(ctx)
-		}
-	}
-}
-
-// flush writes each changed client's count to the storage.
-func (qs *quotaSet) flush(ctx context.Context) {
-	now := qs.now()
-	for _, name := range qs.order {
-		st := qs.states[name]
-		st.mu.Lock()
-		if !st.dirty {
-			st.mu.Unlock()
-			continue
-		}
-		f := quotaFile{Client: name, Periods: map[string]quotaSave{}}
-		for _, q := range qs.quotas[name] {
-			c := qs.countLocked(st, q, now)
-			f.Periods[q.per] = quotaSave{Start: c.start, Used: c.used}
-			metricQuotaUsed.WithLabelValues(name, q.per).Set(float64(qs.shownLocked(c)))
-		}
-		st.dirty = false
-		st.mu.Unlock()
-		b, _ := json.Marshal(f)
-		if err := qs.storage.Store(ctx, qs.key(name), b); err != nil {
-			if ctx.Err() == nil {
-				qs.logger.Warn("quota: writing the count to the storage failed; retrying in a second", zap.String("client", name), zap.Error(err))
-			}
-			st.mu.Lock()
-			st.dirty = true
-			st.mu.Unlock()
-		}
-	}
-}
-
 // close stops the flusher, writes what changed since its last pass and
 // gives the states back; a second call does nothing.
 func (qs *quotaSet) close() error {
@@ -703,29 +533,4 @@ func (a *admission) releaseQuota(ctx context.Context) {
 	if a.quota != nil {
 		a.client.quotas.release(ctx, a.client.name, a.quota)
 	}
-}
-
-// healthCluster is the health body's part on quotas and coordination.
-type healthCluster struct {
-	// Clients is each client with a quota, and its use
-	Clients []healthClientQuota `json:"clients,omitempty"`
-	// Coordination is the state of the Redis of coordination; absent
-	// without it
-	Coordination *healthCoordination `json:"coordination,omitempty"`
-}
-
-type healthCoordination struct {
-	State string `json:"state"` // up | down
-}
-
-func (g *Gateway) healthCluster(ctx context.Context) healthCluster {
-	var hc healthCluster
-	hc.Clients = g.quotas.healthReport(ctx)
-	if g.coord != nil {
-		hc.Coordination = &healthCoordination{State: "up"}
-		if !g.coord.isUp() {
-			hc.Coordination.State = "down"
-		}
-	}
-	return hc
 }
