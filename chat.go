@@ -315,7 +315,7 @@ func (g *Gateway) serveChatBody(w http.ResponseWriter, r *http.Request, adm *adm
 	}
 	if e := decode(q, body); e != nil {
 		body.release()
-		g.fail(w, q.endpoint, q.modelName(), e)
+		g.failRequest(w, q.endpoint, q.modelName(), e)
 		return
 	}
 	// the upload's share goes with the ask, given back once the edit's

@@ -424,7 +424,7 @@ func (g *Gateway) serveEdits(w http.ResponseWriter, r *http.Request, adm *admiss
 	}
 	if e := g.decodeEdit(q, f); e != nil {
 		q.up.release()
-		g.fail(w, endpointEdits, q.modelName(), e)
+		g.failRequest(w, endpointEdits, q.modelName(), e)
 		return
 	}
 	g.serve(w, r, adm, q)

@@ -124,7 +124,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	c := g.authorize(r)
 	if c == nil {
-		g.fail(w, endpointFor(rt), "", errUnauthorized())
+		g.failRequest(w, endpointFor(rt), "", errUnauthorized())
 		return nil
 	}
 	// every answer from here on is the client's: counted for it, and
@@ -133,38 +133,38 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	defer rs.finish(endpointFor(rt))
 	w = rs
 	if e := g.checkCrossSite(r, rt); e != nil {
-		g.fail(w, endpointFor(rt), "", e)
+		g.failRequest(w, endpointFor(rt), "", e)
 		return nil
 	}
 
 	switch rt {
 	case routeModels:
 		if r.Method != http.MethodGet {
-			g.fail(w, endpointModels, "", errMethod(r.Method, "GET"))
+			g.failRequest(w, endpointModels, "", errMethod(r.Method, "GET"))
 			return nil
 		}
 		g.serveModels(w)
 	case routeModel:
 		if r.Method != http.MethodGet {
-			g.fail(w, endpointModels, "", errMethod(r.Method, "GET"))
+			g.failRequest(w, endpointModels, "", errMethod(r.Method, "GET"))
 			return nil
 		}
 		g.serveModel(w, id)
 	case routeChat:
 		if r.Method != http.MethodPost {
-			g.fail(w, endpointChat, "", errMethod(r.Method, "POST"))
+			g.failRequest(w, endpointChat, "", errMethod(r.Method, "POST"))
 			return nil
 		}
 		g.serveChat(w, r, &rs.adm)
 	case routeImages:
 		if r.Method != http.MethodPost {
-			g.fail(w, endpointImages, "", errMethod(r.Method, "POST"))
+			g.failRequest(w, endpointImages, "", errMethod(r.Method, "POST"))
 			return nil
 		}
 		g.serveImages(w, r, &rs.adm)
 	case routeEdits:
 		if r.Method != http.MethodPost {
-			g.fail(w, endpointEdits, "", errMethod(r.Method, "POST"))
+			g.failRequest(w, endpointEdits, "", errMethod(r.Method, "POST"))
 			return nil
 		}
 		g.serveEdits(w, r, &rs.adm)
@@ -172,18 +172,18 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		g.serveUsage(w, r, c)
 	case routeResponses:
 		if r.Method != http.MethodPost {
-			g.fail(w, endpointResponses, "", errMethod(r.Method, "POST"))
+			g.failRequest(w, endpointResponses, "", errMethod(r.Method, "POST"))
 			return nil
 		}
 		g.serveResponses(w, r, &rs.adm)
 	case routeResponse:
 		if r.Method != http.MethodGet && r.Method != http.MethodDelete {
-			g.fail(w, endpointResponses, "", errMethod(r.Method, "GET or DELETE"))
+			g.failRequest(w, endpointResponses, "", errMethod(r.Method, "GET or DELETE"))
 			return nil
 		}
 		g.serveStoredResponse(w, r, c, id)
 	default:
-		g.fail(w, "unknown", "", errNotFound(r.URL.Path))
+		g.failRequest(w, "unknown", "", errNotFound(r.URL.Path))
 	}
 	return nil
 }
@@ -219,8 +219,11 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request, limit int64) 
 	return body, nil
 }
 
-// fail writes an error and counts it.
-func (g *Gateway) fail(w http.ResponseWriter, endpoint, modelName string, e *apiError) {
+// failRequest answers a request with e in the OpenAI envelope and counts
+// it in caddy_zimage_requests_total under endpoint and model. A failure
+// after the pipeline's renderer began is written by the renderer instead
+// (a stream has sent its status already) and counted there.
+func (g *Gateway) failRequest(w http.ResponseWriter, endpoint, modelName string, e *apiError) {
 	writeError(w, e)
 	metricRequests.WithLabelValues(endpoint, modelName, strconv.Itoa(e.status)).Inc()
 }

@@ -127,12 +127,12 @@ func parseSize(s string) (w, h *float64, e *apiError) {
 func (g *Gateway) serveImages(w http.ResponseWriter, r *http.Request, adm *admission) {
 	body, e := g.readBody(w, r, g.MaxBody)
 	if e != nil {
-		g.fail(w, endpointImages, "", e)
+		g.failRequest(w, endpointImages, "", e)
 		return
 	}
 	q := &ask{endpoint: endpointImages}
 	if e := g.decodeImages(q, body); e != nil {
-		g.fail(w, endpointImages, q.modelName(), e)
+		g.failRequest(w, endpointImages, q.modelName(), e)
 		return
 	}
 	g.serve(w, r, adm, q)

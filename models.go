@@ -382,7 +382,7 @@ func (g *Gateway) serveModel(w http.ResponseWriter, id string) {
 	// under the alias when aliases are listed
 	m := g.lookupModel(id)
 	if m == nil || strings.TrimSpace(id) == "" {
-		g.fail(w, endpointModels, "", errModelNotFound(id))
+		g.failRequest(w, endpointModels, "", errModelNotFound(id))
 		return
 	}
 	obj := m.object()

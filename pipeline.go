@@ -131,7 +131,7 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, adm *admission, 
 	// upload's share is free; on any earlier way out, here
 	defer q.up.release()
 	if e := adm.admit(r.Context(), q.n); e != nil {
-		g.fail(w, q.endpoint, q.model.name, e)
+		g.failRequest(w, q.endpoint, q.model.name, e)
 		return
 	}
 	// the origin the client saw, once: the demo's image URLs, the
@@ -146,7 +146,7 @@ func (g *Gateway) serve(w http.ResponseWriter, r *http.Request, adm *admission, 
 		j, e = g.newJob(q, adm, origin)
 	}
 	if e != nil {
-		g.fail(w, q.endpoint, q.model.name, e)
+		g.failRequest(w, q.endpoint, q.model.name, e)
 		return
 	}
 

@@ -60,7 +60,7 @@ func (qs *quotaSet) usage(ctx context.Context, client string) []usageQuota {
 // and use, never another client's.
 func (g *Gateway) serveUsage(w http.ResponseWriter, r *http.Request, c *client) {
 	if r.Method != http.MethodGet {
-		g.fail(w, endpointUsage, "", errMethod(r.Method, "GET"))
+		g.failRequest(w, endpointUsage, "", errMethod(r.Method, "GET"))
 		return
 	}
 	writeJSON(w, http.StatusOK, struct {

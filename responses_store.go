@@ -81,18 +81,18 @@ func (g *Gateway) loadResponse(ctx context.Context, c *client, id string) (*stor
 // its image as base64) and DELETE (removes it).
 func (g *Gateway) serveStoredResponse(w http.ResponseWriter, r *http.Request, c *client, id string) {
 	if g.store == nil {
-		g.fail(w, endpointResponses, "", errResponseNotFound(id))
+		g.failRequest(w, endpointResponses, "", errResponseNotFound(id))
 		return
 	}
 	s, e := g.loadResponse(r.Context(), c, id)
 	if e != nil {
-		g.fail(w, endpointResponses, "", e)
+		g.failRequest(w, endpointResponses, "", e)
 		return
 	}
 	if r.Method == http.MethodDelete {
 		if err := g.store.storage.Delete(r.Context(), g.store.responseKey(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			g.logger.Warn("deleting a kept response failed", zap.String("response_id", id), zap.String("error", g.scrub.Replace(err.Error())))
-			g.fail(w, endpointResponses, "", errStoreUnavailable())
+			g.failRequest(w, endpointResponses, "", errStoreUnavailable())
 			return
 		}
 		writeJSON(w, http.StatusOK, struct {
@@ -114,7 +114,7 @@ func (g *Gateway) serveStoredResponse(w http.ResponseWriter, r *http.Request, c 
 				e = &apiError{status: http.StatusServiceUnavailable, typ: "server_error", code: "busy", retryAfter: "5",
 					message: "The gateway holds as many images as max_downloads allows; retry later"}
 			}
-			g.fail(w, endpointResponses, "", e)
+			g.failRequest(w, endpointResponses, "", e)
 			return
 		}
 		defer release()
@@ -123,7 +123,7 @@ func (g *Gateway) serveStoredResponse(w http.ResponseWriter, r *http.Request, c 
 			// the image was swept, or the storage failed: the response
 			// without its picture would mislead
 			g.logger.Warn("reading a kept response's image failed", zap.String("response_id", id), zap.String("error", g.scrub.Replace(err.Error())))
-			g.fail(w, endpointResponses, "", errResponseNotFound(id))
+			g.failRequest(w, endpointResponses, "", errResponseNotFound(id))
 			return
 		}
 	}

@@ -399,7 +399,7 @@ func readUploadError(err error, limit int64) *apiError {
 // reset.
 func (g *Gateway) failBody(w http.ResponseWriter, r *http.Request, endpoint string, e *apiError) {
 	if e.status != http.StatusRequestEntityTooLarge && e.status != http.StatusRequestTimeout {
-		g.fail(w, endpoint, "", e)
+		g.failRequest(w, endpoint, "", e)
 		return
 	}
 	w.Header().Set("Connection", "close")
@@ -412,7 +412,7 @@ func (g *Gateway) failBody(w http.ResponseWriter, r *http.Request, endpoint stri
 		// else net/http closes as soon as the answer is written
 		linger = rc.EnableFullDuplex() == nil
 	}
-	g.fail(w, endpoint, "", e)
+	g.failRequest(w, endpoint, "", e)
 	if !linger {
 		return
 	}
