@@ -194,7 +194,7 @@ type choice struct {
 	chosen       *account
 	triedBuf     [8]bool // tried's array for pools of up to 8 accounts
 
-	// lease is the chosen account's slot across a cluster (coordination.go)
+	// lease is the chosen account's slot across a cluster (coordination_hooks.go)
 	lease slotLease
 }
 

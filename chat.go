@@ -32,7 +32,7 @@ type chatRequest struct {
 	Seed           json.RawMessage `json:"seed"`
 	NegativePrompt *string         `json:"negative_prompt"`
 
-	// the data: URLs the body's reader decoded in place (uploads.go)
+	// the data: URLs the body's reader decoded in place (uploads_chat.go)
 	dataURLs *dataURLs
 }
 

@@ -226,7 +226,7 @@ func (g *Gateway) chatImage(req *chatRequest) (*sourceImage, *apiError) {
 			}
 			u := strings.TrimSpace(p.ImageURL.url)
 			if strings.HasPrefix(strings.ToLower(u), "data:") {
-				// decoded in place in the body (uploads.go)
+				// decoded in place in the body (uploads_chat.go)
 				return req.dataURLs.dataURL(u, g.MaxUpload, param)
 			}
 			return g.imageFromURL(u, param)

@@ -78,7 +78,7 @@ type health struct {
 	seenMu sync.Mutex
 	seen   upstreamSeen
 
-	// cluster is the quotas' use and the coordination's state (quotas.go,
+	// cluster is the quotas' use and the coordination's state (quotas_usage.go,
 	// coordination.go)
 	cluster func(ctx context.Context) healthCluster
 }

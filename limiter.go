@@ -94,19 +94,19 @@ type limiter struct {
 	// client limiters answer at once instead and never queue
 	queued bool
 
-	restUntil time.Time // accounts.go: the account rests until then
-	// accounts.go: the account rests at least until then after a 429,
+	restUntil time.Time // failover.go: the account rests until then
+	// failover.go: the account rests at least until then after a 429,
 	// as the service asked; a success does not end this part
 	retryAfterUntil time.Time
-	// accounts.go: the account rests until then for want of points
+	// failover.go: the account rests until then for want of points
 	noPointsUntil time.Time
 	// clusterRest: restUntil was set by another instance (coordination.go),
 	// so the cluster forgetting it ends it here too
 	clusterRest bool
 	restTimer   *time.Timer // wakes the queue when the rest ends
-	lowPoints   bool        // accounts.go: remaining points are below low_points
+	lowPoints   bool        // points.go: remaining points are below low_points
 
-	// coordination.go: every slot of the account is taken across the
+	// coordination_hooks.go: every slot of the account is taken across the
 	// cluster until then; the timer wakes the queue when it ends
 	fullUntil time.Time
 	fullTimer *time.Timer
@@ -294,7 +294,7 @@ func (l *limiter) endRestLocked(now time.Time) bool {
 }
 
 // chooser decides, under limMu, which slot a generation may take: the
-// account pool (accounts.go) implements the choice of docs/design.md#accounts.
+// account pool (account_pool.go) implements the choice of docs/design.md#accounts.
 type chooser interface {
 	// take takes a slot the generation may use, if one is free now.
 	take() bool

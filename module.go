@@ -1,13 +1,44 @@
 // Package zimage is a Caddy HTTP handler module that puts the 梦羽 (Mengyu)
 // text-to-image service behind the OpenAI API: GET /v1/models,
-// POST /v1/chat/completions (streaming and not), POST /v1/images/generations
-// and POST /v1/images/edits, with an image store served from the site
-// itself, several upstream accounts, named clients and a playground page.
+// POST /v1/chat/completions (streaming and not), POST /v1/images/generations,
+// POST /v1/images/edits and POST /v1/responses, with an image store served
+// from the site itself, several upstream accounts, named clients and a
+// playground page.
 //
-// module.go holds the Gateway struct and the order in which its rooms are
-// provisioned; each capability lives in its own file: clients.go,
-// models.go, upstream.go and accounts.go, enhance.go, fetch.go, store.go,
-// edits.go, playground.go, health.go.
+// module.go holds the Gateway struct, its registration and the order in
+// which its parts are provisioned and cleaned up. Each capability has its
+// own file, named by what it holds (its config, Caddyfile parsing,
+// provisioning and runtime together); docs/design.md describes the design
+// they follow. In the order a request meets them:
+//
+//   - handler.go routes a path; clients.go finds the client by its key,
+//     limiter.go holds its and the accounts' slots across reloads.
+//   - Decoders: chat.go, images.go, edits.go, responses.go; the bodies that
+//     carry an image are read by uploads.go (the upload budget),
+//     uploads_chat.go (a chat body and its data: URLs) and uploads_rate.go
+//     (min_upload_rate).
+//   - pipeline.go takes the decoded ask through the steps: admission
+//     (clients.go, quotas.go), the job (job.go, prompt.go, ratio.go),
+//     enhancement (enhance.go), the generations, keep and render.
+//   - Generation: upstream.go (the upstream block, the generator interface),
+//     upstream_client.go (the HTTP call, transport and forward proxy),
+//     upstream_answer.go (reading the service's answers and failures),
+//     accounts.go (account blocks), account_pool.go (the choice of an
+//     account), failover.go (retries, failover and rests), points.go;
+//     models.go checks the model that ran; demo.go replaces the service
+//     with local placeholders.
+//   - The store: store.go (config, naming, writes), store_keep.go (the
+//     pipeline's copy step, with fetch.go's bounded downloads and
+//     imagecheck.go's check of every image), store_serve.go, store_sweep.go.
+//   - Renderers: chat.go, stream.go (SSE and keep-alives), images.go,
+//     responses_render.go; responses_store.go keeps Responses answers.
+//   - Alongside: quotas_storage.go and quotas_usage.go (quota counts kept
+//     and shown), coordination.go, coordination_redis.go and
+//     coordination_hooks.go (sharing limits through Redis), health.go,
+//     playground.go, metrics.go, secrets.go (scrubbing keys from answers
+//     and logs), errors.go (the OpenAI error envelope), fastjson.go (JSON
+//     written by hand on the hot path), caddyfile.go (the handler's
+//     Caddyfile), command.go (`caddy zimage-models`).
 package zimage
 
 import (
