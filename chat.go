@@ -1,5 +1,12 @@
 package zimage
 
+// POST /v1/chat/completions: the decoder that turns a chat body into an ask
+// (a generation, or an edit when the latest user message carries an
+// image) and the renderer of its answer, which is markdown: chat clients
+// show text, so the image comes as a markdown image followed by the prompt
+// it was made from. The body's reading (max_body, or max_upload for an
+// image) is in uploads_chat.go, streaming in stream.go.
+
 import (
 	"bytes"
 	"encoding/hex"
@@ -19,16 +26,23 @@ import (
 // chatRequest is the part of an OpenAI chat completions body the gateway
 // reads; other fields (temperature, tools, …) are accepted and ignored.
 type chatRequest struct {
-	Model         string        `json:"model"`
-	Messages      []chatMessage `json:"messages"`
-	Prompt        *string       `json:"prompt"`
-	Stream        bool          `json:"stream"`
+	Model    string        `json:"model"`
+	Messages []chatMessage `json:"messages"`
+	// Prompt is not OpenAI's: it lets a script send the prompt alone,
+	// without messages, and wins over them when it is not blank
+	Prompt        *string `json:"prompt"`
+	Stream        bool    `json:"stream"`
 	StreamOptions *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
-	Width          *float64        `json:"width"`
-	Height         *float64        `json:"height"`
-	CFG            *float64        `json:"cfg"`
+	// the gateway's extensions, pointers so that absent differs from 0;
+	// the size is any number, which the size rules round and clamp
+	// (clampSide) rather than refuse
+	Width  *float64 `json:"width"`
+	Height *float64 `json:"height"`
+	CFG    *float64 `json:"cfg"`
+	// Seed is kept raw: clients send it as a number, a string or null,
+	// and parseSeed answers each wrong form with its own message
 	Seed           json.RawMessage `json:"seed"`
 	NegativePrompt *string         `json:"negative_prompt"`
 
@@ -93,7 +107,9 @@ func jsonTypeName(t reflect.Type) string {
 	return "another type"
 }
 
-// decodeChat parses and checks a chat completions body.
+// decodeChat parses and checks a chat completions body. The prompt's
+// length is counted in characters, not bytes, so that max_prompt_length
+// means the same for a Chinese prompt as for an English one.
 func decodeChat(body []byte, maxPrompt int) (*chatRequest, string, *apiError) {
 	var req chatRequest
 	if e := decodeJSON(body, &req); e != nil {
@@ -110,7 +126,11 @@ func decodeChat(body []byte, maxPrompt int) (*chatRequest, string, *apiError) {
 }
 
 // chatPrompt is the top-level prompt when present and non-blank, else the
-// last user message's text (docs/design.md#the-prompt).
+// last user message's text (docs/design.md#the-prompt). Only the last user
+// message counts: the ones before it are the conversation's history, the
+// prompts of pictures already made, and a blank last message is an error
+// rather than a reason to make an older picture again. The second result
+// names the field the prompt came from, for the param of later errors.
 func chatPrompt(req *chatRequest) (string, string, *apiError) {
 	if req.Prompt != nil && strings.TrimSpace(*req.Prompt) != "" {
 		return strings.TrimSpace(*req.Prompt), "prompt", nil
@@ -249,8 +269,10 @@ func (c *messageContent) badImage() bool {
 }
 
 // parseSeed accepts an integer, an integral number or an integer in a
-// string; null or absent
-// means "random". Negative seeds also mean random, as in most SD front ends.
+// string; null or absent means "random". Negative seeds also mean random,
+// as in most SD front ends. A seed that is not an integer is a 400 rather
+// than a random seed: the client asked for one picture and would get
+// another without knowing.
 func parseSeed(raw json.RawMessage) (*int64, *apiError) {
 	raw = bytes.TrimSpace(raw)
 	if len(raw) == 0 || string(raw) == "null" {
@@ -281,7 +303,10 @@ func parseSeed(raw json.RawMessage) (*int64, *apiError) {
 }
 
 // checkParams rejects numbers no client means: NaN cannot come from JSON,
-// but absurd sizes or cfg values can.
+// but absurd sizes or cfg values can. The size's range and rounding are
+// the ratio rules' (ratio.go); here only what no rule could use is
+// refused, so that the client hears of its mistake instead of getting a
+// picture of another size.
 func checkParams(p *jobParams) *apiError {
 	if (p.width == nil) != (p.height == nil) {
 		// one without the other is ignored: the ratio rules decide
@@ -379,8 +404,13 @@ type chatRenderer struct {
 	sse          *sseWriter
 }
 
+// needBytes is false: a chat answer links to the image, it never carries
+// its bytes, so the pipeline downloads an image only to keep it.
 func (c *chatRenderer) needBytes() bool { return false }
 
+// begin fixes created (every chunk of a stream carries the same one, as
+// OpenAI's do) and, for a stream, sends the headers and the role chunk at
+// once, so that the client sees the answer begin while the image is made.
 func (c *chatRenderer) begin(w http.ResponseWriter, j *job) {
 	c.created, c.requested = time.Now().Unix(), j.requested
 	if c.stream {
@@ -388,6 +418,8 @@ func (c *chatRenderer) begin(w http.ResponseWriter, j *job) {
 	}
 }
 
+// writeFailure answers e: as an error event once a stream has begun (its
+// status is sent already), else as the usual JSON error.
 func (c *chatRenderer) writeFailure(w http.ResponseWriter, j *job, e *apiError) {
 	if c.stream {
 		c.failStream(w, e)
@@ -396,6 +428,10 @@ func (c *chatRenderer) writeFailure(w http.ResponseWriter, j *job, e *apiError) 
 	writeError(w, e)
 }
 
+// write answers the image as markdown: one chat.completion, or the
+// content, finish and (asked for) usage chunks of a stream. usage is there
+// and zero, as the service counts no tokens: clients that read it must
+// find it.
 func (c *chatRenderer) write(w http.ResponseWriter, res *output) {
 	content := c.g.markdown(res.jobs[0])
 	if c.stream {
@@ -414,6 +450,7 @@ func (c *chatRenderer) write(w http.ResponseWriter, res *output) {
 		}},
 		Usage: &usage{},
 	}
+	// the buffer fits the answer and the escapes of its content at once
 	writeJSONBytes(w, http.StatusOK, cc.appendJSON(make([]byte, 0, 256+len(c.id)+len(c.requested)+len(content)+len(content)/8)))
 }
 
@@ -428,6 +465,8 @@ type chatCompletion struct {
 	Usage   *usage       `json:"usage,omitempty"`
 }
 
+// chatChoice is one choice; FinishReason is null in every chunk but the
+// last, as in OpenAI's streams, so it is a pointer.
 type chatChoice struct {
 	Index        int        `json:"index"`
 	Message      *chatDelta `json:"message,omitempty"`
@@ -435,11 +474,14 @@ type chatChoice struct {
 	FinishReason *string    `json:"finish_reason"`
 }
 
+// chatDelta is a message, or a chunk's part of one: a chunk carries the
+// role or the content, hence both omitempty.
 type chatDelta struct {
 	Role    string  `json:"role,omitempty"`
 	Content *string `json:"content,omitempty"`
 }
 
+// usage is the token count, always zero (see chatRenderer.write).
 type usage struct {
 	PromptTokens     int `json:"prompt_tokens"`
 	CompletionTokens int `json:"completion_tokens"`
@@ -463,7 +505,8 @@ func (c *chatCompletion) firstContent() string {
 }
 
 // appendJSON appends the chat completion (or chunk) as json.Marshal
-// writes a chatCompletion.
+// writes a chatCompletion: byte for byte, as fastjson_test.go checks,
+// without encoding/json's reflection on the path every chat answer takes.
 func (c *chatCompletion) appendJSON(dst []byte) []byte {
 	dst = append(dst, `{"id":`...)
 	dst = appendJSONString(dst, c.ID)
@@ -536,9 +579,12 @@ func (d *chatDelta) appendJSON(dst []byte) []byte {
 	return append(dst, '}')
 }
 
+// ptr is v's address, for the optional fields of answers.
 func ptr[T any](v T) *T { return &v }
 
-// randomID is 24 hex digits for completion ids.
+// randomID is 24 hex digits for completion ids. They must differ, not be
+// unguessable (nothing is looked up by them, unlike a response's id,
+// secureID), so math/rand's fast generator is enough.
 func randomID() string {
 	var b [12]byte
 	for i := 0; i < len(b); i += 4 {
@@ -548,7 +594,10 @@ func randomID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// markdown renders the answer content of docs/design.md#the-prompt, byte for byte.
+// markdown renders the answer content of docs/design.md#the-prompt, byte for
+// byte. Both prompts are shown when the LLM rewrote it, so that a user can
+// tell what was generated from what they wrote; the failure note says
+// why the picture follows their words literally.
 func (g *Gateway) markdown(j *job) string {
 	if j.edit {
 		return g.editMarkdown(j)
@@ -653,6 +702,8 @@ func markdownURL(u string) string {
 	return b.String()
 }
 
+// hasControl reports whether s holds an ASCII control character, which
+// markdownURL then encodes.
 func hasControl(s string) bool {
 	for i := 0; i < len(s); i++ {
 		if s[i] < 0x20 || s[i] == 0x7f {

@@ -123,7 +123,9 @@ type discoverTarget struct {
 	secrets []string // scrubbed from everything printed
 }
 
-// runZimageModels is the command: the plan, and with yes the table.
+// runZimageModels is the command: the plan, and with yes the table. It
+// returns the exit status beside the error for its tests; the command
+// itself exits 1 on any error, as Caddy's main does.
 func runZimageModels(ctx context.Context, o discoverOptions, out io.Writer) (int, error) {
 	if o.from < 0 || o.to < o.from || o.to-o.from >= discoverMaxSpan {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("zimage-models: --from and --to must give 0 ≤ from ≤ to and at most %d indexes, got %d…%d", discoverMaxSpan, o.from, o.to)
@@ -152,6 +154,9 @@ func runZimageModels(ctx context.Context, o discoverOptions, out io.Writer) (int
 		return caddy.ExitCodeSuccess, nil
 	}
 
+	// one index at a time: an interrupt stops the spending after the call
+	// in flight, and an account with a limit at the service is not asked
+	// for every index at once
 	probe := t.prober()
 	fmt.Fprintf(out, "%5s  %-36s  %s\n", "index", "model_name", "points_used")
 	answered := 0
@@ -179,7 +184,10 @@ func runZimageModels(ctx context.Context, o discoverOptions, out io.Writer) (int
 }
 
 // prober makes one discovery generation: the model's name and the points
-// it cost ("-" when not said), or the failure.
+// it cost ("-" when not said), or the failure. It calls the image client
+// directly, without the account pool: an index is asked once, with no
+// retry or failover, since a retry would cost points twice and a failure
+// is itself worth a row of the table.
 func (t *discoverTarget) prober() func(ctx context.Context, i int) (name, points, failure string) {
 	if t.url == demoUpstream {
 		return func(_ context.Context, i int) (string, string, string) {
@@ -187,6 +195,8 @@ func (t *discoverTarget) prober() func(ctx context.Context, i int) (name, points
 			return name, strconv.FormatFloat(p, 'f', -1, 64), failure
 		}
 	}
+	// a plain transport: calls made one at a time need none of the
+	// gateway's connection pooling (newTransport)
 	tr := &http.Transport{Proxy: http.ProxyFromEnvironment, TLSHandshakeTimeout: 10 * time.Second}
 	if t.proxy != nil {
 		tr.Proxy = http.ProxyURL(t.proxy)
@@ -245,6 +255,8 @@ type discoverHandler struct {
 // the environment (SD_API_KEY). Errors name what to change and carry no
 // key.
 func discoverTargetFrom(o discoverOptions) (*discoverTarget, error) {
+	// placeholders ({env.SD_API_KEY}) are resolved as Provision resolves
+	// them, so a config's keys work here unchanged
 	repl := caddy.NewReplacer()
 	resolve := func(v string) string { return strings.TrimSpace(repl.ReplaceKnown(v, "")) }
 	t := &discoverTarget{account: "default", timeout: defaultUpstreamTimeout, steps: defaultSteps}
@@ -293,6 +305,8 @@ func discoverTargetFrom(o discoverOptions) (*discoverTarget, error) {
 			return nil, errors.New("zimage-models: forward_proxy_url in the config is not an http(s) URL; fix the upstream block's forward_proxy_url")
 		}
 		t.proxy = pu
+		// scrubbed as proxySecrets does: the password, and user:password
+		// (the Proxy-Authorization header's content before base64)
 		if pw, ok := pu.User.Password(); ok {
 			t.secrets = append(t.secrets, pw)
 		}
@@ -337,6 +351,8 @@ func firstGatewayHandler(path, adapter string) (*discoverHandler, error) {
 	for n := range cfg.Apps.HTTP.Servers {
 		names = append(names, n)
 	}
+	// a map's order changes from run to run: sorted, the same config
+	// always names the same handler
 	sort.Strings(names)
 	var find func(handles []json.RawMessage) *discoverHandler
 	find = func(handles []json.RawMessage) *discoverHandler {

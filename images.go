@@ -1,5 +1,10 @@
 package zimage
 
+// POST /v1/images/generations: the decoder of an Images API body and the
+// Images API's JSON renderer, which edits share (the streamed answer is in
+// stream.go). Unlike chat, the answer names the image itself: a URL, its
+// bytes in base64, or both.
+
 import (
 	"bufio"
 	"encoding/base64"
@@ -33,6 +38,9 @@ type imagesRequest struct {
 	Stream         bool            `json:"stream"`
 }
 
+// maxImagesN bounds n: each image is a generation of its own, paid in
+// points and run in parallel on the accounts' slots, so that one request
+// cannot take the whole pool.
 const maxImagesN = 4
 
 // The forms of an image in an answer: its URL, its bytes in base64, or
@@ -107,6 +115,8 @@ func parseLook(quality, background string) (imageLook, *apiError) {
 }
 
 // parseSize reads "WxH"; "auto" or "" leave the size to the ratio rules.
+// The sides are returned as the float64 pointers of jobParams, which chat's
+// width and height fill too, so that one set of size rules serves both.
 func parseSize(s string) (w, h *float64, e *apiError) {
 	s = strings.TrimSpace(strings.ToLower(s))
 	if s == "" || s == "auto" {
@@ -178,6 +188,8 @@ func (g *Gateway) decodeImages(q *ask, body []byte) *apiError {
 	if e := readParams(&q.params, req.Seed); e != nil {
 		return e
 	}
+	// with both forms by default, a failed download leaves that image its
+	// URL instead of failing the request: the client reads either form
 	q.bytesOptional = format == formatBoth && !req.Stream
 	q.out = g.imagesRenderer(req.Stream, format, look)
 	return nil
@@ -200,6 +212,10 @@ type imagesJSON struct {
 	look   imageLook
 }
 
+// needBytes: an answer with b64_json needs each image's bytes, which the
+// pipeline then downloads once for the answer and the store alike. begin
+// sends nothing: the status of a JSON answer is not known before the work
+// ends, so a failure can still be a plain JSON error (writeFailure).
 func (o imagesJSON) needBytes() bool                                       { return o.format != formatURL }
 func (imagesJSON) begin(http.ResponseWriter, *job)                         {}
 func (imagesJSON) writeFailure(w http.ResponseWriter, _ *job, e *apiError) { writeError(w, e) }
@@ -258,6 +274,7 @@ func writeImagesAnswer(w http.ResponseWriter, res *output, withURL, withB64 bool
 		Quality      string `json:"quality"`
 		Background   string `json:"background"`
 	}{heldSize(res.jobs[0]), heldFormat(res.jobs[0], held(0)), look.quality, look.background})
+	// the object's '{' becomes a comma: its fields continue the answer
 	foot[0] = ','
 	// each item is pre, the base64 when asked for, and post
 	pre, post := make([][]byte, len(res.jobs)), make([][]byte, len(res.jobs))
@@ -280,10 +297,14 @@ func writeImagesAnswer(w http.ResponseWriter, res *output, withURL, withB64 bool
 			total++
 		}
 	}
+	// the length is known before the first byte (base64's follows from the
+	// image's), so the answer carries Content-Length as a buffered one would
 	h := w.Header()
 	h["Content-Type"] = []string{"application/json"}
 	h["Content-Length"] = []string{strconv.Itoa(total)}
 	w.WriteHeader(http.StatusOK)
+	// the base64 encoder writes 4 bytes at a time: buffered into larger
+	// writes to the connection
 	bw := bufio.NewWriterSize(w, 32<<10)
 	bw.Write(head)
 	for i := range res.jobs {

@@ -85,7 +85,7 @@ var metricUploadMemory = prometheus.NewGauge(prometheus.GaugeOpts{
 })
 
 func init() {
-	// this room's metric, registered with the others (metrics.go)
+	// the upload budget's metric, registered with the others (metrics.go)
 	collectors = append(collectors, metricUploadMemory)
 }
 
