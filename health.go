@@ -156,10 +156,17 @@ func (g *Gateway) provisionHealth() (*health, error) {
 	return h, nil
 }
 
-// stop ends the store's write check loop (Cleanup); nil-safe.
+// stop ends the store's write check loop (Cleanup) and waits for a write
+// in progress, which is bounded: a write after Cleanup would land in a
+// storage the next config (or a test's temporary directory) owns. Nil-safe.
 func (h *health) stop() {
-	if h != nil && h.probe != nil {
-		h.probe.stop()
+	if h == nil || h.probe == nil {
+		return
+	}
+	h.probe.stop()
+	select {
+	case <-h.probe.done:
+	case <-time.After(healthStoreTimeout + time.Second):
 	}
 }
 

@@ -51,11 +51,14 @@ func (s *imageStore) start(parent context.Context) {
 	go s.sweepLoop(ctx)
 }
 
-// stop ends the sweeper; a sweep in progress stops at its next key.
+// stop ends the sweeper and waits for it: a sweep in progress stops at
+// its next key, so Cleanup leaves no deletion running behind it.
 func (s *imageStore) stop() {
-	if s.cancel != nil {
-		s.cancel()
+	if s.cancel == nil {
+		return
 	}
+	s.cancel()
+	<-s.done
 }
 
 func (s *imageStore) sweepLoop(ctx context.Context) {
