@@ -1,7 +1,8 @@
 package zimage
 
 // The job step through a real Caddy: the skip word, which size wins, the
-// generation parameters and their defaults, and the generation log lines.
+// generation parameters and their defaults, and the generation log lines;
+// and the random seed's range.
 
 import (
 	"fmt"
@@ -305,6 +306,23 @@ func TestOpsLogsFailures(t *testing.T) {
 			if strings.Contains(line, s) {
 				t.Fatalf("a configured secret is in the log: %s", line)
 			}
+		}
+	}
+}
+
+// Random seeds are drawn from [1, 2^31-1): the service fails on 0. The source is pinned to its extremes.
+func TestUnitRandomSeedRange(t *testing.T) {
+	defer func(f func(int64) int64) { seedSource = f }(seedSource)
+	for _, tc := range []struct {
+		draw func(n int64) int64
+		want int64
+	}{
+		{func(int64) int64 { return 0 }, 1},
+		{func(n int64) int64 { return n - 1 }, maxSeed - 1},
+	} {
+		seedSource = tc.draw
+		if got := randomSeed(); got != tc.want {
+			t.Errorf("randomSeed() = %d, want %d", got, tc.want)
 		}
 	}
 }

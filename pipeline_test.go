@@ -1,6 +1,7 @@
 package zimage
 
-// The whole pipeline through a real Caddy: a client that leaves cancels the
+// The pipeline: n generations with distinct seeds and the first failure
+// winning; and through a real Caddy, a client that leaves cancels the
 // work in progress, and 500 concurrent requests against an image service
 // that is by turns fast, slow and failing each end in a well-formed answer,
 // releasing their connections and goroutines.
@@ -12,7 +13,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -307,5 +310,92 @@ func TestFaultConcurrentMixedUpstream(t *testing.T) {
 			t.Fatalf("%d goroutines remain, baseline %d:\n%s", n, base, buf[:runtime.Stack(buf, true)])
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// N>1 runs n generations with seed, seed+1, … when a seed is
+// given (wrapping below 2^31-1), and distinct random seeds otherwise.
+func TestUnitGenerateNSeeds(t *testing.T) {
+	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7}
+	r := httptest.NewRequest(http.MethodPost, "/v1/images/generations", nil)
+	for _, tc := range []struct {
+		name string
+		seed *int64
+		n    int
+		want []int64 // nil: random and distinct
+	}{
+		{"fixed seed", ptr(int64(100)), 3, []int64{100, 101, 102}},
+		{"fixed seed wraps to 1, never 0", ptr(int64(maxSeed - 2)), 4, []int64{1, 2, maxSeed - 2, maxSeed - 1}},
+		{"random seeds", nil, 4, nil},
+		{"one", ptr(int64(9)), 1, []int64{9}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := &unitGenerator{url: "https://img.example.com/x.png"}
+			g := unitGateway(up, nil)
+			j, e := g.newJob(&ask{endpoint: endpointImages, model: m, requested: "", params: jobParams{prompt: "a cat", seed: tc.seed}}, nil, requestOrigin(r))
+			if e != nil {
+				t.Fatal(e)
+			}
+			g.runEnhance(context.Background(), j)
+			data, e := g.generateN(context.Background(), j, tc.n)
+			if e != nil {
+				t.Fatal(e)
+			}
+			if len(data) != tc.n {
+				t.Fatalf("%d images, want %d", len(data), tc.n)
+			}
+			for _, d := range data {
+				if d.imageURL != "https://img.example.com/x.png" || d.prompt != "a cat" {
+					t.Fatalf("image %+v", d)
+				}
+			}
+			var seeds []int64
+			for _, q := range up.requests() {
+				seeds = append(seeds, q.Seed)
+			}
+			sort.Slice(seeds, func(a, b int) bool { return seeds[a] < seeds[b] })
+			if tc.want != nil {
+				if len(seeds) != len(tc.want) {
+					t.Fatalf("seeds %v, want %v", seeds, tc.want)
+				}
+				for i := range seeds {
+					if seeds[i] != tc.want[i] {
+						t.Fatalf("seeds %v, want %v", seeds, tc.want)
+					}
+				}
+				return
+			}
+			for i := 1; i < len(seeds); i++ {
+				if seeds[i] == seeds[i-1] {
+					t.Fatalf("random seeds repeat: %v", seeds)
+				}
+			}
+		})
+	}
+}
+
+// If any of the n generations fails, the request fails with the
+// root cause.
+func TestUnitGenerateNFailure(t *testing.T) {
+	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7}
+	r := httptest.NewRequest(http.MethodPost, "/v1/images/generations", nil)
+	up := &unitGenerator{err: &upstreamError{kind: kind429, message: "slow down " + testSDKey, retryAfter: "7"}}
+	g := unitGateway(up, nil)
+	j, e := g.newJob(&ask{endpoint: endpointImages, model: m, requested: "", params: jobParams{prompt: "a cat"}}, nil, requestOrigin(r))
+	if e != nil {
+		t.Fatal(e)
+	}
+	data, e := g.generateN(context.Background(), j, 3)
+	if e == nil || data != nil {
+		t.Fatalf("generateN = %v, %v, want a failure", data, e)
+	}
+	if e.status != http.StatusTooManyRequests || e.retryAfter != "7" {
+		t.Fatalf("error %+v, want the upstream's 429 with its Retry-After", e)
+	}
+	if got := e.message; got != "The image service is rate limiting requests: slow down [redacted]" {
+		t.Fatalf("message %q, want the upstream's text with the key scrubbed", got)
+	}
+	if n := len(up.requests()); n < 1 || n > 3 {
+		t.Fatalf("image service got %d requests, want 1 to 3", n)
 	}
 }
