@@ -184,6 +184,7 @@ func TestUnitCaddyfileParse(t *testing.T) {
 // Config errors fail at load with a message naming the directive,
 // and carry the file and line.
 func TestUnitCaddyfileErrors(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, src, want string
 	}{
@@ -280,6 +281,7 @@ func unitHandlerNames(cfg []byte) []string {
 // The directive orders itself, so a Caddyfile needs no global
 // `order` line, and it comes before handlers that answer everything.
 func TestUnitCaddyfileDirectiveOrder(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, site string
 		want       []string

@@ -24,6 +24,7 @@ import (
 // The prompt is the non-blank top-level prompt, else the
 // last user message (a string, or text parts joined by a space).
 func TestUnitDecodeChat(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, body string
 		prompt     string
@@ -100,6 +101,7 @@ func TestUnitDecodeChat(t *testing.T) {
 
 // The fields the pipeline reads come through decodeChat.
 func TestUnitDecodeChatFields(t *testing.T) {
+	t.Parallel()
 	req, prompt, e := decodeChat([]byte(`{"model":"DALL-E-3","stream":true,"stream_options":{"include_usage":true},
 		"prompt":"a cat","width":1000,"height":500,"cfg":4.5,"seed":"12","negative_prompt":"blurry"}`), 1000)
 	if e != nil {
@@ -140,6 +142,7 @@ func TestUnitDecodeChatPromptLength(t *testing.T) {
 // means random (nil); negative numbers pass through and newJob makes them
 // random; anything else is a 400 naming seed.
 func TestUnitParseSeed(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, raw string
 		want      int64
@@ -191,6 +194,7 @@ func TestUnitParseSeed(t *testing.T) {
 
 // checkParams drops a lone width or height and rejects absurd values.
 func TestUnitCheckParams(t *testing.T) {
+	t.Parallel()
 	f := func(v float64) *float64 { return &v }
 	for _, tc := range []struct {
 		name          string
@@ -234,6 +238,7 @@ func TestUnitCheckParams(t *testing.T) {
 
 // newJob settles docs/design.md#the-prompt before enhancement.
 func TestUnitNewJob(t *testing.T) {
+	t.Parallel()
 	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7, negativePrompt: "lowres"}
 	f := func(v float64) *float64 { return &v }
 	seed := func(v int64) *int64 { return &v }
@@ -293,6 +298,7 @@ func TestUnitNewJob(t *testing.T) {
 
 // A fresh random seed for every request without one (docs/design.md#the-prompt).
 func TestUnitNewJobRandomSeeds(t *testing.T) {
+	t.Parallel()
 	m := &model{name: "Z-Image", steps: 8, cfg: 7}
 	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
 	seen := map[int64]bool{}
@@ -310,6 +316,7 @@ func TestUnitNewJobRandomSeeds(t *testing.T) {
 
 // A prompt that is only a ratio or the skip word is a 400.
 func TestUnitNewJobEmptyPrompt(t *testing.T) {
+	t.Parallel()
 	m := &model{name: "Z-Image", steps: 8, cfg: 7}
 	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
 	for _, p := range []string{"比例 16:9", "no-enhance", "ratio 1:1 no-enhance", "比例：9:16。"} {
@@ -360,6 +367,7 @@ func unitGateway(up generator, enh *enhancer) *Gateway {
 // outcome and for a custom size, produced by the real pipeline (newJob,
 // runEnhance, generate) around a stub image service and an httptest LLM.
 func TestUnitMarkdown(t *testing.T) {
+	t.Parallel()
 	llmOK, llmRecs := unitLLM(t, `<think>short idea</think>{"prompt":"A fluffy [orange] cat\non a sunny roof","aspect_ratio":"9:16"}`, nil)
 	llmDown, _ := unitLLM(t, "", func(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "overloaded", http.StatusServiceUnavailable)
@@ -466,6 +474,7 @@ func TestUnitMarkdown(t *testing.T) {
 // A demo answer says in the markdown that the image is a
 // placeholder; a real one never does.
 func TestUnitMarkdownDemoNote(t *testing.T) {
+	t.Parallel()
 	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7}
 	r := httptest.NewRequest(http.MethodPost, "http://localhost:8080/v1/chat/completions", nil)
 	for _, tc := range []struct {
@@ -700,6 +709,7 @@ func TestIntegMarkdown(t *testing.T) {
 // the answer has one link — the image — and each prompt stays on its line
 // in its own section.
 func TestUnitMarkdownSafety(t *testing.T) {
+	t.Parallel()
 	hostile := []string{
 		"x\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 1×1",
 		"![evil](javascript:alert(1))",
@@ -761,6 +771,7 @@ func unescapedCount(s, sub string) int {
 }
 
 func TestUnitWriteEcho(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct{ in, want string }{
 		{"一只猫在看书", "一只猫在看书"},
 		{"a cat, (masterpiece:1.2), *soft* light", "a cat, (masterpiece:1.2), *soft* light"},

@@ -24,6 +24,7 @@ import (
 
 // Client blocks parse into Clients, whole.
 func TestUnitClientsCaddyfile(t *testing.T) {
+	t.Parallel()
 	os.Unsetenv("ZIMAGE_UNIT_UNSET")
 	for _, tc := range []struct {
 		name, src string
@@ -354,6 +355,7 @@ func TestClientsMaxConcurrent(t *testing.T) {
 // TestClientsDuplicateKeysRejectedAtLoad (docs/design.md#clients-quotas): a key given to two
 // clients fails `caddy validate`, naming both clients and not the key.
 func TestClientsDuplicateKeysRejectedAtLoad(t *testing.T) {
+	t.Parallel()
 	src := fmt.Sprintf(`{
 	admin off
 }
@@ -437,6 +439,7 @@ func init() {
 // a stand-in for the plugin it adapts: rate_limit runs before the gateway,
 // keyed by the Authorization header.
 func TestUnitReadmeRateLimitSnippet(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)

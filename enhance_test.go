@@ -19,6 +19,7 @@ import (
 // Parse robustly (fences, <think>, prose), ignore a ratio
 // outside the six, fail on an empty prompt or no JSON.
 func TestUnitParseEnhanced(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in string
 		prompt   string
@@ -85,6 +86,7 @@ func TestUnitParseEnhanced(t *testing.T) {
 
 // The built-in system prompt asks for what docs/design.md#the-prompt lists.
 func TestUnitDefaultSystemPrompt(t *testing.T) {
+	t.Parallel()
 	for _, want := range []string{
 		"JSON", `"prompt"`, `"aspect_ratio"`, "30", "100", "English", "Stable Diffusion",
 		"verbatim", "original language", "1:1", "1:2", "3:2", "3:4", "16:9", "9:16",
@@ -136,6 +138,7 @@ func unitLLM(t *testing.T, content string, handler http.HandlerFunc) (*httptest.
 // One POST {base_url}/chat/completions with the bearer key,
 // the model, a system and a user message and temperature 0.7.
 func TestUnitEnhanceRequest(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name        string
 		base        string // appended to the server URL
@@ -216,6 +219,7 @@ func TestUnitEnhanceRequest(t *testing.T) {
 // Every LLM failure is an error (the caller then degrades
 // silently), and no error message carries the key.
 func TestUnitEnhanceErrors(t *testing.T) {
+	t.Parallel()
 	answer := func(status int, body string) http.HandlerFunc {
 		return func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "application/json")
@@ -268,6 +272,7 @@ func TestUnitEnhanceErrors(t *testing.T) {
 
 // A slow LLM is cut off at the enhancer's timeout.
 func TestUnitEnhanceTimeout(t *testing.T) {
+	t.Parallel()
 	release := make(chan struct{})
 	srv, _ := unitLLM(t, "", func(w http.ResponseWriter, r *http.Request) {
 		select {
@@ -285,6 +290,7 @@ func TestUnitEnhanceTimeout(t *testing.T) {
 
 // A client that leaves cancels the LLM call.
 func TestUnitEnhanceCanceled(t *testing.T) {
+	t.Parallel()
 	arrived := make(chan struct{})
 	gone := make(chan struct{})
 	srv, _ := unitLLM(t, "", func(w http.ResponseWriter, r *http.Request) {
@@ -311,6 +317,7 @@ func TestUnitEnhanceCanceled(t *testing.T) {
 // base URL must never carry it to another server (Go's client would keep
 // it for the same host on another port).
 func TestUnitEnhanceRedirectKeepsKey(t *testing.T) {
+	t.Parallel()
 	var mu sync.Mutex
 	var seenAuth []string
 	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -348,6 +355,7 @@ func TestUnitEnhanceRedirectKeepsKey(t *testing.T) {
 // A refused connection is an error that wraps the transport's, so the log
 // line says what went wrong.
 func TestUnitEnhanceRefused(t *testing.T) {
+	t.Parallel()
 	srv := httptest.NewServer(http.NotFoundHandler())
 	base := srv.URL + "/v1"
 	srv.Close() // nothing listens there any more

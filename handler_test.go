@@ -14,6 +14,7 @@ import (
 )
 
 func TestUnitParseRoute(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		path string
 		want route

@@ -796,6 +796,7 @@ func storeTestJPEG(t testing.TB, w, h int) []byte {
 
 // Size is "WxH", or "auto"/absent to leave it to the ratio rules.
 func TestUnitParseSize(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in string
 		w, h     float64 // 0: no size
@@ -848,6 +849,7 @@ func TestUnitParseSize(t *testing.T) {
 // The OpenAI Images body with its unknown fields ignored, and
 // type errors named by field.
 func TestUnitDecodeImages(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, body string
 		param      string // "" when valid

@@ -33,6 +33,7 @@ func answerModel(name string) http.HandlerFunc {
 // The match rule: one name contains the other once both are lower-cased
 // and stripped of spaces, '-', '_' and '.'.
 func TestUnitModelMatch(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		expected, actual string
 		want             bool
@@ -59,6 +60,7 @@ func TestUnitModelMatch(t *testing.T) {
 // upstream_name and on_mismatch in the Caddyfile: parsed into the JSON
 // fields; bad values fail with the file and line.
 func TestUnitModelIdentityCaddyfile(t *testing.T) {
+	t.Parallel()
 	var g Gateway
 	src := `zimage_gateway {
 		model Z-Image {
@@ -302,6 +304,7 @@ func TestModelMismatchRefuse(t *testing.T) {
 // sets both sub-directives; the warning line and the command it shows are
 // the ones the code writes.
 func TestUnitReadmeModelIdentity(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)

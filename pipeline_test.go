@@ -316,6 +316,7 @@ func TestFaultConcurrentMixedUpstream(t *testing.T) {
 // N>1 runs n generations with seed, seed+1, … when a seed is
 // given (wrapping below 2^31-1), and distinct random seeds otherwise.
 func TestUnitGenerateNSeeds(t *testing.T) {
+	t.Parallel()
 	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7}
 	r := httptest.NewRequest(http.MethodPost, "/v1/images/generations", nil)
 	for _, tc := range []struct {
@@ -377,6 +378,7 @@ func TestUnitGenerateNSeeds(t *testing.T) {
 // If any of the n generations fails, the request fails with the
 // root cause.
 func TestUnitGenerateNFailure(t *testing.T) {
+	t.Parallel()
 	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7}
 	r := httptest.NewRequest(http.MethodPost, "/v1/images/generations", nil)
 	up := &unitGenerator{err: &upstreamError{kind: kind429, message: "slow down " + testSDKey, retryAfter: "7"}}

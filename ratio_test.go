@@ -11,6 +11,7 @@ import (
 // A ratio counts only next to a trigger word, and the
 // trigger, the ratio and one adjoining separator leave the prompt.
 func TestUnitDetectRatio(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in  string
 		ratio     string // "" when no ratio may be found
@@ -94,6 +95,7 @@ func TestUnitDetectRatio(t *testing.T) {
 
 // The six ratios map to the exact upstream resolutions of docs/design.md#the-prompt.
 func TestUnitRatioSizes(t *testing.T) {
+	t.Parallel()
 	want := map[string]size{
 		"1:1":  {2048, 2048},
 		"1:2":  {1024, 2048},
@@ -114,6 +116,7 @@ func TestUnitRatioSizes(t *testing.T) {
 
 // `no-enhance` as a separate word, in any case, anywhere.
 func TestUnitStripSkipWord(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in, want string
 		found          bool
@@ -154,6 +157,7 @@ func TestUnitStripSkipWord(t *testing.T) {
 // Body sizes are rounded to a multiple of 8 and clamped to
 // 64…2048.
 func TestUnitClampSide(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		in   float64
 		want int
@@ -191,6 +195,7 @@ func TestUnitClampSide(t *testing.T) {
 // {alt} is the first 80 runes of the final prompt without
 // `[`, `]` and newlines; "Generated image" when empty.
 func TestUnitAltText(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in, want string
 	}{
@@ -217,6 +222,7 @@ func TestUnitAltText(t *testing.T) {
 
 // An image URL with spaces or parentheses still renders.
 func TestUnitMarkdownURL(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in, want string
 	}{
@@ -248,6 +254,7 @@ func TestUnitMarkdownURL(t *testing.T) {
 // logRatio names the ratio of a body size that is exactly one of the six
 // and leaves every other ratio as it is.
 func TestUnitLogRatio(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		ratio string
 		w, h  int

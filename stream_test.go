@@ -729,6 +729,7 @@ func (f *flushRecorder) Write(b []byte) (int, error) {
 // stream is stopped and once a write has failed (the client is gone); it
 // is re-armed only while the stream is healthy.
 func TestStreamKeepAliveTimer(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		fail bool
