@@ -133,6 +133,7 @@ func provisionForBench(b *testing.B, upstreamURL string) *Gateway {
 // field order included: it is written through an inline object
 // (it was the largest allocation of a chat request), and log pipelines parse it.
 func TestUnitGenerationLine(t *testing.T) {
+	t.Parallel()
 	var buf strings.Builder
 	enc := zapcore.NewJSONEncoder(zapcore.EncoderConfig{MessageKey: "msg", LineEnding: "\n",
 		EncodeDuration: zapcore.SecondsDurationEncoder}) // as Caddy's

@@ -65,6 +65,7 @@ func corsSnippetIn(t *testing.T, what, text string) string {
 // shows the snippet Caddyfile.example uses, byte for byte, so the two
 // cannot drift apart.
 func TestBrowserCORSSnippetInREADME(t *testing.T) {
+	t.Parallel()
 	snippet := corsSnippet(t)
 	for _, want := range []string{"Access-Control-Allow-Origin", `Access-Control-Allow-Headers "Authorization, *"`} {
 		if !strings.Contains(snippet, want) {

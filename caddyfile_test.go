@@ -1,6 +1,7 @@
 package zimage
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -183,6 +184,7 @@ func TestUnitCaddyfileParse(t *testing.T) {
 // Config errors fail at load with a message naming the directive,
 // and carry the file and line.
 func TestUnitCaddyfileErrors(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, src, want string
 	}{
@@ -279,6 +281,7 @@ func unitHandlerNames(cfg []byte) []string {
 // The directive orders itself, so a Caddyfile needs no global
 // `order` line, and it comes before handlers that answer everything.
 func TestUnitCaddyfileDirectiveOrder(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, site string
 		want       []string
@@ -555,5 +558,138 @@ func TestExampleAnswersEveryLoopbackName(t *testing.T) {
 		if status != http.StatusNotFound || !strings.Contains(body, fmt.Sprintf("http://127.0.0.1:%d", httpPort)) {
 			t.Errorf("GET /v1/models with Host %s: %d %q, want a 404 naming the base URLs", host, status, body)
 		}
+	}
+}
+
+func TestIntegEnvDefaults(t *testing.T) {
+	up := newFakeUpstream(t)
+	llm := newFakeLLM(t, `{"prompt":"a majestic lion at sunset, golden light","aspect_ratio":"3:2"}`)
+	t.Setenv("GATEWAY_API_KEY", testClientKey)
+	t.Setenv("SD_API_KEY", testSDKey)
+	t.Setenv("ENHANCE_OPENAI_API_KEY", testLLMKey)
+	t.Setenv("ENHANCE_OPENAI_BASE_URL", llm.baseURL())
+	t.Setenv("ENHANCE_OPENAI_MODEL", "env-model")
+	startCaddy(t, "zimage_gateway {\n\tupstream "+up.endpoint()+"\n}")
+
+	status, hdr, body := do(t, http.MethodGet, "/v1/models", "", "Authorization", "Bearer sk-wrong")
+	itWantErr(t, status, hdr, body, http.StatusUnauthorized, "invalid_api_key")
+	status, _, body = do(t, http.MethodGet, "/v1/models", "")
+	if status != http.StatusOK || !bytes.Contains(body, []byte(`"id":"Z-Image"`)) {
+		t.Fatalf("models with the env key: %d %s", status, body)
+	}
+	content := itOK(t, itChatBody(t, "a lion"))
+	lc := llm.Calls()
+	if len(lc) != 1 || lc[0].Auth != "Bearer "+testLLMKey || lc[0].Body.Model != "env-model" {
+		t.Errorf("LLM calls %+v, want one with the env key and model", lc)
+	}
+	c := itOnlyCall(t, up, 0)
+	if c.Auth != "Bearer "+testSDKey || c.Body.Prompt != "a majestic lion at sunset, golden light" ||
+		c.Body.Width != 1920 || c.Body.Height != 1280 || c.Body.Steps != 8 || c.Body.ModelIndex != 5 || c.Body.CFG != 7 {
+		t.Errorf("upstream call %+v", c)
+	}
+	want := itMarkdown("a majestic lion at sunset, golden light", itImageURL(c.Body.Seed),
+		itEnhanced("a majestic lion at sunset, golden light", "a lion"), "3:2", 1920, 1280)
+	if content != want {
+		t.Errorf("content\n%q\nwant\n%q", content, want)
+	}
+}
+
+func TestIntegEnvPlaceholders(t *testing.T) {
+	up := newFakeUpstream(t)
+	llm := newFakeLLM(t, `{"prompt":"an enhanced owl","aspect_ratio":null}`)
+	t.Setenv("ZIMAGE_IT_CLIENT", testClientKey)
+	t.Setenv("ZIMAGE_IT_SD", testSDKey)
+	t.Setenv("ZIMAGE_IT_LLM", testLLMKey)
+	t.Setenv("ZIMAGE_IT_LLM_URL", llm.baseURL())
+	t.Setenv("ZIMAGE_IT_URL", up.endpoint())
+	t.Setenv("ZIMAGE_IT_EMPTY", "")
+	for _, tc := range []struct {
+		name string
+		site string
+		env  map[string]string
+	}{
+		{"runtime placeholders", `zimage_gateway {
+	api_key {env.ZIMAGE_IT_CLIENT}
+	upstream {env.ZIMAGE_IT_URL} {
+		api_key {env.ZIMAGE_IT_SD}
+	}
+	enhance {
+		api_key {env.ZIMAGE_IT_LLM}
+		base_url {env.ZIMAGE_IT_LLM_URL}
+	}
+}`, map[string]string{"GATEWAY_API_KEY": "", "SD_API_KEY": "", "ENHANCE_OPENAI_API_KEY": "", "ENHANCE_OPENAI_BASE_URL": ""}},
+		{"Caddyfile substitution", `zimage_gateway {
+	api_key {$ZIMAGE_IT_CLIENT}
+	upstream {$ZIMAGE_IT_URL} {
+		api_key {$ZIMAGE_IT_SD}
+	}
+	enhance {
+		api_key {$ZIMAGE_IT_LLM}
+		base_url {$ZIMAGE_IT_LLM_URL}
+	}
+}`, map[string]string{"GATEWAY_API_KEY": "", "SD_API_KEY": "", "ENHANCE_OPENAI_API_KEY": "", "ENHANCE_OPENAI_BASE_URL": ""}},
+		{"empty values fall back to the environment", `zimage_gateway {
+	api_key {env.ZIMAGE_IT_EMPTY}
+	upstream {env.ZIMAGE_IT_URL} {
+		api_key {env.ZIMAGE_IT_EMPTY}
+	}
+	enhance {
+		api_key {$ZIMAGE_IT_EMPTY}
+		base_url {env.ZIMAGE_IT_EMPTY}
+	}
+}`, map[string]string{"GATEWAY_API_KEY": testClientKey, "SD_API_KEY": testSDKey,
+			"ENHANCE_OPENAI_API_KEY": testLLMKey, "ENHANCE_OPENAI_BASE_URL": llm.baseURL()}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			startCaddy(t, tc.site)
+			n, nl := len(up.Calls()), len(llm.Calls())
+			status, hdr, body := do(t, http.MethodGet, "/v1/models", "", "Authorization", "Bearer sk-wrong")
+			itWantErr(t, status, hdr, body, http.StatusUnauthorized, "invalid_api_key")
+			content := itOK(t, itChatBody(t, "an owl"))
+			if c := itOnlyCall(t, up, n); c.Auth != "Bearer "+testSDKey || c.Body.Prompt != "an enhanced owl" {
+				t.Errorf("upstream call %+v", c)
+			}
+			if lc := itLLMCallsSince(llm, nl); len(lc) != 1 || lc[0].Auth != "Bearer "+testLLMKey {
+				t.Errorf("LLM calls %+v", lc)
+			}
+			if !strings.Contains(content, "**✨ Enhanced Prompt:**\nan enhanced owl\n") {
+				t.Errorf("content %q", content)
+			}
+		})
+	}
+}
+
+func TestIntegLoadErrors(t *testing.T) {
+	t.Setenv("GATEWAY_API_KEY", "")
+	t.Setenv("SD_API_KEY", "")
+	up := newFakeUpstream(t)
+	upBlock := fmt.Sprintf("upstream %s {\n\t\tapi_key %s\n\t}\n\tenhance off", up.endpoint(), testSDKey)
+	for _, tc := range []struct {
+		name    string
+		gateway string
+		want    []string
+	}{
+		{"no client key", upBlock, []string{"zimage_gateway", "api_key", "GATEWAY_API_KEY", "no_auth"}},
+		{"client key from an empty variable", "api_key {env.ZIMAGE_IT_UNSET_KEY}\n\t" + upBlock, []string{"zimage_gateway", "api_key"}},
+		{"unknown sub-directive", "api_key " + testClientKey + "\n\tcolour blue\n\t" + upBlock, []string{"zimage_gateway", "colour"}},
+		{"unknown upstream option", "api_key " + testClientKey + "\n\tupstream " + up.endpoint() + " {\n\t\tapi_key " + testSDKey + "\n\t\tspeed fast\n\t}",
+			[]string{"zimage_gateway", "upstream", "speed"}},
+		{"bad duration", "api_key " + testClientKey + "\n\tstream_keepalive soon\n\t" + upBlock, []string{"zimage_gateway", "stream_keepalive", "soon"}},
+		{"bad number", "api_key " + testClientKey + "\n\tupstream " + up.endpoint() + " {\n\t\tapi_key " + testSDKey + "\n\t\tmax_concurrent lots\n\t}",
+			[]string{"zimage_gateway", "max_concurrent", "lots"}},
+		{"duplicate model", "api_key " + testClientKey + "\n\t" + upBlock + "\n\tmodel Z-Image\n\tmodel z-image", []string{"zimage_gateway", "duplicate model"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			caddyfile := fmt.Sprintf("%s\n:%d {\n\tzimage_gateway {\n\t%s\n\t}\n}\n", globals(), httpPort, tc.gateway)
+			msg := itLoadError(t, caddyfile)
+			for _, w := range tc.want {
+				if !strings.Contains(msg, w) {
+					t.Errorf("load error does not mention %q: %s", w, msg)
+				}
+			}
+		})
 	}
 }

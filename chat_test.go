@@ -1,15 +1,22 @@
 package zimage
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 )
@@ -17,6 +24,7 @@ import (
 // The prompt is the non-blank top-level prompt, else the
 // last user message (a string, or text parts joined by a space).
 func TestUnitDecodeChat(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, body string
 		prompt     string
@@ -93,6 +101,7 @@ func TestUnitDecodeChat(t *testing.T) {
 
 // The fields the pipeline reads come through decodeChat.
 func TestUnitDecodeChatFields(t *testing.T) {
+	t.Parallel()
 	req, prompt, e := decodeChat([]byte(`{"model":"DALL-E-3","stream":true,"stream_options":{"include_usage":true},
 		"prompt":"a cat","width":1000,"height":500,"cfg":4.5,"seed":"12","negative_prompt":"blurry"}`), 1000)
 	if e != nil {
@@ -133,6 +142,7 @@ func TestUnitDecodeChatPromptLength(t *testing.T) {
 // means random (nil); negative numbers pass through and newJob makes them
 // random; anything else is a 400 naming seed.
 func TestUnitParseSeed(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, raw string
 		want      int64
@@ -184,6 +194,7 @@ func TestUnitParseSeed(t *testing.T) {
 
 // checkParams drops a lone width or height and rejects absurd values.
 func TestUnitCheckParams(t *testing.T) {
+	t.Parallel()
 	f := func(v float64) *float64 { return &v }
 	for _, tc := range []struct {
 		name          string
@@ -227,6 +238,7 @@ func TestUnitCheckParams(t *testing.T) {
 
 // newJob settles docs/design.md#the-prompt before enhancement.
 func TestUnitNewJob(t *testing.T) {
+	t.Parallel()
 	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7, negativePrompt: "lowres"}
 	f := func(v float64) *float64 { return &v }
 	seed := func(v int64) *int64 { return &v }
@@ -286,6 +298,7 @@ func TestUnitNewJob(t *testing.T) {
 
 // A fresh random seed for every request without one (docs/design.md#the-prompt).
 func TestUnitNewJobRandomSeeds(t *testing.T) {
+	t.Parallel()
 	m := &model{name: "Z-Image", steps: 8, cfg: 7}
 	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
 	seen := map[int64]bool{}
@@ -303,6 +316,7 @@ func TestUnitNewJobRandomSeeds(t *testing.T) {
 
 // A prompt that is only a ratio or the skip word is a 400.
 func TestUnitNewJobEmptyPrompt(t *testing.T) {
+	t.Parallel()
 	m := &model{name: "Z-Image", steps: 8, cfg: 7}
 	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
 	for _, p := range []string{"比例 16:9", "no-enhance", "ratio 1:1 no-enhance", "比例：9:16。"} {
@@ -353,6 +367,7 @@ func unitGateway(up generator, enh *enhancer) *Gateway {
 // outcome and for a custom size, produced by the real pipeline (newJob,
 // runEnhance, generate) around a stub image service and an httptest LLM.
 func TestUnitMarkdown(t *testing.T) {
+	t.Parallel()
 	llmOK, llmRecs := unitLLM(t, `<think>short idea</think>{"prompt":"A fluffy [orange] cat\non a sunny roof","aspect_ratio":"9:16"}`, nil)
 	llmDown, _ := unitLLM(t, "", func(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "overloaded", http.StatusServiceUnavailable)
@@ -459,6 +474,7 @@ func TestUnitMarkdown(t *testing.T) {
 // A demo answer says in the markdown that the image is a
 // placeholder; a real one never does.
 func TestUnitMarkdownDemoNote(t *testing.T) {
+	t.Parallel()
 	m := &model{name: "Z-Image", modelIndex: 5, steps: 8, cfg: 7}
 	r := httptest.NewRequest(http.MethodPost, "http://localhost:8080/v1/chat/completions", nil)
 	for _, tc := range []struct {
@@ -493,4 +509,474 @@ func TestUnitMarkdownDemoNote(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestIntegChatPrompt(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, itSite(up, itConfig{}))
+	for _, tc := range []struct {
+		name, body, want string
+	}{
+		{"string content", `{"messages":[{"role":"system","content":"be nice"},{"role":"user","content":"a cat on a roof"}]}`, "a cat on a roof"},
+		{"content parts", `{"messages":[{"role":"user","content":[{"type":"text","text":"a red"},{"type":"text","text":"fox"}]}]}`, "a red fox"},
+		// an image in an older message does not make the latest one an edit (docs/design.md#edits)
+		{"image in an older message", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x.example/y.png"}}]},{"role":"assistant","content":"ok"},{"role":"user","content":"a red fox"}]}`, "a red fox"},
+		{"last user message", `{"messages":[{"role":"user","content":"first idea"},{"role":"assistant","content":"ok"},{"role":"user","content":"second idea"}]}`, "second idea"},
+		{"top-level prompt wins", `{"prompt":"a dog","messages":[{"role":"user","content":"a cat"}]}`, "a dog"},
+		{"blank top-level prompt", `{"prompt":"   ","messages":[{"role":"user","content":"a cat"}]}`, "a cat"},
+		{"top-level prompt only", `{"prompt":"a bird"}`, "a bird"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := len(up.Calls())
+			content := itOK(t, tc.body)
+			c := itOnlyCall(t, up, n)
+			if c.Body.Prompt != tc.want {
+				t.Errorf("upstream prompt %q, want %q", c.Body.Prompt, tc.want)
+			}
+			want := itMarkdown(tc.want, itImageURL(c.Body.Seed), itPlain(tc.want), "1:1", 2048, 2048)
+			if content != want {
+				t.Errorf("content\n%q\nwant\n%q", content, want)
+			}
+		})
+	}
+}
+
+func TestIntegChatNoPrompt(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, itSite(up, itConfig{}))
+	for _, tc := range []struct{ name, body string }{
+		{"no messages", `{"model":"Z-Image"}`},
+		{"empty messages", `{"messages":[]}`},
+		{"only a system message", `{"messages":[{"role":"system","content":"draw"}]}`},
+		{"only an assistant message", `{"messages":[{"role":"assistant","content":"a cat"}]}`},
+		{"blank user message", `{"messages":[{"role":"user","content":"  "}]}`},
+		{"parts without text", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x.example/y.png"}}]}]}`},
+		{"only a ratio", `{"messages":[{"role":"user","content":"比例 16:9"}]}`},
+		{"only the skip word", `{"messages":[{"role":"user","content":"no-enhance"}]}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			status, hdr, body := itPost(t, tc.body)
+			itWantErr(t, status, hdr, body, http.StatusBadRequest, "invalid_request")
+		})
+	}
+	if n := len(up.Calls()); n != 0 {
+		t.Errorf("upstream called %d times without a prompt", n)
+	}
+}
+
+func TestIntegChatModel(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, itSite(up, itConfig{gateway: itTwoModels}))
+	for _, tc := range []struct {
+		name      string
+		model     any // nil: field absent
+		wantEcho  string
+		wantIndex int // upstream model_index; 0: 404 expected
+	}{
+		{"missing selects the first", nil, "Z-Image", 5},
+		{"exact", "Z-Turbo", "Z-Turbo", 7},
+		{"case-insensitive", "z-turbo", "z-turbo", 7},
+		{"alias", "dall-e-3", "dall-e-3", 5},
+		{"alias any case", "DALL-E-3", "DALL-E-3", 5},
+		{"unknown", "gpt-4o", "", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var kv []any
+			if tc.model != nil {
+				kv = []any{"model", tc.model}
+			}
+			n := len(up.Calls())
+			status, hdr, body := itPost(t, itChatBody(t, "a cat", kv...))
+			if tc.wantIndex == 0 {
+				e := itWantErr(t, status, hdr, body, http.StatusNotFound, "model_not_found")
+				if e.Param == nil || *e.Param != "model" {
+					t.Errorf("param %v, want model", e.Param)
+				}
+				if c := itCallsSince(up, n); len(c) != 0 {
+					t.Errorf("unknown model reached the upstream")
+				}
+				return
+			}
+			if status != http.StatusOK {
+				t.Fatalf("status %d: %s", status, body)
+			}
+			if got := itObject(t, body)["model"]; got != tc.wantEcho {
+				t.Errorf("answer model %v, want %q", got, tc.wantEcho)
+			}
+			if c := itOnlyCall(t, up, n); c.Body.ModelIndex != tc.wantIndex {
+				t.Errorf("model_index %d, want %d", c.Body.ModelIndex, tc.wantIndex)
+			}
+		})
+	}
+}
+
+// TestIntegChatAnswerShape checks the chat.completion object of step 7.
+func TestIntegChatAnswerShape(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, itSite(up, itConfig{}))
+	_, hdr, body := itPost(t, itChatBody(t, "a cat", "model", "Z-Image", "seed", 7))
+	if ct := hdr.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("Content-Type %q", ct)
+	}
+	var got struct {
+		ID      string `json:"id"`
+		Object  string `json:"object"`
+		Created int64  `json:"created"`
+		Model   string `json:"model"`
+		Choices []struct {
+			Index        *int    `json:"index"`
+			FinishReason *string `json:"finish_reason"`
+			Message      struct {
+				Role    string `json:"role"`
+				Content string `json:"content"`
+			} `json:"message"`
+		} `json:"choices"`
+		Usage map[string]int `json:"usage"`
+	}
+	if err := json.Unmarshal(body, &got); err != nil {
+		t.Fatalf("%v: %s", err, body)
+	}
+	if got := strings.Join(itKeys(itObject(t, body)), ","); got != "choices,created,id,model,object,usage" {
+		t.Errorf("top-level keys %s", got)
+	}
+	if !regexp.MustCompile(`^chatcmpl-[0-9A-Za-z]+$`).MatchString(got.ID) || got.Object != "chat.completion" ||
+		got.Created <= 0 || got.Created > time.Now().Unix() || got.Model != "Z-Image" {
+		t.Errorf("answer header fields: %s", body)
+	}
+	if len(got.Choices) != 1 || got.Choices[0].Index == nil || *got.Choices[0].Index != 0 ||
+		got.Choices[0].FinishReason == nil || *got.Choices[0].FinishReason != "stop" ||
+		got.Choices[0].Message.Role != "assistant" || got.Choices[0].Message.Content == "" {
+		t.Errorf("choices: %s", body)
+	}
+	if len(got.Usage) != 3 || got.Usage["prompt_tokens"] != 0 || got.Usage["completion_tokens"] != 0 || got.Usage["total_tokens"] != 0 {
+		t.Errorf("usage %v", got.Usage)
+	}
+	// ids are random per answer
+	_, _, body2 := itPost(t, itChatBody(t, "a cat"))
+	if id2, _ := itObject(t, body2)["id"].(string); id2 == got.ID {
+		t.Errorf("two answers share the id %s", id2)
+	}
+}
+
+// TestIntegMarkdown writes the three variants of docs/design.md#the-prompt out in
+// full, and the alt text and link rules.
+func TestIntegMarkdown(t *testing.T) {
+	up := newFakeUpstream(t)
+	llm := newFakeLLM(t, "")
+	startCaddy(t, itSite(up, itConfig{llm: llm}))
+	long := strings.Repeat("猫", 100)
+	for _, tc := range []struct {
+		name, prompt, llmSays, imageURL string
+		want                            string
+	}{
+		{"plain (skipped)", "a cat no-enhance", "", "https://img.example.com/a.png",
+			"![a cat](https://img.example.com/a.png)\n\n---\n**📝 Prompt:**\na cat\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048"},
+		{"enhanced", "一只猫 比例 16:9", `{"prompt":"a cat, cinematic","aspect_ratio":"1:1"}`, "https://img.example.com/b.png",
+			"![a cat, cinematic](https://img.example.com/b.png)\n\n---\n**✨ Enhanced Prompt:**\na cat, cinematic\n\n**📝 Original Input:**\n一只猫 比例 16:9\n\n**🎨 Aspect Ratio:** 16:9\n**📐 Resolution:** 2048×1152"},
+		{"failed", "a cat", "no json here", "https://img.example.com/c.png",
+			"![a cat](https://img.example.com/c.png)\n\n---\n**⚠️ Enhancement failed, using original prompt**\n\n**📝 Prompt:**\na cat\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048"},
+		{"alt is 80 runes", long + " no-enhance", "", "https://img.example.com/d.png",
+			"![" + strings.Repeat("猫", 80) + "](https://img.example.com/d.png)\n\n---\n**📝 Prompt:**\n" + long + "\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048"},
+		{"alt of nothing but brackets", "[[ ]] no-enhance", "", "https://img.example.com/f.png",
+			"![Generated image](https://img.example.com/f.png)\n\n---\n**📝 Prompt:**\n\\[\\[ \\]\\]\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048"},
+		{"alt without brackets and newlines; echo on one line, markup escaped", "a [red]\ncat no-enhance", "", "https://img.example.com/e.png",
+			"![a redcat](https://img.example.com/e.png)\n\n---\n**📝 Prompt:**\na \\[red\\] cat\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 2048×2048"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			llm.setHandler(itLLMReplies(tc.llmSays))
+			up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				_ = json.NewEncoder(w).Encode(map[string]any{"success": true, "data": map[string]any{"image_url": tc.imageURL}})
+			})
+			if content := itOK(t, itChatBody(t, tc.prompt)); content != tc.want {
+				t.Errorf("content\n%q\nwant\n%q", content, tc.want)
+			}
+		})
+	}
+	t.Run("image URL with spaces and parentheses", func(t *testing.T) {
+		up.setHandler(func(w http.ResponseWriter, r *http.Request) {
+			_, _ = io.WriteString(w, `{"success":true,"data":{"image_url":"https://img.example.com/my image (1).png"}}`)
+		})
+		content := itOK(t, itChatBody(t, "a cat no-enhance"))
+		link, _, _ := strings.Cut(strings.TrimPrefix(content, "![a cat]("), "\n")
+		if link != "<https://img.example.com/my image (1).png>)" && link != "https://img.example.com/my%20image%20%281%29.png)" {
+			t.Errorf("link %q breaks the markdown image", link)
+		}
+	})
+}
+
+// Markdown safety: whatever the prompts and the image URL hold,
+// the answer has one link — the image — and each prompt stays on its line
+// in its own section.
+func TestUnitMarkdownSafety(t *testing.T) {
+	t.Parallel()
+	hostile := []string{
+		"x\n\n**🎨 Aspect Ratio:** 1:1\n**📐 Resolution:** 1×1",
+		"![evil](javascript:alert(1))",
+		"[click](https://evil.example/)",
+		"<img src=x onerror=alert(1)>",
+		"<https://evil.example/>",
+		"`code` and ```fences```",
+		`\[already escaped\](x)`,
+		"line\r\nbreaks\rand\nmore",
+	}
+	urls := []string{
+		"https://img.example.com/a.png",
+		"https://img.example.com/a b).png",
+		"https://img.example.com/x](javascript:alert(1))",
+		"https://img.example.com/<script>\n.png",
+	}
+	g := &Gateway{upstream: (*imageClient)(nil)}
+	for _, p := range hostile {
+		for _, u := range urls {
+			for _, outcome := range []string{enhanceOK, enhanceFailed, enhanceSkipped} {
+				j := &job{imageURL: u, prompt: p, original: p, enhance: outcome, ratio: "1:1", width: 2048, height: 2048}
+				md := g.markdown(j)
+				if n := strings.Count(md, "\n"); n != map[string]int{enhanceOK: 10, enhanceFailed: 9, enhanceSkipped: 7}[outcome] {
+					t.Errorf("prompt %q, url %q, %s: %d lines, a prompt broke out of its section:\n%s", p, u, outcome, n, md)
+				}
+				if links := unescapedCount(md, "]("); links != 1 {
+					t.Errorf("prompt %q, url %q: %d links, want only the image:\n%s", p, u, links, md)
+				}
+				if unescapedCount(md, "<") != 0 || unescapedCount(md, "`") != 0 {
+					t.Errorf("prompt %q, url %q: raw HTML or code markup survived:\n%s", p, u, md)
+				}
+				if !strings.HasPrefix(md, "![") {
+					t.Errorf("answer does not start with the image: %q", md)
+				}
+			}
+		}
+	}
+}
+
+// unescapedCount counts occurrences of sub not preceded by an odd run of
+// backslashes.
+func unescapedCount(s, sub string) int {
+	n := 0
+	for i := 0; ; {
+		j := strings.Index(s[i:], sub)
+		if j < 0 {
+			return n
+		}
+		j += i
+		bs := 0
+		for k := j - 1; k >= 0 && s[k] == '\\'; k-- {
+			bs++
+		}
+		if bs%2 == 0 {
+			n++
+		}
+		i = j + len(sub)
+	}
+}
+
+func TestUnitWriteEcho(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ in, want string }{
+		{"一只猫在看书", "一只猫在看书"},
+		{"a cat, (masterpiece:1.2), *soft* light", "a cat, (masterpiece:1.2), *soft* light"},
+		{"a [red] cat", `a \[red\] cat`},
+		{"<lora:x>", `\<lora:x\>`},
+		{`back\slash`, `back\\slash`},
+		{"two\nlines", "two lines"},
+		{"crlf\r\nline", "crlf line"},
+	} {
+		var b strings.Builder
+		writeEcho(&b, tc.in)
+		if b.String() != tc.want {
+			t.Errorf("writeEcho(%q) = %q, want %q", tc.in, b.String(), tc.want)
+		}
+	}
+}
+
+func FuzzUnitDecodeChat(f *testing.F) {
+	for _, s := range []string{
+		`{"prompt":"a cat"}`,
+		`{"prompt":"  ","messages":[{"role":"user","content":"a dog"}]}`,
+		`{"model":"Z-Image","messages":[{"role":"system","content":"x"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"u"}}]}]}`,
+		`{"messages":[{"role":"user","content":5}]}`,
+		`{"messages":[{"role":"user","content":["x"]}]}`,
+		`{"messages":"a"}`, `{"prompt":1}`, `{"stream":"x","prompt":"p"}`, `{"width":"w"}`,
+		`{"stream_options":{"include_usage":1}}`, `{"seed":{"a":1},"prompt":"p"}`,
+		`[]`, `null`, `""`, ``, `{`, `{"prompt":"` + strings.Repeat("猫", 101) + `"}`,
+		`{"messages":[{"role":"user","content":"\u0000"}]}`, `{"prompt":"\ud800"}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		req, prompt, e := decodeChat(body, 100)
+		if e != nil {
+			if e.status != http.StatusBadRequest || e.message == "" || e.typ != "invalid_request_error" || req != nil || prompt != "" {
+				t.Fatalf("decodeChat(%q) failed with %+v (req %v, prompt %q), want a plain 400", body, e, req, prompt)
+			}
+			return
+		}
+		if req == nil || prompt == "" || prompt != strings.TrimSpace(prompt) || utf8.RuneCountInString(prompt) > 100 {
+			t.Fatalf("decodeChat(%q) = %v, %q: want a trimmed, non-empty prompt within the limit", body, req, prompt)
+		}
+		// what follows decoding must not panic either
+		if _, e := parseSeed(req.Seed); e != nil && (e.status != http.StatusBadRequest || e.param != "seed") {
+			t.Fatalf("parseSeed(%q) = %+v", req.Seed, e)
+		}
+	})
+}
+
+// percentDecode undoes markdownURL's %XX escapes.
+func percentDecode(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && i+2 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+3], 16, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 2
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func FuzzUnitMarkdownURL(f *testing.F) {
+	for _, s := range []string{
+		"https://img.example.com/a.png", "https://img.example.com/a b(1).png", "https://x/[a]<b>",
+		"https://x/a\nb\rc\td\x00e\x7f", "https://x/\"'\\`", "https://x/a.png) ![x](y", "https://x/猫.png", "",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		out := markdownURL(in)
+		if strings.ContainsAny(out, " ()[]<>\n\r\t") {
+			t.Fatalf("markdownURL(%q) = %q holds a character that breaks a markdown link", in, out)
+		}
+		for i := 0; i < len(out); i++ {
+			if out[i] < 0x20 || out[i] == 0x7f {
+				t.Fatalf("markdownURL(%q) = %q holds a control character", in, out)
+			}
+		}
+		if !strings.Contains(in, "%") && percentDecode(out) != in {
+			t.Fatalf("markdownURL(%q) = %q does not decode back to the URL", in, out)
+		}
+		// the image line as the markdown renderer sees it keeps the URL whole
+		line := "![" + altText(in) + "](" + out + ")"
+		if strings.Count(line, "](") != 1 || strings.Contains(out, ")") {
+			t.Fatalf("image line %q does not parse as one image", line)
+		}
+	})
+}
+
+// refContent is a message's content read as the gateway read it before it
+// was decoded once with the body: kept raw, then decoded by encoding/json
+// into one struct for the prompt and into another for the image of an
+// edit. messageContent must read every message the same.
+type refContent struct {
+	text    string
+	textErr bool
+	images  []string // "type|set|url" of each part, nil when not an edit's content
+}
+
+func readRefContent(raw json.RawMessage) refContent {
+	var ref refContent
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || string(raw) == "null" {
+		return ref
+	}
+	switch raw[0] {
+	case '"':
+		ref.textErr = json.Unmarshal(raw, &ref.text) != nil
+	case '[':
+		var parts []struct {
+			Type string `json:"type"`
+			Text string `json:"text"`
+		}
+		if json.Unmarshal(raw, &parts) != nil {
+			ref.textErr = true
+		}
+		var texts []string
+		for _, p := range parts {
+			if p.Type == "text" && strings.TrimSpace(p.Text) != "" {
+				texts = append(texts, p.Text)
+			}
+		}
+		if !ref.textErr {
+			ref.text = strings.Join(texts, " ")
+		}
+		var images []struct {
+			Type     string `json:"type"`
+			ImageURL *struct {
+				URL string `json:"url"`
+			} `json:"image_url"`
+		}
+		if json.Unmarshal(raw, &images) == nil {
+			ref.images = []string{}
+			for _, p := range images {
+				url := ""
+				if p.ImageURL != nil {
+					url = p.ImageURL.URL
+				}
+				ref.images = append(ref.images, fmt.Sprintf("%s|%v|%s", p.Type, p.ImageURL != nil, url))
+			}
+		}
+	default:
+		ref.textErr = true
+	}
+	return ref
+}
+
+func readContent(c *messageContent) refContent {
+	var got refContent
+	text, err := c.text()
+	got.text, got.textErr = text, err != nil
+	if c.isParts && !c.invalid && !c.badImage() {
+		got.images = []string{}
+		for _, p := range c.parts {
+			got.images = append(got.images, fmt.Sprintf("%s|%v|%s", p.Type, p.ImageURL.set, p.ImageURL.url))
+		}
+	}
+	return got
+}
+
+// FuzzUnitMessageContent holds messageContent to the two decodes it
+// replaced, on any message: its keys in any case, given twice, its
+// values of any type.
+func FuzzUnitMessageContent(f *testing.F) {
+	for _, s := range []string{
+		`{"role":"user","content":"a cat"}`, `{"role":"user","content":null}`, `{"role":"user"}`,
+		`{"role":"user","content":5}`, `{"role":"user","content":{"text":"a"}}`, `{"role":"user","content":["a"]}`,
+		`{"role":"user","content":[{"type":"text","text":"a cat"},{"type":"image_url","image_url":{"url":"https://x/a.png","detail":"auto"}}]}`,
+		`{"role":"user","content":[{"type":"text","text":5},{"type":"image_url","image_url":{"url":"https://x/a.png"}}]}`,
+		`{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":"https://x/a.png"}]}`,
+		`{"role":"user","content":[{"type":"image_url","image_url":{"url":5}}]}`,
+		`{"role":"user","content":[{"type":"image_url","image_url":{"URL":"u","url":null}}]}`,
+		`{"role":"user","content":[{"type":"image_url","image_url":{"url":"a"},"image_url":{}}]}`,
+		`{"role":"user","content":[{"type":"image_url","image_url":{"url":"a"},"image_url":null}]}`,
+		`{"role":"user","content":[{"type":"text","text":5,"text":"a"}]}`, `{"role":"user","content":[{"text":"a","Text":null}]}`,
+		`{"role":"user","content":[null,{},{"type":5}]}`, `{"role":"user","content":"a","content":[{"type":"text","text":"b"}]}`,
+		`{"role":"user","Content":"a","CONTENT":null}`, `{"role":"user","content":"\ud800 \u00e9 \xff"}`,
+		`{"role":5,"content":"a"}`, `null`,
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, message string) {
+		body := []byte(`{"messages":[` + message + `]}`)
+		if !json.Valid(body) {
+			return
+		}
+		var req chatRequest
+		var ref struct {
+			Messages []struct {
+				Role    string          `json:"role"`
+				Content json.RawMessage `json:"content"`
+			} `json:"messages"`
+		}
+		errNew, errRef := json.Unmarshal(body, &req), json.Unmarshal(body, &ref)
+		if (errNew == nil) != (errRef == nil) || len(req.Messages) != len(ref.Messages) {
+			t.Fatalf("%s: decoded %d messages, %v; before: %d, %v", body, len(req.Messages), errNew, len(ref.Messages), errRef)
+		}
+		for i := range req.Messages {
+			if got, want := readContent(&req.Messages[i].Content), readRefContent(ref.Messages[i].Content); !reflect.DeepEqual(got, want) {
+				t.Fatalf("%s: content read as %+v, before as %+v", body, got, want)
+			}
+		}
+	})
 }

@@ -24,6 +24,7 @@ import (
 
 // Client blocks parse into Clients, whole.
 func TestUnitClientsCaddyfile(t *testing.T) {
+	t.Parallel()
 	os.Unsetenv("ZIMAGE_UNIT_UNSET")
 	for _, tc := range []struct {
 		name, src string
@@ -354,6 +355,7 @@ func TestClientsMaxConcurrent(t *testing.T) {
 // TestClientsDuplicateKeysRejectedAtLoad (docs/design.md#clients-quotas): a key given to two
 // clients fails `caddy validate`, naming both clients and not the key.
 func TestClientsDuplicateKeysRejectedAtLoad(t *testing.T) {
+	t.Parallel()
 	src := fmt.Sprintf(`{
 	admin off
 }
@@ -437,6 +439,7 @@ func init() {
 // a stand-in for the plugin it adapts: rate_limit runs before the gateway,
 // keyed by the Authorization header.
 func TestUnitReadmeRateLimitSnippet(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)
@@ -533,4 +536,67 @@ func TestUnitAccountsClientsAdaptJSON(t *testing.T) {
 		}
 	}
 }`)
+}
+
+func TestIntegAuth(t *testing.T) {
+	const second, third = "sk-second-client-key", "sk-third-client-key"
+	up := newFakeUpstream(t)
+	// keys on one line and on a repeated line
+	startCaddy(t, itSite(up, itConfig{gateway: "api_key " + second + "\n\tapi_key " + third}))
+	routes := []struct{ method, path, body string }{
+		{http.MethodGet, "/v1/models", ""},
+		{http.MethodPost, "/v1/chat/completions", `{"messages":[{"role":"user","content":"a cat"}]}`},
+	}
+	for _, tc := range []struct {
+		name string
+		auth string
+		ok   bool
+	}{
+		{"missing", "", false},
+		{"wrong key", "Bearer sk-wrong", false},
+		{"key with a suffix", "Bearer " + testClientKey + "x", false},
+		{"key prefix", "Bearer " + testClientKey[:10], false},
+		{"no scheme", testClientKey, false},
+		{"basic scheme", "Basic " + testClientKey, false},
+		{"first key", "Bearer " + testClientKey, true},
+		{"second key", "Bearer " + second, true},
+		{"third key", "Bearer " + third, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, rt := range routes {
+				n := len(up.Calls())
+				status, hdr, body := do(t, rt.method, rt.path, rt.body, "Authorization", tc.auth)
+				if tc.ok {
+					if status != http.StatusOK {
+						t.Errorf("%s %s: status %d, want 200: %s", rt.method, rt.path, status, body)
+					}
+					continue
+				}
+				e := itWantErr(t, status, hdr, body, http.StatusUnauthorized, "invalid_api_key")
+				if e.Type != "invalid_request_error" {
+					t.Errorf("type %q", e.Type)
+				}
+				if c := itCallsSince(up, n); len(c) != 0 {
+					t.Errorf("an unauthorized request reached the upstream: %+v", c)
+				}
+			}
+		})
+	}
+}
+
+func TestIntegNoAuth(t *testing.T) {
+	t.Setenv("GATEWAY_API_KEY", "")
+	up := newFakeUpstream(t)
+	startCaddy(t, fmt.Sprintf("zimage_gateway {\n\tno_auth\n\tupstream %s {\n\t\tapi_key %s\n\t}\n\tenhance off\n}", up.endpoint(), testSDKey))
+	status, _, body := do(t, http.MethodGet, "/v1/models", "", "Authorization", "")
+	if status != http.StatusOK {
+		t.Fatalf("models without a key under no_auth: %d %s", status, body)
+	}
+	status, _, body = do(t, http.MethodPost, "/v1/chat/completions", `{"messages":[{"role":"user","content":"a cat"}]}`, "Authorization", "")
+	if status != http.StatusOK {
+		t.Fatalf("chat without a key under no_auth: %d %s", status, body)
+	}
+	if c := itOnlyCall(t, up, 0); c.Auth != "Bearer "+testSDKey || c.Body.Prompt != "a cat" {
+		t.Errorf("upstream call %+v", c)
+	}
 }

@@ -123,6 +123,7 @@ func TestDemoNotAFallback(t *testing.T) {
 // The demo names the model of its menu in its answers, so the identity
 // check (docs/design.md#model-identity) works offline: the default Z-Image at 5 matches.
 func TestUnitDemoNamesModel(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		index int
 		want  string

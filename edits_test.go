@@ -536,6 +536,7 @@ func TestUnitEditsSourceSize(t *testing.T) {
 }
 
 func TestUnitEditsDataURL(t *testing.T) {
+	t.Parallel()
 	png := storeTestPNG(t, 4, 4)
 	b64 := base64.StdEncoding.EncodeToString(png)
 	for _, tc := range []struct {
@@ -756,6 +757,7 @@ func TestEditsClientLimit(t *testing.T) {
 // The requested model when it is an edit model, else the
 // first edit model; none configured is a 400 naming the fix.
 func TestUnitEditsModelChoice(t *testing.T) {
+	t.Parallel()
 	g := &Gateway{}
 	g.Models = []ModelConfig{{Name: "Z-Image"}, {Name: "Edit-A", Edit: true}, {Name: "Edit-B", Edit: true, Aliases: []string{"qwen"}}}
 	if err := g.provisionModels(); err != nil {
@@ -925,6 +927,7 @@ func TestEditsClientShapes(t *testing.T) {
 }
 
 func TestUnitEditsFitSize(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		w, h         float64
 		wantW, wantH int

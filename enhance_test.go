@@ -11,6 +11,7 @@ import (
 	"reflect"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -18,6 +19,7 @@ import (
 // Parse robustly (fences, <think>, prose), ignore a ratio
 // outside the six, fail on an empty prompt or no JSON.
 func TestUnitParseEnhanced(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in string
 		prompt   string
@@ -84,6 +86,7 @@ func TestUnitParseEnhanced(t *testing.T) {
 
 // The built-in system prompt asks for what docs/design.md#the-prompt lists.
 func TestUnitDefaultSystemPrompt(t *testing.T) {
+	t.Parallel()
 	for _, want := range []string{
 		"JSON", `"prompt"`, `"aspect_ratio"`, "30", "100", "English", "Stable Diffusion",
 		"verbatim", "original language", "1:1", "1:2", "3:2", "3:4", "16:9", "9:16",
@@ -135,6 +138,7 @@ func unitLLM(t *testing.T, content string, handler http.HandlerFunc) (*httptest.
 // One POST {base_url}/chat/completions with the bearer key,
 // the model, a system and a user message and temperature 0.7.
 func TestUnitEnhanceRequest(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name        string
 		base        string // appended to the server URL
@@ -215,6 +219,7 @@ func TestUnitEnhanceRequest(t *testing.T) {
 // Every LLM failure is an error (the caller then degrades
 // silently), and no error message carries the key.
 func TestUnitEnhanceErrors(t *testing.T) {
+	t.Parallel()
 	answer := func(status int, body string) http.HandlerFunc {
 		return func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "application/json")
@@ -267,6 +272,7 @@ func TestUnitEnhanceErrors(t *testing.T) {
 
 // A slow LLM is cut off at the enhancer's timeout.
 func TestUnitEnhanceTimeout(t *testing.T) {
+	t.Parallel()
 	release := make(chan struct{})
 	srv, _ := unitLLM(t, "", func(w http.ResponseWriter, r *http.Request) {
 		select {
@@ -284,6 +290,7 @@ func TestUnitEnhanceTimeout(t *testing.T) {
 
 // A client that leaves cancels the LLM call.
 func TestUnitEnhanceCanceled(t *testing.T) {
+	t.Parallel()
 	arrived := make(chan struct{})
 	gone := make(chan struct{})
 	srv, _ := unitLLM(t, "", func(w http.ResponseWriter, r *http.Request) {
@@ -310,6 +317,7 @@ func TestUnitEnhanceCanceled(t *testing.T) {
 // base URL must never carry it to another server (Go's client would keep
 // it for the same host on another port).
 func TestUnitEnhanceRedirectKeepsKey(t *testing.T) {
+	t.Parallel()
 	var mu sync.Mutex
 	var seenAuth []string
 	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -347,6 +355,7 @@ func TestUnitEnhanceRedirectKeepsKey(t *testing.T) {
 // A refused connection is an error that wraps the transport's, so the log
 // line says what went wrong.
 func TestUnitEnhanceRefused(t *testing.T) {
+	t.Parallel()
 	srv := httptest.NewServer(http.NotFoundHandler())
 	base := srv.URL + "/v1"
 	srv.Close() // nothing listens there any more
@@ -393,4 +402,277 @@ func TestEnhanceClientLeftIsNotAFailure(t *testing.T) {
 	if n := len(up.Calls()); n != 0 {
 		t.Errorf("the image service got %d calls for a client that left", n)
 	}
+}
+
+func itFailed(original string) string {
+	return "**⚠️ Enhancement failed, using original prompt**\n\n**📝 Prompt:**\n" + original + "\n\n"
+}
+
+func TestIntegEnhance(t *testing.T) {
+	const enhancedCat = "A fluffy ginger cat lounging on a terracotta rooftop at golden hour, warm light, soft shadows, cinematic composition, highly detailed"
+	up := newFakeUpstream(t)
+	llm := newFakeLLM(t, "")
+	startCaddy(t, itSite(up, itConfig{llm: llm, enhance: "timeout 2s\n\t\tmodel prompt-writer"}))
+	for _, tc := range []struct {
+		name, prompt, llmSays string
+		wantUser              string // the user message the LLM got
+		locked                string // the ratio the system message must lock, if any
+		ratio                 string
+		w, h                  int
+	}{
+		{"LLM ratio applies", "a cat on a roof", `{"prompt":"` + enhancedCat + `","aspect_ratio":"16:9"}`,
+			"a cat on a roof", "", "16:9", 2048, 1152},
+		{"fences and think block", "a cat on a roof", "<think>the user wants a cat</think>\nHere you go:\n```json\n{\"prompt\": \"" + enhancedCat + "\", \"aspect_ratio\": \"9:16\"}\n```",
+			"a cat on a roof", "", "9:16", 1152, 2048},
+		{"unlisted LLM ratio ignored", "a cat on a roof", `{"prompt":"` + enhancedCat + `","aspect_ratio":"4:3"}`,
+			"a cat on a roof", "", "1:1", 2048, 2048},
+		{"null LLM ratio", "a cat on a roof", `{"prompt":"` + enhancedCat + `","aspect_ratio":null}`,
+			"a cat on a roof", "", "1:1", 2048, 2048},
+		{"user ratio wins and is locked", "a cat on a roof, ratio 9:16", `{"prompt":"` + enhancedCat + `","aspect_ratio":"16:9"}`,
+			"a cat on a roof", "9:16", "9:16", 1152, 2048},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			llm.setHandler(itLLMReplies(tc.llmSays))
+			n, nl := len(up.Calls()), len(llm.Calls())
+			content := itOK(t, itChatBody(t, tc.prompt))
+
+			lc := itLLMCallsSince(llm, nl)
+			if len(lc) != 1 {
+				t.Fatalf("LLM received %d calls, want 1", len(lc))
+			}
+			b := lc[0].Body
+			if lc[0].Auth != "Bearer "+testLLMKey || b.Model != "prompt-writer" || b.Temp != 0.7 {
+				t.Errorf("LLM request auth %q model %q temperature %v", lc[0].Auth, b.Model, b.Temp)
+			}
+			if len(b.Messages) != 2 || b.Messages[0].Role != "system" || b.Messages[1].Role != "user" || b.Messages[1].Content != tc.wantUser {
+				t.Fatalf("LLM messages %+v", b.Messages)
+			}
+			sys := b.Messages[0].Content
+			if !strings.Contains(sys, "JSON") || !strings.Contains(sys, "aspect_ratio") || !strings.Contains(sys, "verbatim") {
+				t.Errorf("system message does not ask for the JSON answer and verbatim image text: %q", sys)
+			}
+			if mentions := strings.Contains(strings.ToLower(sys), "locked"); mentions != (tc.locked != "") ||
+				(tc.locked != "" && !strings.Contains(sys, tc.locked)) {
+				t.Errorf("system message locked=%v (ratio %q): %q", mentions, tc.locked, sys)
+			}
+
+			c := itOnlyCall(t, up, n)
+			if c.Body.Prompt != enhancedCat || c.Body.Width != tc.w || c.Body.Height != tc.h {
+				t.Errorf("upstream got %q %dx%d, want the enhanced prompt at %dx%d", c.Body.Prompt, c.Body.Width, c.Body.Height, tc.w, tc.h)
+			}
+			alt := string([]rune(enhancedCat)[:80])
+			want := itMarkdown(strings.TrimSpace(alt), itImageURL(c.Body.Seed), itEnhanced(enhancedCat, tc.prompt), tc.ratio, tc.w, tc.h)
+			if content != want {
+				t.Errorf("content\n%q\nwant\n%q", content, want)
+			}
+		})
+	}
+}
+
+func TestIntegEnhanceDegrades(t *testing.T) {
+	t.Setenv("ENHANCE_OPENAI_MODEL", "")
+	hang := func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }
+	for _, tc := range []struct {
+		name    string
+		handler http.HandlerFunc // nil: the LLM's URL refuses connections
+		enhance string
+		prompt  string
+		want    string // the prompt generated
+		ratio   string
+		w, h    int
+	}{
+		{"status 500", func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, `{"error":{"message":"overloaded"}}`, http.StatusInternalServerError)
+		}, "", "a lighthouse in a storm", "a lighthouse in a storm", "1:1", 2048, 2048},
+		{"garbage text", itLLMReplies("Sorry, I cannot help with that."), "", "a lighthouse, ratio 3:4", "a lighthouse", "3:4", 1536, 2048},
+		{"not a chat completion", func(w http.ResponseWriter, r *http.Request) {
+			_, _ = io.WriteString(w, "<html>bad gateway</html>")
+		}, "", "a lighthouse in a storm", "a lighthouse in a storm", "1:1", 2048, 2048},
+		{"empty prompt ignores its ratio", itLLMReplies(`{"prompt":"  ","aspect_ratio":"16:9"}`), "", "a lighthouse in a storm", "a lighthouse in a storm", "1:1", 2048, 2048},
+		{"slow past timeout", hang, "timeout 300ms", "a lighthouse in a storm", "a lighthouse in a storm", "1:1", 2048, 2048},
+		{"refused", nil, "", "a lighthouse in a storm", "a lighthouse in a storm", "1:1", 2048, 2048},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newFakeUpstream(t)
+			cfg := itConfig{enhance: tc.enhance}
+			var llm *fakeLLM
+			if tc.handler != nil {
+				llm = newFakeLLM(t, "")
+				llm.setHandler(tc.handler)
+				cfg.llm = llm
+			} else {
+				cfg.llmURL = itRefusedURL(t) + "/v1"
+			}
+			startCaddy(t, itSite(up, cfg))
+			content := itOK(t, itChatBody(t, tc.prompt))
+			if llm != nil {
+				lc := llm.Calls()
+				if len(lc) != 1 || lc[0].Body.Model != "gpt-4o-mini" {
+					t.Errorf("LLM calls %+v, want one to the default model gpt-4o-mini", lc)
+				}
+			}
+			c := itOnlyCall(t, up, 0)
+			if c.Body.Prompt != tc.want || c.Body.Width != tc.w || c.Body.Height != tc.h {
+				t.Errorf("upstream got %q %dx%d, want %q %dx%d", c.Body.Prompt, c.Body.Width, c.Body.Height, tc.want, tc.w, tc.h)
+			}
+			want := itMarkdown(tc.want, itImageURL(c.Body.Seed), itFailed(tc.prompt), tc.ratio, tc.w, tc.h)
+			if content != want {
+				t.Errorf("content\n%q\nwant\n%q", content, want)
+			}
+		})
+	}
+}
+
+// TestFaultLLMHostileBody: an LLM that answers 50 MB (a valid answer whose
+// prompt is enormous, so a gateway that read it all would "succeed"), or
+// that sends its headers and never ends its body. Either way the
+// enhancement degrades within its 500ms timeout, the image is generated
+// from the user's prompt, and the gateway stops reading.
+func TestFaultLLMHostileBody(t *testing.T) {
+	const total = 50 << 20
+	for _, tc := range []struct {
+		name    string
+		handler func(w http.ResponseWriter, r *http.Request, stop <-chan struct{}, written *atomic.Int64) string
+	}{
+		{"50 MB answer", func(w http.ResponseWriter, r *http.Request, stop <-chan struct{}, written *atomic.Int64) string {
+			w.Header().Set("Content-Type", "application/json")
+			n, _ := io.WriteString(w, `{"choices":[{"message":{"role":"assistant","content":"{\"prompt\":\"a stolen prompt `)
+			written.Add(int64(n))
+			chunk := []byte(strings.Repeat("a", 64<<10)) // streamed, never 50 MB at once
+			for written.Load() < total {
+				select {
+				case <-stop:
+					return "still writing when the test ended"
+				default:
+				}
+				n, err := w.Write(chunk)
+				written.Add(int64(n))
+				if err != nil {
+					return "released"
+				}
+			}
+			_, _ = io.WriteString(w, `\"}"}}]}`)
+			return "wrote it all"
+		}},
+		{"body never ends", func(w http.ResponseWriter, r *http.Request, stop <-chan struct{}, written *atomic.Int64) string {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusOK)
+			_, _ = io.WriteString(w, `{"choices":[{"message":{"role":"assistant","content":"{\"prompt\":\"a`)
+			_ = http.NewResponseController(w).Flush()
+			select {
+			case <-r.Context().Done():
+				return "released"
+			case <-stop:
+				return "still open when the test ended"
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newFakeUpstream(t)
+			llm := newFakeLLM(t, "")
+			stop := faultStop(t)
+			var written atomic.Int64
+			var once sync.Once
+			done := make(chan struct{})
+			var how atomic.Value
+			llm.setHandler(func(w http.ResponseWriter, r *http.Request) {
+				defer faultSignal(&once, done)
+				how.Store(tc.handler(w, r, stop, &written))
+			})
+			mark := faultLogMark(t)
+			startCaddy(t, itSite(up, itConfig{llm: llm, enhance: "timeout 500ms"}))
+
+			const prompt = "a lighthouse in a storm"
+			content := itOK(t, itChatBody(t, prompt))
+			c := itOnlyCall(t, up, 0)
+			if c.Body.Prompt != prompt {
+				t.Errorf("upstream prompt %.80q, want the user's %q", c.Body.Prompt, prompt)
+			}
+			if want := itMarkdown(prompt, itImageURL(c.Body.Seed), itFailed(prompt), "1:1", 2048, 2048); content != want {
+				t.Errorf("content\n%.300q\nwant\n%q", content, want)
+			}
+			if n := len(llm.Calls()); n != 1 {
+				t.Errorf("%d LLM calls, want 1", n)
+			}
+			faultAwait(t, done, "the LLM's connection to be released")
+			if got := how.Load(); got != "released" {
+				t.Errorf("the fake LLM ended with %v (%d bytes written), want its connection released", got, written.Load())
+			}
+			faultNoPanic(t, mark)
+		})
+	}
+}
+
+// TestFaultLLMRedirect: an LLM base URL that redirects to another server.
+// The gateway does not follow (the Authorization header carries the LLM
+// key), so the other server never hears from it — although it would answer
+// a fine enhancement — and the request degrades.
+func TestFaultLLMRedirect(t *testing.T) {
+	var mu sync.Mutex
+	var seen []string // Authorization headers the other server received
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen = append(seen, r.Header.Get("Authorization"))
+		mu.Unlock()
+		writeLLMAnswer(w, `{"prompt":"a prompt from the redirect target","aspect_ratio":"16:9"}`)
+	}))
+	t.Cleanup(other.Close)
+	for _, status := range []int{http.StatusFound, http.StatusTemporaryRedirect} {
+		t.Run(http.StatusText(status), func(t *testing.T) {
+			up := newFakeUpstream(t)
+			llm := newFakeLLM(t, "")
+			llm.setHandler(func(w http.ResponseWriter, r *http.Request) {
+				http.Redirect(w, r, other.URL+"/v1/chat/completions", status)
+			})
+			startCaddy(t, itSite(up, itConfig{llm: llm, enhance: "timeout 500ms"}))
+
+			const prompt = "a lighthouse in a storm"
+			content := itOK(t, itChatBody(t, prompt))
+			c := itOnlyCall(t, up, 0)
+			if want := itMarkdown(prompt, itImageURL(c.Body.Seed), itFailed(prompt), "1:1", 2048, 2048); content != want {
+				t.Errorf("content\n%q\nwant\n%q", content, want)
+			}
+			if lc := llm.Calls(); len(lc) != 1 || lc[0].Auth != "Bearer "+testLLMKey {
+				t.Errorf("LLM calls %+v, want one with the key", lc)
+			}
+		})
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, a := range seen {
+		if strings.Contains(a, testLLMKey) {
+			t.Errorf("the redirect target received the LLM key")
+		}
+	}
+	if len(seen) != 0 {
+		t.Errorf("the redirect target received %d requests, want none", len(seen))
+	}
+}
+
+func FuzzUnitParseEnhanced(f *testing.F) {
+	for _, s := range []string{
+		`{"prompt":"a cat","aspect_ratio":"16:9"}`,
+		"```json\n{\"prompt\":\"a cat\",\"aspect_ratio\":\"3:2\"}\n```",
+		"<think>hmm {x}</think>{\"prompt\":\"a cat\"}", "<think>{\"prompt\":\"x\"}", "<THINK></think>",
+		`Here: {"prompt":"a cat","aspect_ratio":"4:3"} done`, `{"prompt":"a","aspect_ratio":7}`,
+		`{"prompt":"","aspect_ratio":null}`, `{{{{{{{{`, "İİİ<think>x</think>{\"prompt\":\"p\"}", "ȺȺȺȺ<think>{}</think>{\"prompt\":\"p\"}", "",
+		`{"prompt":"p","aspect_ratio":"16：9"}`, strings.Repeat("{", 100) + `{"prompt":"late"}`,
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		out, err := parseEnhanced(in)
+		if err != nil {
+			if out != (enhanced{}) {
+				t.Fatalf("parseEnhanced(%q) failed but returned %+v", in, out)
+			}
+			return
+		}
+		if out.prompt == "" || out.prompt != strings.TrimSpace(out.prompt) {
+			t.Fatalf("parseEnhanced(%q) prompt %q: want trimmed and non-empty", in, out.prompt)
+		}
+		if _, listed := ratioSizes[out.ratio]; out.ratio != "" && !listed {
+			t.Fatalf("parseEnhanced(%q) ratio %q: not one of the six", in, out.ratio)
+		}
+	})
 }

@@ -27,6 +27,7 @@ var jsonStringCases = func() []string {
 }()
 
 func TestJSONAppendString(t *testing.T) {
+	t.Parallel()
 	for _, s := range jsonStringCases {
 		want, _ := json.Marshal(s)
 		if got := appendJSONString(nil, s); string(got) != string(want) {
@@ -36,6 +37,7 @@ func TestJSONAppendString(t *testing.T) {
 }
 
 func TestJSONAppendFloat(t *testing.T) {
+	t.Parallel()
 	for _, f := range []float64{0, math.Copysign(0, -1), 1, 4.5, 7, -3.25, 0.1, 1e-6, 9.99e-7, 1e-7, 1.5e-10,
 		123456789.125, 1e20, 1e21, 1.234e25, -1e21, 5e-324, math.MaxFloat64, math.SmallestNonzeroFloat64} {
 		want, _ := json.Marshal(f)
@@ -53,6 +55,7 @@ func marshalCompletion(c chatCompletion) string {
 }
 
 func TestJSONAppendChatCompletion(t *testing.T) {
+	t.Parallel()
 	content := "![a <cat> & \"dog\"](https://img.example/x.png)\n\n**📝 Prompt:**\n> a\u2028cat \xff"
 	cases := map[string]chatCompletion{
 		"answer": {ID: "chatcmpl-1", Object: "chat.completion", Created: 1700000000, Model: "Z-Image",
@@ -116,6 +119,7 @@ func checkUpstreamRequest(t *testing.T, u upstreamRequest) {
 }
 
 func TestJSONAppendUpstreamRequest(t *testing.T) {
+	t.Parallel()
 	for _, u := range []upstreamRequest{
 		{Prompt: "a cat", Width: 2048, Height: 2048, Steps: 8, CFG: 7, ModelIndex: 5, Seed: 123},
 		{Prompt: "<a> & \"b\"\n", Width: 64, Height: 2048, Steps: 50, CFG: 4.25, ModelIndex: 0, Seed: 0, NegativePrompt: "blurry, \u2028 \xff"},
@@ -209,6 +213,7 @@ func filled[T any](t *testing.T) T {
 // a written type and not to its writer comes back zero and fails here,
 // instead of being dropped from every answer.
 func TestJSONAppendWritesEveryField(t *testing.T) {
+	t.Parallel()
 	c := filled[chatCompletion](t)
 	checkReadBack(t, "chatCompletion.appendJSON", c, c.appendJSON(nil))
 	u := filled[upstreamRequest](t)

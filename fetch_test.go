@@ -163,6 +163,7 @@ func TestFetchOneImageCheck(t *testing.T) {
 // names cover their subdomains on the same terms, addresses only
 // themselves.
 func TestUnitImageFetcherAllowed(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		upstream string
 		hosts    []string

@@ -8,6 +8,7 @@ package zimage
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,6 +19,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -513,4 +515,472 @@ func readLog(t *testing.T) []map[string]any {
 		}
 	}
 	return out
+}
+
+// itConfig is a gateway site with more knobs than gatewaySite: the
+// upstream URL and block, the enhance block and lines after the gateway.
+type itConfig struct {
+	upstreamURL string   // default: the fake's endpoint
+	upstream    string   // upstream block lines besides api_key; default "timeout 5s"
+	llm         *fakeLLM // enhance on against this fake
+	llmURL      string   // enhance base_url when llm is nil (e.g. a closed server)
+	enhance     string   // enhance block lines besides api_key and base_url; default "timeout 2s"
+	gateway     string   // more lines inside zimage_gateway
+	after       string   // site lines after the gateway
+}
+
+func itSite(up *fakeUpstream, c itConfig) string {
+	u := c.upstreamURL
+	if u == "" {
+		u = up.endpoint()
+	}
+	upBlock := c.upstream
+	if upBlock == "" {
+		upBlock = "timeout 5s"
+	}
+	enh := "enhance off"
+	base := c.llmURL
+	if c.llm != nil {
+		base = c.llm.baseURL()
+	}
+	if base != "" {
+		e := c.enhance
+		if e == "" {
+			e = "timeout 2s"
+		}
+		enh = fmt.Sprintf("enhance {\n\t\tapi_key %s\n\t\tbase_url %s\n\t\t%s\n\t}", testLLMKey, base, e)
+	}
+	return fmt.Sprintf("zimage_gateway {\n\tapi_key %s\n\tupstream %s {\n\t\tapi_key %s\n\t\t%s\n\t}\n\t%s\n\t%s\n}\n%s",
+		testClientKey, u, testSDKey, upBlock, enh, c.gateway, c.after)
+}
+
+// itRefusedURL is the URL of a server that no longer listens: connections to
+// it are refused.
+func itRefusedURL(t *testing.T) string {
+	t.Helper()
+	s := httptest.NewServer(http.NotFoundHandler())
+	u := s.URL
+	s.Close()
+	return u
+}
+
+// itChatBody is a chat completions body with one user message and the extra
+// top-level fields given as key, value pairs.
+func itChatBody(t *testing.T, prompt string, kv ...any) string {
+	t.Helper()
+	m := map[string]any{"messages": []any{map[string]any{"role": "user", "content": prompt}}}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i].(string)] = kv[i+1]
+	}
+	b, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// itPost sends a chat completions request with the client key.
+func itPost(t *testing.T, body string) (int, http.Header, []byte) {
+	t.Helper()
+	return do(t, http.MethodPost, "/v1/chat/completions", body)
+}
+
+// itOK posts body, requires a 200 chat.completion and returns its content.
+func itOK(t *testing.T, body string) string {
+	t.Helper()
+	status, _, resp := itPost(t, body)
+	if status != http.StatusOK {
+		t.Fatalf("status %d, want 200: %s", status, resp)
+	}
+	return chatContent(t, resp)
+}
+
+// itWantErr checks an error answer: status, JSON content type, envelope and
+// code; it returns the envelope.
+func itWantErr(t *testing.T, status int, hdr http.Header, body []byte, wantStatus int, wantCode string) errorDetail {
+	t.Helper()
+	if status != wantStatus {
+		t.Fatalf("status %d, want %d: %s", status, wantStatus, body)
+	}
+	if ct := hdr.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("Content-Type %q, want application/json", ct)
+	}
+	e := apiErr(t, body)
+	if e.Code != wantCode {
+		t.Errorf("error code %q, want %q: %s", e.Code, wantCode, body)
+	}
+	return e
+}
+
+// itCallsSince returns the calls the fake received after the first n.
+func itCallsSince(up *fakeUpstream, n int) []upstreamCall { return up.Calls()[n:] }
+
+func itLLMCallsSince(llm *fakeLLM, n int) []llmCall { return llm.Calls()[n:] }
+
+// itOnlyCall requires exactly one upstream call after the first n.
+func itOnlyCall(t *testing.T, up *fakeUpstream, n int) upstreamCall {
+	t.Helper()
+	calls := itCallsSince(up, n)
+	if len(calls) != 1 {
+		t.Fatalf("upstream received %d calls, want 1: %+v", len(calls), calls)
+	}
+	return calls[0]
+}
+
+// itLLMReplies is a fake LLM handler answering content as the model's text.
+func itLLMReplies(content string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{
+			"id": "x", "object": "chat.completion",
+			"choices": []any{map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": content}}},
+		})
+	}
+}
+
+// itImageURL is the URL the default fake upstream answers for a seed.
+func itImageURL(seed int64) string { return fmt.Sprintf("https://img.example.com/%d.png", seed) }
+
+// The markdown of docs/design.md#the-prompt, written out from the spec's text.
+func itMarkdown(alt, imageURL, section, ratio string, w, h int) string {
+	return "![" + alt + "](" + imageURL + ")\n\n---\n" + section +
+		"**🎨 Aspect Ratio:** " + ratio + "\n**📐 Resolution:** " + strconv.Itoa(w) + "×" + strconv.Itoa(h)
+}
+
+func itEnhanced(final, original string) string {
+	return "**✨ Enhanced Prompt:**\n" + final + "\n\n**📝 Original Input:**\n" + original + "\n\n"
+}
+
+func itPlain(original string) string { return "**📝 Prompt:**\n" + original + "\n\n" }
+
+func itKeys(m map[string]any) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+func itObject(t *testing.T, raw []byte) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal(raw, &m); err != nil {
+		t.Fatalf("not a JSON object: %v: %s", err, raw)
+	}
+	return m
+}
+
+// itTwoModels is a gateway config block with two models and an alias.
+const itTwoModels = "model Z-Image {\n\t\talias dall-e-3\n\t}\n\tmodel Z-Turbo {\n\t\tmodel_index 7\n\t}"
+
+// itLoadError posts a whole Caddyfile to Caddy's admin /load, as `caddy run`
+// or `caddy reload` would, and returns the error Caddy answers; a config
+// that loads fails the test.
+func itLoadError(t *testing.T, caddyfile string) string {
+	t.Helper()
+	// make sure the in-process Caddy runs; a failed load keeps this config
+	startCaddy(t, `respond "up" 200`)
+	req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://localhost:%d/load", adminPort), strings.NewReader(caddyfile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "text/caddyfile")
+	resp, err := testClient(30 * time.Second).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode == http.StatusOK {
+		t.Fatalf("the config loaded; want a load error:\n%s", caddyfile)
+	}
+	// the previous config still serves
+	if status, _, b := do(t, http.MethodGet, "/", "", "Authorization", ""); status != http.StatusOK || string(b) != "up" {
+		t.Errorf("after a failed load the running config answers %d %q", status, b)
+	}
+	return string(body)
+}
+
+// gate holds the fake upstream's requests until the test lets them go, one
+// at a time (release) or all at once (open).
+type gate struct {
+	ch   chan struct{}
+	once sync.Once
+}
+
+// newGate makes a gate that opens when the test ends, before the fakes
+// close (cleanups run last-registered first), so no request hangs.
+func newGate(t *testing.T) *gate {
+	g := &gate{ch: make(chan struct{})}
+	t.Cleanup(g.open)
+	return g
+}
+
+// handler is a fake upstream handler that waits at the gate, then answers
+// success (or nothing, when the gateway gave up first).
+func (g *gate) handler(w http.ResponseWriter, r *http.Request) {
+	select {
+	case <-g.ch:
+	case <-r.Context().Done():
+		return
+	}
+	writeImage(w, "https://img.example.com/gated.png")
+}
+
+// release lets exactly one held request through; it fails the test when
+// none is held.
+func (g *gate) release(t *testing.T) {
+	t.Helper()
+	select {
+	case g.ch <- struct{}{}:
+	case <-time.After(10 * time.Second):
+		t.Fatal("release: no request is waiting at the fake upstream")
+	}
+}
+
+func (g *gate) open() { g.once.Do(func() { close(g.ch) }) }
+
+// writeImage answers the image service's success.
+func writeImage(w http.ResponseWriter, url string) {
+	w.Header().Set("Content-Type", "application/json")
+	fmt.Fprintf(w, `{"success":true,"data":{"image_url":%q}}`, url)
+}
+
+// waitFor polls cond until it holds, failing the test after 10 s. It waits
+// for state that other goroutines reach (a request arriving at a fake, a
+// log line being written), never for time to pass.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// result is a finished request, for requests sent in the background.
+type result struct {
+	status int
+	header http.Header
+	body   []byte
+	err    error
+}
+
+// send makes a request to the test port with the client key (hdr pairs
+// override headers, "Host" sets the virtual host) without touching t, so
+// that goroutines may call it.
+func send(ctx context.Context, method, path, body string, hdr ...string) result {
+	req, err := http.NewRequestWithContext(ctx, method, baseURL+path, strings.NewReader(body))
+	if err != nil {
+		return result{err: err}
+	}
+	req.Header.Set("Authorization", "Bearer "+testClientKey)
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		if strings.EqualFold(hdr[i], "Host") {
+			req.Host = hdr[i+1]
+		} else {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+	}
+	resp, err := testClient(60 * time.Second).Do(req)
+	if err != nil {
+		return result{err: err}
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return result{status: resp.StatusCode, header: resp.Header, body: b, err: err}
+}
+
+// sendAsync sends in the background; await collects the result.
+func sendAsync(method, path, body string, hdr ...string) <-chan result {
+	ch := make(chan result, 1)
+	go func() { ch <- send(context.Background(), method, path, body, hdr...) }()
+	return ch
+}
+
+func await(t *testing.T, ch <-chan result) result {
+	t.Helper()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			t.Fatalf("request failed: %v", r.err)
+		}
+		return r
+	case <-time.After(30 * time.Second):
+		t.Fatal("request did not finish")
+	}
+	return result{}
+}
+
+// chatJSON is a chat completions body with a fixed seed, so that the
+// request can be found among the upstream's calls and the log lines.
+func chatJSON(prompt string, seed int, extra string) string {
+	return fmt.Sprintf(`{"model":"Z-Image","seed":%d,"messages":[{"role":"user","content":%q}]%s}`, seed, prompt, extra)
+}
+
+// tail shows the last lines read, for failure messages.
+func tail(lines []string) string {
+	if len(lines) > 5 {
+		return fmt.Sprintf("%d lines, ending %q", len(lines), lines[len(lines)-5:])
+	}
+	return fmt.Sprintf("%q", lines)
+}
+
+// logMark is a position in the log file, which every test shares: a test
+// looks only at the lines written after its mark.
+type logMark int
+
+func markLog(t *testing.T) logMark { return logMark(len(readLog(t))) }
+
+// lines are the log lines written since the mark.
+func (m logMark) lines(t *testing.T) []map[string]any {
+	t.Helper()
+	return readLog(t)[m:]
+}
+
+// find returns the lines since the mark with message msg for which match
+// holds (match may be nil).
+func (m logMark) find(t *testing.T, msg string, match func(map[string]any) bool) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, l := range m.lines(t) {
+		if l["msg"] == msg && (match == nil || match(l)) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// withSeed matches a generation log line by its seed.
+func withSeed(seed int) func(map[string]any) bool {
+	return func(l map[string]any) bool { s, ok := l["seed"].(float64); return ok && int(s) == seed }
+}
+
+// seeds lists the seeds of the upstream's calls, in arrival order.
+func seeds(calls []upstreamCall) []int64 {
+	out := make([]int64, len(calls))
+	for i, c := range calls {
+		out[i] = c.Body.Seed
+	}
+	return out
+}
+
+// failWith is a fake upstream handler answering status with body.
+func failWith(status int, body string, hdr ...string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		for i := 0; i+1 < len(hdr); i += 2 {
+			w.Header().Set(hdr[i], hdr[i+1])
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		io.WriteString(w, body)
+	}
+}
+
+// dropConnection closes the connection without an answer.
+func dropConnection(w http.ResponseWriter, r *http.Request) {
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err == nil {
+		conn.Close()
+	}
+}
+
+// closedURL is an image service URL on which nothing listens.
+func closedURL(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return "http://" + addr + "/api/v1/generate_image"
+}
+
+// twoSites is a Caddyfile with two gateways on two virtual hosts of the
+// test port, each with its own client key, image service key, model and
+// upstream; metrics on site a.
+func twoSites(upA, upB *fakeUpstream, upstream string) string {
+	site := func(host, key, sdKey, model, upURL string, index int, extra string) string {
+		return fmt.Sprintf(`http://%s:%d {
+	zimage_gateway {
+		api_key %s
+		upstream %s {
+			api_key %s
+			timeout 10s
+			%s
+		}
+		enhance off
+		model %s {
+			model_index %d
+		}
+	}
+	%s
+}
+`, host, httpPort, key, upURL, sdKey, upstream, model, index, extra)
+	}
+	return globals() + "\n" +
+		site("a.localhost", testClientKey, testSDKey, "Model-A", upA.endpoint(), 3, "metrics /metrics") +
+		site("b.localhost", keyB, sdKeyB, "Model-B", upB.endpoint(), 7, "")
+}
+
+// Site b's secrets contain the test secrets, so the suite-wide scan
+// catches them too.
+const (
+	keyB   = testClientKey + "-site-b"
+	sdKeyB = testSDKey + "-site-b"
+)
+
+// faultWait bounds every wait of the fault tests; the timeouts under test are
+// far shorter, so only a gateway that ignores them gets here.
+const faultWait = 20 * time.Second
+
+// faultLogMark is the number of log lines so far, for faultNoPanic; the
+// log file exists once the first test has started Caddy.
+func faultLogMark(t *testing.T) int {
+	if _, err := os.Stat(logPath); err != nil {
+		return 0
+	}
+	return len(readLog(t))
+}
+
+// faultNoPanic fails the test if a log line written since mark mentions a
+// panic: net/http recovers a handler's panic and Caddy logs it as
+// "http: panic serving …".
+func faultNoPanic(t *testing.T, mark int) {
+	t.Helper()
+	for _, entry := range readLog(t)[mark:] {
+		b, _ := json.Marshal(entry)
+		if strings.Contains(strings.ToLower(string(b)), "panic") {
+			t.Errorf("panic in Caddy's log: %.500s", b)
+		}
+	}
+}
+
+// faultSignal closes ch once.
+func faultSignal(once *sync.Once, ch chan struct{}) { once.Do(func() { close(ch) }) }
+
+// faultAwait waits for ch, failing the test after faultWait.
+func faultAwait(t *testing.T, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(faultWait):
+		t.Fatalf("timed out waiting for %s", what)
+	}
+}
+
+// faultStop is closed when the test ends, so that fakes which would
+// otherwise write forever stop by themselves (httptest's Close waits for
+// every handler).
+func faultStop(t *testing.T) <-chan struct{} {
+	stop := make(chan struct{})
+	t.Cleanup(func() { close(stop) })
+	return stop
 }

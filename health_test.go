@@ -22,6 +22,7 @@ import (
 )
 
 func TestUnitHealthCaddyfile(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, src string
 		want      *HealthConfig
@@ -233,6 +234,7 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 // unavailable without the storage's error text in the body; a check that
 // hangs counts as a failure; stop ends the loop.
 func TestUnitHealthStore(t *testing.T) {
+	t.Parallel()
 	cs := &countingStorage{Storage: &certmagic.FileStorage{Path: t.TempDir()}}
 	var clockMu sync.Mutex
 	now := time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC)
@@ -312,6 +314,7 @@ func TestUnitHealthStore(t *testing.T) {
 // starts the write check loop, which writes before any probe comes, and
 // stop (Cleanup) ends it; with the store off there is no loop.
 func TestUnitHealthProvisionLoop(t *testing.T) {
+	t.Parallel()
 	cs := &countingStorage{Storage: &certmagic.FileStorage{Path: t.TempDir()}}
 	g := &Gateway{accounts: unitPool(), store: newImageStore(cs, "zimage", 0, 1<<20, "", nil), Health: &HealthConfig{}}
 	h, err := g.provisionHealth()
@@ -390,6 +393,7 @@ func TestHealthUpstreamSeen(t *testing.T) {
 // reverse_proxy adapts with an active health check on the gateway's
 // default health path, and its sample answer is the endpoint's shape.
 func TestUnitHealthREADME(t *testing.T) {
+	t.Parallel()
 	blocks, _, _ := readmeBlocks(t, "caddy")
 	found := false
 	for _, b := range blocks {

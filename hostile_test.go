@@ -5,10 +5,10 @@ package zimage
 // max_prompt_length, nesting past the JSON decoder's depth, trailing
 // garbage, duplicated keys, a wrong type for every field, numbers at and
 // past their limits — sent through a real Caddy, and fuzz targets that run
-// arbitrary bodies through decoding and job building, and arbitrary text
-// through the SSE writer. The rule everywhere: a well-formed OpenAI error
-// (400 naming the field where there is one) or a well-formed success, never
-// a 500, never a panic.
+// arbitrary bodies through decoding and job building. The rule everywhere:
+// a well-formed OpenAI error (400 naming the field where there is one) or a
+// well-formed success, never a 500, never a panic. The bodies and the check
+// are shared by chat and images, so they stay together here.
 
 import (
 	"bytes"
@@ -18,7 +18,6 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
-	"time"
 	"unicode"
 	"unicode/utf8"
 )
@@ -358,95 +357,5 @@ func FuzzHostileImagesBody(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte) {
 		j, e := hostileImagesJob(t, g, r, body)
 		hostileCheck(t, g, body, j, e)
-	})
-}
-
-// hostileJSONText is s as it reads back after a JSON round trip:
-// encoding/json writes each byte of invalid UTF-8 as U+FFFD.
-func hostileJSONText(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); {
-		r, n := utf8.DecodeRuneInString(s[i:])
-		if r == utf8.RuneError && n == 1 {
-			b.WriteRune(utf8.RuneError)
-		} else {
-			b.WriteString(s[i : i+n])
-		}
-		i += n
-	}
-	return b.String()
-}
-
-// FuzzHostileSSE: whatever text a chunk carries (the markdown echoes the
-// prompt; the model name and error messages echo client strings), every
-// event the sseWriter writes is one `data: <JSON>` line followed by a blank
-// line, and the JSON reads back as the text.
-func FuzzHostileSSE(f *testing.F) {
-	for _, s := range []string{
-		"plain", "", "two\nlines", "cr\rlf\r\n", "\n\ndata: [DONE]\n\n", "data: {\"x\":1}", ": keep-alive\n\n",
-		"\x00\x01\x1b[31m", "\u2028\u2029\u0085", "\xff\xfe\xc0\xaf", "\xed\xa0\x80", "猫🐈‍⬛", "\"}\\", "</script><!--",
-	} {
-		f.Add(s, "Z-Image")
-	}
-	f.Add("content", "dall-e-3\n\ndata: x")
-	f.Fuzz(func(t *testing.T, content, model string) {
-		rec := httptest.NewRecorder()
-		s := startSSE(rec, time.Hour)
-		chunk := func(choices []chatChoice) chatCompletion {
-			return chatCompletion{ID: "chatcmpl-fuzz", Object: "chat.completion.chunk", Created: 1, Model: model, Choices: choices}
-		}
-		s.event(chunk([]chatChoice{{Delta: &chatDelta{Role: "assistant", Content: ptr("")}}}))
-		s.event(chunk([]chatChoice{{Delta: &chatDelta{Content: ptr(content)}}}))
-		s.event((&apiError{status: http.StatusBadGateway, typ: "upstream_error", code: "upstream_error", message: content}).body())
-		s.done()
-		s.stop()
-
-		if ct := rec.Header().Get("Content-Type"); ct != "text/event-stream" {
-			t.Fatalf("Content-Type %q", ct)
-		}
-		out := rec.Body.String()
-		if !strings.HasSuffix(out, "\n\n") {
-			t.Fatalf("stream does not end with a blank line: %q", out)
-		}
-		events := strings.Split(strings.TrimSuffix(out, "\n\n"), "\n\n")
-		if len(events) != 4 || events[3] != "data: [DONE]" {
-			t.Fatalf("want 3 events and [DONE], got %d: %q", len(events), out)
-		}
-		wantText, wantModel := hostileJSONText(content), hostileJSONText(model)
-		for i, ev := range events[:3] {
-			payload, ok := strings.CutPrefix(ev, "data: ")
-			// SSE ends a line at LF, CR or CRLF: none may occur inside one
-			if !ok || strings.ContainsAny(payload, "\r\n") || !json.Valid([]byte(payload)) {
-				t.Fatalf("event %d is not one data line of JSON: %q", i, ev)
-			}
-			var got struct {
-				Model   string `json:"model"`
-				Choices []struct {
-					Delta struct {
-						Content *string `json:"content"`
-					} `json:"delta"`
-				} `json:"choices"`
-				Error *struct {
-					Message string `json:"message"`
-				} `json:"error"`
-			}
-			if err := json.Unmarshal([]byte(payload), &got); err != nil {
-				t.Fatalf("event %d: %v", i, err)
-			}
-			switch i {
-			case 0:
-				if got.Model != wantModel || len(got.Choices) != 1 || got.Choices[0].Delta.Content == nil || *got.Choices[0].Delta.Content != "" {
-					t.Fatalf("role chunk reads back as %+v", got)
-				}
-			case 1:
-				if got.Model != wantModel || len(got.Choices) != 1 || got.Choices[0].Delta.Content == nil || *got.Choices[0].Delta.Content != wantText {
-					t.Fatalf("content chunk reads back as %+v, want content %q model %q", got, wantText, wantModel)
-				}
-			case 2:
-				if got.Error == nil || got.Error.Message != wantText {
-					t.Fatalf("error event reads back as %q, want message %q", payload, wantText)
-				}
-			}
-		}
 	})
 }

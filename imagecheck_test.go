@@ -30,6 +30,7 @@ func webpVP8L(w, h int) []byte {
 // : the signature and a header that parses and
 // declares 1…16384 pixels per side.
 func TestUnitCheckImage(t *testing.T) {
+	t.Parallel()
 	small := image.NewRGBA(image.Rect(0, 0, 5, 3))
 	small.Set(0, 0, color.White)
 	var jp, gf bytes.Buffer

@@ -1,6 +1,6 @@
 package zimage
 
-// Integration tests of the Images API (docs/design.md#answers) through a real Caddy:
+// The Images API (docs/design.md#answers): its decoder, and through a real Caddy
 // sizes and the ratio rules, the extensions, n > 1 in parallel with
 // distinct seeds, b64_json downloads and their failures, request
 // validation, and the official Go SDK.
@@ -792,4 +792,99 @@ func storeTestJPEG(t testing.TB, w, h int) []byte {
 		t.Fatal(err)
 	}
 	return b.Bytes()
+}
+
+// Size is "WxH", or "auto"/absent to leave it to the ratio rules.
+func TestUnitParseSize(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, in string
+		w, h     float64 // 0: no size
+		wantErr  bool
+	}{
+		{"WxH", "1024x768", 1024, 768, false},
+		{"square", "1024x1024", 1024, 1024, false},
+		{"OpenAI portrait", "1024x1792", 1024, 1792, false},
+		{"upper-case X", "512X512", 512, 512, false},
+		{"spaces", " 1024 x 768 ", 1024, 768, false},
+		{"out of range is clamped later", "4096x10", 4096, 10, false},
+		{"auto", "auto", 0, 0, false},
+		{"AUTO", "AUTO", 0, 0, false},
+		{"empty", "", 0, 0, false},
+		{"not a size", "abc", 0, 0, true},
+		{"one side", "1024", 0, 0, true},
+		{"missing height", "1024x", 0, 0, true},
+		{"missing width", "x768", 0, 0, true},
+		{"zero", "0x768", 0, 0, true},
+		{"negative", "1024x-768", 0, 0, true},
+		{"fraction", "1024.5x768", 0, 0, true},
+		{"three sides", "1x2x3", 0, 0, true},
+		{"times sign", "1024×768", 0, 0, true},
+		{"ratio", "16:9", 0, 0, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w, h, e := parseSize(tc.in)
+			if tc.wantErr {
+				if e == nil || e.status != http.StatusBadRequest || e.param != "size" {
+					t.Fatalf("parseSize(%q) = %v, %v, %+v, want a 400 naming size", tc.in, w, h, e)
+				}
+				return
+			}
+			if e != nil {
+				t.Fatalf("parseSize(%q): %+v", tc.in, e)
+			}
+			if tc.w == 0 {
+				if w != nil || h != nil {
+					t.Fatalf("parseSize(%q) = %v, %v, want no size", tc.in, *w, *h)
+				}
+				return
+			}
+			if w == nil || h == nil || *w != tc.w || *h != tc.h {
+				t.Fatalf("parseSize(%q) = %v, %v, want %v x %v", tc.in, w, h, tc.w, tc.h)
+			}
+		})
+	}
+}
+
+// The OpenAI Images body with its unknown fields ignored, and
+// type errors named by field.
+func TestUnitDecodeImages(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, body string
+		param      string // "" when valid
+		check      func(*imagesRequest) bool
+	}{
+		{"OpenAI fields ignored", `{"prompt":"a cat","model":"dall-e-3","n":2,"size":"1024x1024","quality":"hd","style":"vivid","user":"u","background":"auto","output_format":"png","moderation":"low","response_format":"b64_json"}`, "",
+			func(r *imagesRequest) bool {
+				return *r.Prompt == "a cat" && r.Model == "dall-e-3" && *r.N == 2 && r.Size == "1024x1024" && r.ResponseFormat == "b64_json"
+			}},
+		{"extensions", `{"prompt":"a cat","seed":"5","cfg":3,"negative_prompt":"blurry"}`, "",
+			func(r *imagesRequest) bool {
+				return string(r.Seed) == `"5"` && *r.CFG == 3 && *r.NegativePrompt == "blurry"
+			}},
+		{"n not a number", `{"prompt":"a cat","n":"2"}`, "n", nil},
+		{"n fraction", `{"prompt":"a cat","n":1.5}`, "n", nil},
+		{"size not a string", `{"prompt":"a cat","size":1024}`, "size", nil},
+		{"prompt not a string", `{"prompt":["a cat"]}`, "prompt", nil},
+		{"cfg not a number", `{"prompt":"a cat","cfg":"high"}`, "cfg", nil},
+		{"response_format not a string", `{"prompt":"a cat","response_format":1}`, "response_format", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var req imagesRequest
+			e := decodeJSON([]byte(tc.body), &req)
+			if tc.param != "" {
+				if e == nil || e.status != http.StatusBadRequest || e.param != tc.param {
+					t.Fatalf("decode(%s) = %+v, want a 400 naming %s", tc.body, e, tc.param)
+				}
+				return
+			}
+			if e != nil {
+				t.Fatal(e)
+			}
+			if !tc.check(&req) {
+				t.Fatalf("decoded %+v", req)
+			}
+		})
+	}
 }

@@ -5,6 +5,7 @@ package zimage
 // menu has moved.
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
@@ -31,6 +33,7 @@ func answerModel(name string) http.HandlerFunc {
 // The match rule: one name contains the other once both are lower-cased
 // and stripped of spaces, '-', '_' and '.'.
 func TestUnitModelMatch(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		expected, actual string
 		want             bool
@@ -57,6 +60,7 @@ func TestUnitModelMatch(t *testing.T) {
 // upstream_name and on_mismatch in the Caddyfile: parsed into the JSON
 // fields; bad values fail with the file and line.
 func TestUnitModelIdentityCaddyfile(t *testing.T) {
+	t.Parallel()
 	var g Gateway
 	src := `zimage_gateway {
 		model Z-Image {
@@ -300,6 +304,7 @@ func TestModelMismatchRefuse(t *testing.T) {
 // sets both sub-directives; the warning line and the command it shows are
 // the ones the code writes.
 func TestUnitReadmeModelIdentity(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)
@@ -352,5 +357,124 @@ func TestUnitDefaultResponseFormatProvision(t *testing.T) {
 	} {
 		_, err := unitProvision(t, strings.Replace(cfg, `{`, `{"no_auth":true,"upstream":{"url":"demo"},`, 1))
 		wantProvisionError(t, err, want)
+	}
+}
+
+func TestIntegModelsList(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, itSite(up, itConfig{gateway: itTwoModels}))
+	for _, path := range []string{"/v1/models", "/models"} {
+		t.Run(path, func(t *testing.T) {
+			status, hdr, body := do(t, http.MethodGet, path, "")
+			if status != http.StatusOK {
+				t.Fatalf("status %d: %s", status, body)
+			}
+			if ct := hdr.Get("Content-Type"); ct != "application/json" {
+				t.Errorf("Content-Type %q", ct)
+			}
+			top := itObject(t, body)
+			if got := itKeys(top); strings.Join(got, ",") != "data,object" || top["object"] != "list" {
+				t.Fatalf("list shape: %s", body)
+			}
+			data, _ := top["data"].([]any)
+			if len(data) != 2 {
+				t.Fatalf("want one entry per configured model (2), aliases not listed: %s", body)
+			}
+			now := float64(time.Now().Unix())
+			for i, want := range []string{"Z-Image", "Z-Turbo"} {
+				m, _ := data[i].(map[string]any)
+				if got := strings.Join(itKeys(m), ","); got != "created,id,object,owned_by,supported_endpoint_types" {
+					t.Errorf("entry %d keys %s: %s", i, got, body)
+				}
+				// New API's convention, which Cherry Studio's painting page
+				// reads (its first entry) to offer the model for images
+				if got := fmt.Sprint(m["supported_endpoint_types"]); got != "[image-generation openai openai-response]" {
+					t.Errorf("entry %d supported_endpoint_types %s", i, got)
+				}
+				created, _ := m["created"].(float64)
+				if m["id"] != want || m["object"] != "model" || m["owned_by"] != "sd-exacg-gateway" || created <= 0 || created > now {
+					t.Errorf("entry %d = %v, want id %s, object model, owned_by sd-exacg-gateway, a unix created", i, m, want)
+				}
+			}
+			if bytes.Contains(body, []byte("dall-e-3")) {
+				t.Errorf("alias listed: %s", body)
+			}
+		})
+	}
+	if n := len(up.Calls()); n != 0 {
+		t.Errorf("listing models called the upstream %d times", n)
+	}
+}
+
+// With list_aliases on, each alias is listed as a model of its own, after
+// its model, and /v1/models/{alias} names it as listed.
+func TestIntegModelsListAliases(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, itSite(up, itConfig{gateway: "list_aliases\n\t" + itTwoModels}))
+	status, _, body := do(t, http.MethodGet, "/v1/models", "")
+	var list struct {
+		Data []struct {
+			ID    string   `json:"id"`
+			Types []string `json:"supported_endpoint_types"`
+		} `json:"data"`
+	}
+	if err := json.Unmarshal(body, &list); err != nil || status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	var ids []string
+	for _, m := range list.Data {
+		ids = append(ids, m.ID)
+		if len(m.Types) != 3 {
+			t.Errorf("%s: supported_endpoint_types %v", m.ID, m.Types)
+		}
+	}
+	if got := strings.Join(ids, ","); got != "Z-Image,dall-e-3,Z-Turbo" {
+		t.Errorf("listed %s, want Z-Image,dall-e-3,Z-Turbo", got)
+	}
+	for path, want := range map[string]string{"/v1/models/DALL-E-3": "dall-e-3", "/v1/models/z-image": "Z-Image"} {
+		status, _, body := do(t, http.MethodGet, path, "")
+		if m := itObject(t, body); status != http.StatusOK || m["id"] != want {
+			t.Errorf("%s: %d %s, want id %s", path, status, body, want)
+		}
+	}
+}
+
+func TestIntegModelGet(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, itSite(up, itConfig{gateway: itTwoModels}))
+	for _, tc := range []struct {
+		path   string
+		wantID string // "" means 404 model_not_found
+	}{
+		{"/v1/models/Z-Image", "Z-Image"},
+		{"/models/Z-Turbo", "Z-Turbo"},
+		{"/v1/models/z-turbo", "Z-Turbo"},
+		{"/v1/models/dall-e-3", "Z-Image"},
+		{"/v1/models/gpt-4o", ""},
+		{"/models/nope", ""},
+	} {
+		t.Run(tc.path, func(t *testing.T) {
+			status, hdr, body := do(t, http.MethodGet, tc.path, "")
+			if tc.wantID == "" {
+				e := itWantErr(t, status, hdr, body, http.StatusNotFound, "model_not_found")
+				if e.Type != "invalid_request_error" {
+					t.Errorf("type %q", e.Type)
+				}
+				return
+			}
+			if status != http.StatusOK {
+				t.Fatalf("status %d: %s", status, body)
+			}
+			m := itObject(t, body)
+			if got := strings.Join(itKeys(m), ","); got != "created,id,object,owned_by,supported_endpoint_types" {
+				t.Errorf("keys %s", got)
+			}
+			if got := fmt.Sprint(m["supported_endpoint_types"]); got != "[image-generation openai openai-response]" {
+				t.Errorf("supported_endpoint_types %s", got)
+			}
+			if m["id"] != tc.wantID || m["object"] != "model" || m["owned_by"] != "sd-exacg-gateway" {
+				t.Errorf("got %s, want the model object of %s", body, tc.wantID)
+			}
+		})
 	}
 }

@@ -1,8 +1,10 @@
 package zimage
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -478,4 +480,50 @@ func TestUnitLoadErrorNamesModuleOnce(t *testing.T) {
 	if err == nil || strings.Count(err.Error(), "zimage_gateway") != 1 || !strings.Contains(err.Error(), "model A: invalid on_mismatch") {
 		t.Errorf("adapting: %v, want an error naming zimage_gateway once", err)
 	}
+}
+
+// TestOpsTwoSites: two gateways with different keys, models and upstreams
+// work side by side in one Caddy, each with its own settings.
+func TestOpsTwoSites(t *testing.T) {
+	upA, upB := newFakeUpstream(t), newFakeUpstream(t)
+	startCaddyRaw(t, twoSites(upA, upB, ""))
+	hostA, hostB := fmt.Sprintf("a.localhost:%d", httpPort), fmt.Sprintf("b.localhost:%d", httpPort)
+
+	for _, tc := range []struct {
+		name, host, key, model, other string
+		up                            *fakeUpstream
+		sdKey                         string
+		index                         int
+	}{
+		{"site a", hostA, testClientKey, "Model-A", "Model-B", upA, testSDKey, 3},
+		{"site b", hostB, keyB, "Model-B", "Model-A", upB, sdKeyB, 7},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			auth := "Bearer " + tc.key
+			r := send(ctx, http.MethodGet, "/v1/models", "", "Host", tc.host, "Authorization", auth)
+			if r.status != http.StatusOK || !strings.Contains(string(r.body), `"id":"`+tc.model+`"`) || strings.Contains(string(r.body), tc.other) {
+				t.Errorf("models: status %d: %s", r.status, r.body)
+			}
+			r = send(ctx, http.MethodPost, "/v1/chat/completions", `{"prompt":"side by side","seed":81}`, "Host", tc.host, "Authorization", auth)
+			if r.status != http.StatusOK {
+				t.Fatalf("chat: status %d: %s", r.status, r.body)
+			}
+			calls := tc.up.Calls()
+			if len(calls) != 1 || calls[0].Auth != "Bearer "+tc.sdKey || calls[0].Body.ModelIndex != tc.index {
+				t.Errorf("upstream calls %+v: want one with this site's key and model_index %d", calls, tc.index)
+			}
+			r = send(ctx, http.MethodPost, "/v1/chat/completions", `{"model":"`+tc.other+`","prompt":"x"}`, "Host", tc.host, "Authorization", auth)
+			if r.status != http.StatusNotFound {
+				t.Errorf("the other site's model: status %d, want 404", r.status)
+			}
+		})
+	}
+	t.Run("keys do not cross", func(t *testing.T) {
+		for host, key := range map[string]string{hostA: keyB, hostB: testClientKey} {
+			if r := send(context.Background(), http.MethodGet, "/v1/models", "", "Host", host, "Authorization", "Bearer "+key); r.status != http.StatusUnauthorized {
+				t.Errorf("%s with the other site's key: status %d, want 401", host, r.status)
+			}
+		}
+	})
 }

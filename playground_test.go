@@ -249,6 +249,7 @@ func TestUnitPlaygroundCSPImageHosts(t *testing.T) {
 // The page and its script use nothing the CSP forbids: no inline script,
 // no inline style, no event handler attributes, no eval, no innerHTML.
 func TestUnitPlaygroundAssetsNeedNoUnsafeInline(t *testing.T) {
+	t.Parallel()
 	page, _ := playgroundFiles.ReadFile("playground/index.html")
 	for _, re := range []string{`\sstyle\s*=`, `<style`, `\son[a-z]+\s*=`, `javascript:`} {
 		if m := regexp.MustCompile(re).FindString(string(page)); m != "" {
@@ -331,6 +332,7 @@ func TestUnitPlaygroundPath(t *testing.T) {
 
 // Caddyfile: `playground [<path>]`, once, no block.
 func TestUnitPlaygroundCaddyfile(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, src string
 		want      *PlaygroundConfig
@@ -411,6 +413,7 @@ func TestUnitPlaygroundInExample(t *testing.T) {
 // in the repository, and its basic_auth example adapts with the page
 // behind the password and the API not.
 func TestUnitPlaygroundREADME(t *testing.T) {
+	t.Parallel()
 	readme, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)

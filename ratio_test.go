@@ -2,13 +2,16 @@ package zimage
 
 import (
 	"math"
+	"regexp"
 	"strings"
 	"testing"
+	"unicode/utf8"
 )
 
 // A ratio counts only next to a trigger word, and the
 // trigger, the ratio and one adjoining separator leave the prompt.
 func TestUnitDetectRatio(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in  string
 		ratio     string // "" when no ratio may be found
@@ -92,6 +95,7 @@ func TestUnitDetectRatio(t *testing.T) {
 
 // The six ratios map to the exact upstream resolutions of docs/design.md#the-prompt.
 func TestUnitRatioSizes(t *testing.T) {
+	t.Parallel()
 	want := map[string]size{
 		"1:1":  {2048, 2048},
 		"1:2":  {1024, 2048},
@@ -112,6 +116,7 @@ func TestUnitRatioSizes(t *testing.T) {
 
 // `no-enhance` as a separate word, in any case, anywhere.
 func TestUnitStripSkipWord(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in, want string
 		found          bool
@@ -152,6 +157,7 @@ func TestUnitStripSkipWord(t *testing.T) {
 // Body sizes are rounded to a multiple of 8 and clamped to
 // 64…2048.
 func TestUnitClampSide(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		in   float64
 		want int
@@ -189,6 +195,7 @@ func TestUnitClampSide(t *testing.T) {
 // {alt} is the first 80 runes of the final prompt without
 // `[`, `]` and newlines; "Generated image" when empty.
 func TestUnitAltText(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in, want string
 	}{
@@ -215,6 +222,7 @@ func TestUnitAltText(t *testing.T) {
 
 // An image URL with spaces or parentheses still renders.
 func TestUnitMarkdownURL(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, in, want string
 	}{
@@ -246,6 +254,7 @@ func TestUnitMarkdownURL(t *testing.T) {
 // logRatio names the ratio of a body size that is exactly one of the six
 // and leaves every other ratio as it is.
 func TestUnitLogRatio(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		ratio string
 		w, h  int
@@ -264,4 +273,77 @@ func TestUnitLogRatio(t *testing.T) {
 			t.Errorf("logRatio(%q, %d, %d) = %q, want %q", tc.ratio, tc.w, tc.h, got, tc.want)
 		}
 	}
+}
+
+func TestIntegUserRatio(t *testing.T) {
+	up := newFakeUpstream(t)
+	startCaddy(t, itSite(up, itConfig{}))
+	for _, tc := range []struct {
+		name, prompt, wantPrompt, ratio string
+		w, h                            int
+	}{
+		{"ratio after comma", "a cat, ratio 16:9", "a cat", "16:9", 2048, 1152},
+		{"比例 full-width colon", "比例：9:16 一只猫在屋顶", "一只猫在屋顶", "9:16", 1152, 2048},
+		{"aspect ratio", "aspect ratio 3:2 mountains at dawn", "mountains at dawn", "3:2", 1920, 1280},
+		{"ratio before trigger", "a tall tower 3:4 比例", "a tall tower", "3:4", 1536, 2048},
+		{"ratio colon", "ratio: 1:2 a hanging scroll", "a hanging scroll", "1:2", 1024, 2048},
+		{"explicit 1:1", "a coin, RATIO 1:1", "a coin", "1:1", 2048, 2048},
+		{"no trigger", "a poster 16:9", "a poster 16:9", "1:1", 2048, 2048},
+		{"a time", "下午16:30 的街道", "下午16:30 的街道", "1:1", 2048, 2048},
+		{"inside a longer number", "ratio 13:2 of gears", "ratio 13:2 of gears", "1:1", 2048, 2048},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := len(up.Calls())
+			content := itOK(t, itChatBody(t, tc.prompt))
+			c := itOnlyCall(t, up, n)
+			if c.Body.Prompt != tc.wantPrompt || c.Body.Width != tc.w || c.Body.Height != tc.h {
+				t.Errorf("upstream got %q %dx%d, want %q %dx%d", c.Body.Prompt, c.Body.Width, c.Body.Height, tc.wantPrompt, tc.w, tc.h)
+			}
+			want := itMarkdown(tc.wantPrompt, itImageURL(c.Body.Seed), itPlain(tc.prompt), tc.ratio, tc.w, tc.h)
+			if content != want {
+				t.Errorf("content\n%q\nwant\n%q", content, want)
+			}
+		})
+	}
+}
+
+// triggerWords counts raw trigger words (any case, glued or not): removing
+// a triggered ratio always removes one, and the joins removeSpan makes
+// (with a space) cannot create one.
+var triggerWords = regexp.MustCompile(`(?i)ratio|比例`)
+
+func FuzzUnitDetectRatio(f *testing.F) {
+	for _, s := range []string{
+		"一只猫，比例 16:9", "比例：16:9", "ratio: 3:2", "16:9 比例", "aspect ratio 16:9", "Ratio 9:16",
+		"16:9", "下午16:30的洛杉矶", "比例 13:2", "ratio 1:16", "比例 16:90", "rationale 16:9",
+		"a cat, ratio 16:9, on a roof", "ratio 1:1 ratio 16:9", "1:1比例", "比例16：9。", "x比例 16:9ratio",
+		"ratio", "比例", ":", "：", "", " ratio 1:1 ", "aspect\tratio\n3:4", "İİ ratio 1:2", "\xff比例 1:1\xfe",
+		"ratio 00016:9", "ratio 1:1.", "ratio 1:1,", "，，比例 3:4，，",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		if triggerPattern.MatchString(in) && !mayTrigger(in) {
+			t.Fatalf("mayTrigger(%q) = false, but the trigger pattern matches: detectRatio would miss it", in)
+		}
+		ratio, rest, ok := detectRatio(in)
+		if !ok {
+			if ratio != "" || rest != in {
+				t.Fatalf("detectRatio(%q) = (%q, %q, false): a miss must return the prompt unchanged", in, ratio, rest)
+			}
+			return
+		}
+		if _, listed := ratioSizes[ratio]; !listed {
+			t.Fatalf("detectRatio(%q) found %q, not one of the six", in, ratio)
+		}
+		if len(rest) >= len(in) {
+			t.Fatalf("detectRatio(%q) left %q: nothing removed", in, rest)
+		}
+		if got, was := len(triggerWords.FindAllString(rest, -1)), len(triggerWords.FindAllString(in, -1)); got >= was {
+			t.Fatalf("detectRatio(%q) left %q: the trigger is still there (%d trigger words, was %d)", in, rest, got, was)
+		}
+		if utf8.ValidString(in) && !utf8.ValidString(rest) {
+			t.Fatalf("detectRatio(%q) left invalid UTF-8 %q", in, rest)
+		}
+	})
 }

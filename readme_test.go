@@ -17,6 +17,7 @@ import (
 // TestUnitReadmeJSONMatchesCaddyfile keeps the README's promise that its
 // JSON config and the Caddyfile block under it are the same handler.
 func TestUnitReadmeJSONMatchesCaddyfile(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)
@@ -76,6 +77,7 @@ func fenced(t *testing.T, s, opener string) string {
 // the server timeouts the README recommends, and keeps its keys as
 // placeholders.
 func TestUnitReadmeProductionExample(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)
@@ -116,6 +118,7 @@ func TestUnitReadmeProductionExample(t *testing.T) {
 // TestUnitReadmeEditsExample: the README's edit model block parses into an
 // edit model with the store on.
 func TestUnitReadmeEditsExample(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)
@@ -179,6 +182,7 @@ var readmeStandIns = map[string]string{
 // says so before it. Syntax references with <placeholders> are fenced as
 // plain text. Blocks added later are picked up by the same loop.
 func TestUnitReadmeCaddyfilesAdapt(t *testing.T) {
+	t.Parallel()
 	blocks, lines, before := readmeBlocks(t, "caddy")
 	if len(blocks) < 8 {
 		t.Fatalf("only %d caddy blocks found in the README", len(blocks))
@@ -216,6 +220,7 @@ func TestUnitReadmeCaddyfilesAdapt(t *testing.T) {
 // TestUnitEditModelHintAdapts: the Caddyfile an error shows to add an edit
 // model (edits.go) adapts inside a gateway and makes an edit model.
 func TestUnitEditModelHintAdapts(t *testing.T) {
+	t.Parallel()
 	src := "localhost {\n\tzimage_gateway {\n\t\tapi_key {env.GATEWAY_API_KEY}\n\t\tupstream demo\n\t\tstore\n" +
 		"\t\tmodel Z-Image\n\t\t" + strings.ReplaceAll(editModelHint, "\n", "\n\t\t") + "\n\t}\n}\n"
 	var g Gateway

@@ -12,6 +12,7 @@ import (
 )
 
 func TestScrubberForms(t *testing.T) {
+	t.Parallel()
 	const key = "sk-client-7f3a9c1e5b"
 	const odd = "Ab+c/d=e&f<g>h i%j" // every character some encoding changes
 	s := newScrubber([]string{key, odd, "short"})
@@ -71,6 +72,7 @@ func TestScrubberForms(t *testing.T) {
 // TestScrubberKeepsText checks that only the secret goes: the text around
 // it stays, byte for byte, including multi-byte characters.
 func TestScrubberKeepsText(t *testing.T) {
+	t.Parallel()
 	s := newScrubber([]string{testSDKey, testLLMKey})
 	in := "上游说: key " + strings.ToUpper(testSDKey) + ", then " + testLLMKey[:len(testLLMKey)-3] + " 完"
 	want := "上游说: key " + redacted + ", then " + redacted + " 完"
@@ -105,6 +107,7 @@ func pctEncode(s string, upper bool, every func(i int) bool) string {
 // start at the secret, at each of the three alignments, is found and
 // replaced, and only it.
 func TestScrubberEncodedForms(t *testing.T) {
+	t.Parallel()
 	const key = "sk-client-7f3a9c1e5b"
 	s := newScrubber([]string{key, testOddKey})
 	all := func(int) bool { return true }
