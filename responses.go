@@ -202,6 +202,13 @@ func (g *Gateway) decodeResponses(ctx context.Context, q *ask, body *chatBody, c
 	if e != nil {
 		return e
 	}
+	// quality and background are echoed in the answer: only OpenAI's
+	// values, as the Images API takes them
+	look, e := parseLook(tool.Quality, tool.Background)
+	if e != nil {
+		e.param = "tools"
+		return e
+	}
 	prompt, src, e := g.responsesInput(req.Input, body.urls)
 	if e != nil {
 		return e
@@ -257,8 +264,8 @@ func (g *Gateway) decodeResponses(ctx context.Context, q *ask, body *chatBody, c
 			ID:         "resp_" + secureID(),
 			Client:     c.label(),
 			CallID:     "ig_" + secureID(),
-			Quality:    g.echoOption(tool.Quality),
-			Background: g.echoOption(tool.Background),
+			Quality:    look.quality,
+			Background: look.background,
 		},
 	}
 	if req.PreviousResponseID != nil {
@@ -266,16 +273,6 @@ func (g *Gateway) decodeResponses(ctx context.Context, q *ask, body *chatBody, c
 	}
 	q.out = out
 	return nil
-}
-
-// echoOption is an option of the image tool as the answer echoes it: as
-// asked, or auto; bounded and scrubbed like any text of the client's that
-// goes back out.
-func (g *Gateway) echoOption(s string) string {
-	if s = strings.TrimSpace(s); s == "" {
-		return "auto"
-	}
-	return g.scrub.Replace(truncate(stripControl(s), 40))
 }
 
 // secureID is 24 random bytes in hex: a response id is named in GET and

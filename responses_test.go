@@ -310,6 +310,10 @@ func TestResponsesErrors(t *testing.T) {
 		{`{"model":"Z-Image","input":[{"role":"user","content":[{"type":"input_text","text":"edit"},{"type":"input_image","file_id":"file-123"}]}]}`, "input", "invalid_request", 400},
 		{`{"model":"Z-Image","input":"a cat","tools":[{"type":"image_generation","input_image_mask":{"image_url":"https://x.example/m.png"}}]}`, "tools", "invalid_request", 400},
 		{`{"model":"Z-Image","input":"a cat","tools":[{"type":"image_generation","size":"huge"}]}`, "tools", "invalid_request", 400},
+		// the tool's quality and background are read like the Images API's:
+		// a value OpenAI does not have is refused, not echoed back
+		{`{"model":"Z-Image","input":"a cat","tools":[{"type":"image_generation","quality":"ultra"}]}`, "tools", "invalid_request", 400},
+		{`{"model":"Z-Image","input":"a cat","tools":[{"type":"image_generation","background":"<b>sk-x</b>"}]}`, "tools", "invalid_request", 400},
 		{`{"model":"Z-Image"}`, "input", "invalid_request", 400},
 		{`{"model":"Z-Image","input":[{"role":"assistant","content":"hello"}]}`, "input", "invalid_request", 400},
 		{`{"model":"Z-Image","input":42}`, "input", "invalid_request", 400},
