@@ -239,6 +239,14 @@ func (g *Gateway) decodeResponses(ctx context.Context, q *ask, body *chatBody, c
 			return e
 		}
 		if q.edit, e = g.newEditAsk(prompt, src, tool.Size, 0); e != nil {
+			// the Images API's fields are named where this body has them:
+			// the size in the image tool, the instruction in input
+			switch e.param {
+			case "size":
+				e.param = "tools"
+			case "prompt":
+				e.param = "input"
+			}
 			return e
 		}
 	} else {

@@ -303,6 +303,11 @@ func TestResponsesEditByInputImage(t *testing.T) {
 func TestResponsesErrors(t *testing.T) {
 	f := newEditFake(t)
 	editSite(t, f, "on", "")
+	// an edit's size comes from the same tool as a generation's, so a bad
+	// one names the same field
+	badEditSize := `{"model":"Qwen-Image-Edit","input":[{"role":"user","content":[{"type":"input_text","text":"add a moon"},` +
+		`{"type":"input_image","image_url":"data:image/png;base64,` + base64.StdEncoding.EncodeToString(storeTestPNG(t, 40, 30)) + `"}]}],` +
+		`"tools":[{"type":"image_generation","size":"huge"}]}`
 	for _, tc := range []struct {
 		body, param, code string
 		status            int
@@ -310,6 +315,7 @@ func TestResponsesErrors(t *testing.T) {
 		{`{"model":"Z-Image","input":[{"role":"user","content":[{"type":"input_text","text":"edit"},{"type":"input_image","file_id":"file-123"}]}]}`, "input", "invalid_request", 400},
 		{`{"model":"Z-Image","input":"a cat","tools":[{"type":"image_generation","input_image_mask":{"image_url":"https://x.example/m.png"}}]}`, "tools", "invalid_request", 400},
 		{`{"model":"Z-Image","input":"a cat","tools":[{"type":"image_generation","size":"huge"}]}`, "tools", "invalid_request", 400},
+		{badEditSize, "tools", "invalid_request", 400},
 		// the tool's quality and background are read like the Images API's:
 		// a value OpenAI does not have is refused, not echoed back
 		{`{"model":"Z-Image","input":"a cat","tools":[{"type":"image_generation","quality":"ultra"}]}`, "tools", "invalid_request", 400},
