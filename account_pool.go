@@ -251,5 +251,3 @@ func (c *choice) hopeful() bool {
 	}
 	return false
 }
-
-// failsOver reports the failures that move the attempt to another account

@@ -29,6 +29,7 @@ const (
 	defaultPointsRest = time.Hour
 )
 
+// failsOver reports the failures that move the attempt to another account
 // and rest the account (docs/design.md#failover-and-rests).
 func failsOver(kind string) bool {
 	switch kind {
@@ -276,6 +277,3 @@ func (p *accountPool) run(ctx context.Context, try call) (res upstreamResult, re
 		}
 	}
 }
-
-// notePoints records the points the service reported for a's generation
-// (docs/design.md#points), warns once when they cross below low_points, and rests

@@ -24,6 +24,8 @@ func (p *accountPool) allOutOfPoints() bool {
 	return true
 }
 
+// notePoints records the points the service reported for a's generation
+// (docs/design.md#points), warns once when they cross below low_points, and rests
 // the account as out of points when what is left would not pay for
 // another generation like this one (docs/design.md#failover-and-rests).
 func (p *accountPool) notePoints(a *account, info upstreamInfo) {
