@@ -203,6 +203,20 @@ func TestUnitAccountsProvision(t *testing.T) {
 		t.Errorf("SD_API_KEY was used although accounts are configured")
 	}
 
+	// more accounts than an explicit retries may name: the default still
+	// lets each be tried once, and does not fail the load
+	var many []string
+	for i := range 12 {
+		many = append(many, fmt.Sprintf(`{"name":"a%d","api_key":"%s-%d"}`, i, testAccountKeyA, i))
+	}
+	g, err = unitProvision(t, `{"api_keys":["`+testClientKey+`"],"upstream":{"url":"https://sd.example/gen","accounts":[`+strings.Join(many, ",")+`]}}`)
+	if err != nil {
+		t.Fatalf("12 accounts without retries: %v", err)
+	}
+	if g.accounts.retries != 11 {
+		t.Errorf("12 accounts: retries %d, want 11 (each account once)", g.accounts.retries)
+	}
+
 	// the single key: account "default", its limit the upstream's
 	g, err = unitProvision(t, `{"api_keys":["`+testClientKey+`"],"upstream":{"max_concurrent":3,"retries":0}}`)
 	if err != nil {

@@ -206,12 +206,14 @@ func (g *Gateway) provisionUpstream(ctx caddy.Context, resolve func(v, env strin
 	if err := resolveAccounts(&uc, resolve, demo); err != nil {
 		return uc, err
 	}
+	// the default lets every account be tried once, however many there
+	// are: only a value the operator wrote is held to the bound
 	retries := max(defaultRetries, len(uc.Accounts)-1)
 	if uc.Retries != nil {
 		retries = *uc.Retries
-	}
-	if retries < 0 || retries > 10 {
-		return uc, fmt.Errorf("zimage_gateway: upstream: retries must be between 0 and 10, got %d", retries)
+		if retries < 0 || retries > 10 {
+			return uc, fmt.Errorf("zimage_gateway: upstream: retries must be between 0 and 10, got %d", retries)
+		}
 	}
 
 	if demo {
