@@ -257,10 +257,8 @@ func (p *accountPool) run(ctx context.Context, try call) (res upstreamResult, re
 		}
 
 		// the same account again, after a short backoff, for failures that
-		// pass (connection errors, 502/503/504): 250ms, 500ms, 1s… each
-		// with ±50% jitter, so retries of many requests after one outage
-		// do not arrive together
-		backoff := time.Duration(float64(250*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
+		// pass (connection errors, 502/503/504)
+		backoff := retryBackoff(attempt, rand.Float64())
 		if !ue.retryable || time.Until(rep.deadline) < backoff {
 			res, err = p.giveUp(ue)
 			return res, rep, err
@@ -276,4 +274,13 @@ func (p *accountPool) run(ctx context.Context, try call) (res upstreamResult, re
 		case <-t.C:
 		}
 	}
+}
+
+// retryBackoff is the wait before attempt+1 on the same account: 250ms,
+// 500ms, 1s… each with ±50% jitter (jitter in [0, 1)), so retries of many
+// requests after one outage do not arrive together. The doubling stops at
+// 2^20 (far beyond any timeout): with many accounts tried before, attempt
+// may pass 35, where the shift would overflow into no wait at all.
+func retryBackoff(attempt int, jitter float64) time.Duration {
+	return time.Duration(float64(250*time.Millisecond<<min(attempt, 20)) * (0.5 + jitter))
 }

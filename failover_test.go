@@ -60,6 +60,34 @@ func TestUnitRestFor(t *testing.T) {
 	}
 }
 
+// The same account's backoff doubles from 250ms with its jitter, and
+// grows (never wraps into no wait) however many attempts came before:
+// a pool of many accounts may have failed over 40 times first.
+func TestUnitRetryBackoff(t *testing.T) {
+	for _, tc := range []struct {
+		attempt int
+		jitter  float64
+		want    time.Duration
+	}{
+		{0, 0.5, 250 * time.Millisecond},
+		{1, 0.5, 500 * time.Millisecond},
+		{2, 0, 500 * time.Millisecond},
+		{3, 0.99, 2980 * time.Millisecond},
+	} {
+		if got := retryBackoff(tc.attempt, tc.jitter); got != tc.want {
+			t.Errorf("attempt %d jitter %v: %v, want %v", tc.attempt, tc.jitter, got, tc.want)
+		}
+	}
+	prev := retryBackoff(0, 0)
+	for attempt := 1; attempt <= 64; attempt++ {
+		d := retryBackoff(attempt, 0)
+		if d < prev || d < time.Hour && attempt > 14 {
+			t.Fatalf("attempt %d: backoff %v after %v: it must keep growing past any timeout", attempt, d, prev)
+		}
+		prev = d
+	}
+}
+
 // A success ends an account's rest, whatever made it (the account may
 // have been topped up, or never been at fault), except what a 429 asked
 // for: its Retry-After holds.
