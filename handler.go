@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"slices"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -137,55 +138,46 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 
+	if ms := routeMethods[rt]; ms != nil && !slices.Contains(ms, r.Method) {
+		// a 405 names what the route answers, in the header too
+		w.Header().Set("Allow", strings.Join(ms, ", "))
+		g.failRequest(w, endpointFor(rt), "", errMethod(r.Method, strings.Join(ms, " or ")))
+		return nil
+	}
 	switch rt {
 	case routeModels:
-		if r.Method != http.MethodGet {
-			g.failRequest(w, endpointModels, "", errMethod(r.Method, "GET"))
-			return nil
-		}
 		g.serveModels(w)
 	case routeModel:
-		if r.Method != http.MethodGet {
-			g.failRequest(w, endpointModels, "", errMethod(r.Method, "GET"))
-			return nil
-		}
 		g.serveModel(w, id)
 	case routeChat:
-		if r.Method != http.MethodPost {
-			g.failRequest(w, endpointChat, "", errMethod(r.Method, "POST"))
-			return nil
-		}
 		g.serveChat(w, r, &rs.adm)
 	case routeImages:
-		if r.Method != http.MethodPost {
-			g.failRequest(w, endpointImages, "", errMethod(r.Method, "POST"))
-			return nil
-		}
 		g.serveImages(w, r, &rs.adm)
 	case routeEdits:
-		if r.Method != http.MethodPost {
-			g.failRequest(w, endpointEdits, "", errMethod(r.Method, "POST"))
-			return nil
-		}
 		g.serveEdits(w, r, &rs.adm)
 	case routeUsage:
 		g.serveUsage(w, r, c)
 	case routeResponses:
-		if r.Method != http.MethodPost {
-			g.failRequest(w, endpointResponses, "", errMethod(r.Method, "POST"))
-			return nil
-		}
 		g.serveResponses(w, r, &rs.adm)
 	case routeResponse:
-		if r.Method != http.MethodGet && r.Method != http.MethodDelete {
-			g.failRequest(w, endpointResponses, "", errMethod(r.Method, "GET or DELETE"))
-			return nil
-		}
 		g.serveStoredResponse(w, r, c, id)
 	default:
 		g.failRequest(w, "unknown", "", errNotFound(r.URL.Path))
 	}
 	return nil
+}
+
+// routeMethods are the methods each API route answers; the usage route
+// checks its own. Kept in a table so that the 405 and its Allow header say
+// the same as the switch that serves the route.
+var routeMethods = map[route][]string{
+	routeModels:    {http.MethodGet},
+	routeModel:     {http.MethodGet},
+	routeChat:      {http.MethodPost},
+	routeImages:    {http.MethodPost},
+	routeEdits:     {http.MethodPost},
+	routeResponses: {http.MethodPost},
+	routeResponse:  {http.MethodGet, http.MethodDelete},
 }
 
 func endpointFor(rt route) string {

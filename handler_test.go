@@ -214,16 +214,23 @@ func TestIntegUnknownPath(t *testing.T) {
 func TestIntegMethodNotAllowed(t *testing.T) {
 	up := newFakeUpstream(t)
 	startCaddy(t, itSite(up, itConfig{}))
-	for _, tc := range []struct{ method, path string }{
-		{http.MethodGet, "/v1/chat/completions"},
-		{http.MethodPut, "/chat/completions"},
-		{http.MethodPost, "/v1/models"},
-		{http.MethodDelete, "/v1/models/Z-Image"},
-		{http.MethodGet, "/v1/images/generations"},
+	// a 405 says in its Allow header what the path answers (RFC 9110 §15.5.6)
+	for _, tc := range []struct{ method, path, allow string }{
+		{http.MethodGet, "/v1/chat/completions", "POST"},
+		{http.MethodPut, "/chat/completions", "POST"},
+		{http.MethodPost, "/v1/models", "GET"},
+		{http.MethodDelete, "/v1/models/Z-Image", "GET"},
+		{http.MethodGet, "/v1/images/generations", "POST"},
+		{http.MethodGet, "/v1/images/edits", "POST"},
+		{http.MethodGet, "/v1/responses", "POST"},
+		{http.MethodPut, "/v1/responses/resp_x", "GET, DELETE"},
 	} {
 		t.Run(tc.method+" "+tc.path, func(t *testing.T) {
 			status, hdr, body := do(t, tc.method, tc.path, "")
 			itWantErr(t, status, hdr, body, http.StatusMethodNotAllowed, "method_not_allowed")
+			if got := hdr.Get("Allow"); got != tc.allow {
+				t.Errorf("Allow %q, want %q", got, tc.allow)
+			}
 		})
 	}
 	if n := len(up.Calls()); n != 0 {
